@@ -1,0 +1,121 @@
+"""Settings of an extraction run: one frozen, JSON-serialisable dataclass.
+
+Derive variants with ``dataclasses.replace(cfg, batch_size=32)``. The worker stores
+``cfg.to_dict()`` with each job and each output's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+
+class LandmarkBackend(str, Enum):
+    """Where the facial landmarks come from."""
+
+    FAN = "fan"  #: face_alignment SFD + 2D-FAN-4, 68 points (PIRender's recipe)
+    MTCNN = "mtcnn"  #: facenet-pytorch MTCNN, 5 points (Deep3DFaceRecon's test recipe)
+    FILE = "file"  #: precomputed: PIRender keypoint .txt, or Deep3D detections/<stem>.txt
+
+
+class OutputFormat(str, Enum):
+    """Files written per input. Suffix in :data:`engine.writers.SUFFIXES`."""
+
+    PIRENDER = "pirender"
+    SADTALKER = "sadtalker"
+    DEEP3D = "deep3d"
+    NPZ = "npz"
+    CSV = "csv"
+    LANDMARKS = "landmarks"
+
+
+class NoFacePolicy(str, Enum):
+    """What coefficients a frame without a detected face gets. It is flagged invalid either way.
+
+    ``REFERENCE`` reproduces PIRender: reuse the previous frame's landmarks and, before the
+    first detection, align with the 5-point template placed in the frame centre (spec §5.1,
+    §5.2). ``TEMPLATE`` always uses the template fallback.
+    """
+
+    REFERENCE = "reference"
+    TEMPLATE = "template"
+
+
+DEFAULT_FORMATS = (OutputFormat.PIRENDER, OutputFormat.NPZ)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one extraction.
+
+    Attributes:
+        checkpoint: reconstruction weights (``epoch_20.pth`` or SadTalker safetensors);
+            ``None`` means "the single checkpoint found under ``checkpoints/``".
+        landmarks: landmark backend.
+        keypoints: for ``landmarks="file"``: a PIRender keypoint ``.txt`` for a single
+            video, or a folder mirroring the input tree; ``None`` means next to the input.
+        formats: output formats to write.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``None`` picks ``cuda`` when available.
+        batch_size: frames per network batch and per decoding chunk (speed and memory
+            only; results do not depend on it).
+        no_face: policy for frames without a face (see :class:`NoFacePolicy`).
+        min_valid_ratio: an input whose fraction of frames with a face is below this fails
+            with :class:`~engine.errors.NoFaceError`; 0 means "at least one frame".
+        overwrite: rewrite outputs that already exist (otherwise they are skipped).
+        num_threads: CPU threads for alignment (speed only).
+    """
+
+    checkpoint: Path | None = None
+    landmarks: LandmarkBackend = LandmarkBackend.FAN
+    keypoints: Path | None = None
+    formats: tuple[OutputFormat, ...] = DEFAULT_FORMATS
+    device: str | None = None
+    batch_size: int = 32
+    no_face: NoFacePolicy = NoFacePolicy.REFERENCE
+    min_valid_ratio: float = 0.0
+    overwrite: bool = False
+    num_threads: int = 4
+
+    def __post_init__(self) -> None:
+        # Accept plain strings (from JSON or the CLI) and normalise them to enums/paths.
+        object.__setattr__(self, "landmarks", LandmarkBackend(self.landmarks))
+        object.__setattr__(self, "no_face", NoFacePolicy(self.no_face))
+        fmts = self.formats
+        if isinstance(fmts, str):
+            fmts = [f for f in fmts.split(",") if f.strip()]
+        object.__setattr__(self, "formats", tuple(OutputFormat(str(f).strip()) for f in fmts))
+        for name in ("checkpoint", "keypoints"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.formats:
+            raise ValueError("formats must name at least one output format")
+        if not 0.0 <= self.min_valid_ratio <= 1.0:
+            raise ValueError(f"min_valid_ratio must be in [0, 1], got {self.min_valid_ratio}")
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict; ``EngineConfig(**d)`` rebuilds the same config."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Enum):
+                v = v.value
+            elif isinstance(v, Path):
+                v = str(v)
+            elif isinstance(v, tuple):
+                v = [x.value if isinstance(x, Enum) else x for x in v]
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EngineConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are rejected with a clear message."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown engine settings: {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
