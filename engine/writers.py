@@ -1,0 +1,251 @@
+"""Sinks: one function per output format, all written atomically.
+
+Every file is first written under a temporary name in the destination folder and then
+renamed over the final name (``os.replace``), so an interrupted run never leaves a file
+that looks complete. :func:`write_outputs` writes all requested formats of one input:
+either every file lands or none does.
+
+Formats and their suffixes (``<out_base><suffix>``):
+
+=============  ===================  =====================================================
+format         suffix               content
+=============  ===================  =====================================================
+pirender       ``.mat``             ``coeff`` (N,257) f32, ``transform_params`` (N,5) f32
+                                    — PIRender ``face_recon_videos.py`` (spec §5.2)
+sadtalker      ``.sadtalker.mat``   ``coeff_3dmm`` (N,73) f32, ``full_3dmm`` (1,257) f32
+                                    — SadTalker ``CropAndExtract`` (spec §6.4)
+deep3d         ``.deep3d.mat``      ``id exp tex angle gamma trans`` (N,k) f32 (+ ``lm68``)
+                                    — Deep3DFaceRecon ``test.py`` (spec §4)
+npz            ``.npz``             named arrays, see :func:`npz_arrays`
+csv            ``.csv``             one row per frame, named columns, angles in degrees
+landmarks      ``.txt``             PIRender keypoint file: N·K·2 values, one per line
+=============  ===================  =====================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from engine import layout
+from engine.config import OutputFormat
+from engine.errors import OutputError
+from engine.structures import VideoResult
+
+log = logging.getLogger(__name__)
+
+SUFFIXES: dict[str, str] = {
+    OutputFormat.PIRENDER.value: ".mat",
+    OutputFormat.SADTALKER.value: ".sadtalker.mat",
+    OutputFormat.DEEP3D.value: ".deep3d.mat",
+    OutputFormat.NPZ.value: ".npz",
+    OutputFormat.CSV.value: ".csv",
+    OutputFormat.LANDMARKS.value: ".txt",
+}
+
+
+def output_paths(out_base: str | Path, formats) -> dict[str, Path]:
+    """Map each format to its file: ``f"{out_base}{suffix}"``."""
+    out_base = Path(out_base)
+    return {
+        OutputFormat(f).value: out_base.with_name(out_base.name + SUFFIXES[OutputFormat(f).value])
+        for f in formats
+    }
+
+
+# --------------------------------------------------------------------------- arrays per format
+
+
+def pirender_arrays(r: VideoResult) -> dict[str, np.ndarray]:
+    """PIRender ``.mat``: ``coeff`` (N,257) and ``transform_params`` (N,5) ``[w0,h0,s,tx,ty_yup]``."""
+    return {
+        "coeff": r.coeff.astype(np.float32),
+        "transform_params": r.trans_params.astype(np.float32),
+    }
+
+
+def sadtalker_arrays(r: VideoResult) -> dict[str, np.ndarray]:
+    """SadTalker ``.mat``: ``coeff_3dmm`` (N,73) = exp | angle | trans | (s, tx, ty_yup); ``full_3dmm`` (1,257).
+
+    ``full_3dmm`` is the raw coefficient vector of the *first* frame only, as SadTalker
+    stores it (spec §6.4).
+    """
+    c = r.coeff.astype(np.float32)
+    coeff_3dmm = np.concatenate(
+        [c[:, layout.EXP], c[:, layout.ANGLE], c[:, layout.TRANS], r.trans_params[:, 2:].astype(np.float32)],
+        axis=1,
+    )
+    return {"coeff_3dmm": coeff_3dmm, "full_3dmm": c[:1]}
+
+
+def deep3d_arrays(r: VideoResult) -> dict[str, np.ndarray]:
+    """Deep3DFaceRecon ``test.py`` keys, one row per frame; ``lm68`` (N,68,2) 224-crop px y-down if known."""
+    out = {name: np.ascontiguousarray(g, dtype=np.float32) for name, g in layout.split(r.coeff).items()}
+    if "lm68_224_ydown" in r.extras:
+        out["lm68"] = r.extras["lm68_224_ydown"].astype(np.float32)
+    return out
+
+
+def npz_arrays(r: VideoResult) -> dict[str, np.ndarray]:
+    """Everything, named: coefficient groups, crop parameters, landmarks, validity, timestamps.
+
+    Arrays: ``coeff`` (N,257) f32; ``id exp tex angle gamma trans`` f32 views of it;
+    ``transform_params`` (N,5) f32; ``landmarks`` (N,K,2) f32 image px **y-down** as used
+    for alignment (-1 where none); ``valid`` (N,) bool; ``reason`` (N,) str; ``timestamps``
+    (N,) f64 seconds; ``fps``, ``width``, ``height`` scalars; plus any extras
+    (``lm68`` (N,68,2) reprojected landmarks in image px y-down when the face model is set up).
+    """
+    out: dict[str, np.ndarray] = {"coeff": r.coeff.astype(np.float32)}
+    out.update({name: np.ascontiguousarray(g, dtype=np.float32) for name, g in layout.split(r.coeff).items()})
+    out.update(
+        transform_params=r.trans_params.astype(np.float32),
+        landmarks=r.landmarks_img_ydown.astype(np.float32),
+        valid=r.valid.astype(bool),
+        reason=np.asarray(r.reason, dtype=str),
+        timestamps=r.timestamps.astype(np.float64),
+        fps=np.float64(r.info.fps),
+        width=np.int64(r.info.width),
+        height=np.int64(r.info.height),
+    )
+    for name, arr in r.extras.items():
+        out[name] = arr
+    return out
+
+
+def csv_header() -> list[str]:
+    """Column names of the CSV output."""
+    cols = ["frame", "timestamp_s", "valid", "reason"]
+    cols += [f"id_{i:02d}" for i in range(80)]
+    cols += [f"exp_{i:02d}" for i in range(64)]
+    cols += [f"tex_{i:02d}" for i in range(80)]
+    cols += ["pitch_deg", "yaw_deg", "roll_deg"]
+    cols += [f"gamma_{c}{i}" for c in "rgb" for i in range(9)]
+    cols += ["tx", "ty", "tz", "crop_s", "crop_tx", "crop_ty"]
+    return cols
+
+
+# --------------------------------------------------------------------------- encoders (bytes)
+
+
+def _mat_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, arrays)
+    return buf.getvalue()
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _csv_bytes(r: VideoResult) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(csv_header())
+    c = r.coeff.astype(np.float64)
+    angles_deg = np.degrees(c[:, layout.ANGLE])  # columns: x = pitch, y = yaw, z = roll
+    for i in range(r.num_frames):
+        row = [i, f"{r.timestamps[i]:.6f}", int(bool(r.valid[i])), r.reason[i]]
+        row += [f"{v:.8g}" for v in c[i, layout.ID]]
+        row += [f"{v:.8g}" for v in c[i, layout.EXP]]
+        row += [f"{v:.8g}" for v in c[i, layout.TEX]]
+        row += [f"{v:.8g}" for v in angles_deg[i]]
+        row += [f"{v:.8g}" for v in c[i, layout.GAMMA]]
+        row += [f"{v:.8g}" for v in c[i, layout.TRANS]]
+        row += [f"{v:.8g}" for v in r.trans_params[i, 2:].astype(np.float64)]
+        w.writerow(row)
+    return buf.getvalue().encode()
+
+
+def _landmarks_bytes(r: VideoResult) -> bytes:
+    buf = io.StringIO()
+    # PIRender's extract_kp_videos.py: np.savetxt of the flattened (N, K, 2) array, '%.18e'.
+    np.savetxt(buf, r.landmarks_img_ydown.astype(np.float32).reshape(-1))
+    return buf.getvalue().encode()
+
+
+ENCODERS: dict[str, Callable[[VideoResult], bytes]] = {
+    OutputFormat.PIRENDER.value: lambda r: _mat_bytes(pirender_arrays(r)),
+    OutputFormat.SADTALKER.value: lambda r: _mat_bytes(sadtalker_arrays(r)),
+    OutputFormat.DEEP3D.value: lambda r: _mat_bytes(deep3d_arrays(r)),
+    OutputFormat.NPZ.value: lambda r: _npz_bytes(npz_arrays(r)),
+    OutputFormat.CSV.value: _csv_bytes,
+    OutputFormat.LANDMARKS.value: _landmarks_bytes,
+}
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.part-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[str, Path]:
+    """Encode and write every requested format of one input; all land or none does.
+
+    Args:
+        result: the finished per-frame results.
+        out_base: path without suffix, e.g. ``out/train/clip``.
+        formats: iterable of :class:`~engine.config.OutputFormat` (or their names).
+
+    Returns:
+        format name → written path.
+
+    Raises:
+        OutputError: a file could not be written (full disk, permissions); no output of
+            this input is left behind.
+    """
+    paths = output_paths(out_base, formats)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for fmt, path in paths.items():
+            data = ENCODERS[fmt](result)
+            tmp = _tmp_name(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+            staged.append((tmp, path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    log.debug("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
