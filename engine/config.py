@@ -85,7 +85,8 @@ class EngineConfig:
         fmts = self.formats
         if isinstance(fmts, str):
             fmts = [f for f in fmts.split(",") if f.strip()]
-        object.__setattr__(self, "formats", tuple(OutputFormat(str(f).strip()) for f in fmts))
+        object.__setattr__(self, "formats", tuple(OutputFormat(f if isinstance(f, OutputFormat) else str(f).strip())
+                                                    for f in fmts))
         for name in ("checkpoint", "keypoints"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):

@@ -1,0 +1,205 @@
+"""Jobs: a live, paginated table of every job with cancel / retry / delete / open results."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.data import get_registry
+from dashboard.fmt import explain_error, fmt_age, fmt_duration, status_label
+from db import JobNotFound, JobStateError, JobStatus, JobView, service
+
+REFRESH_S = 2
+PAGE_SIZES = (25, 50, 100, 250)
+#: label → (db order_by, descending)
+SORTS = {
+    "Newest first": ("created_at", True),
+    "Oldest first": ("created_at", False),
+    "Name (A–Z)": ("name", False),
+    "Status": ("status", False),
+    "Progress (most done first)": ("progress", True),
+    "Speed (fastest first)": ("fps", True),
+    "Recently finished": ("finished_at", True),
+}
+
+COLUMNS = {
+    "ID": st.column_config.NumberColumn("ID", format="%d", width="small"),
+    "Name": st.column_config.TextColumn("Name", width="medium"),
+    "Status": st.column_config.TextColumn("Status", width="small"),
+    "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent"),
+    "Frames": st.column_config.TextColumn("Frames", help="frames done / frames in the video"),
+    "Speed": st.column_config.NumberColumn("Speed (frames/s)", format="%.1f"),
+    "ETA": st.column_config.TextColumn("ETA", help="estimated time left"),
+    "Attempts": st.column_config.TextColumn("Attempts", help="runs started / allowed"),
+    "Device": st.column_config.TextColumn("Device", width="small"),
+    "Submitted": st.column_config.TextColumn("Submitted"),
+    "Error": st.column_config.TextColumn("Error", width="large"),
+}
+
+
+def jobs_frame(jobs: list[JobView]) -> pd.DataFrame:
+    """One display row per job (columns of :data:`COLUMNS`)."""
+    rows = []
+    for j in jobs:
+        total = j.frames_total or j.video.frame_count or 0
+        rows.append(
+            {
+                "ID": j.id,
+                "Name": j.name,
+                "Status": status_label(j.status) + (" (cancelling)" if j.cancel_requested and
+                                                     j.status == JobStatus.RUNNING else ""),
+                "Progress": j.progress,
+                "Frames": f"{j.frames_done} / {total}" if total else f"{j.frames_done}",
+                "Speed": j.fps if j.status == JobStatus.RUNNING else None,
+                "ETA": fmt_duration(j.eta_s) if j.eta_s is not None else "",
+                "Attempts": f"{j.attempts} / {j.max_attempts}",
+                "Device": j.device or "",
+                "Submitted": fmt_age(j.created_at),
+                "Error": j.error or "",
+            }
+        )
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _flash(kind: str, text: str) -> None:
+    st.session_state["jobs_flash"] = (kind, text)
+
+
+def _apply(action: str, jobs: list[JobView]) -> None:
+    """Run cancel/retry/delete on each job; collect one message per outcome."""
+    reg = get_registry()
+    done, problems = [], []
+    for j in jobs:
+        try:
+            if action == "cancel":
+                service.cancel_job(reg, j.id)
+            elif action == "retry":
+                service.retry_job(reg, j.id)
+            elif action == "delete":
+                service.delete_job(reg, j.id, remove_files=True)
+            done.append(j.name)
+        except (JobStateError, JobNotFound) as e:
+            problems.append(str(e))
+    verbs = {"cancel": "Cancel requested for", "retry": "Queued again:", "delete": "Deleted"}
+    if done:
+        _flash("success", f"{verbs[action]} {', '.join(done[:5])}{' …' if len(done) > 5 else ''}")
+    if problems:
+        _flash("warning", " ".join(problems))
+    st.session_state.pop("jobs_confirm_delete", None)
+
+
+def _action_bar(selected: list[JobView]) -> None:
+    """Buttons acting on the selected rows, enabled only where the action makes sense."""
+    cancellable = [j for j in selected if j.status in (JobStatus.QUEUED, JobStatus.RUNNING)]
+    retryable = [j for j in selected if j.status in (JobStatus.FAILED, JobStatus.CANCELLED)]
+    deletable = [j for j in selected if j.status != JobStatus.RUNNING]
+    openable = [j for j in selected if j.status == JobStatus.SUCCEEDED]
+    cols = st.columns(5, vertical_alignment="center")
+    cols[0].markdown(f"**{len(selected)} selected**" if selected else "Select rows to act on them.")
+    if cols[1].button("Open results", icon=":material/monitoring:", disabled=len(openable) != 1,
+                      key="jobs_open", help="only for one succeeded job"):
+        st.switch_page("app_pages/results.py", query_params={"job": str(openable[0].id)})
+    if cols[2].button(f"Cancel ({len(cancellable)})", icon=":material/stop_circle:", disabled=not cancellable,
+                      key="jobs_cancel"):
+        _apply("cancel", cancellable)
+        st.rerun(scope="fragment")
+    if cols[3].button(f"Retry ({len(retryable)})", icon=":material/replay:", disabled=not retryable,
+                      key="jobs_retry"):
+        _apply("retry", retryable)
+        st.rerun(scope="fragment")
+    if cols[4].button(f"Delete ({len(deletable)})", icon=":material/delete:", disabled=not deletable,
+                      key="jobs_delete", help="running jobs must be cancelled first"):
+        st.session_state["jobs_confirm_delete"] = [j.id for j in deletable]
+
+    pending = st.session_state.get("jobs_confirm_delete")
+    if pending:
+        names = [j.name for j in deletable if j.id in pending]
+        st.warning(
+            f"Delete {len(names)} job(s) and their result files? {', '.join(names[:5])}"
+            f"{' …' if len(names) > 5 else ''}. Uploaded videos used by no other job are removed too; "
+            "videos imported from a folder stay where they are."
+        )
+        c1, c2, _ = st.columns([1, 1, 4])
+        if c1.button("Yes, delete", type="primary", key="jobs_delete_yes"):
+            _apply("delete", [j for j in deletable if j.id in pending])
+            st.rerun(scope="fragment")
+        if c2.button("Keep them", key="jobs_delete_no"):
+            st.session_state.pop("jobs_confirm_delete", None)
+            st.rerun(scope="fragment")
+
+
+def _details(job: JobView) -> None:
+    """What one selected job is: input, settings, error in plain words, timing."""
+    with st.container(border=True):
+        st.markdown(f"**{job.name}** · job {job.id} · {status_label(job.status)}")
+        if job.error:
+            text = explain_error(job.error, job.error_code)
+            if job.status == JobStatus.FAILED:
+                st.error(text)
+            else:
+                st.info(text)
+        info = {
+            "Input file": str(job.input_path),
+            "Registered in place": "yes (folder import)" if job.video.in_place else "no (uploaded copy)",
+            "Stage": job.stage or "",
+            "Worker": job.worker_id or "",
+            "Started": fmt_age(job.started_at) if job.started_at else "",
+            "Finished": fmt_age(job.finished_at) if job.finished_at else "",
+            "Settings": ", ".join(f"{k}={v}" for k, v in job.settings.items() if v not in (None, "")),
+        }
+        st.table(pd.Series(info, name="value"))
+
+
+def _table() -> None:
+    reg = get_registry()
+    flash = st.session_state.pop("jobs_flash", None)
+    if flash:
+        getattr(st, flash[0])(flash[1])
+    statuses = st.session_state.get("jobs_status") or None
+    search = (st.session_state.get("jobs_search") or "").strip() or None
+    order_by, descending = SORTS[st.session_state.get("jobs_sort", "Newest first")]
+    size = int(st.session_state.get("jobs_size", PAGE_SIZES[1]))
+
+    total = service.count_jobs(reg, statuses=statuses, search=search)
+    pages = max(1, math.ceil(total / size))
+    page_no = min(int(st.session_state.get("jobs_page", 1)), pages)
+    jobs = service.list_jobs(reg, statuses=statuses, search=search, order_by=order_by, descending=descending,
+                             limit=size, offset=(page_no - 1) * size)
+    if not jobs:
+        if total == 0 and not statuses and not search:
+            st.info("No jobs yet. Submit videos on the Upload page.")
+            st.page_link("app_pages/upload.py", label="Go to Upload", icon=":material/upload:")
+        else:
+            st.info("No job matches these filters.")
+        return
+
+    # The table's key follows the rows shown, so a selection always maps to the jobs it was made on:
+    # when rows come or go (new job, filter), the selection starts afresh instead of shifting.
+    ids = [j.id for j in jobs]
+    key = "jobs_table_" + hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:12]
+    event = st.dataframe(
+        jobs_frame(jobs), key=key, on_select="rerun", selection_mode="multi-row", hide_index=True,
+        column_config=COLUMNS, width="stretch", height=min(36 * (len(jobs) + 1) + 3, 640),
+    )
+    selected = [jobs[r] for r in event.selection.rows if r < len(jobs)]
+    first, last = (page_no - 1) * size + 1, (page_no - 1) * size + len(jobs)
+    st.caption(f"Jobs {first}–{last} of {total} · page {page_no} of {pages}")
+    _action_bar(selected)
+    if len(selected) == 1:
+        _details(selected[0])
+
+
+st.title("Jobs")
+with st.container(horizontal=True, vertical_alignment="bottom"):
+    st.pills("Status", [s.value for s in JobStatus], selection_mode="multi", key="jobs_status",
+             format_func=status_label)
+    st.text_input("Search", key="jobs_search", placeholder="name or job id", width=220)
+    st.selectbox("Sort", list(SORTS), key="jobs_sort", width=230)
+    st.selectbox("Rows per page", PAGE_SIZES, index=1, key="jobs_size", width=120)
+    st.number_input("Page", min_value=1, step=1, key="jobs_page", width=110)
+    st.toggle("Live updates", value=True, key="jobs_live", help=f"refresh the table every {REFRESH_S} s")
+
+st.fragment(run_every=REFRESH_S if st.session_state.get("jobs_live", True) else None)(_table)()

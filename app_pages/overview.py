@@ -1,0 +1,91 @@
+"""Overview: queue counts, workers, GPU, disk, and what is still missing to run."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard.data import disk_free, doctor_checks, get_registry, gpus
+from dashboard.fmt import fmt_age, fmt_bytes, status_label
+from db import JobStatus, service
+
+REFRESH_S = 3
+LOW_DISK_BYTES = 10 * 2**30
+
+
+def _queue(reg) -> None:
+    counts = service.status_counts(reg)
+    cols = st.columns(len(JobStatus))
+    for col, status in zip(cols, JobStatus, strict=True):
+        col.metric(status_label(status), counts[status], border=True)
+    st.page_link("app_pages/jobs.py", label="Open the jobs table", icon=":material/list:")
+
+
+def _workers(reg) -> None:
+    workers = [w for w in service.list_workers(reg) if w.alive]
+    if not workers:
+        st.warning("No worker is running, so queued jobs wait. Start one with `make run` "
+                   "(or `python -m engine worker`).")
+        return
+    for w in workers:
+        job = ""
+        if w.current_job_id is not None:
+            try:
+                current = service.get_job(reg, w.current_job_id)
+                job = f" · working on **{current.name}** ({current.progress:.0%})"
+            except Exception:  # noqa: BLE001 - the job may have been deleted meanwhile
+                job = f" · job {w.current_job_id}"
+        device = w.device + (f" ({w.device_name})" if w.device_name else "")
+        st.markdown(f"🟢 **{w.worker_id}** on {w.hostname} · {device} · {w.status}{job} · "
+                    f"{w.jobs_done} done, {w.jobs_failed} failed · seen {fmt_age(w.heartbeat_at)}")
+
+
+@st.fragment(run_every=REFRESH_S)
+def live_status() -> None:
+    reg = get_registry()
+    st.subheader("Queue")
+    _queue(reg)
+    st.subheader("Workers")
+    _workers(reg)
+
+
+def machine(reg) -> None:
+    st.subheader("Machine")
+    cols = st.columns(2)
+    with cols[0]:
+        found = gpus()
+        if found:
+            for g in found:
+                st.metric(f"GPU {g.index}: {g.name}",
+                          f"{g.memory_used_mib / 1024:.1f} / {g.memory_total_mib / 1024:.0f} GiB used",
+                          border=True)
+        else:
+            st.metric("GPU", "none found", border=True,
+                      help="no NVIDIA driver on this machine: workers run on the CPU (much slower)")
+    with cols[1]:
+        free, total = disk_free(reg.data_dir)
+        st.metric("Free disk under data/", fmt_bytes(free), border=True,
+                  help=f"{reg.data_dir} · {fmt_bytes(total)} in all")
+        if free < LOW_DISK_BYTES:
+            st.warning("Less than 10 GiB free: uploads and results may fail. Delete finished jobs or "
+                       "free space.")
+
+
+def readiness() -> None:
+    st.subheader("Ready to run?")
+    checks = doctor_checks()
+    missing = [c for c in checks if not c.ok and c.required]
+    optional = [c for c in checks if not c.ok and not c.required]
+    if not missing:
+        st.success("Everything needed to extract coefficients is installed.")
+    for c in missing:
+        st.error(f"**{c.name}** is missing: {c.detail}" + (f" — {c.fix}" if c.fix else ""))
+    for c in optional:
+        st.info(f"Optional: **{c.name}**: {c.detail}")
+    st.page_link("app_pages/setup.py", label="Models / setup", icon=":material/build:")
+
+
+st.title("3DMM Studio")
+st.caption("Deep3DFaceRecon-compatible 3DMM coefficients from face videos.")
+live_status()
+machine(get_registry())
+readiness()

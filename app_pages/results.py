@@ -1,0 +1,252 @@
+"""Results of one job: quality, downloads, Plotly charts over time and a frame viewer.
+
+The job comes from the ``?job=<id>`` query parameter (links from the Jobs page) or the picker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts
+from dashboard.data import frame_rgb, get_registry, result_data
+from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, status_label
+from dashboard.results import ResultData, quality_summary
+from db import JobNotFound, JobStatus, JobView, service
+
+FORMAT_LABELS = {
+    "pirender": "PIRender .mat",
+    "sadtalker": "SadTalker .mat",
+    "deep3d": "Deep3DFaceRecon .mat",
+    "npz": "NumPy .npz (all arrays)",
+    "csv": "CSV table",
+    "landmarks": "Landmarks .txt",
+}
+FORMAT_MIME = {"csv": "text/csv", "landmarks": "text/plain"}
+
+
+def _pick_job(reg) -> int | None:
+    """The job to show: ``?job=`` if given, else what the picker says (and the URL follows it)."""
+    recent = service.list_jobs(reg, statuses=[JobStatus.SUCCEEDED], order_by="finished_at", limit=200)
+    names = {j.id: f"{j.name} (job {j.id})" for j in recent}
+    wanted = st.query_params.get("job")
+    if wanted is not None and wanted.isdigit() and int(wanted) not in names:
+        try:
+            j = service.get_job(reg, int(wanted))
+            names = {j.id: f"{j.name} (job {j.id})", **names}
+        except JobNotFound:
+            st.error(f"There is no job {wanted} (it may have been deleted).")
+    if not names:
+        st.info("No finished job yet. Jobs appear here once they have succeeded.")
+        st.page_link("app_pages/jobs.py", label="Go to Jobs", icon=":material/list:")
+        return None
+    if wanted is not None and wanted.isdigit() and int(wanted) in names:
+        st.session_state["res_job"] = int(wanted)
+
+    def follow() -> None:
+        st.query_params["job"] = str(st.session_state["res_job"])
+
+    return st.selectbox("Job", list(names), format_func=names.__getitem__, key="res_job", on_change=follow)
+
+
+def _header(job: JobView, data: ResultData | None) -> None:
+    st.title(job.name)
+    v = job.video
+    facts = [f"job {job.id}"]
+    if data is not None:
+        facts.append(f"{data.num_frames} frames")
+        if data.fps:
+            facts.append(f"{data.fps:.2f} frames/s")
+        facts.append(f"{data.width}×{data.height} px")
+    elif v.width:
+        facts.append(f"{v.width}×{v.height} px")
+    if v.duration:
+        facts.append(fmt_duration(v.duration))
+    facts.append(fmt_bytes(v.size))
+    backend = job.settings.get("landmarks")
+    if backend:
+        facts.append(f"landmarks: {backend}")
+    st.caption(" · ".join(facts))
+
+
+def _quality(job: JobView, data: ResultData, frame_key: str) -> None:
+    q = quality_summary(data.df)
+    fps = data.fps or 0.0
+    cols = st.columns(4)
+    cols[0].metric("Valid frames", f"{q.valid_ratio:.1%}", help="frames where a face was found",
+                   border=True)
+    cols[1].metric("Invalid frames", f"{q.num_frames - q.num_valid} of {q.num_frames}", border=True)
+    run = f"{q.longest_invalid_run} frames"
+    if fps and q.longest_invalid_run:
+        run += f" ({q.longest_invalid_run / fps:.2f} s)"
+    cols[2].metric("Longest invalid run", run, border=True)
+    reasons = ", ".join(f"{k}: {v}" for k, v in q.reasons.items()) or "none"
+    cols[3].metric("Reasons", reasons, border=True, help="why frames were flagged invalid, with counts")
+    if q.longest_invalid_run and st.button("Show the longest invalid run in the frame viewer",
+                                           icon=":material/visibility:", key="res_goto_invalid"):
+        st.session_state[frame_key] = q.longest_invalid_start
+    if q.valid_ratio < 0.5:
+        st.warning("Fewer than half of the frames have a face: check the video, or try the other "
+                   "landmark backend (retry with other settings from the Upload page).")
+
+
+def _downloads(reg, job: JobView) -> None:
+    artifacts = service.list_artifacts(reg, job.id)
+    stem = Path(job.name).stem
+    with st.container(horizontal=True, vertical_alignment="center"):
+        st.download_button(
+            "Download bundle (.zip)", data=lambda: service.build_bundle(reg, job.id).read_bytes(),
+            file_name=f"{stem}-job{job.id}.zip", mime="application/zip", type="primary",
+            icon=":material/folder_zip:", key="res_bundle",
+            help="every result file, the landmarks, manifest.json and a README explaining the layout",
+        )
+        for a in artifacts:
+            if not a.path.is_file():
+                continue
+            st.download_button(
+                f"{FORMAT_LABELS.get(a.format, a.format)} · {fmt_bytes(a.bytes)}",
+                data=lambda p=a.path: p.read_bytes(), file_name=a.path.name,
+                mime=FORMAT_MIME.get(a.format, "application/octet-stream"), key=f"res_dl_{a.format}",
+                icon=":material/download:",
+            )
+    missing = [a.path.name for a in artifacts if not a.path.is_file()]
+    if missing:
+        st.warning(f"These result files are gone from disk: {', '.join(missing)}.")
+
+
+def _select_frame(chart_key: str, frame_key: str) -> None:
+    """Chart click/box selection → the frame viewer shows the first selected frame."""
+    frame = charts.selected_frame(st.session_state.get(chart_key), None)
+    if frame is not None:
+        st.session_state[frame_key] = frame
+
+
+def _chart(fig, chart_key: str, frame_key: str, selectable: bool = True) -> None:
+    if selectable:
+        st.plotly_chart(fig, key=chart_key, on_select=lambda: _select_frame(chart_key, frame_key),
+                        selection_mode=("points", "box"), config={"displaylogo": False})
+    else:
+        st.plotly_chart(fig, key=chart_key, config={"displaylogo": False})
+
+
+def _charts(job: JobView, data: ResultData, frame: int, frame_key: str) -> None:
+    df = data.df
+    st.caption("Click a point (or drag a box) on a chart to show that frame below. Grey bands: frames "
+               "without a usable face. The red dashed line marks the frame in the viewer.")
+    tabs = st.tabs(["Head pose", "Translation", "Crop", "Expression", "Expression heat map"])
+    with tabs[0]:
+        _chart(charts.pose_figure(df, frame), "res_chart_pose", frame_key)
+    with tabs[1]:
+        _chart(charts.translation_figure(df, frame), "res_chart_trans", frame_key)
+    with tabs[2]:
+        _chart(charts.crop_figure(df, frame), "res_chart_crop", frame_key)
+        st.caption("Scale s: how much the whole frame was resized before the 224×224 crop was cut. "
+                   "Centre: where the face template's origin lies in the original frame, rows counted "
+                   "from the top (the files store it from the bottom, y up).")
+    with tabs[3]:
+        stds = df[[f"exp_{i:02d}" for i in range(64)]].std().to_numpy()
+        default = sorted(np.argsort(-np.nan_to_num(stds))[:4].tolist())
+        chosen = st.multiselect("Coefficients (0-based index into the 64 expression weights)",
+                                list(range(64)), default=default, key=f"res_exp_{job.id}",
+                                help="the default shows the four that vary most in this video")
+        if chosen:
+            _chart(charts.expression_figure(df, chosen, frame), "res_chart_exp", frame_key)
+        else:
+            st.info("Choose at least one coefficient.")
+    with tabs[4]:
+        _chart(charts.expression_heatmap(df, frame), "res_chart_heat", frame_key, selectable=False)
+
+
+def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
+    from dashboard.viewer import frame_views, overlay_image
+
+    st.subheader("Frame viewer")
+    n = data.num_frames
+    if n > 1:
+        index = st.slider("Frame", 0, n - 1, key=frame_key)
+    else:
+        index = 0
+    row = data.df.iloc[index]
+    state = "valid" if row["valid"] else f"invalid ({row['reason']})"
+    st.caption(f"Frame {index} · t = {row['t']:.3f} s · {state} · yaw {row['yaw_deg']:.1f}°, "
+               f"pitch {row['pitch_deg']:.1f}°, roll {row['roll_deg']:.1f}°")
+    path = job.input_path
+    if not Path(path).is_file():
+        st.warning(f"The input video is no longer at {path}, so its frames cannot be shown.")
+        return
+    try:
+        image = frame_rgb(str(path), int(index), float(row["t"]) if n > 1 else None)
+    except Exception as e:  # noqa: BLE001 - a broken file must not break the page
+        st.warning(f"Frame {index} cannot be decoded: {e}")
+        return
+    views = frame_views(image, data, int(index))
+    cols = st.columns([2, 1, 1])
+    with cols[0]:
+        legend = "green: landmarks used for alignment"
+        if data.lm68_img_ydown is not None:
+            legend += "; magenta: the face model's 68 landmarks"
+        st.image(views.original, caption=f"Original frame ({legend})", width="stretch")
+    with cols[1]:
+        if views.crop is not None:
+            st.image(views.crop, caption="Aligned 224×224 crop (network input)", width="stretch")
+        if views.crop_note:
+            st.caption(views.crop_note)
+    with cols[2]:
+        if st.toggle("Show reconstructed face", key=f"res_overlay_{job.id}",
+                     help="renders the face model on the CPU; needs the BFM face model"):
+            with st.spinner("Rendering the face model…"):
+                overlay, why = overlay_image(image, data, int(index))
+            if overlay is not None:
+                st.image(overlay, caption="Reconstructed face over the frame", width="stretch")
+            else:
+                st.info(why)
+                st.page_link("app_pages/setup.py", label="Set up the face model", icon=":material/build:")
+
+
+def _not_ready(job: JobView) -> None:
+    st.title(job.name)
+    st.info(f"This job is {status_label(job.status)}; results appear once it has succeeded.")
+    if job.error:
+        st.error(explain_error(job.error, job.error_code))
+    if job.status == JobStatus.RUNNING:
+        st.progress(job.progress, text=f"{job.frames_done} of {job.frames_total or '?'} frames")
+    st.page_link("app_pages/jobs.py", label="Back to Jobs", icon=":material/list:")
+
+
+reg = get_registry()
+job_id = _pick_job(reg)
+if job_id is not None:
+    try:
+        job = service.get_job(reg, job_id)
+    except JobNotFound:
+        st.error(f"Job {job_id} no longer exists.")
+        st.stop()
+    if job.status != JobStatus.SUCCEEDED:
+        _not_ready(job)
+        st.stop()
+    npz = next((a for a in service.list_artifacts(reg, job.id) if a.format == "npz"), None)
+    data = None
+    if npz is None:
+        note = "This job did not write the npz format, which the charts are drawn from."
+    elif not npz.path.is_file():
+        note = f"The result file {npz.path} is gone from disk."
+    else:
+        note = ""
+        data = result_data(npz.path)
+    _header(job, data)
+    _downloads(reg, job)
+    if data is None:
+        st.warning(note + " Retry the video with the npz format selected to see charts and frames.")
+        st.stop()
+    frame_key = f"res_frame_{job.id}"
+    st.session_state.setdefault(frame_key, 0)
+    st.session_state[frame_key] = int(min(max(0, st.session_state[frame_key]), data.num_frames - 1))
+    _quality(job, data, frame_key)
+    if data.num_frames > 1:
+        _charts(job, data, int(st.session_state[frame_key]), frame_key)
+    else:
+        st.dataframe(pd.DataFrame(data.df.iloc[:, :13]), hide_index=True)
+    _frame_viewer(job, data, frame_key)

@@ -1,0 +1,97 @@
+"""Models / setup: every weight file, where it comes from, installing one (validated), the doctor report."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard.data import doctor_checks
+from dashboard.install import BFM09, BFM_FRONT, EXP_PCA, install, weight_statuses
+
+INSTALLABLE = {
+    "checkpoint": "Reconstruction network (epoch_20.pth or SadTalker .safetensors)",
+    "sfd": "S3FD face detector (s3fd-619a316812.pth)",
+    "fan": "2D-FAN-4 landmarks (2DFAN4-11f355bf06.pth.tar)",
+    "bfm": "Face model file (BFM_model_front.mat, 01_MorphableModel.mat or Exp_Pca.bin)",
+}
+
+
+def _status_table() -> None:
+    st.subheader("Weight files")
+    for w in weight_statuses():
+        mark = "✅" if w.present else ("❌" if w.required else "➖")
+        need = "" if w.required else " · optional"
+        with st.expander(f"{mark} **{w.title}** — {w.detail}{need}", expanded=w.required and not w.present):
+            st.markdown(f"**Where the engine looks:** `{w.path}`")
+            st.markdown(f"**Where it comes from:** {w.source}")
+
+
+def _install_form() -> None:
+    st.subheader("Install a weight file")
+    key = st.selectbox("What", list(INSTALLABLE), format_func=INSTALLABLE.__getitem__, key="setup_kind")
+    how = st.segmented_control("From", ["Upload", "Path on this server"], default="Upload", required=True,
+                               key="setup_how")
+    name = None
+    if key == "bfm":
+        name = st.radio("Which face-model file", [BFM_FRONT, BFM09, EXP_PCA], horizontal=True, key="setup_bfm_name")
+    if how == "Upload":
+        upload = st.file_uploader("Weight file", key=f"setup_upload_{key}",
+                                  help="the file is checked before it is installed; a wrong file is rejected")
+        path = ""
+    else:
+        upload = None
+        path = st.text_input("Path", key="setup_path", placeholder="/home/me/Downloads/epoch_20.pth").strip()
+    ready = upload is not None or bool(path)
+    if st.button("Check and install", type="primary", disabled=not ready, key="setup_install",
+                 icon=":material/verified:"):
+        with st.spinner("Checking the file…"):
+            if upload is not None:
+                upload.seek(0)
+                result = install(key, upload, name or upload.name)
+            else:
+                result = install(key, path, name)
+        if result.ok:
+            st.success(result.message)
+            doctor_checks.clear()
+        else:
+            st.error(result.message)
+
+
+def _doctor() -> None:
+    st.subheader("Installation check (doctor)")
+    if st.button("Run again", icon=":material/refresh:", key="setup_doctor_again"):
+        doctor_checks.clear()
+    checks = doctor_checks()
+    group = None
+    for c in checks:
+        if c.group != group:
+            group = c.group
+            st.markdown(f"**{group.capitalize()}**")
+        if c.ok:
+            st.markdown(f"✅ {c.name}: {c.detail}")
+        elif c.required:
+            st.error(f"**{c.name}**: {c.detail}" + (f"\n\n→ {c.fix}" if c.fix else ""))
+        else:
+            st.info(f"**{c.name}** (optional): {c.detail}" + (f"\n\n→ {c.fix}" if c.fix else ""))
+    missing = [c.name for c in checks if not c.ok and c.required]
+    if missing:
+        st.warning(f"Not ready to extract: fix {', '.join(missing)}.")
+    else:
+        st.success("Ready to extract.")
+
+
+def _face_model_convert() -> None:
+    """Offer the BFM conversion when its sources are installed but the converted model is not."""
+    bfm = next(w for w in weight_statuses() if w.key == "bfm")
+    if bfm.present or "sources present" not in bfm.detail:
+        return
+    st.info("The face model's sources are installed but not converted to BFM_model_front.mat yet. "
+            "Run `python -m engine bfm convert` in a terminal (it needs BFM/ to also hold the small files "
+            "shipped with Deep3DFaceRecon_pytorch: BFM_front_idx.mat, BFM_exp_idx.mat, facemodel_info.mat, "
+            "std_exp.txt).")
+
+
+st.title("Models / setup")
+_status_table()
+_face_model_convert()
+_install_form()
+_doctor()

@@ -1,0 +1,131 @@
+"""Upload: queue uploaded videos, or register every video of a server folder in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard.data import get_registry
+from db import service
+from engine.config import EngineConfig, LandmarkBackend, OutputFormat
+from engine.errors import StudioError
+from engine.sources import IMAGE_EXTS, VIDEO_EXTS
+
+BACKEND_HELP = {
+    "fan": "FAN (face_alignment SFD + 2D-FAN-4, 68 points): PIRender's recipe; best on talking-head "
+    "videos; needs its weights (see Models / setup).",
+    "mtcnn": "MTCNN (facenet-pytorch, 5 points): Deep3DFaceRecon's test recipe; fast, weights included.",
+    "file": "Precomputed: a PIRender keypoint .txt next to each video (or the folder given below).",
+}
+FORMAT_HELP = {
+    "pirender": "PIRender .mat (coeff N×257 + transform_params)",
+    "sadtalker": "SadTalker .mat (coeff_3dmm N×73)",
+    "deep3d": "Deep3DFaceRecon .mat (one array per group)",
+    "npz": "NumPy .npz (everything; needed for the charts)",
+    "csv": "CSV (one row per frame)",
+    "landmarks": "Landmarks .txt (PIRender keypoint file)",
+}
+DEVICES = {"auto": None, "GPU (cuda)": "cuda", "CPU": "cpu"}
+UPLOAD_TYPES = sorted(e.lstrip(".") for e in VIDEO_EXTS | IMAGE_EXTS)
+
+
+def _settings_form() -> EngineConfig | None:
+    """The settings widgets; returns the config, or None (with the reason shown) when invalid."""
+    st.subheader("Settings")
+    c1, c2 = st.columns(2)
+    with c1:
+        backend = st.radio("Landmark backend", [b.value for b in LandmarkBackend], key="up_backend",
+                           format_func=lambda v: BACKEND_HELP[v].split(":")[0], horizontal=True)
+        st.caption(BACKEND_HELP[backend])
+        keypoints = None
+        if backend == "file":
+            keypoints = st.text_input("Keypoints file or folder (empty: next to each video)",
+                                      key="up_keypoints").strip() or None
+        formats = st.multiselect("Output formats", [f.value for f in OutputFormat], key="up_formats",
+                                 default=["pirender", "npz"], format_func=FORMAT_HELP.__getitem__)
+    with c2:
+        batch = st.number_input("Batch size (frames per network batch)", min_value=1, max_value=1024,
+                                value=32, step=8, key="up_batch",
+                                help="speed and memory only: results do not depend on it")
+        device = st.selectbox("Device", list(DEVICES), key="up_device",
+                              help="auto: the GPU when the worker has one. The job runs on whichever "
+                              "worker takes it; this only picks the device inside that worker.")
+    if not formats:
+        st.warning("Choose at least one output format.")
+        return None
+    if "npz" not in formats:
+        st.caption("Without npz the results page cannot draw charts for these jobs.")
+    try:
+        return EngineConfig(landmarks=backend, formats=tuple(formats), batch_size=int(batch),
+                            device=DEVICES[device], keypoints=keypoints)
+    except ValueError as e:
+        st.error(f"These settings are not valid: {e}")
+        return None
+
+
+def _submit_uploads(files, config: EngineConfig) -> None:
+    reg = get_registry()
+    queued, failed = 0, []
+    bar = st.progress(0.0, text="Storing uploads…")
+    for i, f in enumerate(files, start=1):
+        try:
+            f.seek(0)
+            service.submit_upload(reg, f, f.name, config)
+            queued += 1
+        except (StudioError, ValueError, OSError) as e:
+            failed.append(f"{f.name}: {e}")
+        bar.progress(i / len(files), text=f"Stored {i} of {len(files)}")
+    _finish(queued, failed)
+
+
+def _submit_folder(folder: str, config: EngineConfig) -> None:
+    reg = get_registry()
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        st.error(f"{path} is not a folder on this server (give an absolute path to a folder of videos).")
+        return
+    with st.spinner(f"Registering the videos under {path} (hashing each file once)…"):
+        try:
+            jobs = service.import_folder(reg, path, config)
+        except (StudioError, ValueError, OSError) as e:
+            st.error(f"The folder could not be imported: {e}")
+            return
+    if not jobs:
+        st.warning(f"No video or image found under {path} ({', '.join(UPLOAD_TYPES)}).")
+        return
+    _finish(len(jobs), [])
+
+
+def _finish(queued: int, failed: list[str]) -> None:
+    if failed:
+        st.error("Not queued:\n\n" + "\n\n".join(f"- {m}" for m in failed))
+    if queued:
+        st.session_state["jobs_flash"] = ("success", f"Queued {queued} job(s).")
+        if not failed:
+            st.switch_page("app_pages/jobs.py")
+        st.success(f"Queued {queued} job(s).")
+        st.page_link("app_pages/jobs.py", label="Go to Jobs", icon=":material/list:")
+
+
+st.title("Upload")
+mode = st.segmented_control("Source", ["Upload files", "Import a folder on the server"], default="Upload files",
+                            key="up_mode", required=True)
+if mode == "Upload files":
+    files = st.file_uploader("Videos (or images)", type=UPLOAD_TYPES, accept_multiple_files=True,
+                             key="up_files",
+                             help="several at once; each file is stored once, however often it is uploaded")
+    folder = ""
+else:
+    files = []
+    folder = st.text_input("Folder on the server", key="up_folder", placeholder="/data/datasets/voxceleb/test",
+                           help="every video and image under it (sub-folders too) is registered where it "
+                           "lies, without copying; keep the files there until the jobs are done")
+config = _settings_form()
+ready = config is not None and (bool(files) if mode == "Upload files" else bool(folder.strip()))
+label = f"Queue {len(files)} file(s)" if mode == "Upload files" else "Import folder"
+if st.button(label, type="primary", disabled=not ready, key="up_submit", icon=":material/play_arrow:"):
+    if mode == "Upload files":
+        _submit_uploads(files, config)
+    else:
+        _submit_folder(folder.strip(), config)

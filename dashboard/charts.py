@@ -1,0 +1,240 @@
+"""Plotly figure builders for the results page: a :func:`~dashboard.results.result_frame` table in,
+a :class:`plotly.graph_objects.Figure` out. Pure: no Streamlit, no file access.
+
+Every time-series chart has x = time in seconds, shows the frame index on hover (``customdata``),
+shades frames flagged invalid in grey, and can mark the frame shown in the viewer with a
+dashed vertical line. Traces carry markers so a click or box selection returns points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from dashboard.results import EXP_COLUMNS, frame_at_time, invalid_runs
+
+#: Above this many frames the WebGL scatter is used (the SVG one gets slow).
+WEBGL_FROM = 3000
+#: At most this many shaded rectangles per chart; closer runs are merged beyond it.
+MAX_SHADED_RUNS = 200
+#: The heat map keeps at most this many time columns (every k-th frame beyond it).
+HEATMAP_MAX_COLUMNS = 1500
+
+INVALID_FILL = "rgba(120, 120, 120, 0.22)"
+MARKER_COLOUR = "#d62728"
+CHART_HEIGHT = 320
+
+POSE_SERIES = {"yaw_deg": "yaw", "pitch_deg": "pitch", "roll_deg": "roll"}
+TRANSLATION_SERIES = {"tx": "tx (left–right)", "ty": "ty (up–down)", "tz": "tz (depth)"}
+
+
+def _frame_duration(df: pd.DataFrame) -> float:
+    """Typical time between two frames in seconds (median step; 1/25 s for a single frame)."""
+    t = df["t"].to_numpy()
+    if t.size < 2:
+        return 0.04
+    step = float(np.median(np.diff(t)))
+    return step if step > 0 else 0.04
+
+
+def merge_runs(runs: list[tuple[int, int]], max_runs: int = MAX_SHADED_RUNS) -> list[tuple[int, int]]:
+    """Merge the runs separated by the smallest gaps until at most ``max_runs`` remain.
+
+    >>> merge_runs([(0, 0), (2, 2), (10, 12)], max_runs=2)
+    [(0, 2), (10, 12)]
+    """
+    if len(runs) <= max_runs:
+        return list(runs)
+    gaps = np.array([b[0] - a[1] for a, b in zip(runs[:-1], runs[1:], strict=True)])
+    # Merging every gap <= threshold leaves (#gaps > threshold + 1) runs.
+    threshold = np.sort(gaps)[len(runs) - max_runs - 1]
+    merged = [runs[0]]
+    for (start, end), gap in zip(runs[1:], gaps, strict=True):
+        if gap <= threshold:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def add_invalid_shading(fig: go.Figure, df: pd.DataFrame, **rect_kwargs) -> go.Figure:
+    """Shade the time spans of invalid frames (grey) and add one legend entry explaining it.
+
+    ``rect_kwargs`` go to :meth:`plotly.graph_objects.Figure.add_vrect` (e.g. ``row="all"``).
+    """
+    runs = merge_runs(invalid_runs(df["valid"].to_numpy()))
+    if not runs:
+        return fig
+    t = df["t"].to_numpy()
+    half = _frame_duration(df) / 2
+    for first, last in runs:
+        fig.add_vrect(
+            x0=t[first] - half, x1=t[last] + half, fillcolor=INVALID_FILL, line_width=0, layer="below",
+            **rect_kwargs,
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[None], y=[None], mode="markers", name="no face / invalid frame",
+            marker={"symbol": "square", "size": 12, "color": INVALID_FILL},
+            hoverinfo="skip",
+        ),
+        **({"row": 1, "col": 1} if rect_kwargs.get("row") else {}),
+    )
+    return fig
+
+
+def add_frame_marker(fig: go.Figure, df: pd.DataFrame, frame: int | None, **line_kwargs) -> go.Figure:
+    """Draw a dashed vertical line at the time of ``frame`` (the one in the frame viewer)."""
+    if frame is None or df.empty:
+        return fig
+    frame = int(np.clip(frame, 0, len(df) - 1))
+    fig.add_vline(x=float(df["t"].iloc[frame]), line_dash="dash", line_color=MARKER_COLOUR, line_width=1.5,
+                  **line_kwargs)
+    return fig
+
+
+def _scatter(df: pd.DataFrame, column: str, name: str, y_unit: str, y_format: str) -> go.Scatter:
+    cls = go.Scattergl if len(df) >= WEBGL_FROM else go.Scatter
+    return cls(
+        x=df["t"],
+        y=df[column],
+        customdata=df["frame"],
+        name=name,
+        mode="lines+markers",
+        marker={"size": 3},
+        line={"width": 1.5},
+        hovertemplate=(
+            f"<b>{name}</b> %{{y:{y_format}}}{y_unit}<br>t = %{{x:.2f}} s · frame %{{customdata}}<extra></extra>"
+        ),
+    )
+
+
+def _layout(fig: go.Figure, title: str, y_title: str, height: int = CHART_HEIGHT) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0, "xanchor": "left"},
+        height=height,
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        hovermode="closest",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1},
+        dragmode="select",
+        clickmode="event+select",
+    )
+    fig.update_xaxes(title_text="time (s)")
+    fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def time_series_figure(
+    df: pd.DataFrame,
+    series: dict[str, str],
+    title: str,
+    y_title: str,
+    *,
+    y_unit: str = "",
+    y_format: str = ".3f",
+    frame: int | None = None,
+) -> go.Figure:
+    """Generic chart: one line per ``series`` column (column → legend name) over time."""
+    fig = go.Figure([_scatter(df, col, name, y_unit, y_format) for col, name in series.items()])
+    _layout(fig, title, y_title)
+    add_invalid_shading(fig, df)
+    return add_frame_marker(fig, df, frame)
+
+
+def pose_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
+    """Head rotation (yaw, pitch, roll) in degrees over time."""
+    return time_series_figure(
+        df, POSE_SERIES, "Head pose", "rotation (degrees)", y_unit="°", y_format=".1f", frame=frame
+    )
+
+
+def translation_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
+    """Head translation tx, ty, tz in the face model's units (decimetres) over time."""
+    return time_series_figure(
+        df, TRANSLATION_SERIES, "Head translation (face-model units: 1 = 1 dm = 10 cm)",
+        "translation (dm)", y_unit=" dm", y_format=".3f", frame=frame,
+    )
+
+
+def crop_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
+    """Alignment crop: scale (top) and face centre in image pixels, y down (bottom)."""
+    fig = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+        subplot_titles=("scale s (crop px per image px)", "face centre in the frame (px, y down)"),
+    )
+    fig.add_trace(_scatter(df, "crop_s", "scale s", "", ".4f"), row=1, col=1)
+    fig.add_trace(_scatter(df, "crop_cx", "centre x", " px", ".1f"), row=2, col=1)
+    fig.add_trace(_scatter(df, "crop_cy_ydown", "centre y (down)", " px", ".1f"), row=2, col=1)
+    _layout(fig, "Alignment crop", "", height=CHART_HEIGHT + 160)
+    fig.update_xaxes(title_text="", row=1, col=1)
+    fig.update_xaxes(title_text="time (s)", row=2, col=1)
+    fig.update_yaxes(title_text="scale", row=1, col=1)
+    fig.update_yaxes(title_text="pixels", row=2, col=1)
+    fig.update_layout(margin={"t": 80})
+    add_invalid_shading(fig, df, row="all", col=1)
+    return add_frame_marker(fig, df, frame, row="all", col=1)
+
+
+def expression_figure(df: pd.DataFrame, indices: Sequence[int], frame: int | None = None) -> go.Figure:
+    """The chosen expression coefficients (0-based indices into the 64) over time."""
+    series = {EXP_COLUMNS[i]: f"exp[{i}]" for i in indices}
+    return time_series_figure(
+        df, series, "Expression coefficients (selected)", "coefficient (unitless)",
+        y_format=".3f", frame=frame,
+    )
+
+
+def expression_heatmap(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
+    """All 64 expression coefficients over time as a heat map (blue < 0 < red).
+
+    Long videos keep every k-th frame so the map has at most :data:`HEATMAP_MAX_COLUMNS` columns.
+    """
+    step = max(1, int(np.ceil(len(df) / HEATMAP_MAX_COLUMNS)))
+    sub = df.iloc[::step]
+    z = sub[EXP_COLUMNS].to_numpy().T  # (64, M)
+    zmax = float(np.nanpercentile(np.abs(z), 99)) if z.size else 0.0
+    zmax = zmax if zmax > 0 else 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            x=sub["t"], y=np.arange(len(EXP_COLUMNS)), z=z,
+            customdata=np.tile(sub["frame"].to_numpy(), (z.shape[0], 1)),
+            colorscale="RdBu_r", zmid=0, zmin=-zmax, zmax=zmax,
+            colorbar={"title": {"text": "value"}},
+            hovertemplate="exp[%{y}] = %{z:.3f}<br>t = %{x:.2f} s · frame %{customdata}<extra></extra>",
+        )
+    )
+    title = "All 64 expression coefficients"
+    if step > 1:
+        title += f" (every {step}th frame)"
+    _layout(fig, title, "coefficient index", height=CHART_HEIGHT + 60)
+    fig.update_layout(dragmode="zoom")
+    fig.update_yaxes(range=[-0.5, len(EXP_COLUMNS) - 0.5])
+    return add_frame_marker(fig, df, frame)
+
+
+def selected_frame(selection, df: pd.DataFrame) -> int | None:
+    """The frame picked by a ``st.plotly_chart`` selection event (first selected point), or ``None``.
+
+    Accepts the selection state object/dict Streamlit returns; reads ``customdata`` (the frame
+    index) when present, else the x value (seconds) and snaps it to the closest frame.
+    """
+    if selection is None:
+        return None
+    sel = selection.get("selection", selection) if hasattr(selection, "get") else selection
+    points = sel.get("points", []) if hasattr(sel, "get") else []
+    if not points:
+        return None
+    point = points[0]
+    custom = point.get("customdata")
+    if isinstance(custom, list):
+        custom = custom[0] if custom else None
+    if custom is not None:
+        return int(custom)
+    x = point.get("x")
+    if x is None:
+        return None
+    return frame_at_time(df, float(x))

@@ -1,0 +1,167 @@
+"""Cached loaders the pages call. The only module of the package that imports Streamlit.
+
+* :func:`get_registry` — one :class:`db.Registry` per (database URL, data folder): a
+  ``cache_resource`` singleton, never mutated.
+* Result files, decoded frames and the doctor report are ``cache_data`` with bounded
+  size or a time-to-live; result loaders key on the file's mtime so a rewritten file is re-read.
+* The doctor runs in a child process (``python -m engine doctor`` machinery imports torch and
+  may touch the GPU; the dashboard process stays torch-free for it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from dashboard.results import ResultData, load_result
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Seconds the doctor report is reused before it is run again.
+DOCTOR_TTL_S = 60
+#: Seconds the doctor child process may take.
+DOCTOR_TIMEOUT_S = 120
+
+
+@st.cache_resource(show_spinner=False)
+def _registry(url: str | None, data_dir: str | None):
+    from db import Registry
+
+    return Registry(url=url, data_dir=data_dir)
+
+
+def get_registry():
+    """The registry of this installation (``$STUDIO_DB_URL`` / ``$STUDIO_DATA_DIR``, else ``./data``).
+
+    Keyed on the environment so tests that point the variables at a temporary folder get
+    their own registry.
+    """
+    return _registry(os.environ.get("STUDIO_DB_URL") or None, os.environ.get("STUDIO_DATA_DIR") or None)
+
+
+@st.cache_data(max_entries=8, show_spinner="Loading results…")
+def _load_result(path: str, mtime: float) -> ResultData:
+    return load_result(path)
+
+
+def result_data(path: str | Path) -> ResultData:
+    """The :class:`~dashboard.results.ResultData` of an output ``.npz`` (re-read when the file changes)."""
+    p = Path(path)
+    return _load_result(str(p), p.stat().st_mtime)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def frame_rgb(path: str, index: int, t: float | None) -> np.ndarray:
+    """Decoded frame ``index`` (time ``t`` s) of an input, uint8 (H, W, 3) RGB, y down."""
+    from dashboard.frames import read_frame
+
+    return read_frame(path, index, t)
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    """One line of ``engine.doctor``'s report (same fields as ``engine.doctor.Check``)."""
+
+    group: str
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+_DOCTOR_SNIPPET = (
+    "import json; from engine.doctor import run_checks; "
+    "print(json.dumps([c.to_dict() for c in run_checks()]))"
+)
+
+
+def run_doctor() -> list[DoctorCheck]:
+    """Run ``engine.doctor.run_checks()`` in a child Python and parse its report.
+
+    A crash or timeout of the child becomes one failed check that says what happened.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _DOCTOR_SNIPPET], capture_output=True, text=True,
+            timeout=DOCTOR_TIMEOUT_S, cwd=REPO_ROOT, env=env, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return [DoctorCheck("system", "doctor", False, f"the installation check took over {DOCTOR_TIMEOUT_S} s",
+                            "run `python -m engine doctor` in a terminal to see where it hangs")]
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return [DoctorCheck("system", "doctor", False, f"the installation check failed: {last}",
+                            "run `python -m engine doctor` in a terminal for the full message")]
+    try:
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return [DoctorCheck("system", "doctor", False, "the installation check printed no report",
+                            "run `python -m engine doctor` in a terminal")]
+    fields = set(DoctorCheck.__dataclass_fields__)
+    return [DoctorCheck(**{k: v for k, v in row.items() if k in fields}) for row in rows]
+
+
+@st.cache_data(ttl=DOCTOR_TTL_S, show_spinner="Checking the installation…")
+def doctor_checks() -> list[DoctorCheck]:
+    """:func:`run_doctor`, reused for :data:`DOCTOR_TTL_S` seconds."""
+    return run_doctor()
+
+
+# --------------------------------------------------------------------------- machine
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as ``nvidia-smi`` reports it; memory in MiB."""
+
+    index: int
+    name: str
+    memory_used_mib: int
+    memory_total_mib: int
+
+
+@st.cache_data(ttl=10, show_spinner=False)
+def gpus() -> list[GpuInfo]:
+    """GPUs of this machine from ``nvidia-smi`` (empty without an NVIDIA driver); no torch involved."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=index,name,memory.used,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    found = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4 and parts[0].isdigit():
+            try:
+                found.append(GpuInfo(int(parts[0]), parts[1], int(float(parts[2])), int(float(parts[3]))))
+            except ValueError:
+                continue
+    return found
+
+
+def disk_free(path: str | Path) -> tuple[int, int]:
+    """(free bytes, total bytes) of the file system holding ``path``."""
+    usage = shutil.disk_usage(Path(path))
+    return usage.free, usage.total

@@ -1,0 +1,320 @@
+"""Weight files: where each one lives, whether it is there, and installing one after validating it.
+
+Torch-free: validators that need torch run in a child process (:mod:`dashboard.validate`);
+the face-model files are checked from their headers/sizes only.
+
+Installing never leaves a half-written file: the candidate is validated where it lies (an
+upload is first streamed to a temporary file in the destination folder), then copied/renamed
+into place. A checkpoint that is replaced is renamed to ``<name>.replaced-<UTC time>`` so the
+engine no longer sees it but nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+from engine.weights import CHECKPOINT_HELP, CHECKPOINT_SUFFIXES, bfm_dir, checkpoint_dir, list_checkpoints
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VALIDATE_TIMEOUT_S = 300
+
+#: face_alignment's weight files (face_alignment 1.5.0: ``s3fd`` and ``2DFAN-4`` URLs).
+FAN_FILES = {
+    "sfd": ("s3fd-619a316812.pth", "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth"),
+    "fan": ("2DFAN4-11f355bf06.pth.tar",
+            "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar"),
+}
+MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
+
+#: Face-model files under ``BFM/`` → (shape of each key that must be there) or byte size.
+BFM_FRONT = "BFM_model_front.mat"
+BFM_FRONT_KEYS = {
+    "meanshape": (1, 107127), "meantex": (1, 107127), "idBase": (107127, 80), "exBase": (107127, 64),
+    "texBase": (107127, 80), "tri": (70789, 3), "point_buf": (35709, 8), "keypoints": (1, 68),
+}
+BFM09 = "01_MorphableModel.mat"
+BFM09_KEYS = {"shapeMU": (160470, 1), "shapePC": (160470, 199), "shapeEV": (199, 1),
+              "texMU": (160470, 1), "texPC": (160470, 199), "texEV": (199, 1)}
+EXP_PCA = "Exp_Pca.bin"
+EXP_PCA_BYTES = 51_086_404
+BFM_SOURCE_HELP = (
+    "01_MorphableModel.mat comes from the Basel Face Model 2009 (faces.dmi.unibas.ch/bfm, free "
+    "registration, licence forbids redistribution); Exp_Pca.bin from Guo et al.'s CoarseData "
+    "(linked in Deep3DFaceRecon_pytorch's README, 'Prepare prerequisite models'). Put both in BFM/ "
+    "and convert them to BFM_model_front.mat, or install a BFM_model_front.mat you already have."
+)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Result of checking one candidate file: ``ok`` and a one-line ``message`` (why not, or what it is)."""
+
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class WeightStatus:
+    """One row of the setup page.
+
+    Attributes:
+        key: ``checkpoint``, ``sfd``, ``fan``, ``mtcnn``, ``bfm``.
+        title: what it is, for people.
+        present: the file(s) are where the engine looks.
+        path: where the engine looks (file or folder).
+        detail: what was found.
+        source: where to get it.
+        required: needed to extract coefficients (``fan``/``sfd`` only for the FAN backend).
+    """
+
+    key: str
+    title: str
+    present: bool
+    path: Path
+    detail: str
+    source: str
+    required: bool = True
+
+
+def torch_hub_checkpoints() -> Path:
+    """``torch.hub.get_dir()/checkpoints`` computed without importing torch.
+
+    ``$TORCH_HOME/hub/checkpoints``; ``TORCH_HOME`` defaults to ``$XDG_CACHE_HOME/torch``
+    (``~/.cache/torch``).
+    """
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints"
+
+
+def mtcnn_dir() -> Path | None:
+    """facenet-pytorch's bundled weight folder (``facenet_pytorch/data``), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def weight_statuses() -> list[WeightStatus]:
+    """Where every weight file should be and whether it is there (presence only; see the doctor
+    report for a full load check of the checkpoint)."""
+    out = []
+    ckpt_root = checkpoint_dir()
+    found = list_checkpoints(ckpt_root)
+    if len(found) == 1:
+        p = found[0]
+        detail = f"{p.relative_to(ckpt_root)} ({p.stat().st_size / 1e6:.1f} MB)"
+    elif found:
+        detail = (f"{len(found)} checkpoints found ({', '.join(str(p.relative_to(ckpt_root)) for p in found[:4])}); "
+                  "keep one, or pass --checkpoint")
+    else:
+        detail = "no .pth / .safetensors file"
+    out.append(WeightStatus("checkpoint", "Reconstruction network (epoch_20.pth)", len(found) == 1, ckpt_root,
+                            detail, CHECKPOINT_HELP))
+    hub = torch_hub_checkpoints()
+    for key, title in (("sfd", "Face detector S3FD (FAN backend)"), ("fan", "Landmarks 2D-FAN-4 (FAN backend)")):
+        name, url = FAN_FILES[key]
+        p = hub / name
+        out.append(WeightStatus(
+            key, title, p.is_file(), p, f"{p.stat().st_size / 1e6:.1f} MB" if p.is_file() else "not downloaded",
+            f"face_alignment downloads it on first use from {url}; offline, install that file here.",
+            required=False,
+        ))
+    data = mtcnn_dir()
+    missing = [f for f in MTCNN_FILES if data is None or not (data / f).is_file()]
+    out.append(WeightStatus(
+        "mtcnn", "MTCNN face detector (MTCNN backend)", data is not None and not missing,
+        data or Path("facenet_pytorch/data"),
+        "bundled with facenet-pytorch" if data is not None and not missing
+        else ("facenet-pytorch is not installed" if data is None else f"missing {', '.join(missing)}"),
+        "ships inside the facenet-pytorch package: pip install facenet-pytorch --no-deps",
+        required=False,
+    ))
+    bfm = bfm_dir()
+    front = bfm / BFM_FRONT
+    sources = [n for n in (BFM09, EXP_PCA) if (bfm / n).is_file()]
+    if front.is_file():
+        detail = f"{BFM_FRONT} ({front.stat().st_size / 1e6:.0f} MB)"
+    elif sources:
+        detail = f"sources present ({', '.join(sources)}), not converted yet"
+    else:
+        detail = "not installed (only needed to draw the reconstructed face)"
+    out.append(WeightStatus("bfm", "Face model BFM (visuals only)", front.is_file(), bfm, detail, BFM_SOURCE_HELP,
+                            required=False))
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_in_child(kind: str, path: str | Path) -> Validation:
+    """Run ``python -m dashboard.validate KIND PATH`` (torch stays out of this process)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dashboard.validate", kind, str(path)], capture_output=True,
+                              text=True, timeout=VALIDATE_TIMEOUT_S, cwd=REPO_ROOT, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return Validation(False, f"checking the file took over {VALIDATE_TIMEOUT_S} s")
+    try:
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        return Validation(bool(row["ok"]), str(row["message"]))
+    except (ValueError, IndexError, KeyError):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return Validation(False, f"the file could not be checked: {last}")
+
+
+def _mat_shapes(path: Path) -> dict[str, tuple[int, ...]] | str:
+    """Key → shape of a MATLAB file from its headers (no data loaded), or why it is unreadable."""
+    import scipy.io
+
+    try:
+        return {name: tuple(shape) for name, shape, _ in scipy.io.whosmat(str(path))}
+    except NotImplementedError:
+        try:  # MATLAB v7.3 files are HDF5
+            import h5py  # noqa: F401
+        except ImportError:
+            return "a MATLAB v7.3 file; save it again as v7 (or earlier) so SciPy can read it"
+        return "a MATLAB v7.3 file; save it again as v7 (or earlier)"
+    except Exception as e:  # noqa: BLE001 - any parse failure is the finding
+        return f"not a MATLAB .mat file ({type(e).__name__}: {e})"
+
+
+def _check_mat(path: Path, expected: dict[str, tuple[int, ...]], what: str) -> Validation:
+    shapes = _mat_shapes(path)
+    if isinstance(shapes, str):
+        return Validation(False, shapes)
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        return Validation(False, f"not {what}: keys {', '.join(missing)} are missing "
+                                 f"(found {', '.join(sorted(shapes)[:8]) or 'none'})")
+    wrong = [f"{k} is {shapes[k]}, expected {v}" for k, v in expected.items() if tuple(shapes[k]) != v]
+    if wrong:
+        return Validation(False, f"not {what}: " + "; ".join(wrong[:3]))
+    return Validation(True, f"{what}, {len(shapes)} arrays")
+
+
+def validate_bfm_file(path: str | Path, name: str) -> Validation:
+    """Check a face-model file by its role ``name`` (``BFM_model_front.mat``, ``01_MorphableModel.mat``
+    or ``Exp_Pca.bin``) from headers and sizes only."""
+    path = Path(path)
+    if not path.is_file():
+        return Validation(False, f"{path}: no such file")
+    if name == BFM_FRONT:
+        return _check_mat(path, BFM_FRONT_KEYS, "Deep3D's BFM_model_front.mat")
+    if name == BFM09:
+        return _check_mat(path, BFM09_KEYS, "the Basel Face Model 2009 (01_MorphableModel.mat)")
+    if name == EXP_PCA:
+        size = path.stat().st_size
+        if size != EXP_PCA_BYTES:
+            return Validation(False, f"Exp_Pca.bin must be {EXP_PCA_BYTES:,} bytes, this file is {size:,}")
+        return Validation(True, "Guo et al.'s expression basis (Exp_Pca.bin)")
+    raise ValueError(f"unknown face-model file {name!r}; expected {BFM_FRONT}, {BFM09} or {EXP_PCA}")
+
+
+def validate(key: str, path: str | Path, name: str | None = None) -> Validation:
+    """Validate a candidate for weight ``key`` (``checkpoint``, ``sfd``, ``fan``, ``bfm``)."""
+    path = Path(path)
+    if not path.is_file():
+        return Validation(False, f"{path}: no such file")
+    if path.stat().st_size == 0:
+        return Validation(False, f"{path.name} is empty (0 bytes): the upload or copy did not finish")
+    if key == "bfm":
+        return validate_bfm_file(path, name or path.name)
+    if key not in ("checkpoint", "sfd", "fan"):
+        raise ValueError(f"unknown weight {key!r}")
+    return validate_in_child(key, path)
+
+
+# --------------------------------------------------------------------------- installing
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What :func:`install` did: ``ok``, a one-line ``message``, the installed ``path`` (None if rejected)."""
+
+    ok: bool
+    message: str
+    path: Path | None = None
+
+
+def destination(key: str, name: str) -> Path:
+    """Where weight ``key`` is installed; ``name`` is the candidate's file name."""
+    if key == "checkpoint":
+        suffix = ".safetensors" if name.lower().endswith(".safetensors") else Path(name).suffix.lower()
+        if suffix not in CHECKPOINT_SUFFIXES:
+            suffix = ".pth"
+        return checkpoint_dir() / (Path(name).stem + suffix)
+    if key in FAN_FILES:
+        return torch_hub_checkpoints() / FAN_FILES[key][0]
+    if key == "bfm":
+        if name not in (BFM_FRONT, BFM09, EXP_PCA):
+            raise ValueError(f"a face-model file must be named {BFM_FRONT}, {BFM09} or {EXP_PCA}, not {name!r}")
+        return bfm_dir() / name
+    raise ValueError(f"unknown weight {key!r}")
+
+
+def _set_aside(paths: list[Path]) -> list[Path]:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    moved = []
+    for p in paths:
+        target = p.with_name(f"{p.name}.replaced-{stamp}")
+        os.replace(p, target)
+        moved.append(target)
+    return moved
+
+
+def install(key: str, source: str | Path | BinaryIO, name: str | None = None) -> InstallResult:
+    """Validate a weight file and put it where the engine looks for it.
+
+    Args:
+        key: ``checkpoint``, ``sfd``, ``fan`` or ``bfm``.
+        source: a path on this machine (copied; the original stays) or a binary stream (an upload).
+        name: the file's name (required for a stream; for ``bfm`` it picks the role).
+
+    Returns:
+        :class:`InstallResult`; a rejected file is not installed and ``message`` says why.
+    """
+    if isinstance(source, (str, Path)):
+        src = Path(source).expanduser()
+        name = name or src.name
+        if not src.is_file():
+            return InstallResult(False, f"{src} is not a file on this server")
+    elif name is None:
+        raise ValueError("install(): pass name= with a stream")
+    try:
+        dest = destination(key, name)
+    except ValueError as e:
+        return InstallResult(False, str(e))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".part-{uuid.uuid4().hex[:12]}-{dest.name}"  # hidden, real suffix
+    try:
+        if isinstance(source, (str, Path)):
+            check = validate(key, src, name)
+            if not check.ok:
+                return InstallResult(False, f"{name} was not installed: {check.message}")
+            shutil.copyfile(src, tmp)
+        else:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(source, out, length=1 << 20)
+            check = validate(key, tmp, name)
+            if not check.ok:
+                return InstallResult(False, f"{name} was not installed: {check.message}")
+        moved = []
+        if key == "checkpoint":
+            moved = _set_aside(list_checkpoints(dest.parent))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    note = f" Previous checkpoint(s) renamed to {', '.join(p.name for p in moved)}." if moved else ""
+    return InstallResult(True, f"Installed {dest} ({check.message}).{note}", dest)

@@ -1,0 +1,184 @@
+"""An output ``.npz`` turned into what the results page shows: one DataFrame row per frame.
+
+Units and frames of the columns of :func:`result_frame`:
+
+* ``frame`` — 0-based frame index; ``t`` — presentation time in seconds.
+* ``pitch_deg``, ``yaw_deg``, ``roll_deg`` — head rotation in degrees (Deep3D's angle
+  x = pitch, y = yaw, z = roll, stored in radians).
+* ``tx``, ``ty``, ``tz`` — head translation in the face model's world units (decimetres).
+* ``crop_s`` — alignment scale: crop pixels per original-image pixel (``s = 102 / s_pos``).
+* ``crop_cx``, ``crop_cy_ydown`` — where the face template's origin lands in the original
+  image, in pixels, **y down** (the file stores ``ty`` y-up; it is flipped here for display).
+* ``valid`` (bool), ``reason`` (str, "" when valid).
+* ``exp_00`` … ``exp_63`` — expression coefficients (unitless PCA weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine import layout
+from engine.conventions import flip_y
+
+NUM_EXP = layout.EXP.stop - layout.EXP.start  #: 64 expression coefficients
+EXP_COLUMNS = [f"exp_{i:02d}" for i in range(NUM_EXP)]
+
+
+@dataclass(frozen=True)
+class ResultData:
+    """One input's results, loaded from its ``.npz``.
+
+    Attributes:
+        df: per-frame table, columns documented in the module docstring.
+        coeff: float32 (N, 257) raw coefficients ``[id 80 | exp 64 | tex 80 | angle 3 | gamma 27 | trans 3]``.
+        landmarks_img_ydown: float32 (N, K, 2) detector landmarks used for alignment, image px,
+            y down; rows of frames without any landmarks are -1 or NaN.
+        lm68_img_ydown: float32 (N, 68, 2) landmarks re-projected from the face model, image
+            px y down, or ``None`` when the face model was not set up for the run.
+        transform_params: float32 (N, 5) ``[w0, h0, s, tx, ty_yup]`` per frame.
+        fps: average frame rate (frames/s), 0 for an image.
+        width, height: frame size in pixels.
+    """
+
+    df: pd.DataFrame
+    coeff: np.ndarray
+    landmarks_img_ydown: np.ndarray
+    lm68_img_ydown: np.ndarray | None
+    transform_params: np.ndarray
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.df)
+
+
+@dataclass(frozen=True)
+class QualitySummary:
+    """How usable one input's frames are.
+
+    Attributes:
+        num_frames: frames in the output.
+        num_valid: frames where a face was found.
+        reasons: reason → number of invalid frames with it, most frequent first.
+        longest_invalid_run: length in frames of the longest run of consecutive invalid frames.
+        longest_invalid_start: first frame index of that run (-1 when there is none).
+    """
+
+    num_frames: int
+    num_valid: int
+    reasons: dict[str, int]
+    longest_invalid_run: int
+    longest_invalid_start: int
+
+    @property
+    def valid_ratio(self) -> float:
+        return self.num_valid / self.num_frames if self.num_frames else 0.0
+
+
+def result_frame(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Build the per-frame table from the npz arrays (see module docstring for columns).
+
+    Args:
+        arrays: at least ``coeff`` (N,257) or ``angle``/``trans``/``exp``, plus
+            ``transform_params`` (N,5), ``valid`` (N,), ``reason`` (N,), ``timestamps`` (N,).
+    """
+    if "angle" in arrays:
+        angle, trans, exp = arrays["angle"], arrays["trans"], arrays["exp"]
+    else:
+        coeff = np.asarray(arrays["coeff"])
+        angle, trans, exp = coeff[:, layout.ANGLE], coeff[:, layout.TRANS], coeff[:, layout.EXP]
+    angle = np.asarray(angle, dtype=np.float64)
+    n = angle.shape[0]
+    tp = np.asarray(arrays["transform_params"], dtype=np.float64).reshape(n, 5)
+    timestamps = np.asarray(arrays.get("timestamps", np.arange(n, dtype=np.float64)), dtype=np.float64)
+    centre_img_ydown = flip_y(tp[:, 3:5], tp[:, 1])  # ty_yup -> y down, per frame height h0
+    valid = np.asarray(arrays.get("valid", np.ones(n, bool)), dtype=bool)
+    reason = np.asarray(arrays.get("reason", np.full(n, "")), dtype=str)
+    trans = np.asarray(trans, dtype=np.float64)
+    df = pd.DataFrame(
+        {
+            "frame": np.arange(n, dtype=np.int64),
+            "t": timestamps,
+            "pitch_deg": np.degrees(angle[:, 0]),
+            "yaw_deg": np.degrees(angle[:, 1]),
+            "roll_deg": np.degrees(angle[:, 2]),
+            "tx": trans[:, 0],
+            "ty": trans[:, 1],
+            "tz": trans[:, 2],
+            "crop_s": tp[:, 2],
+            "crop_cx": centre_img_ydown[:, 0],
+            "crop_cy_ydown": centre_img_ydown[:, 1],
+            "valid": valid,
+            "reason": np.where(valid, "", np.where(reason == "", "invalid", reason)),
+        }
+    )
+    exp_df = pd.DataFrame(np.asarray(exp, dtype=np.float64), columns=EXP_COLUMNS)
+    return pd.concat([df, exp_df], axis=1)
+
+
+def load_result(path: str | Path) -> ResultData:
+    """Read an output ``.npz`` into a :class:`ResultData` (no torch, no pickle)."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    df = result_frame(arrays)
+    n = len(df)
+    tp = np.asarray(arrays["transform_params"], dtype=np.float32).reshape(n, 5)
+    lm = np.asarray(arrays.get("landmarks", np.full((n, 0, 2), np.nan)), dtype=np.float32)
+    lm68 = arrays.get("lm68")
+    width = int(arrays["width"]) if "width" in arrays else (int(tp[0, 0]) if n else 0)
+    height = int(arrays["height"]) if "height" in arrays else (int(tp[0, 1]) if n else 0)
+    coeff = arrays.get("coeff")
+    if coeff is None:
+        coeff = np.concatenate([arrays[g] for g in layout.GROUPS], axis=1)
+    return ResultData(
+        df=df,
+        coeff=np.asarray(coeff, dtype=np.float32),
+        landmarks_img_ydown=lm,
+        lm68_img_ydown=None if lm68 is None else np.asarray(lm68, dtype=np.float32),
+        transform_params=tp,
+        fps=float(arrays.get("fps", 0.0)),
+        width=width,
+        height=height,
+    )
+
+
+def invalid_runs(valid: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of consecutive invalid frames as ``(first, last)`` inclusive frame indices.
+
+    >>> invalid_runs(np.array([True, False, False, True, False]))
+    [(1, 2), (4, 4)]
+    """
+    bad = ~np.asarray(valid, dtype=bool)
+    if not bad.any():
+        return []
+    edges = np.diff(np.concatenate([[0], bad.astype(np.int8), [0]]))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1) - 1
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def quality_summary(df: pd.DataFrame) -> QualitySummary:
+    """Valid ratio, reasons and the longest invalid run of a :func:`result_frame` table."""
+    runs = invalid_runs(df["valid"].to_numpy())
+    longest = max(runs, key=lambda r: r[1] - r[0], default=None)
+    counts = df.loc[~df["valid"], "reason"].value_counts()
+    return QualitySummary(
+        num_frames=len(df),
+        num_valid=int(df["valid"].sum()),
+        reasons={str(k): int(v) for k, v in counts.items()},
+        longest_invalid_run=0 if longest is None else longest[1] - longest[0] + 1,
+        longest_invalid_start=-1 if longest is None else longest[0],
+    )
+
+
+def frame_at_time(df: pd.DataFrame, t: float) -> int:
+    """Index of the frame whose timestamp is closest to ``t`` seconds."""
+    if df.empty:
+        return 0
+    return int(df["frame"].iloc[int(np.abs(df["t"].to_numpy() - float(t)).argmin())])

@@ -1,0 +1,83 @@
+"""Weight-file validators that need torch, run in a child process by :mod:`dashboard.install`.
+
+``python -m dashboard.validate KIND PATH`` prints one JSON line ``{"ok": bool, "message": str}``
+and exits 0 (also for a bad file: only a crash of the validator itself exits non-zero).
+
+Kinds:
+
+* ``checkpoint`` — the reconstruction net (``engine.regressor.inspect_checkpoint``).
+* ``sfd`` — face_alignment's S3FD detector weights: a state dict that loads strictly into
+  face_alignment's own ``s3fd`` network.
+* ``fan`` — face_alignment's 2D-FAN-4 weights: a state dict that loads strictly into
+  face_alignment's own ``FAN(4)`` network.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _checkpoint(path: Path) -> tuple[bool, str]:
+    from engine.regressor import inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    return info.ok, info.message
+
+
+def _sfd(path: Path) -> tuple[bool, str]:
+    import torch
+    from face_alignment.detection.sfd.net_s3fd import s3fd
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any load failure is the finding
+        return False, f"not a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if not isinstance(sd, dict):
+        return False, f"expected a state dict of the S3FD detector, found a {type(sd).__name__}"
+    try:
+        s3fd().load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0][:200]
+        return False, f"these are not S3FD detector weights (they do not fit face_alignment's S3FD net: {first})"
+    return True, f"S3FD detector weights, {len(sd)} tensors"
+
+
+def _fan(path: Path) -> tuple[bool, str]:
+    import torch
+    from face_alignment.models import FAN
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        return False, f"not a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if not isinstance(sd, dict):
+        return False, f"expected a state dict of the 2D-FAN-4 network, found a {type(sd).__name__}"
+    try:
+        FAN(4).load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0][:200]
+        return False, f"these are not 2D-FAN-4 weights (they do not fit face_alignment's FAN net: {first})"
+    return True, f"2D-FAN-4 landmark network weights, {len(sd)} tensors"
+
+
+VALIDATORS = {"checkpoint": _checkpoint, "sfd": _sfd, "fan": _fan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in VALIDATORS:
+        print(f"usage: python -m dashboard.validate {{{','.join(VALIDATORS)}}} PATH", file=sys.stderr)
+        return 2
+    path = Path(argv[1])
+    if not path.is_file():
+        ok, message = False, f"{path}: no such file"
+    else:
+        ok, message = VALIDATORS[argv[0]](path)
+    print(json.dumps({"ok": bool(ok), "message": str(message)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Frozen snapshots of registry rows handed to callers (CLI, dashboard, worker).
+
+Views never hold a database session: they can be cached, compared and passed between
+threads. Times are timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from db.models import JobStatus
+
+
+@dataclass(frozen=True)
+class VideoView:
+    """An input file. ``size`` is bytes, ``duration`` seconds, ``fps`` frames/s; probe
+    fields are None when the file could not be probed."""
+
+    id: int
+    sha256: str
+    original_name: str
+    path: Path
+    in_place: bool
+    size: int
+    duration: float | None
+    fps: float | None
+    width: int | None
+    height: int | None
+    frame_count: int | None
+    codec: str | None
+    probe_error: str | None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job with its video. ``fps`` is the processing speed (frames/s); ``eta_s`` the
+    estimated seconds left (None unless running with a known speed)."""
+
+    id: int
+    video_id: int
+    name: str
+    input_path: Path
+    status: JobStatus
+    stage: str | None
+    frames_done: int
+    frames_total: int
+    fps: float
+    eta_s: float | None
+    attempts: int
+    max_attempts: int
+    error: str | None
+    error_code: str | None
+    worker_id: str | None
+    device: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    cancel_requested: bool
+    settings: dict
+    result_dir: Path
+    video: VideoView
+    engine_version: str | None = None
+    checkpoint_sha256: str | None = None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of frames done in [0, 1] (0 while the total is unknown)."""
+        if self.status == JobStatus.SUCCEEDED:
+            return 1.0
+        if self.frames_total <= 0:
+            return 0.0
+        return min(1.0, self.frames_done / self.frames_total)
+
+
+@dataclass(frozen=True)
+class ArtifactView:
+    """A complete result file: ``bytes`` is its size, ``sha256`` its hex digest."""
+
+    job_id: int
+    format: str
+    path: Path
+    bytes: int
+    sha256: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class QualityView:
+    """How many frames of a finished job had a usable face.
+
+    ``reasons`` maps an invalid-frame reason (``"no_face"``...) to its frame count;
+    ``longest_invalid_run`` is the longest stretch of consecutive invalid frames.
+    """
+
+    job_id: int
+    video_id: int
+    frames: int
+    valid_frames: int
+    valid_ratio: float
+    reasons: dict[str, int]
+    longest_invalid_run: int
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker process; ``alive`` means its heartbeat is recent and it has not stopped."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    device: str
+    device_name: str | None
+    status: str
+    current_job_id: int | None
+    jobs_done: int
+    jobs_failed: int
+    heartbeat_at: datetime
+    started_at: datetime
+    stopped_at: datetime | None
+    alive: bool
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """A result file a worker is about to register (already complete on disk)."""
+
+    format: str
+    path: Path
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class QualitySummary:
+    """What a worker records about a finished run (see :class:`QualityView`)."""
+
+    frames: int
+    valid_frames: int
+    reasons: dict[str, int]
+    longest_invalid_run: int
+
+
+@dataclass(frozen=True)
+class JobControl:
+    """What a running job's worker learns at each heartbeat.
+
+    ``owned`` is False when the job was taken from this worker (the janitor judged it
+    lost, or it was deleted): the worker must stop without touching the job again.
+    """
+
+    cancel_requested: bool
+    owned: bool

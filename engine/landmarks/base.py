@@ -1,0 +1,98 @@
+"""The landmark-backend contract and helpers shared by the backends.
+
+A backend turns a :class:`~engine.structures.FrameBatch` into
+:class:`~engine.structures.Landmarks`, one row per frame, always frame-aligned:
+
+* points are float32 (B, K, 2) pixel ``x, y`` of the original frame, **y down**
+  (``points_img_ydown``); K = 68 (iBUG order) or 5 (Deep3D order: left eye, right eye,
+  nose, left mouth corner, right mouth corner, "left" meaning smaller x in the image);
+* a frame without a face gets a NaN row, ``valid=False`` and reason ``"no_face"``; a
+  faceless frame never raises and never yields ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from engine.structures import FrameBatch, Landmarks
+
+#: Reason stored for a frame in which the backend found no face.
+NO_FACE = "no_face"
+
+
+@runtime_checkable
+class Landmarker(Protocol):
+    """A landmark backend.
+
+    Attributes:
+        name: backend name (``"fan"``, ``"mtcnn"``, ``"file"``).
+        num_points: K, points per face: 68 or 5.
+    """
+
+    name: str
+    num_points: int
+
+    def __call__(self, frames: FrameBatch) -> Landmarks:
+        """Landmarks of the most confident face of each frame (see module docstring)."""
+        ...
+
+    def close(self) -> None:
+        """Release models/files. Idempotent; the bundled backends all implement it."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, for ``doctor``.
+
+    Attributes:
+        name: backend name.
+        available: True when it can run now, offline.
+        message: one line: what was found, or what to do to make it available.
+    """
+
+    name: str
+    available: bool
+    message: str
+
+
+def no_face_landmarks(num_frames: int, num_points: int, reason: str = NO_FACE) -> Landmarks:
+    """All-invalid :class:`Landmarks`: NaN float32 (num_frames, num_points, 2).
+
+    >>> lm = no_face_landmarks(2, 5)
+    >>> lm.points_img_ydown.shape, lm.valid.tolist(), lm.reason
+    ((2, 5, 2), [False, False], ('no_face', 'no_face'))
+    """
+    return Landmarks(
+        points_img_ydown=np.full((num_frames, num_points, 2), np.nan, dtype=np.float32),
+        valid=np.zeros(num_frames, dtype=bool),
+        reason=(reason,) * num_frames,
+    )
+
+
+def landmarks_from_list(per_frame: Sequence[np.ndarray | None], num_points: int) -> Landmarks:
+    """Pack one optional (num_points, 2) array per frame into :class:`Landmarks`.
+
+    ``None`` (or a row with a non-finite value) becomes a NaN row, invalid, ``"no_face"``.
+
+    >>> lm = landmarks_from_list([np.ones((5, 2)), None], 5)
+    >>> lm.points_img_ydown.dtype, lm.valid.tolist(), lm.reason
+    (dtype('float32'), [True, False], ('', 'no_face'))
+    """
+    points = np.full((len(per_frame), num_points, 2), np.nan, dtype=np.float32)
+    valid = np.zeros(len(per_frame), dtype=bool)
+    for i, p in enumerate(per_frame):
+        if p is None:
+            continue
+        p = np.asarray(p, dtype=np.float32)
+        if p.shape != (num_points, 2):
+            raise ValueError(f"landmarks of frame {i}: expected shape ({num_points}, 2), got {p.shape}")
+        if np.isfinite(p).all():
+            points[i] = p
+            valid[i] = True
+    reason = tuple("" if v else NO_FACE for v in valid)
+    return Landmarks(points_img_ydown=points, valid=valid, reason=reason)

@@ -1,0 +1,33 @@
+"""3DMM Studio dashboard: ``streamlit run streamlit_app.py`` (``make run`` also starts a worker).
+
+The entry point only builds the navigation and the shared sidebar; every page lives in
+``pages/`` and talks to the job registry (:mod:`db`) and the engine's torch-free helpers.
+Extraction itself runs in worker processes, never in this one.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+st.set_page_config(page_title="3DMM Studio", page_icon=":material/face:", layout="wide")
+
+PAGES = [
+    st.Page("app_pages/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
+    st.Page("app_pages/upload.py", title="Upload", icon=":material/upload:", url_path="upload"),
+    st.Page("app_pages/jobs.py", title="Jobs", icon=":material/list:", url_path="jobs"),
+    st.Page("app_pages/results.py", title="Results", icon=":material/monitoring:", url_path="results"),
+    st.Page("app_pages/setup.py", title="Models / setup", icon=":material/build:", url_path="setup"),
+]
+
+page = st.navigation(PAGES)
+
+with st.sidebar:
+    from dashboard.data import get_registry
+
+    try:
+        registry = get_registry()
+        st.caption(f"Data folder: `{registry.data_dir}`")
+    except Exception as e:  # noqa: BLE001 - shown to the user, the pages show the details
+        st.error(f"The job database cannot be opened: {e}")
+
+page.run()

@@ -1,0 +1,290 @@
+"""Discovery, probing and streaming decode (engine.sources) on real and generated media."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import DecodeError, InputError
+from engine.sources import (
+    InputItem,
+    TruncatedVideoError,
+    discover_inputs,
+    iter_frames,
+    prefetch,
+    probe,
+)
+from tests import media
+
+
+def _decode_all(path, batch_size=8, start=0):
+    batches = list(iter_frames(path, batch_size, start=start))
+    index = np.concatenate([b.index for b in batches])
+    return batches, index, np.concatenate([b.timestamps for b in batches])
+
+
+# --- discovery ----------------------------------------------------------------------------
+
+
+def test_discover_folder_recursive_sorted_mixed_case_hidden_skipped(tmp_path):
+    root = tmp_path / "in"
+    for rel in [
+        "b/clip.MP4", "a.jpg", "c/d/e.Mov", "z.PNG", "y.webm", "x.JPEG", "w.mkv", "v.avi",
+        ".hidden.mp4", ".cache/inner.mp4", "notes.txt", "b/readme.md",
+    ]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+
+    items = discover_inputs([root])
+
+    assert [i.rel_stem.as_posix() for i in items] == ["a", "b/clip", "c/d/e", "v", "w", "x", "y", "z"]
+    assert all(i.root == root for i in items)
+    assert items[1].path == root / "b" / "clip.MP4"
+    assert items[1].kind == "video" and items[0].kind == "image"
+    assert items[2].output_path(tmp_path / "out", ".mat") == tmp_path / "out" / "c" / "d" / "e.mat"
+
+
+def test_discover_file_and_duplicates(tmp_path):
+    f = media.make_empty_file(tmp_path / "my.clip.mp4")
+    items = discover_inputs([f, str(f), tmp_path])
+    assert items == [InputItem(f, None, Path("my.clip"))]
+
+
+def test_discover_errors(tmp_path):
+    with pytest.raises(InputError, match="no such file or directory"):
+        discover_inputs([tmp_path / "missing.mp4"])
+    with pytest.raises(InputError, match=r"unsupported file type '\.gif'"):
+        discover_inputs([media.make_empty_file(tmp_path / "anim.gif")])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = media.make_empty_file(tmp_path / "a" / "clip.mp4")
+    b = media.make_empty_file(tmp_path / "b" / "clip.mov")
+    with pytest.raises(InputError, match="would write the same outputs"):
+        discover_inputs([a, b])
+
+
+def test_discover_same_rel_stem_from_two_folders_collides(tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        media.make_empty_file(tmp_path / d / "clip.mp4")
+    with pytest.raises(InputError, match=r"clip\.\*"):
+        discover_inputs([tmp_path / "a", tmp_path / "b"])
+    (tmp_path / "empty").mkdir()
+    assert discover_inputs([tmp_path / "empty"]) == []
+
+
+# --- the shared real clip -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_decoded(test_video):
+    batches, index, times = _decode_all(test_video, batch_size=64)
+    return {"sizes": [len(b) for b in batches], "index": index, "times": times,
+            "frame150": batches[150 // 64].images[150 % 64].copy(), "first": batches[0]}
+
+
+def test_probe_shared_clip(test_video):
+    info = probe(test_video)
+    assert (info.kind, info.width, info.height) == ("video", 512, 512)
+    assert info.fps == pytest.approx(25.0)
+    assert info.frame_count == 200
+    assert info.duration == pytest.approx(8.0, abs=0.05)
+    assert (info.rotation, info.codec, info.has_audio) == (0, "mpeg4", True)
+
+
+def test_iter_frames_shared_clip(clip_decoded):
+    assert clip_decoded["sizes"] == [64, 64, 64, 8]
+    assert np.array_equal(clip_decoded["index"], np.arange(200))
+    assert clip_decoded["index"].dtype == np.int64
+    times = clip_decoded["times"]
+    assert times.dtype == np.float64
+    assert np.all(np.diff(times) > 0)
+    np.testing.assert_allclose(times, np.arange(200) / 25.0, atol=1e-6)
+    first = clip_decoded["first"]
+    assert first.images.shape == (64, 512, 512, 3) and first.images.dtype == np.uint8
+    assert 20 < first.images.mean() < 235  # a real picture, not a blank buffer
+
+
+def test_iter_frames_start_resumes(test_video, clip_decoded):
+    batches, index, times = _decode_all(test_video, batch_size=32, start=150)
+    assert [len(b) for b in batches] == [32, 18]
+    assert np.array_equal(index, np.arange(150, 200))
+    np.testing.assert_allclose(times, clip_decoded["times"][150:])
+    assert np.array_equal(batches[0].images[0], clip_decoded["frame150"])
+    assert list(iter_frames(test_video, 8, start=500)) == []
+
+
+def test_iter_frames_memory_is_per_batch(test_video):
+    whole_video = 200 * 512 * 512 * 3
+    tracemalloc.start()
+    try:
+        n = sum(len(b) for b in iter_frames(test_video, batch_size=4))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 200
+    assert peak < 12 * 512 * 512 * 3 < whole_video / 10
+
+
+def test_prefetch_matches_direct_decode(test_video, clip_decoded):
+    index = np.concatenate([b.index for b in prefetch(iter_frames(test_video, 50), depth=2)])
+    assert np.array_equal(index, clip_decoded["index"])
+
+
+# --- generated media ------------------------------------------------------------------------
+
+
+def test_generated_video_roundtrip_with_audio(tmp_path):
+    path = media.make_video(tmp_path / "q.mp4", 12, size=(64, 32), with_audio=True)
+    info = probe(path)
+    assert (info.width, info.height, info.frame_count, info.has_audio) == (64, 32, 12, True)
+    batches, _, times = _decode_all(path, batch_size=5)
+    assert [len(b) for b in batches] == [5, 5, 2]
+    np.testing.assert_allclose(times, np.arange(12) / 25.0, atol=1e-6)
+    # Quadrant colours survive encoding (TL red, BR white) in the stored orientation.
+    img = batches[0].images[0].astype(int)
+    assert np.abs(img[4, 4] - media.QUADRANT_COLOURS[0]).max() < 20
+    assert np.abs(img[-5, -5] - media.QUADRANT_COLOURS[3]).max() < 20
+
+
+@pytest.mark.parametrize("suffix,codec", [(".mp4", "mpeg4"), (".mkv", "mpeg4"), (".mp4", "libx264")])
+def test_vfr_timestamps_are_real(tmp_path, suffix, codec):
+    if not media.has_encoder(codec):
+        pytest.skip(f"PyAV build has no {codec} encoder")
+    path = media.make_video(tmp_path / f"vfr{suffix}", 11, codec=codec, vfr=True)
+    _, index, times = _decode_all(path, batch_size=4)
+    assert np.array_equal(index, np.arange(11))
+    np.testing.assert_allclose(times, media.vfr_timestamps(11), atol=1e-3)
+    assert not np.allclose(np.diff(times), np.diff(times)[0])  # really variable
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotation_applied(tmp_path, rotation):
+    src = media.quadrant_frame((64, 32))
+    path = media.make_video(tmp_path / f"rot{rotation}.mp4", [src] * 3, rotation=rotation)
+    info = probe(path)
+    assert info.rotation == rotation
+    expect = np.rot90(src, k=-rotation // 90)  # clockwise
+    assert (info.height, info.width) == expect.shape[:2]
+    batches, _, _ = _decode_all(path)
+    got = batches[0].images[0]
+    assert got.shape == expect.shape
+    assert np.abs(got.astype(int) - expect.astype(int)).mean() < 8
+
+
+def test_image_input_like_deep3d_test_py(tmp_path, test_images):
+    path = test_images / "000002.jpg"
+    info = probe(path)
+    assert (info.kind, info.width, info.height) == ("image", 423, 594)
+    assert (info.frame_count, info.codec, info.fps) == (1, "jpeg", 0.0)
+    (batch,) = list(iter_frames(path, 8))
+    expect = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(batch.images[0], expect)
+    assert batch.index.tolist() == [0] and batch.timestamps.tolist() == [0.0]
+    assert list(iter_frames(path, 8, start=1)) == []
+
+
+def test_image_exif_orientation_not_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° CW to view"; Deep3D ignores it, so do we
+    Image.fromarray(media.quadrant_frame((64, 32))).save(path, exif=exif)
+    (batch,) = list(iter_frames(path, 1))
+    assert batch.images.shape == (1, 32, 64, 3)
+    assert (probe(path).width, probe(path).height) == (64, 32)
+
+
+def _bad_inputs(tmp_path, good):
+    t = tmp_path
+    return {
+        "empty": (media.make_empty_file(t / "clip.mp4"), InputError, "clip.mp4: file is empty (0 bytes)"),
+        "text": (
+            media.make_text_file(t / "x.mp4"),
+            DecodeError,
+            "x.mp4: not a video FFmpeg can read (invalid data found when processing input)",
+        ),
+        "no_moov": (media.make_truncated_copy(good, t / "cut.mp4", 0.6), DecodeError, "no 'moov'"),
+        "audio": (media.make_audio_only(t / "a.mp4"), DecodeError, "a.mp4: has no video stream (audio only)"),
+        "image": (media.make_text_file(t / "f.jpg"), DecodeError, "f.jpg: not an image Pillow can read"),
+        "missing": (t / "gone.mp4", InputError, "gone.mp4: no such file"),
+        "suffix": (media.make_text_file(t / "a.txt"), InputError, "unsupported file type '.txt'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "no_moov", "audio", "image", "missing", "suffix"])
+def test_bad_inputs_raise_readable_errors(tmp_path, case):
+    good = media.make_video(tmp_path / "good.mp4", 20)
+    path, error, message = _bad_inputs(tmp_path, good)[case]
+    for call in (lambda: probe(path), lambda: list(iter_frames(path, 4))):
+        with pytest.raises(error) as info:
+            call()
+        text = str(info.value)
+        assert message in text
+        assert "\n" not in text
+        assert str(path) in text
+    if error is InputError:
+        assert not isinstance(info.value, DecodeError)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_truncated_mid_stream_yields_frames_then_raises(tmp_path, suffix):
+    good = media.make_video(tmp_path / f"good{suffix}", 50, faststart=suffix == ".mp4")
+    cut = media.make_truncated_copy(good, tmp_path / f"cut{suffix}", 0.5)
+    assert probe(cut).frame_count == 50  # the index survived
+    got = []
+    with pytest.raises(TruncatedVideoError, match=r"decoding stopped at frame \d+") as info:
+        for batch in iter_frames(cut, 8):
+            got.extend(batch.index.tolist())
+    assert 5 < len(got) < 45
+    assert got == list(range(len(got)))
+    assert info.value.decoded_frames == len(got)
+    assert isinstance(info.value, DecodeError)
+    assert next(iter_frames(good, 64)).index.tolist() == list(range(50))  # the intact file passes
+
+
+def test_iter_frames_argument_checks(tmp_path):
+    path = media.make_video(tmp_path / "q.mp4", 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        iter_frames(path, 0)
+    with pytest.raises(ValueError, match="start"):
+        iter_frames(path, 1, start=-1)
+
+
+def test_make_720p_from_clip(tmp_path, test_video):
+    out = media.make_720p_from_clip(test_video, tmp_path / "hd.mp4", 6)
+    info = probe(out)
+    assert (info.width, info.height, info.frame_count) == (1280, 720, 6)
+
+
+# --- prefetch -------------------------------------------------------------------------------
+
+
+def test_prefetch_reraises_after_items_and_stops_early():
+    def source(n, fail_at=None, log=None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise DecodeError(f"broken at {i}")
+                yield i
+        finally:
+            if log is not None:
+                log.append("closed")
+
+    got = []
+    with pytest.raises(DecodeError, match="broken at 3"):
+        for x in prefetch(source(10, fail_at=3)):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+    log: list[str] = []
+    before = threading.active_count()
+    gen = prefetch(source(1000, log=log), depth=2)
+    assert next(gen) == 0
+    gen.close()
+    assert log == ["closed"]
+    assert threading.active_count() == before

@@ -1,0 +1,217 @@
+"""Registry commands of ``python -m engine``: ``worker``, ``submit``, ``jobs``, ``cancel``, ``retry``.
+
+They call :mod:`db.service`, exactly as the dashboard does. Each command function returns
+the process exit code. ``python -m worker.cli ...`` runs them without the engine's CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("worker")
+
+
+def _add_registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path,
+                   help="uploads/results/database folder (default: $STUDIO_DATA_DIR or ./data)")
+    p.add_argument("--db-url",
+                   help="SQLAlchemy database URL (default: $STUDIO_DB_URL or sqlite in the data dir)")
+
+
+def _registry(args: argparse.Namespace):
+    from db import Registry
+
+    return Registry(url=args.db_url, data_dir=args.data_dir)
+
+
+def register(subparsers) -> None:
+    """Add the registry subcommands to an ``argparse`` subparsers object."""
+    from engine.cli import add_engine_options
+
+    p = subparsers.add_parser("worker", help="serve the job queue on one device")
+    p.add_argument("--gpu", type=int, metavar="N", help="run on cuda:N")
+    p.add_argument("--device", help="cpu or cuda:N (default: cuda:0 when a GPU is visible, else cpu)")
+    p.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
+                   help="idle poll interval (default: 2)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.add_argument("--max-jobs", type=int, metavar="N", help="exit after N jobs")
+    p.add_argument("--heartbeat", type=float, default=2.0, metavar="S",
+                   help="heartbeat interval of a running job, seconds (default: 2)")
+    p.add_argument("--stale-after", type=float, default=30.0, metavar="S",
+                   help="requeue running jobs whose heartbeat is older than S seconds (default: 30)")
+    p.add_argument("--worker-id", help="name of this worker (default: <host>-<pid>-<device>)")
+    _add_registry_options(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = subparsers.add_parser("submit", help="queue videos (or folders of videos) as jobs")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="VIDEO")
+    add_engine_options(p)
+    p.add_argument("--in-place", action="store_true",
+                   help="register the files where they lie instead of copying them into the data dir")
+    _add_registry_options(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = subparsers.add_parser("jobs", help="list jobs as a table")
+    p.add_argument("--status", action="append", metavar="STATUS",
+                   help="only these statuses (repeat or comma-separate): "
+                   "queued,running,succeeded,failed,cancelled")
+    p.add_argument("--search", help="name substring or job id")
+    p.add_argument("--limit", type=int, default=50, help="rows to show (default: 50)")
+    _add_registry_options(p)
+    p.set_defaults(func=cmd_jobs)
+
+    for name, func, text in (("cancel", cmd_cancel, "cancel a queued or running job"),
+                             ("retry", cmd_retry, "queue a failed or cancelled job again")):
+        p = subparsers.add_parser(name, help=text)
+        p.add_argument("job_ids", nargs="+", type=int, metavar="ID")
+        _add_registry_options(p)
+        p.set_defaults(func=func)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def _pick_device(args: argparse.Namespace) -> str:
+    if args.gpu is not None and args.device:
+        raise SystemExit("error: give --gpu or --device, not both")
+    if args.gpu is not None:
+        return f"cuda:{args.gpu}"
+    if args.device:
+        return "cuda:0" if args.device == "cuda" else args.device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.loop import Worker, WorkerOptions, default_worker_id
+
+    device = _pick_device(args)
+    worker_id = args.worker_id or default_worker_id(device)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format=f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",
+        force=True,
+    )
+    try:
+        options = WorkerOptions(
+            device=device, poll_s=args.poll, heartbeat_s=args.heartbeat, stale_after_s=args.stale_after,
+            burst=args.burst, max_jobs=args.max_jobs,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return Worker(_registry(args), options, worker_id=worker_id).work()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from db import service
+    from engine.cli import config_from_args
+    from engine.errors import StudioError
+
+    reg = _registry(args)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in args.inputs:
+        try:
+            jobs = (service.import_folder(reg, path, cfg) if path.is_dir()
+                    else [service.submit_file(reg, path, cfg, copy=not args.in_place)])
+        except (StudioError, OSError, ValueError) as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        for job in jobs:
+            print(f"queued job {job.id}: {job.name}")
+    return 1 if failures else 0
+
+
+def _fmt_row(cols, widths) -> str:
+    return "  ".join(str(c).ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()
+
+
+def format_table(jobs) -> str:
+    """The ``jobs`` table: id, name, status, progress %, fps, attempts, error."""
+    header = ("ID", "NAME", "STATUS", "PROGRESS", "FPS", "ATTEMPTS", "ERROR")
+    rows = []
+    for j in jobs:
+        name = j.name if len(j.name) <= 40 else "…" + j.name[-39:]
+        progress = f"{100 * j.progress:.0f}%"
+        if j.frames_total:
+            progress += f" ({j.frames_done}/{j.frames_total})"
+        status = j.status.value
+        if j.cancel_requested and status == "running":
+            status += " (cancelling)"
+        fps = f"{j.fps:.1f}" if j.fps else "-"
+        attempts = f"{j.attempts}/{j.max_attempts}"
+        rows.append((j.id, name, status, progress, fps, attempts, (j.error or "")[:80]))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)] + [0]
+    return "\n".join(_fmt_row(r, widths) for r in [header, *rows])
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from db import JobStatus, service
+
+    statuses = None
+    if args.status:
+        try:
+            statuses = [JobStatus(s.strip()) for item in args.status for s in item.split(",") if s.strip()]
+        except ValueError as e:
+            print(f"error: {e}; known: {', '.join(s.value for s in JobStatus)}", file=sys.stderr)
+            return 2
+    reg = _registry(args)
+    jobs = service.list_jobs(reg, statuses=statuses, search=args.search, limit=args.limit)
+    total = service.count_jobs(reg, statuses=statuses, search=args.search)
+    print(format_table(jobs))
+    if total > len(jobs):
+        print(f"({len(jobs)} of {total} jobs shown; use --limit)")
+    return 0
+
+
+def _each_job(args: argparse.Namespace, action, verb: str) -> int:
+    from db import JobNotFound, JobStateError
+
+    reg = _registry(args)
+    failures = 0
+    for job_id in args.job_ids:
+        try:
+            job = action(reg, job_id)
+        except (JobNotFound, JobStateError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        print(f"job {job.id}: {verb} ({job.status.value})")
+    return 1 if failures else 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from db import service
+
+    return _each_job(args, service.cancel_job, "cancel requested")
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from db import service
+
+    return _each_job(args, service.retry_job, "queued again")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m worker.cli COMMAND ...`` (the same commands as ``python -m engine``)."""
+    parser = argparse.ArgumentParser(prog="python -m worker.cli", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

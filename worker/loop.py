@@ -1,0 +1,411 @@
+"""The worker: serve the job queue with one engine kept across jobs.
+
+``Worker.work()`` is the whole life of a worker process, as a checklist::
+
+    register → loop { stop requested? → janitor → claim → perform → max jobs? } → teardown
+
+One job (:meth:`Worker.perform`):
+
+1. wipe leftovers of an earlier attempt from ``results/<id>/`` (artifacts are only
+   registered after success, so nothing there is needed); keep ``work/<id>/`` so the
+   engine resumes from its last completed batch;
+2. run the engine with a :class:`~worker.monitor.JobMonitor` beside it (heartbeat,
+   progress, cancel flag); CUDA out-of-memory halves the batch size down to 1;
+3. on success hash the outputs and register artifacts + quality + ``succeeded`` in one
+   transaction; on a user cancel remove the partial files and mark it ``cancelled``; on
+   SIGTERM requeue it (no attempt counted) and leave; on any other error mark it
+   ``failed`` with a one-line reason and carry on with the next job.
+
+Signals: the first SIGTERM/SIGINT is a warm shutdown (finish the current batch, requeue,
+exit 0); a second one exits at once (the janitor of another worker requeues the job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from db import service, storage
+from db.registry import Registry
+from db.views import ArtifactFile, JobView, QualitySummary
+from engine.config import EngineConfig
+from engine.errors import Cancelled, StudioError
+from worker.monitor import JobMonitor
+
+log = logging.getLogger("worker")
+
+#: Settings that decide which models an Engine holds; a change means building a new one.
+MODEL_KEYS = ("checkpoint", "landmarks", "device")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker behaves. Times are seconds.
+
+    Attributes:
+        device: torch device every job of this worker runs on (``"cpu"``, ``"cuda:0"``).
+        poll_s: sleep between two looks at an empty queue.
+        heartbeat_s: longest gap between two heartbeats of a running job.
+        stale_after_s: a running job whose heartbeat is older than this is requeued by the
+            janitor (its worker is presumed dead). Must be well above ``heartbeat_s``.
+        burst: exit when the queue is empty instead of waiting.
+        max_jobs: exit after this many jobs (None: no limit).
+        progress_s: shortest gap between two progress writes.
+        cancel_poll_s: how often the cancel flag of the running job is read.
+    """
+
+    device: str = "cpu"
+    poll_s: float = 2.0
+    heartbeat_s: float = 2.0
+    stale_after_s: float = 30.0
+    burst: bool = False
+    max_jobs: int | None = None
+    progress_s: float = 0.5
+    cancel_poll_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.stale_after_s <= 2 * self.heartbeat_s:
+            raise ValueError(
+                f"stale_after_s ({self.stale_after_s}) must exceed twice heartbeat_s ({self.heartbeat_s}), "
+                "or live jobs would be taken from their workers"
+            )
+
+
+def default_worker_id(device: str) -> str:
+    """``<host>-<pid>-<device>``: unique per process, readable in logs and the dashboard."""
+    return f"{socket.gethostname()}-{os.getpid()}-{device.replace(':', '')}"
+
+
+def device_name(device: str) -> str:
+    """A human name for the device (the GPU model, or ``"CPU"``)."""
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            index = int(device.split(":")[1]) if ":" in device else 0
+            return torch.cuda.get_device_name(index)
+        except Exception:  # a name is nice to have, never worth failing for
+            return device
+    return "CPU"
+
+
+def _model_key(cfg: EngineConfig) -> tuple:
+    return tuple(str(getattr(cfg, k)) for k in MODEL_KEYS)
+
+
+class EngineCache:
+    """Keeps one :class:`engine.Engine` across jobs; rebuilds it only when the models change.
+
+    Jobs that differ only in formats, batch size and the like reuse the loaded models
+    (``Engine(cfg, **old.components)``).
+    """
+
+    def __init__(self, factory: Callable[..., object] | None = None) -> None:
+        self._factory = factory
+        self._engine = None
+        self._cfg: EngineConfig | None = None
+
+    def get(self, cfg: EngineConfig):
+        if self._engine is not None and self._cfg == cfg:
+            return self._engine
+        factory = self._factory
+        if factory is None:
+            from engine import Engine as factory
+        if self._engine is not None and _model_key(self._cfg) == _model_key(cfg):
+            components = getattr(self._engine, "components", {}) or {}
+            self._engine = factory(cfg, **components)
+        else:
+            self.close()
+            log.info("loading models: checkpoint=%s landmarks=%s device=%s",
+                     cfg.checkpoint or "(default)", cfg.landmarks.value, cfg.device)
+            self._engine = factory(cfg)
+        self._cfg = cfg
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None and hasattr(self._engine, "close"):
+            self._engine.close()
+        self._engine, self._cfg = None, None
+
+
+def _is_oom(e: BaseException) -> bool:
+    return type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
+
+
+def _free_cuda_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def output_stem(name: str) -> str:
+    """File-name stem for a job's outputs: the input's stem with unsafe characters replaced."""
+    stem = Path(name).stem or "output"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "output"
+
+
+class Worker:
+    """Serves the queue of one registry on one device.
+
+    Args:
+        reg: the registry.
+        options: see :class:`WorkerOptions`.
+        worker_id: defaults to :func:`default_worker_id`.
+        engine_factory: ``factory(cfg, **components) -> engine`` (default
+            :class:`engine.Engine`); tests inject fakes here.
+    """
+
+    def __init__(
+        self,
+        reg: Registry,
+        options: WorkerOptions | None = None,
+        *,
+        worker_id: str | None = None,
+        engine_factory: Callable[..., object] | None = None,
+    ) -> None:
+        self.reg = reg
+        self.options = options or WorkerOptions()
+        self.worker_id = worker_id or default_worker_id(self.options.device)
+        self.stop_event = threading.Event()
+        self.engines = EngineCache(engine_factory)
+        self.jobs_seen = 0
+        self._signals = 0
+
+    # ------------------------------------------------------------------ the loop
+
+    def work(self) -> int:
+        """Serve the queue until a stop condition; returns the process exit code (0)."""
+        opts = self.options
+        self.register()
+        restore = self._install_signal_handlers()
+        try:
+            while True:
+                if self.stop_event.is_set():
+                    log.info("stop requested: exiting (warm shutdown)")
+                    break
+                self.janitor()
+                job = service.claim_next(self.reg, self.worker_id, device=opts.device)
+                if job is None:
+                    if opts.burst:
+                        log.info("queue empty: exiting (burst mode)")
+                        break
+                    self._idle(opts.poll_s)
+                    continue
+                self.perform(job)
+                self.jobs_seen += 1
+                if opts.max_jobs is not None and self.jobs_seen >= opts.max_jobs:
+                    log.info("did %d job(s): exiting (max jobs)", self.jobs_seen)
+                    break
+        finally:
+            self.teardown()
+            restore()
+        return 0
+
+    def register(self) -> None:
+        service.register_worker(
+            self.reg, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
+            device=self.options.device, device_name=device_name(self.options.device),
+        )
+        log.info("worker started on %s (registry %r)", self.options.device, self.reg)
+
+    def teardown(self) -> None:
+        self.engines.close()
+        try:
+            service.stop_worker(self.reg, self.worker_id)
+        except Exception as e:  # the process is leaving anyway
+            log.warning("could not mark the worker stopped: %s", e)
+        log.info("worker stopped after %d job(s)", self.jobs_seen)
+
+    def janitor(self) -> None:
+        """Requeue (or fail) jobs whose worker stopped sending heartbeats."""
+        try:
+            service.requeue_stale(self.reg, stale_after_s=self.options.stale_after_s)
+        except Exception as e:  # never let housekeeping kill the worker
+            log.warning("janitor failed: %s: %s", type(e).__name__, e)
+
+    def _idle(self, seconds: float) -> None:
+        try:
+            service.worker_heartbeat(self.reg, self.worker_id, status="idle", current_job_id=None)
+        except Exception as e:
+            log.warning("worker heartbeat failed: %s", e)
+        self.stop_event.wait(seconds)
+
+    # ------------------------------------------------------------------ one job
+
+    def perform(self, job: JobView) -> None:
+        """Run one claimed job to a final (or requeued) state; never raises for a job's own failure."""
+        reg, wid = self.reg, self.worker_id
+        result_dir, state_dir = reg.result_dir(job.id), reg.state_dir(job.id)
+        log.info("job %d: start %s (attempt %d/%d)", job.id, job.name, job.attempts, job.max_attempts)
+        # 1. Fresh result folder; keep the resumable state of an earlier attempt.
+        storage.remove_tree(result_dir)
+        result_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        monitor = JobMonitor(
+            reg, job.id, wid, self.stop_event, heartbeat_s=self.options.heartbeat_s,
+            progress_s=self.options.progress_s, poll_s=self.options.cancel_poll_s,
+        ).start()
+        try:
+            # 2. Run the engine.
+            try:
+                cfg = self._config(job)
+                report = self._run(job, cfg, monitor, result_dir / output_stem(job.name), state_dir)
+            finally:
+                monitor.stop()
+            # 3. Register the outputs.
+            self._succeed(job, report)
+        except Cancelled:
+            self._stopped(job, monitor)
+        except BaseException as e:
+            if not isinstance(e, Exception):  # SystemExit/KeyboardInterrupt: give the job back, then leave
+                service.requeue_job(reg, job.id, wid, reason=f"worker {wid} was interrupted")
+                raise
+            self._fail(job, e)
+
+    def _config(self, job: JobView) -> EngineConfig:
+        try:
+            cfg = EngineConfig.from_dict(job.settings)
+        except (TypeError, ValueError) as e:
+            raise StudioError(f"invalid job settings: {e}") from e
+        return dataclasses.replace(cfg, device=self.options.device, overwrite=True)
+
+    def _run(self, job: JobView, cfg: EngineConfig, monitor: JobMonitor, out_base: Path, state_dir: Path):
+        """Run the engine; on CUDA out-of-memory retry with half the batch, down to 1."""
+        first_progress: list[int] = []
+
+        def on_progress(p) -> None:
+            if not first_progress:
+                first_progress.append(p.frames_done)
+                log.info("job %d: first batch done at frame %d/%d", job.id, p.frames_done, p.frames_total)
+            monitor.update(frames_done=p.frames_done, frames_total=p.frames_total, fps=p.fps, stage=p.stage)
+
+        while True:
+            engine = self.engines.get(cfg)
+            monitor.update(stage="extract")
+            try:
+                return engine.run(
+                    job.input_path, out_base, progress=on_progress, should_stop=monitor.should_stop,
+                    state_dir=state_dir,
+                )
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                _free_cuda_cache()
+                if cfg.batch_size <= 1:
+                    raise StudioError(
+                        f"out of memory on {cfg.device} even with batch size 1 "
+                        f"(free GPU memory or run on another device): {str(e).splitlines()[0]}"
+                    ) from e
+                smaller = max(1, cfg.batch_size // 2)
+                log.warning("job %d: out of memory at batch size %d; retrying with %d",
+                            job.id, cfg.batch_size, smaller)
+                cfg = dataclasses.replace(cfg, batch_size=smaller)
+
+    def _succeed(self, job: JobView, report) -> None:
+        artifacts = []
+        for fmt, path in sorted(report.outputs.items()):
+            path = Path(path)
+            fmt = getattr(fmt, "value", fmt)
+            artifacts.append(ArtifactFile(str(fmt), path, path.stat().st_size, storage.sha256_file(path)))
+        quality = QualitySummary(
+            frames=int(report.num_frames), valid_frames=int(report.num_valid),
+            reasons=dict(report.reasons), longest_invalid_run=int(report.longest_invalid_run),
+        )
+        info = report.info
+        summary = {
+            "seconds": round(float(report.seconds), 3),
+            "fps": round(float(report.fps), 3),
+            "resumed_from": int(getattr(report, "resumed_from", 0)),
+            "media_fps": float(info.fps),
+            "media": {"width": info.width, "height": info.height, "fps": info.fps,
+                      "frame_count": info.frame_count, "duration": info.duration, "codec": info.codec},
+            "config": report.config,
+        }
+        try:
+            service.complete_job(
+                self.reg, job.id, self.worker_id, artifacts=artifacts, quality=quality,
+                engine_version=report.engine_version, checkpoint_sha256=report.checkpoint_sha256,
+                report=summary,
+            )
+        except service.LostJob:
+            log.warning("job %d finished but was taken from this worker meanwhile: result dropped", job.id)
+            return
+        log.info("job %d: succeeded (%d frames, %d valid, %.1f s)", job.id, report.num_frames,
+                 report.num_valid, report.seconds)
+
+    def _stopped(self, job: JobView, monitor: JobMonitor) -> None:
+        if monitor.lost.is_set():
+            log.warning("job %d: stopped, it belongs to another worker now", job.id)
+        elif monitor.cancel_requested.is_set():
+            service.finish_cancelled(self.reg, job.id, self.worker_id)
+            log.info("job %d: cancelled; partial files removed", job.id)
+        else:
+            service.requeue_job(self.reg, job.id, self.worker_id,
+                                reason=f"worker {self.worker_id} shut down; requeued to resume")
+            done = monitor.progress.get("frames_done", 0)
+            log.info("job %d: requeued at frame %s (shutdown)", job.id, done)
+
+    def _fail(self, job: JobView, e: Exception) -> None:
+        if isinstance(e, StudioError):
+            message, code = str(e), e.code
+            log.error("job %d failed: %s", job.id, message)
+        else:
+            message, code = f"{type(e).__name__}: {e}", "internal"
+            log.exception("job %d failed with an unexpected error", job.id)
+        message = message.splitlines()[0] if message.strip() else type(e).__name__
+        try:
+            service.fail_job(self.reg, job.id, self.worker_id, error=message, code=code)
+        except Exception as db_error:
+            log.error("job %d: could not record the failure: %s", job.id, db_error)
+        storage.remove_tree(self.reg.result_dir(job.id))
+
+    # ------------------------------------------------------------------ signals
+
+    def request_stop(self) -> None:
+        """Ask for a warm shutdown: the current job stops after its batch and is requeued."""
+        self.stop_event.set()
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, _frame):
+            self._signals += 1
+            if self._signals == 1:
+                log.info("%s received: finishing the current batch, then exiting",
+                         signal.Signals(signum).name)
+                self.request_stop()
+            else:
+                log.warning("%s received again: exiting now", signal.Signals(signum).name)
+                raise SystemExit(1)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout_s`` passes (tests and launch helpers)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
