@@ -12,7 +12,13 @@ import streamlit as st
 st.set_page_config(page_title="3DMM Studio", page_icon=":material/face:", layout="wide")
 
 PAGES = [
-    st.Page("app_pages/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
+    st.Page(
+        "app_pages/overview.py",
+        title="Overview",
+        icon=":material/dashboard:",
+        url_path="overview",
+        default=True,
+    ),
     st.Page("app_pages/upload.py", title="Upload", icon=":material/upload:", url_path="upload"),
     st.Page("app_pages/jobs.py", title="Jobs", icon=":material/list:", url_path="jobs"),
     st.Page("app_pages/results.py", title="Results", icon=":material/monitoring:", url_path="results"),
@@ -27,7 +33,7 @@ with st.sidebar:
     try:
         registry = get_registry()
         st.caption(f"Data folder: `{registry.data_dir}`")
-    except Exception as e:  # noqa: BLE001 - shown to the user, the pages show the details
+    except Exception as e:
         st.error(f"The job database cannot be opened: {e}")
 
 page.run()

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pandas as pd
 import streamlit as st
 
 from dashboard.data import get_registry
-from dashboard.fmt import explain_error, fmt_age, fmt_duration, status_label
+from dashboard.fmt import (
+    STATUS_COLOURS,
+    explain_error,
+    fmt_age,
+    fmt_duration,
+    rows_key,
+    status_label,
+    status_markdown,
+)
 from db import JobNotFound, JobStateError, JobStatus, JobView, service
 
 REFRESH_S = 2
@@ -31,12 +38,11 @@ COLUMNS = {
     "Status": st.column_config.TextColumn("Status", width="small"),
     "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent"),
     "Frames": st.column_config.TextColumn("Frames", help="frames done / frames in the video"),
-    "Speed": st.column_config.NumberColumn("Speed (frames/s)", format="%.1f"),
+    "Speed": st.column_config.TextColumn("Speed", help="frames per second while running"),
     "ETA": st.column_config.TextColumn("ETA", help="estimated time left"),
     "Attempts": st.column_config.TextColumn("Attempts", help="runs started / allowed"),
-    "Device": st.column_config.TextColumn("Device", width="small"),
-    "Submitted": st.column_config.TextColumn("Submitted"),
-    "Error": st.column_config.TextColumn("Error", width="large"),
+    "Submitted": st.column_config.TextColumn("Submitted", width="small"),
+    "Error": st.column_config.TextColumn("Error", width="large", help="select the row to read it in full"),
 }
 
 
@@ -49,14 +55,13 @@ def jobs_frame(jobs: list[JobView]) -> pd.DataFrame:
             {
                 "ID": j.id,
                 "Name": j.name,
-                "Status": status_label(j.status) + (" (cancelling)" if j.cancel_requested and
-                                                     j.status == JobStatus.RUNNING else ""),
+                "Status": status_label(j.status)
+                + (" (cancelling)" if j.cancel_requested and j.status == JobStatus.RUNNING else ""),
                 "Progress": j.progress,
                 "Frames": f"{j.frames_done} / {total}" if total else f"{j.frames_done}",
-                "Speed": j.fps if j.status == JobStatus.RUNNING else None,
+                "Speed": f"{j.fps:.1f} /s" if j.status == JobStatus.RUNNING and j.fps > 0 else "",
                 "ETA": fmt_duration(j.eta_s) if j.eta_s is not None else "",
                 "Attempts": f"{j.attempts} / {j.max_attempts}",
-                "Device": j.device or "",
                 "Submitted": fmt_age(j.created_at),
                 "Error": j.error or "",
             }
@@ -91,50 +96,83 @@ def _apply(action: str, jobs: list[JobView]) -> None:
     st.session_state.pop("jobs_confirm_delete", None)
 
 
+def _confirm_delete(ids: list[int]) -> None:
+    st.session_state["jobs_confirm_delete"] = ids
+
+
+def _keep() -> None:
+    st.session_state.pop("jobs_confirm_delete", None)
+
+
 def _action_bar(selected: list[JobView]) -> None:
-    """Buttons acting on the selected rows, enabled only where the action makes sense."""
+    """Buttons acting on the selected rows, enabled only where the action makes sense.
+
+    Actions run in ``on_click`` callbacks, i.e. before the rerun that redraws the table, so the
+    table always shows their effect.
+    """
     cancellable = [j for j in selected if j.status in (JobStatus.QUEUED, JobStatus.RUNNING)]
     retryable = [j for j in selected if j.status in (JobStatus.FAILED, JobStatus.CANCELLED)]
     deletable = [j for j in selected if j.status != JobStatus.RUNNING]
     openable = [j for j in selected if j.status == JobStatus.SUCCEEDED]
-    cols = st.columns(5, vertical_alignment="center")
-    cols[0].markdown(f"**{len(selected)} selected**" if selected else "Select rows to act on them.")
-    if cols[1].button("Open results", icon=":material/monitoring:", disabled=len(openable) != 1,
-                      key="jobs_open", help="only for one succeeded job"):
+    bar = st.container(horizontal=True, vertical_alignment="center")
+    bar.markdown(
+        f"**{len(selected)} selected**" if selected else "Tick rows (left column) to act on them.",
+        width="content",
+    )
+    if bar.button(
+        "Open results",
+        icon=":material/monitoring:",
+        disabled=len(openable) != 1,
+        key="jobs_open",
+        help="only for one succeeded job",
+    ):
         st.switch_page("app_pages/results.py", query_params={"job": str(openable[0].id)})
-    if cols[2].button(f"Cancel ({len(cancellable)})", icon=":material/stop_circle:", disabled=not cancellable,
-                      key="jobs_cancel"):
-        _apply("cancel", cancellable)
-        st.rerun(scope="fragment")
-    if cols[3].button(f"Retry ({len(retryable)})", icon=":material/replay:", disabled=not retryable,
-                      key="jobs_retry"):
-        _apply("retry", retryable)
-        st.rerun(scope="fragment")
-    if cols[4].button(f"Delete ({len(deletable)})", icon=":material/delete:", disabled=not deletable,
-                      key="jobs_delete", help="running jobs must be cancelled first"):
-        st.session_state["jobs_confirm_delete"] = [j.id for j in deletable]
+    bar.button(
+        f"Cancel ({len(cancellable)})",
+        icon=":material/stop_circle:",
+        disabled=not cancellable,
+        key="jobs_cancel",
+        on_click=_apply,
+        args=("cancel", cancellable),
+    )
+    bar.button(
+        f"Retry ({len(retryable)})",
+        icon=":material/replay:",
+        disabled=not retryable,
+        key="jobs_retry",
+        on_click=_apply,
+        args=("retry", retryable),
+    )
+    bar.button(
+        f"Delete ({len(deletable)})",
+        icon=":material/delete:",
+        disabled=not deletable,
+        key="jobs_delete",
+        help="running jobs must be cancelled first",
+        on_click=_confirm_delete,
+        args=([j.id for j in deletable],),
+    )
 
     pending = st.session_state.get("jobs_confirm_delete")
-    if pending:
-        names = [j.name for j in deletable if j.id in pending]
+    to_delete = [j for j in deletable if pending and j.id in pending]
+    if to_delete:
+        names = [j.name for j in to_delete]
         st.warning(
             f"Delete {len(names)} job(s) and their result files? {', '.join(names[:5])}"
             f"{' …' if len(names) > 5 else ''}. Uploaded videos used by no other job are removed too; "
             "videos imported from a folder stay where they are."
         )
-        c1, c2, _ = st.columns([1, 1, 4])
-        if c1.button("Yes, delete", type="primary", key="jobs_delete_yes"):
-            _apply("delete", [j for j in deletable if j.id in pending])
-            st.rerun(scope="fragment")
-        if c2.button("Keep them", key="jobs_delete_no"):
-            st.session_state.pop("jobs_confirm_delete", None)
-            st.rerun(scope="fragment")
+        confirm = st.container(horizontal=True)
+        confirm.button(
+            "Yes, delete", type="primary", key="jobs_delete_yes", on_click=_apply, args=("delete", to_delete)
+        )
+        confirm.button("Keep them", key="jobs_delete_no", on_click=_keep)
 
 
 def _details(job: JobView) -> None:
     """What one selected job is: input, settings, error in plain words, timing."""
     with st.container(border=True):
-        st.markdown(f"**{job.name}** · job {job.id} · {status_label(job.status)}")
+        st.markdown(f"**{job.name}** · job {job.id} · {status_markdown(job.status)}")
         if job.error:
             text = explain_error(job.error, job.error_code)
             if job.status == JobStatus.FAILED:
@@ -145,7 +183,7 @@ def _details(job: JobView) -> None:
             "Input file": str(job.input_path),
             "Registered in place": "yes (folder import)" if job.video.in_place else "no (uploaded copy)",
             "Stage": job.stage or "",
-            "Worker": job.worker_id or "",
+            "Worker": f"{job.worker_id} ({job.device})" if job.worker_id else "",
             "Started": fmt_age(job.started_at) if job.started_at else "",
             "Finished": fmt_age(job.finished_at) if job.finished_at else "",
             "Settings": ", ".join(f"{k}={v}" for k, v in job.settings.items() if v not in (None, "")),
@@ -166,8 +204,15 @@ def _table() -> None:
     total = service.count_jobs(reg, statuses=statuses, search=search)
     pages = max(1, math.ceil(total / size))
     page_no = min(int(st.session_state.get("jobs_page", 1)), pages)
-    jobs = service.list_jobs(reg, statuses=statuses, search=search, order_by=order_by, descending=descending,
-                             limit=size, offset=(page_no - 1) * size)
+    jobs = service.list_jobs(
+        reg,
+        statuses=statuses,
+        search=search,
+        order_by=order_by,
+        descending=descending,
+        limit=size,
+        offset=(page_no - 1) * size,
+    )
     if not jobs:
         if total == 0 and not statuses and not search:
             st.info("No jobs yet. Submit videos on the Upload page.")
@@ -178,11 +223,20 @@ def _table() -> None:
 
     # The table's key follows the rows shown, so a selection always maps to the jobs it was made on:
     # when rows come or go (new job, filter), the selection starts afresh instead of shifting.
-    ids = [j.id for j in jobs]
-    key = "jobs_table_" + hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:12]
+    key = rows_key("jobs_table", [j.id for j in jobs])
+    table = jobs_frame(jobs).style.map(
+        lambda v: f"color: {STATUS_COLOURS.get(v.split(' ')[0], 'inherit')}; font-weight: 600",
+        subset=["Status"],
+    )
     event = st.dataframe(
-        jobs_frame(jobs), key=key, on_select="rerun", selection_mode="multi-row", hide_index=True,
-        column_config=COLUMNS, width="stretch", height=min(36 * (len(jobs) + 1) + 3, 640),
+        table,
+        key=key,
+        on_select="rerun",
+        selection_mode="multi-row",
+        hide_index=True,
+        column_config=COLUMNS,
+        width="stretch",
+        height=min(35 * (len(jobs) + 1) + 3, 720),
     )
     selected = [jobs[r] for r in event.selection.rows if r < len(jobs)]
     first, last = (page_no - 1) * size + 1, (page_no - 1) * size + len(jobs)
@@ -194,8 +248,13 @@ def _table() -> None:
 
 st.title("Jobs")
 with st.container(horizontal=True, vertical_alignment="bottom"):
-    st.pills("Status", [s.value for s in JobStatus], selection_mode="multi", key="jobs_status",
-             format_func=status_label)
+    st.pills(
+        "Status",
+        [s.value for s in JobStatus],
+        selection_mode="multi",
+        key="jobs_status",
+        format_func=status_label,
+    )
     st.text_input("Search", key="jobs_search", placeholder="name or job id", width=220)
     st.selectbox("Sort", list(SORTS), key="jobs_sort", width=230)
     st.selectbox("Rows per page", PAGE_SIZES, index=1, key="jobs_size", width=120)

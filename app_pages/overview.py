@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard.data import disk_free, doctor_checks, get_registry, gpus
-from dashboard.fmt import fmt_age, fmt_bytes, status_label
+from dashboard.fmt import fmt_age, fmt_bytes, status_markdown
 from db import JobStatus, service
 
 REFRESH_S = 3
@@ -16,15 +16,17 @@ def _queue(reg) -> None:
     counts = service.status_counts(reg)
     cols = st.columns(len(JobStatus))
     for col, status in zip(cols, JobStatus, strict=True):
-        col.metric(status_label(status), counts[status], border=True)
+        col.metric(status_markdown(status), counts[status], border=True)
     st.page_link("app_pages/jobs.py", label="Open the jobs table", icon=":material/list:")
 
 
 def _workers(reg) -> None:
     workers = [w for w in service.list_workers(reg) if w.alive]
     if not workers:
-        st.warning("No worker is running, so queued jobs wait. Start one with `make run` "
-                   "(or `python -m engine worker`).")
+        st.warning(
+            "No worker is running, so queued jobs wait. Start one with `make run` "
+            "(or `python -m engine worker`)."
+        )
         return
     for w in workers:
         job = ""
@@ -32,11 +34,14 @@ def _workers(reg) -> None:
             try:
                 current = service.get_job(reg, w.current_job_id)
                 job = f" · working on **{current.name}** ({current.progress:.0%})"
-            except Exception:  # noqa: BLE001 - the job may have been deleted meanwhile
+            except Exception:
                 job = f" · job {w.current_job_id}"
         device = w.device + (f" ({w.device_name})" if w.device_name else "")
-        st.markdown(f"🟢 **{w.worker_id}** on {w.hostname} · {device} · {w.status}{job} · "
-                    f"{w.jobs_done} done, {w.jobs_failed} failed · seen {fmt_age(w.heartbeat_at)}")
+        st.markdown(
+            f":green-badge[:material/bolt: alive] **{w.worker_id}** on {w.hostname} · {device} · "
+            f"{w.status}{job} · "
+            f"{w.jobs_done} done, {w.jobs_failed} failed · seen {fmt_age(w.heartbeat_at)}"
+        )
 
 
 @st.fragment(run_every=REFRESH_S)
@@ -55,19 +60,30 @@ def machine(reg) -> None:
         found = gpus()
         if found:
             for g in found:
-                st.metric(f"GPU {g.index}: {g.name}",
-                          f"{g.memory_used_mib / 1024:.1f} / {g.memory_total_mib / 1024:.0f} GiB used",
-                          border=True)
+                st.metric(
+                    f"GPU {g.index}: {g.name}",
+                    f"{g.memory_used_mib / 1024:.1f} / {g.memory_total_mib / 1024:.0f} GiB used",
+                    border=True,
+                )
         else:
-            st.metric("GPU", "none found", border=True,
-                      help="no NVIDIA driver on this machine: workers run on the CPU (much slower)")
+            st.metric(
+                "GPU",
+                "none found",
+                border=True,
+                help="no NVIDIA driver on this machine: workers run on the CPU (much slower)",
+            )
     with cols[1]:
         free, total = disk_free(reg.data_dir)
-        st.metric("Free disk under data/", fmt_bytes(free), border=True,
-                  help=f"{reg.data_dir} · {fmt_bytes(total)} in all")
+        st.metric(
+            "Free disk under data/",
+            fmt_bytes(free),
+            border=True,
+            help=f"{reg.data_dir} · {fmt_bytes(total)} in all",
+        )
         if free < LOW_DISK_BYTES:
-            st.warning("Less than 10 GiB free: uploads and results may fail. Delete finished jobs or "
-                       "free space.")
+            st.warning(
+                "Less than 10 GiB free: uploads and results may fail. Delete finished jobs or free space."
+            )
 
 
 def readiness() -> None:

@@ -13,7 +13,7 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.data import frame_rgb, get_registry, result_data
-from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, status_label
+from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, status_markdown
 from dashboard.results import ResultData, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
 
@@ -76,21 +76,25 @@ def _quality(job: JobView, data: ResultData, frame_key: str) -> None:
     q = quality_summary(data.df)
     fps = data.fps or 0.0
     cols = st.columns(4)
-    cols[0].metric("Valid frames", f"{q.valid_ratio:.1%}", help="frames where a face was found",
-                   border=True)
+    cols[0].metric("Valid frames", f"{q.valid_ratio:.1%}", help="frames where a face was found", border=True)
     cols[1].metric("Invalid frames", f"{q.num_frames - q.num_valid} of {q.num_frames}", border=True)
-    run = f"{q.longest_invalid_run} frames"
+    label = "Longest invalid run"
     if fps and q.longest_invalid_run:
-        run += f" ({q.longest_invalid_run / fps:.2f} s)"
-    cols[2].metric("Longest invalid run", run, border=True)
+        label += f" ({q.longest_invalid_run / fps:.2f} s)"
+    cols[2].metric(label, f"{q.longest_invalid_run} frames", border=True)
     reasons = ", ".join(f"{k}: {v}" for k, v in q.reasons.items()) or "none"
     cols[3].metric("Reasons", reasons, border=True, help="why frames were flagged invalid, with counts")
-    if q.longest_invalid_run and st.button("Show the longest invalid run in the frame viewer",
-                                           icon=":material/visibility:", key="res_goto_invalid"):
+    if q.longest_invalid_run and st.button(
+        "Show the longest invalid run in the frame viewer",
+        icon=":material/visibility:",
+        key="res_goto_invalid",
+    ):
         st.session_state[frame_key] = q.longest_invalid_start
     if q.valid_ratio < 0.5:
-        st.warning("Fewer than half of the frames have a face: check the video, or try the other "
-                   "landmark backend (retry with other settings from the Upload page).")
+        st.warning(
+            "Fewer than half of the frames have a face: check the video, or try the other "
+            "landmark backend (retry with other settings from the Upload page)."
+        )
 
 
 def _downloads(reg, job: JobView) -> None:
@@ -98,9 +102,13 @@ def _downloads(reg, job: JobView) -> None:
     stem = Path(job.name).stem
     with st.container(horizontal=True, vertical_alignment="center"):
         st.download_button(
-            "Download bundle (.zip)", data=lambda: service.build_bundle(reg, job.id).read_bytes(),
-            file_name=f"{stem}-job{job.id}.zip", mime="application/zip", type="primary",
-            icon=":material/folder_zip:", key="res_bundle",
+            "Download bundle (.zip)",
+            data=lambda: service.build_bundle(reg, job.id).read_bytes(),
+            file_name=f"{stem}-job{job.id}.zip",
+            mime="application/zip",
+            type="primary",
+            icon=":material/folder_zip:",
+            key="res_bundle",
             help="every result file, the landmarks, manifest.json and a README explaining the layout",
         )
         for a in artifacts:
@@ -108,8 +116,10 @@ def _downloads(reg, job: JobView) -> None:
                 continue
             st.download_button(
                 f"{FORMAT_LABELS.get(a.format, a.format)} · {fmt_bytes(a.bytes)}",
-                data=lambda p=a.path: p.read_bytes(), file_name=a.path.name,
-                mime=FORMAT_MIME.get(a.format, "application/octet-stream"), key=f"res_dl_{a.format}",
+                data=lambda p=a.path: p.read_bytes(),
+                file_name=a.path.name,
+                mime=FORMAT_MIME.get(a.format, "application/octet-stream"),
+                key=f"res_dl_{a.format}",
                 icon=":material/download:",
             )
     missing = [a.path.name for a in artifacts if not a.path.is_file()]
@@ -126,16 +136,23 @@ def _select_frame(chart_key: str, frame_key: str) -> None:
 
 def _chart(fig, chart_key: str, frame_key: str, selectable: bool = True) -> None:
     if selectable:
-        st.plotly_chart(fig, key=chart_key, on_select=lambda: _select_frame(chart_key, frame_key),
-                        selection_mode=("points", "box"), config={"displaylogo": False})
+        st.plotly_chart(
+            fig,
+            key=chart_key,
+            on_select=lambda: _select_frame(chart_key, frame_key),
+            selection_mode=("points", "box"),
+            config={"displaylogo": False},
+        )
     else:
         st.plotly_chart(fig, key=chart_key, config={"displaylogo": False})
 
 
 def _charts(job: JobView, data: ResultData, frame: int, frame_key: str) -> None:
     df = data.df
-    st.caption("Click a point (or drag a box) on a chart to show that frame below. Grey bands: frames "
-               "without a usable face. The red dashed line marks the frame in the viewer.")
+    st.caption(
+        "Click a point (or drag a box) on a chart to show that frame below. Grey bands: frames "
+        "without a usable face. The dashed line marks the frame shown in the viewer."
+    )
     tabs = st.tabs(["Head pose", "Translation", "Crop", "Expression", "Expression heat map"])
     with tabs[0]:
         _chart(charts.pose_figure(df, frame), "res_chart_pose", frame_key)
@@ -143,15 +160,21 @@ def _charts(job: JobView, data: ResultData, frame: int, frame_key: str) -> None:
         _chart(charts.translation_figure(df, frame), "res_chart_trans", frame_key)
     with tabs[2]:
         _chart(charts.crop_figure(df, frame), "res_chart_crop", frame_key)
-        st.caption("Scale s: how much the whole frame was resized before the 224×224 crop was cut. "
-                   "Centre: where the face template's origin lies in the original frame, rows counted "
-                   "from the top (the files store it from the bottom, y up).")
+        st.caption(
+            "Scale s: how much the whole frame was resized before the 224×224 crop was cut. "
+            "Centre: where the face template's origin lies in the original frame, rows counted "
+            "from the top (the files store it from the bottom, y up)."
+        )
     with tabs[3]:
         stds = df[[f"exp_{i:02d}" for i in range(64)]].std().to_numpy()
         default = sorted(np.argsort(-np.nan_to_num(stds))[:4].tolist())
-        chosen = st.multiselect("Coefficients (0-based index into the 64 expression weights)",
-                                list(range(64)), default=default, key=f"res_exp_{job.id}",
-                                help="the default shows the four that vary most in this video")
+        chosen = st.multiselect(
+            "Coefficients (0-based index into the 64 expression weights)",
+            list(range(64)),
+            default=default,
+            key=f"res_exp_{job.id}",
+            help="the default shows the four that vary most in this video",
+        )
         if chosen:
             _chart(charts.expression_figure(df, chosen, frame), "res_chart_exp", frame_key)
         else:
@@ -165,21 +188,20 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
 
     st.subheader("Frame viewer")
     n = data.num_frames
-    if n > 1:
-        index = st.slider("Frame", 0, n - 1, key=frame_key)
-    else:
-        index = 0
+    index = st.slider("Frame", 0, n - 1, key=frame_key) if n > 1 else 0
     row = data.df.iloc[index]
     state = "valid" if row["valid"] else f"invalid ({row['reason']})"
-    st.caption(f"Frame {index} · t = {row['t']:.3f} s · {state} · yaw {row['yaw_deg']:.1f}°, "
-               f"pitch {row['pitch_deg']:.1f}°, roll {row['roll_deg']:.1f}°")
+    st.caption(
+        f"Frame {index} · t = {row['t']:.3f} s · {state} · yaw {row['yaw_deg']:.1f}°, "
+        f"pitch {row['pitch_deg']:.1f}°, roll {row['roll_deg']:.1f}°"
+    )
     path = job.input_path
     if not Path(path).is_file():
         st.warning(f"The input video is no longer at {path}, so its frames cannot be shown.")
         return
     try:
         image = frame_rgb(str(path), int(index), float(row["t"]) if n > 1 else None)
-    except Exception as e:  # noqa: BLE001 - a broken file must not break the page
+    except Exception as e:
         st.warning(f"Frame {index} cannot be decoded: {e}")
         return
     views = frame_views(image, data, int(index))
@@ -195,8 +217,11 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
         if views.crop_note:
             st.caption(views.crop_note)
     with cols[2]:
-        if st.toggle("Show reconstructed face", key=f"res_overlay_{job.id}",
-                     help="renders the face model on the CPU; needs the BFM face model"):
+        if st.toggle(
+            "Show reconstructed face",
+            key=f"res_overlay_{job.id}",
+            help="renders the face model on the CPU; needs the BFM face model",
+        ):
             with st.spinner("Rendering the face model…"):
                 overlay, why = overlay_image(image, data, int(index))
             if overlay is not None:
@@ -208,7 +233,7 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
 
 def _not_ready(job: JobView) -> None:
     st.title(job.name)
-    st.info(f"This job is {status_label(job.status)}; results appear once it has succeeded.")
+    st.info(f"This job is {status_markdown(job.status)}; results appear once it has succeeded.")
     if job.error:
         st.error(explain_error(job.error, job.error_code))
     if job.status == JobStatus.RUNNING:

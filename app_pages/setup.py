@@ -18,7 +18,10 @@ INSTALLABLE = {
 def _status_table() -> None:
     st.subheader("Weight files")
     for w in weight_statuses():
-        mark = "✅" if w.present else ("❌" if w.required else "➖")
+        if w.present:
+            mark = ":green[:material/check_circle:]"
+        else:
+            mark = ":red[:material/cancel:]" if w.required else ":gray[:material/do_not_disturb_on:]"
         need = "" if w.required else " · optional"
         with st.expander(f"{mark} **{w.title}** — {w.detail}{need}", expanded=w.required and not w.present):
             st.markdown(f"**Where the engine looks:** `{w.path}`")
@@ -28,21 +31,32 @@ def _status_table() -> None:
 def _install_form() -> None:
     st.subheader("Install a weight file")
     key = st.selectbox("What", list(INSTALLABLE), format_func=INSTALLABLE.__getitem__, key="setup_kind")
-    how = st.segmented_control("From", ["Upload", "Path on this server"], default="Upload", required=True,
-                               key="setup_how")
+    how = st.segmented_control(
+        "From", ["Upload", "Path on this server"], default="Upload", required=True, key="setup_how"
+    )
     name = None
     if key == "bfm":
-        name = st.radio("Which face-model file", [BFM_FRONT, BFM09, EXP_PCA], horizontal=True, key="setup_bfm_name")
+        name = st.radio(
+            "Which face-model file", [BFM_FRONT, BFM09, EXP_PCA], horizontal=True, key="setup_bfm_name"
+        )
     if how == "Upload":
-        upload = st.file_uploader("Weight file", key=f"setup_upload_{key}",
-                                  help="the file is checked before it is installed; a wrong file is rejected")
+        upload = st.file_uploader(
+            "Weight file",
+            key=f"setup_upload_{key}",
+            help="the file is checked before it is installed; a wrong file is rejected",
+        )
         path = ""
     else:
         upload = None
         path = st.text_input("Path", key="setup_path", placeholder="/home/me/Downloads/epoch_20.pth").strip()
     ready = upload is not None or bool(path)
-    if st.button("Check and install", type="primary", disabled=not ready, key="setup_install",
-                 icon=":material/verified:"):
+    if st.button(
+        "Check and install",
+        type="primary",
+        disabled=not ready,
+        key="setup_install",
+        icon=":material/verified:",
+    ):
         with st.spinner("Checking the file…"):
             if upload is not None:
                 upload.seek(0)
@@ -67,7 +81,7 @@ def _doctor() -> None:
             group = c.group
             st.markdown(f"**{group.capitalize()}**")
         if c.ok:
-            st.markdown(f"✅ {c.name}: {c.detail}")
+            st.markdown(f":green[:material/check_circle:] {c.name}: {c.detail}")
         elif c.required:
             st.error(f"**{c.name}**: {c.detail}" + (f"\n\n→ {c.fix}" if c.fix else ""))
         else:
@@ -84,10 +98,12 @@ def _face_model_convert() -> None:
     bfm = next(w for w in weight_statuses() if w.key == "bfm")
     if bfm.present or "sources present" not in bfm.detail:
         return
-    st.info("The face model's sources are installed but not converted to BFM_model_front.mat yet. "
-            "Run `python -m engine bfm convert` in a terminal (it needs BFM/ to also hold the small files "
-            "shipped with Deep3DFaceRecon_pytorch: BFM_front_idx.mat, BFM_exp_idx.mat, facemodel_info.mat, "
-            "std_exp.txt).")
+    st.info(
+        "The face model's sources are installed but not converted to BFM_model_front.mat yet. "
+        "Run `python -m engine bfm convert` in a terminal (it needs BFM/ to also hold the small files "
+        "shipped with Deep3DFaceRecon_pytorch: BFM_front_idx.mat, BFM_exp_idx.mat, facemodel_info.mat, "
+        "std_exp.txt)."
+    )
 
 
 st.title("Models / setup")

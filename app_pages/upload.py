@@ -7,25 +7,33 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.data import get_registry
+from dashboard.install import weight_statuses
 from db import service
 from engine.config import EngineConfig, LandmarkBackend, OutputFormat
 from engine.errors import StudioError
 from engine.sources import IMAGE_EXTS, VIDEO_EXTS
 
+BACKEND_LABELS = {"fan": "FAN (68 points)", "mtcnn": "MTCNN (5 points)", "file": "Precomputed file"}
 BACKEND_HELP = {
-    "fan": "FAN (face_alignment SFD + 2D-FAN-4, 68 points): PIRender's recipe; best on talking-head "
-    "videos; needs its weights (see Models / setup).",
-    "mtcnn": "MTCNN (facenet-pytorch, 5 points): Deep3DFaceRecon's test recipe; fast, weights included.",
-    "file": "Precomputed: a PIRender keypoint .txt next to each video (or the folder given below).",
+    "fan": "face_alignment's S3FD detector + 2D-FAN-4, 68 landmarks: PIRender's recipe, best on talking-head "
+    "videos; needs its two weight files (Models / setup).",
+    "mtcnn": "facenet-pytorch's MTCNN, 5 landmarks: Deep3DFaceRecon's test recipe; fast, weights included.",
+    "file": "Landmarks computed elsewhere: a PIRender keypoint .txt next to each video (or in the folder "
+    "given below).",
 }
-FORMAT_HELP = {
-    "pirender": "PIRender .mat (coeff N×257 + transform_params)",
-    "sadtalker": "SadTalker .mat (coeff_3dmm N×73)",
-    "deep3d": "Deep3DFaceRecon .mat (one array per group)",
-    "npz": "NumPy .npz (everything; needed for the charts)",
-    "csv": "CSV (one row per frame)",
-    "landmarks": "Landmarks .txt (PIRender keypoint file)",
+FORMAT_LABELS = {
+    "pirender": "PIRender .mat",
+    "sadtalker": "SadTalker .mat",
+    "deep3d": "Deep3D .mat",
+    "npz": "NumPy .npz",
+    "csv": "CSV",
+    "landmarks": "Landmarks .txt",
 }
+FORMAT_HELP = (
+    "PIRender .mat: coeff (N×257) + transform_params (N×5) · SadTalker .mat: coeff_3dmm (N×73) · "
+    "Deep3D .mat: one array per coefficient group · NumPy .npz: everything, needed for the charts · "
+    "CSV: one row per frame · Landmarks .txt: PIRender's keypoint file"
+)
 DEVICES = {"auto": None, "GPU (cuda)": "cuda", "CPU": "cpu"}
 UPLOAD_TYPES = sorted(e.lstrip(".") for e in VIDEO_EXTS | IMAGE_EXTS)
 
@@ -35,30 +43,69 @@ def _settings_form() -> EngineConfig | None:
     st.subheader("Settings")
     c1, c2 = st.columns(2)
     with c1:
-        backend = st.radio("Landmark backend", [b.value for b in LandmarkBackend], key="up_backend",
-                           format_func=lambda v: BACKEND_HELP[v].split(":")[0], horizontal=True)
+        backend = st.radio(
+            "Landmark backend",
+            [b.value for b in LandmarkBackend],
+            key="up_backend",
+            format_func=BACKEND_LABELS.__getitem__,
+            horizontal=True,
+        )
         st.caption(BACKEND_HELP[backend])
+        if backend == "fan":
+            missing = [w.title for w in weight_statuses() if w.key in ("sfd", "fan") and not w.present]
+            if missing:
+                st.warning(
+                    "FAN's weights are not installed on this machine (S3FD and 2D-FAN-4); a worker "
+                    "without internet access will fail these jobs. Install them on Models / setup, "
+                    "or choose MTCNN."
+                )
         keypoints = None
         if backend == "file":
-            keypoints = st.text_input("Keypoints file or folder (empty: next to each video)",
-                                      key="up_keypoints").strip() or None
-        formats = st.multiselect("Output formats", [f.value for f in OutputFormat], key="up_formats",
-                                 default=["pirender", "npz"], format_func=FORMAT_HELP.__getitem__)
+            keypoints = (
+                st.text_input(
+                    "Keypoints file or folder (empty: next to each video)", key="up_keypoints"
+                ).strip()
+                or None
+            )
+        formats = st.pills(
+            "Output formats",
+            [f.value for f in OutputFormat],
+            selection_mode="multi",
+            key="up_formats",
+            default=["pirender", "npz"],
+            format_func=FORMAT_LABELS.__getitem__,
+            help=FORMAT_HELP,
+        )
     with c2:
-        batch = st.number_input("Batch size (frames per network batch)", min_value=1, max_value=1024,
-                                value=32, step=8, key="up_batch",
-                                help="speed and memory only: results do not depend on it")
-        device = st.selectbox("Device", list(DEVICES), key="up_device",
-                              help="auto: the GPU when the worker has one. The job runs on whichever "
-                              "worker takes it; this only picks the device inside that worker.")
+        batch = st.number_input(
+            "Batch size (frames per network batch)",
+            min_value=1,
+            max_value=1024,
+            value=32,
+            step=8,
+            key="up_batch",
+            help="speed and memory only: results do not depend on it",
+        )
+        device = st.selectbox(
+            "Device",
+            list(DEVICES),
+            key="up_device",
+            help="auto: the GPU when the worker has one. The job runs on whichever "
+            "worker takes it; this only picks the device inside that worker.",
+        )
     if not formats:
         st.warning("Choose at least one output format.")
         return None
     if "npz" not in formats:
         st.caption("Without npz the results page cannot draw charts for these jobs.")
     try:
-        return EngineConfig(landmarks=backend, formats=tuple(formats), batch_size=int(batch),
-                            device=DEVICES[device], keypoints=keypoints)
+        return EngineConfig(
+            landmarks=backend,
+            formats=tuple(formats),
+            batch_size=int(batch),
+            device=DEVICES[device],
+            keypoints=keypoints,
+        )
     except ValueError as e:
         st.error(f"These settings are not valid: {e}")
         return None
@@ -109,18 +156,31 @@ def _finish(queued: int, failed: list[str]) -> None:
 
 
 st.title("Upload")
-mode = st.segmented_control("Source", ["Upload files", "Import a folder on the server"], default="Upload files",
-                            key="up_mode", required=True)
+mode = st.segmented_control(
+    "Source",
+    ["Upload files", "Import a folder on the server"],
+    default="Upload files",
+    key="up_mode",
+    required=True,
+)
 if mode == "Upload files":
-    files = st.file_uploader("Videos (or images)", type=UPLOAD_TYPES, accept_multiple_files=True,
-                             key="up_files",
-                             help="several at once; each file is stored once, however often it is uploaded")
+    files = st.file_uploader(
+        "Videos (or images)",
+        type=UPLOAD_TYPES,
+        accept_multiple_files=True,
+        key="up_files",
+        help="several at once; each file is stored once, however often it is uploaded",
+    )
     folder = ""
 else:
     files = []
-    folder = st.text_input("Folder on the server", key="up_folder", placeholder="/data/datasets/voxceleb/test",
-                           help="every video and image under it (sub-folders too) is registered where it "
-                           "lies, without copying; keep the files there until the jobs are done")
+    folder = st.text_input(
+        "Folder on the server",
+        key="up_folder",
+        placeholder="/data/datasets/voxceleb/test",
+        help="every video and image under it (sub-folders too) is registered where it "
+        "lies, without copying; keep the files there until the jobs are done",
+    )
 config = _settings_form()
 ready = config is not None and (bool(files) if mode == "Upload files" else bool(folder.strip()))
 label = f"Queue {len(files)} file(s)" if mode == "Upload files" else "Import folder"

@@ -8,6 +8,7 @@ dashed vertical line. Traces carry markers so a click or box selection returns p
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +26,19 @@ MAX_SHADED_RUNS = 200
 HEATMAP_MAX_COLUMNS = 1500
 
 INVALID_FILL = "rgba(120, 120, 120, 0.22)"
-MARKER_COLOUR = "#d62728"
+MARKER_COLOUR = "#111827"
+#: One fixed colour per series name, so a quantity keeps its colour on every chart.
+SERIES_COLOURS = {
+    "yaw": "#2563eb",
+    "pitch": "#16a34a",
+    "roll": "#ea580c",
+    "tx (left–right)": "#2563eb",
+    "ty (up–down)": "#16a34a",
+    "tz (depth)": "#ea580c",
+    "scale s": "#7c3aed",
+    "centre x": "#2563eb",
+    "centre y (down)": "#16a34a",
+}
 CHART_HEIGHT = 320
 
 POSE_SERIES = {"yaw_deg": "yaw", "pitch_deg": "pitch", "roll_deg": "roll"}
@@ -49,7 +62,7 @@ def merge_runs(runs: list[tuple[int, int]], max_runs: int = MAX_SHADED_RUNS) -> 
     """
     if len(runs) <= max_runs:
         return list(runs)
-    gaps = np.array([b[0] - a[1] for a, b in zip(runs[:-1], runs[1:], strict=True)])
+    gaps = np.array([b[0] - a[1] for a, b in itertools.pairwise(runs)])
     # Merging every gap <= threshold leaves (#gaps > threshold + 1) runs.
     threshold = np.sort(gaps)[len(runs) - max_runs - 1]
     merged = [runs[0]]
@@ -73,12 +86,19 @@ def add_invalid_shading(fig: go.Figure, df: pd.DataFrame, **rect_kwargs) -> go.F
     half = _frame_duration(df) / 2
     for first, last in runs:
         fig.add_vrect(
-            x0=t[first] - half, x1=t[last] + half, fillcolor=INVALID_FILL, line_width=0, layer="below",
+            x0=t[first] - half,
+            x1=t[last] + half,
+            fillcolor=INVALID_FILL,
+            line_width=0,
+            layer="below",
             **rect_kwargs,
         )
     fig.add_trace(
         go.Scatter(
-            x=[None], y=[None], mode="markers", name="no face / invalid frame",
+            x=[None],
+            y=[None],
+            mode="markers",
+            name="no face / invalid frame",
             marker={"symbol": "square", "size": 12, "color": INVALID_FILL},
             hoverinfo="skip",
         ),
@@ -92,8 +112,13 @@ def add_frame_marker(fig: go.Figure, df: pd.DataFrame, frame: int | None, **line
     if frame is None or df.empty:
         return fig
     frame = int(np.clip(frame, 0, len(df) - 1))
-    fig.add_vline(x=float(df["t"].iloc[frame]), line_dash="dash", line_color=MARKER_COLOUR, line_width=1.5,
-                  **line_kwargs)
+    fig.add_vline(
+        x=float(df["t"].iloc[frame]),
+        line_dash="dash",
+        line_color=MARKER_COLOUR,
+        line_width=1.5,
+        **line_kwargs,
+    )
     return fig
 
 
@@ -105,10 +130,11 @@ def _scatter(df: pd.DataFrame, column: str, name: str, y_unit: str, y_format: st
         customdata=df["frame"],
         name=name,
         mode="lines+markers",
-        marker={"size": 3},
-        line={"width": 1.5},
+        marker={"size": 3, **({"color": SERIES_COLOURS[name]} if name in SERIES_COLOURS else {})},
+        line={"width": 1.5, **({"color": SERIES_COLOURS[name]} if name in SERIES_COLOURS else {})},
         hovertemplate=(
-            f"<b>{name}</b> %{{y:{y_format}}}{y_unit}<br>t = %{{x:.2f}} s · frame %{{customdata}}<extra></extra>"
+            f"<b>{name}</b> %{{y:{y_format}}}{y_unit}<br>"
+            "t = %{x:.2f} s · frame %{customdata}<extra></extra>"
         ),
     )
 
@@ -155,15 +181,23 @@ def pose_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
 def translation_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
     """Head translation tx, ty, tz in the face model's units (decimetres) over time."""
     return time_series_figure(
-        df, TRANSLATION_SERIES, "Head translation (face-model units: 1 = 1 dm = 10 cm)",
-        "translation (dm)", y_unit=" dm", y_format=".3f", frame=frame,
+        df,
+        TRANSLATION_SERIES,
+        "Head translation (face-model units: 1 = 1 dm = 10 cm)",
+        "translation (dm)",
+        y_unit=" dm",
+        y_format=".3f",
+        frame=frame,
     )
 
 
 def crop_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
     """Alignment crop: scale (top) and face centre in image pixels, y down (bottom)."""
     fig = make_subplots(
-        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.12,
         subplot_titles=("scale s (crop px per image px)", "face centre in the frame (px, y down)"),
     )
     fig.add_trace(_scatter(df, "crop_s", "scale s", "", ".4f"), row=1, col=1)
@@ -183,8 +217,12 @@ def expression_figure(df: pd.DataFrame, indices: Sequence[int], frame: int | Non
     """The chosen expression coefficients (0-based indices into the 64) over time."""
     series = {EXP_COLUMNS[i]: f"exp[{i}]" for i in indices}
     return time_series_figure(
-        df, series, "Expression coefficients (selected)", "coefficient (unitless)",
-        y_format=".3f", frame=frame,
+        df,
+        series,
+        "Expression coefficients (selected)",
+        "coefficient (unitless)",
+        y_format=".3f",
+        frame=frame,
     )
 
 
@@ -200,16 +238,21 @@ def expression_heatmap(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
     zmax = zmax if zmax > 0 else 1.0
     fig = go.Figure(
         go.Heatmap(
-            x=sub["t"], y=np.arange(len(EXP_COLUMNS)), z=z,
+            x=sub["t"],
+            y=np.arange(len(EXP_COLUMNS)),
+            z=z,
             customdata=np.tile(sub["frame"].to_numpy(), (z.shape[0], 1)),
-            colorscale="RdBu_r", zmid=0, zmin=-zmax, zmax=zmax,
+            colorscale="RdBu_r",
+            zmid=0,
+            zmin=-zmax,
+            zmax=zmax,
             colorbar={"title": {"text": "value"}},
             hovertemplate="exp[%{y}] = %{z:.3f}<br>t = %{x:.2f} s · frame %{customdata}<extra></extra>",
         )
     )
     title = "All 64 expression coefficients"
     if step > 1:
-        title += f" (every {step}th frame)"
+        title += f" (one frame in {step} shown)"
     _layout(fig, title, "coefficient index", height=CHART_HEIGHT + 60)
     fig.update_layout(dragmode="zoom")
     fig.update_yaxes(range=[-0.5, len(EXP_COLUMNS) - 0.5])

@@ -99,21 +99,47 @@ def run_doctor() -> list[DoctorCheck]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _DOCTOR_SNIPPET], capture_output=True, text=True,
-            timeout=DOCTOR_TIMEOUT_S, cwd=REPO_ROOT, env=env, check=False,
+            [sys.executable, "-c", _DOCTOR_SNIPPET],
+            capture_output=True,
+            text=True,
+            timeout=DOCTOR_TIMEOUT_S,
+            cwd=REPO_ROOT,
+            env=env,
+            check=False,
         )
     except subprocess.TimeoutExpired:
-        return [DoctorCheck("system", "doctor", False, f"the installation check took over {DOCTOR_TIMEOUT_S} s",
-                            "run `python -m engine doctor` in a terminal to see where it hangs")]
+        return [
+            DoctorCheck(
+                "system",
+                "doctor",
+                False,
+                f"the installation check took over {DOCTOR_TIMEOUT_S} s",
+                "run `python -m engine doctor` in a terminal to see where it hangs",
+            )
+        ]
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return [DoctorCheck("system", "doctor", False, f"the installation check failed: {last}",
-                            "run `python -m engine doctor` in a terminal for the full message")]
+        return [
+            DoctorCheck(
+                "system",
+                "doctor",
+                False,
+                f"the installation check failed: {last}",
+                "run `python -m engine doctor` in a terminal for the full message",
+            )
+        ]
     try:
         rows = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return [DoctorCheck("system", "doctor", False, "the installation check printed no report",
-                            "run `python -m engine doctor` in a terminal")]
+        return [
+            DoctorCheck(
+                "system",
+                "doctor",
+                False,
+                "the installation check printed no report",
+                "run `python -m engine doctor` in a terminal",
+            )
+        ]
     fields = set(DoctorCheck.__dataclass_fields__)
     return [DoctorCheck(**{k: v for k, v in row.items() if k in fields}) for row in rows]
 
@@ -146,7 +172,10 @@ def gpus() -> list[GpuInfo]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=index,name,memory.used,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (subprocess.SubprocessError, OSError):
         return []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 #: Job status → Material icon and colour for Markdown labels (``:green[:material/check_circle:]``).
@@ -13,8 +15,13 @@ STATUS_ICONS = {
     "cancelled": ("cancel", "orange"),
 }
 #: Job status → text colour in tables.
-STATUS_COLOURS = {"queued": "#6b7280", "running": "#1d4ed8", "succeeded": "#15803d", "failed": "#b91c1c",
-                  "cancelled": "#b45309"}
+STATUS_COLOURS = {
+    "queued": "#6b7280",
+    "running": "#1d4ed8",
+    "succeeded": "#15803d",
+    "failed": "#b91c1c",
+    "cancelled": "#b45309",
+}
 
 #: Error code (``engine.StudioError.code``) → what it means for the researcher and what to do.
 ERROR_HINTS = {
@@ -42,7 +49,7 @@ def fmt_duration(seconds: float | None) -> str:
     """
     if seconds is None or seconds != seconds or seconds < 0:
         return "–"
-    s = int(round(seconds))
+    s = round(seconds)
     if s >= 3600:
         return f"{s // 3600} h {s % 3600 // 60:02d} min"
     if s >= 60:
@@ -103,3 +110,15 @@ def explain_error(error: str | None, code: str | None) -> str:
     if hint is None and error.split(":", 1)[0].endswith(("Error", "Exception")):
         hint = "An unexpected error stopped the job: retry it; if it fails again, report it with the video."
     return f"{error} — {hint}" if hint else error
+
+
+def rows_key(prefix: str, ids: Sequence[int]) -> str:
+    """Widget key of a selectable table showing rows ``ids`` in this order.
+
+    The key changes whenever the rows shown change, so a selection (row positions) always
+    refers to the rows it was made on and never shifts onto other jobs.
+
+    >>> rows_key("t", [1, 2]) == rows_key("t", [1, 2]) != rows_key("t", [2, 1])
+    True
+    """
+    return f"{prefix}_{hashlib.sha1(','.join(map(str, ids)).encode()).hexdigest()[:12]}"

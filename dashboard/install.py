@@ -30,20 +30,34 @@ VALIDATE_TIMEOUT_S = 300
 #: face_alignment's weight files (face_alignment 1.5.0: ``s3fd`` and ``2DFAN-4`` URLs).
 FAN_FILES = {
     "sfd": ("s3fd-619a316812.pth", "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth"),
-    "fan": ("2DFAN4-11f355bf06.pth.tar",
-            "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar"),
+    "fan": (
+        "2DFAN4-11f355bf06.pth.tar",
+        "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar",
+    ),
 }
 MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
 
 #: Face-model files under ``BFM/`` → (shape of each key that must be there) or byte size.
 BFM_FRONT = "BFM_model_front.mat"
 BFM_FRONT_KEYS = {
-    "meanshape": (1, 107127), "meantex": (1, 107127), "idBase": (107127, 80), "exBase": (107127, 64),
-    "texBase": (107127, 80), "tri": (70789, 3), "point_buf": (35709, 8), "keypoints": (1, 68),
+    "meanshape": (1, 107127),
+    "meantex": (1, 107127),
+    "idBase": (107127, 80),
+    "exBase": (107127, 64),
+    "texBase": (107127, 80),
+    "tri": (70789, 3),
+    "point_buf": (35709, 8),
+    "keypoints": (1, 68),
 }
 BFM09 = "01_MorphableModel.mat"
-BFM09_KEYS = {"shapeMU": (160470, 1), "shapePC": (160470, 199), "shapeEV": (199, 1),
-              "texMU": (160470, 1), "texPC": (160470, 199), "texEV": (199, 1)}
+BFM09_KEYS = {
+    "shapeMU": (160470, 1),
+    "shapePC": (160470, 199),
+    "shapeEV": (199, 1),
+    "texMU": (160470, 1),
+    "texPC": (160470, 199),
+    "texEV": (199, 1),
+}
 EXP_PCA = "Exp_Pca.bin"
 EXP_PCA_BYTES = 51_086_404
 BFM_SOURCE_HELP = (
@@ -115,31 +129,56 @@ def weight_statuses() -> list[WeightStatus]:
         p = found[0]
         detail = f"{p.relative_to(ckpt_root)} ({p.stat().st_size / 1e6:.1f} MB)"
     elif found:
-        detail = (f"{len(found)} checkpoints found ({', '.join(str(p.relative_to(ckpt_root)) for p in found[:4])}); "
-                  "keep one, or pass --checkpoint")
+        detail = (
+            f"{len(found)} checkpoints found "
+            f"({', '.join(str(p.relative_to(ckpt_root)) for p in found[:4])}); "
+            "keep one, or pass --checkpoint"
+        )
     else:
         detail = "no .pth / .safetensors file"
-    out.append(WeightStatus("checkpoint", "Reconstruction network (epoch_20.pth)", len(found) == 1, ckpt_root,
-                            detail, CHECKPOINT_HELP))
+    out.append(
+        WeightStatus(
+            "checkpoint",
+            "Reconstruction network (epoch_20.pth)",
+            len(found) == 1,
+            ckpt_root,
+            detail,
+            CHECKPOINT_HELP,
+        )
+    )
     hub = torch_hub_checkpoints()
-    for key, title in (("sfd", "Face detector S3FD (FAN backend)"), ("fan", "Landmarks 2D-FAN-4 (FAN backend)")):
+    for key, title in (
+        ("sfd", "Face detector S3FD (FAN backend)"),
+        ("fan", "Landmarks 2D-FAN-4 (FAN backend)"),
+    ):
         name, url = FAN_FILES[key]
         p = hub / name
-        out.append(WeightStatus(
-            key, title, p.is_file(), p, f"{p.stat().st_size / 1e6:.1f} MB" if p.is_file() else "not downloaded",
-            f"face_alignment downloads it on first use from {url}; offline, install that file here.",
-            required=False,
-        ))
+        out.append(
+            WeightStatus(
+                key,
+                title,
+                p.is_file(),
+                p,
+                f"{p.stat().st_size / 1e6:.1f} MB" if p.is_file() else "not downloaded",
+                f"face_alignment downloads it on first use from {url}; offline, install that file here.",
+                required=False,
+            )
+        )
     data = mtcnn_dir()
     missing = [f for f in MTCNN_FILES if data is None or not (data / f).is_file()]
-    out.append(WeightStatus(
-        "mtcnn", "MTCNN face detector (MTCNN backend)", data is not None and not missing,
-        data or Path("facenet_pytorch/data"),
-        "bundled with facenet-pytorch" if data is not None and not missing
-        else ("facenet-pytorch is not installed" if data is None else f"missing {', '.join(missing)}"),
-        "ships inside the facenet-pytorch package: pip install facenet-pytorch --no-deps",
-        required=False,
-    ))
+    out.append(
+        WeightStatus(
+            "mtcnn",
+            "MTCNN face detector (MTCNN backend)",
+            data is not None and not missing,
+            data or Path("facenet_pytorch/data"),
+            "bundled with facenet-pytorch"
+            if data is not None and not missing
+            else ("facenet-pytorch is not installed" if data is None else f"missing {', '.join(missing)}"),
+            "ships inside the facenet-pytorch package: pip install facenet-pytorch --no-deps",
+            required=False,
+        )
+    )
     bfm = bfm_dir()
     front = bfm / BFM_FRONT
     sources = [n for n in (BFM09, EXP_PCA) if (bfm / n).is_file()]
@@ -149,8 +188,17 @@ def weight_statuses() -> list[WeightStatus]:
         detail = f"sources present ({', '.join(sources)}), not converted yet"
     else:
         detail = "not installed (only needed to draw the reconstructed face)"
-    out.append(WeightStatus("bfm", "Face model BFM (visuals only)", front.is_file(), bfm, detail, BFM_SOURCE_HELP,
-                            required=False))
+    out.append(
+        WeightStatus(
+            "bfm",
+            "Face model BFM (visuals only)",
+            front.is_file(),
+            bfm,
+            detail,
+            BFM_SOURCE_HELP,
+            required=False,
+        )
+    )
     return out
 
 
@@ -162,8 +210,15 @@ def validate_in_child(kind: str, path: str | Path) -> Validation:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     try:
-        proc = subprocess.run([sys.executable, "-m", "dashboard.validate", kind, str(path)], capture_output=True,
-                              text=True, timeout=VALIDATE_TIMEOUT_S, cwd=REPO_ROOT, env=env, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dashboard.validate", kind, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=VALIDATE_TIMEOUT_S,
+            cwd=REPO_ROOT,
+            env=env,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return Validation(False, f"checking the file took over {VALIDATE_TIMEOUT_S} s")
     try:
@@ -186,7 +241,7 @@ def _mat_shapes(path: Path) -> dict[str, tuple[int, ...]] | str:
         except ImportError:
             return "a MATLAB v7.3 file; save it again as v7 (or earlier) so SciPy can read it"
         return "a MATLAB v7.3 file; save it again as v7 (or earlier)"
-    except Exception as e:  # noqa: BLE001 - any parse failure is the finding
+    except Exception as e:
         return f"not a MATLAB .mat file ({type(e).__name__}: {e})"
 
 
@@ -196,8 +251,11 @@ def _check_mat(path: Path, expected: dict[str, tuple[int, ...]], what: str) -> V
         return Validation(False, shapes)
     missing = [k for k in expected if k not in shapes]
     if missing:
-        return Validation(False, f"not {what}: keys {', '.join(missing)} are missing "
-                                 f"(found {', '.join(sorted(shapes)[:8]) or 'none'})")
+        return Validation(
+            False,
+            f"not {what}: keys {', '.join(missing)} are missing "
+            f"(found {', '.join(sorted(shapes)[:8]) or 'none'})",
+        )
     wrong = [f"{k} is {shapes[k]}, expected {v}" for k, v in expected.items() if tuple(shapes[k]) != v]
     if wrong:
         return Validation(False, f"not {what}: " + "; ".join(wrong[:3]))
@@ -259,7 +317,9 @@ def destination(key: str, name: str) -> Path:
         return torch_hub_checkpoints() / FAN_FILES[key][0]
     if key == "bfm":
         if name not in (BFM_FRONT, BFM09, EXP_PCA):
-            raise ValueError(f"a face-model file must be named {BFM_FRONT}, {BFM09} or {EXP_PCA}, not {name!r}")
+            raise ValueError(
+                f"a face-model file must be named {BFM_FRONT}, {BFM09} or {EXP_PCA}, not {name!r}"
+            )
         return bfm_dir() / name
     raise ValueError(f"unknown weight {key!r}")
 

@@ -32,7 +32,7 @@ def _sfd(path: Path) -> tuple[bool, str]:
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any load failure is the finding
+    except Exception as e:
         return False, f"not a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     if not isinstance(sd, dict):
         return False, f"expected a state dict of the S3FD detector, found a {type(sd).__name__}"
@@ -40,7 +40,10 @@ def _sfd(path: Path) -> tuple[bool, str]:
         s3fd().load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0][:200]
-        return False, f"these are not S3FD detector weights (they do not fit face_alignment's S3FD net: {first})"
+        return (
+            False,
+            f"these are not S3FD detector weights (they do not fit face_alignment's S3FD net: {first})",
+        )
     return True, f"S3FD detector weights, {len(sd)} tensors"
 
 
@@ -50,7 +53,7 @@ def _fan(path: Path) -> tuple[bool, str]:
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return False, f"not a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     if not isinstance(sd, dict):
         return False, f"expected a state dict of the 2D-FAN-4 network, found a {type(sd).__name__}"

@@ -93,7 +93,7 @@ def overlay_image(frame_rgb: np.ndarray, data: ResultData, index: int) -> tuple[
         if render is None:
             return None, "This version of the engine cannot draw the reconstructed face yet."
         out = render(frame_rgb, data.coeff[index], data.transform_params[index])
-    except Exception as e:  # noqa: BLE001 - shown to the user instead of crashing the page
+    except Exception as e:
         log.exception("overlay of frame %d failed", index)
         return None, f"The reconstructed face could not be drawn: {e}"
     return (out if isinstance(out, Image.Image) else Image.fromarray(np.asarray(out))), ""

@@ -11,7 +11,8 @@ Storage layout under ``data_dir`` (default ``./data``, or ``$STUDIO_DATA_DIR``):
 
 SQLite runs in WAL mode with a busy timeout; :meth:`Registry.write` opens its transaction
 with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of one of them failing
-with "database is locked" after reading. PostgreSQL works the same way by setting one URL.
+with "database is locked" after reading. PostgreSQL works the same way by setting one URL
+(write transactions serialise on an advisory lock, so read-then-write is just as safe).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds a SQLite connection waits for the write lock before giving up.
 SQLITE_BUSY_TIMEOUT_S = 60.0
+
+
+#: PostgreSQL advisory lock keys: every write transaction, and schema creation/migration.
+PG_WRITE_LOCK = 31415926
+PG_SCHEMA_LOCK = 27182818
 
 
 class SchemaError(RuntimeError):
@@ -127,10 +133,15 @@ class Registry:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """A write transaction: takes the write lock up front (``BEGIN IMMEDIATE`` on SQLite),
-        commits on normal exit, rolls back on an exception."""
+        """A write transaction: takes the write lock up front (``BEGIN IMMEDIATE`` on SQLite, a
+        transaction-scoped advisory lock on PostgreSQL), commits on normal exit, rolls back on
+        an exception. Keep it short: other writers wait for it."""
         with Session(self._write_engine, expire_on_commit=False) as s:
             try:
+                if self.engine.dialect.name == "postgresql":
+                    # The same discipline as SQLite's BEGIN IMMEDIATE: one writer at a time, so a
+                    # read-then-write transaction never acts on a row another writer just changed.
+                    s.connection().execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_WRITE_LOCK})
                 yield s
                 s.commit()
             except BaseException:
@@ -158,7 +169,7 @@ class Registry:
             conn = s.connection()
             if not self.is_sqlite:
                 # One process at a time creates/migrates (PostgreSQL: transaction-scoped lock).
-                conn.execute(text("SELECT pg_advisory_xact_lock(31415926)"))
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_SCHEMA_LOCK})
             tables = set(inspect(conn).get_table_names())
             if "meta" not in tables:
                 if tables & {"jobs", "videos"}:

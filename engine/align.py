@@ -214,6 +214,8 @@ def align_image(
 
     # 1. POS fit, rescaled so that one template unit is 102 px of the crop.
     t, s_pos = pos(lm5_img_yup, TEMPLATE_5P)
+    if not s_pos > 1e-12:
+        raise AlignmentError(f"landmarks give a POS scale of {s_pos:.4g}; the landmarks are degenerate")
     s = np.float64(RESCALE_FACTOR) / np.float64(s_pos)
     t0, t1 = np.float64(t[0]), np.float64(t[1])
 

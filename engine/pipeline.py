@@ -296,15 +296,16 @@ class Engine:
             if should_stop is not None and should_stop():
                 raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
             lms = landmarker(batch)
+            valid, reason = lms.valid.astype(bool), np.asarray(lms.reason, dtype=object)
             lm_used, use_fallback, last_lm = self._apply_no_face_policy(lms, last_lm)
-            aligned = _align(batch, lm_used, use_fallback, executor)
+            aligned = _align(batch, lm_used, use_fallback, valid, reason, executor)
             coeff = regressor.predict(aligned.crops)
             acc.add({
                 "coeff": coeff.astype(np.float32),
                 "trans_params": aligned.trans_params.astype(np.float32),
                 "landmarks": np.where(use_fallback[:, None, None], np.float32(-1), lm_used).astype(np.float32),
-                "valid": lms.valid.astype(bool),
-                "reason": np.asarray(lms.reason, dtype=str).reshape(-1),
+                "valid": valid,
+                "reason": reason.astype(str).reshape(-1),
                 "timestamps": batch.timestamps.astype(np.float64),
             })
             if resume is not None:
@@ -430,10 +431,22 @@ class Engine:
             log.warning("face model present but unusable, lm68 not added: %s", e)
 
 
-def _align(batch: FrameBatch, lm_img_ydown: np.ndarray, use_fallback: np.ndarray, executor):
-    from engine.align import align_batch
+def _align(batch: FrameBatch, lm_img_ydown: np.ndarray, use_fallback: np.ndarray, valid: np.ndarray,
+           reason: np.ndarray, executor):
+    """Align a batch; a frame whose landmarks admit no fit (degenerate, non-finite) is
+    re-aligned with the template fallback and flagged ``bad_landmarks`` (arrays updated in place)."""
+    from engine.align import AlignmentError, align_batch, align_image
 
-    return align_batch(batch.images, lm_img_ydown, use_fallback, executor=executor)
+    try:
+        return align_batch(batch.images, lm_img_ydown, use_fallback, executor=executor)
+    except AlignmentError:
+        for i in np.flatnonzero(~use_fallback):
+            try:
+                align_image(batch.images[i], lm_img_ydown[i])
+            except AlignmentError as e:
+                log.info("frame %d: %s; using the template fallback", batch.index[i], e)
+                use_fallback[i], valid[i], reason[i] = True, False, "bad_landmarks"
+        return align_batch(batch.images, lm_img_ydown, use_fallback, executor=executor)
 
 
 def extract(source: str | Path, out_base: str | Path, config: EngineConfig | None = None, **kwargs) -> RunReport:

@@ -294,7 +294,8 @@ def _read_state_dict(path: Path, materialize: bool = True) -> tuple[str, dict[st
         )
     if is_zip:
         try:
-            names = zipfile.ZipFile(path).namelist()
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
             names = None  # truncated: torch.load below reports it
         if names is not None:
@@ -317,7 +318,7 @@ def _read_state_dict(path: Path, materialize: bool = True) -> tuple[str, dict[st
                 f"{path} is truncated or corrupt (size {size} bytes; a complete epoch_20.pth is about "
                 f"{_EPOCH20_MB} MB); download it again"
             ) from None
-        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
         raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint: {first}") from None
     layout, sd = _find_state_dict(obj, path)
     return layout, dict(sd), size

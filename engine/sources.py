@@ -417,7 +417,9 @@ def iter_frames(path: str | Path, batch_size: int, start: int = 0) -> Iterator[F
         start: first frame index to yield (>= 0).
 
     Raises:
-        InputError, DecodeError: as :func:`probe`, at the first ``next()``.
+        ValueError: ``batch_size < 1`` or ``start < 0`` (at the call).
+        InputError: missing, empty or unsupported file (at the call).
+        DecodeError: as :func:`probe` (at the first ``next()``).
         TruncatedVideoError: after the last decodable frame was yielded, when the stream
             stops before the frames its container announces (truncated file).
         DecodeError: after the frames decoded so far were yielded, when FFmpeg fails

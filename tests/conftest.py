@@ -35,3 +35,23 @@ def test_images() -> Path:
 @pytest.fixture(scope="session")
 def bfm_index() -> Path:
     return require(BFM_INDEX)
+
+
+# A random-weight epoch_20.pth shared by every test that runs the network.
+from tests.factories import recon_checkpoint  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def short_clip(tmp_path_factory, test_video) -> Path:
+    """The first 12 frames of the shared clip (512×512, 25 fps, MPEG-4), for fast end-to-end runs."""
+    import av
+
+    from tests.media import make_video
+
+    with av.open(str(test_video)) as c:
+        frames = []
+        for f in c.decode(video=0):
+            frames.append(f.to_ndarray(format="rgb24"))
+            if len(frames) == 12:
+                break
+    return make_video(tmp_path_factory.mktemp("clips") / "short.mp4", frames, size=(512, 512), fps=25)

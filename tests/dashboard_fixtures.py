@@ -10,8 +10,15 @@ from engine.structures import MediaInfo, VideoResult
 from engine.writers import write_outputs
 
 
-def fake_result(n: int = 60, fps: float = 25.0, width: int = 320, height: int = 240, seed: int = 0,
-                invalid: tuple[tuple[int, int], ...] = ((10, 14), (40, 40)), k: int = 5) -> VideoResult:
+def fake_result(
+    n: int = 60,
+    fps: float = 25.0,
+    width: int = 320,
+    height: int = 240,
+    seed: int = 0,
+    invalid: tuple[tuple[int, int], ...] = ((10, 14), (40, 40)),
+    k: int = 5,
+) -> VideoResult:
     """A plausible :class:`VideoResult`: smooth head motion, frames ``invalid`` (inclusive runs) flagged."""
     rng = np.random.default_rng(seed)
     t = np.arange(n) / fps
@@ -25,11 +32,21 @@ def fake_result(n: int = 60, fps: float = 25.0, width: int = 320, height: int = 
     valid = np.ones(n, bool)
     for a, b in invalid:
         valid[a : b + 1] = False
-    lm = np.tile(np.array([[130, 100], [190, 100], [160, 130], [135, 165], [185, 165]], np.float32)[:k], (n, 1, 1))
+    lm = np.tile(
+        np.array([[130, 100], [190, 100], [160, 130], [135, 165], [185, 165]], np.float32)[:k], (n, 1, 1)
+    )
     lm[~valid] = -1
     return VideoResult(
-        info=MediaInfo(path=Path("clip.mp4"), kind="video", width=width, height=height, fps=fps,
-                       frame_count=n, duration=n / fps, codec="h264"),
+        info=MediaInfo(
+            path=Path("clip.mp4"),
+            kind="video",
+            width=width,
+            height=height,
+            fps=fps,
+            frame_count=n,
+            duration=n / fps,
+            codec="h264",
+        ),
         coeff=coeff,
         trans_params=tp,
         landmarks_img_ydown=lm,
@@ -39,7 +56,9 @@ def fake_result(n: int = 60, fps: float = 25.0, width: int = 320, height: int = 
     )
 
 
-def write_fake_outputs(out_base: Path, formats=("pirender", "npz", "csv", "landmarks"), **kwargs) -> dict[str, Path]:
+def write_fake_outputs(
+    out_base: Path, formats=("pirender", "npz", "csv", "landmarks"), **kwargs
+) -> dict[str, Path]:
     """Write the given formats of :func:`fake_result` at ``out_base`` (``out_base.npz`` ...)."""
     out_base.parent.mkdir(parents=True, exist_ok=True)
     return write_outputs(fake_result(**kwargs), out_base, formats)
@@ -61,8 +80,8 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
         (results written by the real writers), ``failed`` (no face), ``cancelled``, ``queued``.
     """
     from db import service
-    from db.views import ArtifactFile, QualitySummary
     from db.storage import sha256_file
+    from db.views import ArtifactFile, QualitySummary
 
     clip = make_clip(folder / "clip.mp4")
     settings = {"landmarks": "mtcnn", "formats": list(formats)}
@@ -71,7 +90,9 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
 
     job = service.submit_file(reg, clip, settings, original_name="talk_running.mp4")
     service.claim_next(reg, "worker-test", device="cpu")
-    service.report_progress(reg, job.id, "worker-test", frames_done=30, frames_total=60, fps=12.5, stage="extract")
+    service.report_progress(
+        reg, job.id, "worker-test", frames_done=30, frames_total=60, fps=12.5, stage="extract"
+    )
     ids["running"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_done.mp4")
@@ -80,16 +101,28 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
     result = fake_result()
     paths = write_outputs(result, reg.result_dir(job.id) / "talk_done", formats)
     files = [ArtifactFile(f, p, p.stat().st_size, sha256_file(p)) for f, p in paths.items()]
-    quality = QualitySummary(frames=result.num_frames, valid_frames=int(result.valid.sum()),
-                             reasons={"no_face": int((~result.valid).sum())}, longest_invalid_run=5)
-    service.complete_job(reg, job.id, "worker-test-2", artifacts=files, quality=quality,
-                         engine_version="0.1.0", checkpoint_sha256="0" * 64)
+    quality = QualitySummary(
+        frames=result.num_frames,
+        valid_frames=int(result.valid.sum()),
+        reasons={"no_face": int((~result.valid).sum())},
+        longest_invalid_run=5,
+    )
+    service.complete_job(
+        reg,
+        job.id,
+        "worker-test-2",
+        artifacts=files,
+        quality=quality,
+        engine_version="0.1.0",
+        checkpoint_sha256="0" * 64,
+    )
     ids["succeeded"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_noface.mp4")
     service.claim_next(reg, "worker-test-2", device="cpu")
-    service.fail_job(reg, job.id, "worker-test-2", error=f"{clip}: no face found in any of 60 frames",
-                     code="no_face")
+    service.fail_job(
+        reg, job.id, "worker-test-2", error=f"{clip}: no face found in any of 60 frames", code="no_face"
+    )
     ids["failed"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_cancelled.mp4")

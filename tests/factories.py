@@ -60,6 +60,14 @@ def _random_state(seed: int, arch: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def random_state_dict(seed: int = 0, arch: str = "resnet50") -> dict[str, torch.Tensor]:
+    """The ``net_recon`` state dict :func:`make_checkpoint` writes for ``(seed, arch)``, without a file.
+
+    The tensors are shared with a per-session cache: don't modify them.
+    """
+    return dict(_random_state(seed, arch))
+
+
 def _fake_adam_state(sd: dict[str, torch.Tensor]) -> dict:
     """A small stand-in for Deep3D's ``opt_00`` (Adam state of two parameters)."""
     state = {
@@ -97,7 +105,7 @@ def make_checkpoint(path: str | Path, layout: str, seed: int = 0, arch: str = "r
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = dict(_random_state(seed, arch))
+    sd = random_state_dict(seed, arch)
     if layout == "no_nbt":
         sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     if layout == "deep3d":

@@ -30,11 +30,39 @@ from tests.media import make_video
 SETTINGS = {"landmarks": "mtcnn", "formats": ["npz"], "batch_size": 4}
 
 
+PG_URL = os.environ.get("STUDIO_TEST_PG_URL")  # a throwaway PostgreSQL database: its tables are dropped
+
+
+def _fresh_postgres() -> str:
+    from sqlalchemy import create_engine
+    from sqlmodel import SQLModel
+
+    eng = create_engine(PG_URL)
+    SQLModel.metadata.drop_all(eng)
+    eng.dispose()
+    return PG_URL
+
+
 @pytest.fixture
-def reg(tmp_path) -> Registry:
+def sqlite_reg(tmp_path) -> Registry:
     r = Registry(url=f"sqlite:///{tmp_path / 'studio.db'}", data_dir=tmp_path / "data")
     yield r
     r.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"] if PG_URL else ["sqlite"])
+def reg(request, tmp_path) -> Registry:
+    """The registry on SQLite, and on PostgreSQL when ``STUDIO_TEST_PG_URL`` names a throwaway database."""
+    url = f"sqlite:///{tmp_path / 'studio.db'}" if request.param == "sqlite" else _fresh_postgres()
+    r = Registry(url=url, data_dir=tmp_path / "data")
+    yield r
+    r.close()
+
+
+@pytest.mark.skipif(not PG_URL, reason="set STUDIO_TEST_PG_URL=postgresql+psycopg://... (a throwaway "
+                    "database) to run every registry test on PostgreSQL too")
+def test_postgresql_is_configured():
+    assert Registry(url=PG_URL).engine.dialect.name == "postgresql"
 
 
 def _file(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -54,7 +82,8 @@ def _set_heartbeat(reg: Registry, job_id: int, seconds_ago: float) -> None:
 # ------------------------------------------------------------------------------------ engine
 
 
-def test_sqlite_is_wal_with_busy_timeout_and_versioned(reg, tmp_path):
+def test_sqlite_is_wal_with_busy_timeout_and_versioned(sqlite_reg, tmp_path):
+    reg = sqlite_reg
     with reg.session() as s:
         conn = s.connection()
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -75,8 +104,9 @@ def test_url_and_data_dir_come_from_environment(tmp_path, monkeypatch):
     assert Registry().url.endswith("other.db") and (tmp_path / "other.db").is_file()
 
 
-def test_write_takes_the_lock_up_front(reg, tmp_path):
+def test_write_takes_the_lock_up_front(sqlite_reg, tmp_path):
     """While one write transaction is open, a plain sqlite3 writer cannot start one."""
+    reg = sqlite_reg
     other = sqlite3.connect(tmp_path / "studio.db", timeout=0.2, isolation_level=None)
     with reg.write() as s:
         s.exec(select(Meta)).all()  # only a read so far: a deferred BEGIN would hold no lock yet
@@ -192,6 +222,7 @@ def test_import_folder_registers_in_place(reg, tmp_path):
 
 def test_submit_validates_settings_and_path(reg, tmp_path):
     src = _file(tmp_path, "a.mp4", b"x")
+    assert service.submit_file(reg, src).settings["landmarks"] == "fan"  # defaults when no settings given
     with pytest.raises(ValueError, match="unknown engine settings"):
         service.submit_file(reg, src, {"batchsize": 4})
     with pytest.raises(ValueError, match="batch_size"):
@@ -424,24 +455,3 @@ def test_workers_are_listed_with_liveness(reg):
     assert workers["host-1-cpu"].alive and workers["host-1-cpu"].status == "idle"
     assert not workers["host-2-cuda0"].alive and workers["host-2-cuda0"].status == "stopped"
     assert workers["host-1-cpu"].heartbeat_at.tzinfo == timezone.utc
-
-
-@pytest.mark.skipif(not os.environ.get("STUDIO_TEST_PG_URL"),
-                    reason="set STUDIO_TEST_PG_URL=postgresql://... to run against a PostgreSQL server")
-def test_postgresql_claims_exclusively(tmp_path):
-    reg = Registry(url=os.environ["STUDIO_TEST_PG_URL"], data_dir=tmp_path / "data")
-    ids = {service.submit_file(reg, _file(tmp_path, f"{i}.mp4", bytes([i])), SETTINGS).id for i in range(6)}
-    got: list[int] = []
-    lock = threading.Lock()
-
-    def drain(w):
-        while (j := service.claim_next(reg, w)) is not None:
-            with lock:
-                got.append(j.id)
-
-    threads = [threading.Thread(target=drain, args=(f"w{i}",)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert ids <= set(got) and len(got) == len(set(got))

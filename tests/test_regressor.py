@@ -27,7 +27,7 @@ from engine.regressor import (
     load_checkpoint,
     uint8_nhwc_to_input,
 )
-from tests.factories import LAYOUTS, make_checkpoint, reference_key_shapes
+from tests.factories import LAYOUTS, make_checkpoint, random_state_dict, reference_key_shapes
 
 HEADS = (80, 64, 80, 3, 27, 2, 1)  # spec §1.1, written out independently of engine.layout
 
@@ -97,7 +97,7 @@ def test_key_layout_matches_spec():
 
 
 def test_all_layouts_load_identical_weights(ckpt_dir):
-    ref_sd = make_checkpoint(ckpt_dir / "again.ckpt", "deep3d")
+    ref_sd = random_state_dict()
     for layout in LAYOUTS:
         sd = load_checkpoint(ckpt_dir / f"{layout}.ckpt")
         assert set(sd) == set(ref_sd), layout  # 332 keys, num_batches_tracked filled in for no_nbt
@@ -118,8 +118,8 @@ def test_all_layouts_give_identical_coefficients(r18_dir, crops):
         assert np.array_equal(out, first), layout
 
 
-def test_forward_matches_torchvision_resnet_plus_heads(ckpt_dir, crops, coeff_deep3d):
-    sd = make_checkpoint(ckpt_dir / "again.ckpt", "deep3d")
+def test_forward_matches_torchvision_resnet_plus_heads(crops, coeff_deep3d):
+    sd = random_state_dict()
     resnet = torchvision.models.resnet50(weights=None).eval()
     missing, unexpected = resnet.load_state_dict(
         {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}, strict=False
@@ -250,7 +250,7 @@ def test_wrong_architectures_are_named(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18-imagenet.pth")
     assert "ImageNet" in _one_line_error(load_checkpoint, tmp_path / "resnet18-imagenet.pth")
     # A head of the wrong width.
-    sd = dict(make_checkpoint(tmp_path / "ok.pth", "bare"))
+    sd = random_state_dict()
     sd["final_layers.0.weight"] = torch.zeros(81, 2048, 1, 1)
     torch.save(sd, tmp_path / "wide.pth")
     msg = _one_line_error(load_checkpoint, tmp_path / "wide.pth")
@@ -267,8 +267,8 @@ def test_sadtalker_file_without_face_3drecon(tmp_path):
     assert "face_3drecon" in msg and "332 of 332 keys missing" in msg
 
 
-def test_unsupported_globals_fall_back_with_a_warning(ckpt_dir, tmp_path, caplog):
-    sd = make_checkpoint(ckpt_dir / "again.ckpt", "bare")
+def test_unsupported_globals_fall_back_with_a_warning(tmp_path, caplog):
+    sd = random_state_dict()
     path = tmp_path / "with_options.pth"
     torch.save({"net_recon": sd, "opt": argparse.Namespace(net_recon="resnet50")}, path)
     with caplog.at_level(logging.WARNING, logger="engine.regressor"):

@@ -73,7 +73,8 @@ class ScriptedEngine:
         Path(str(tmp) + ".npz").replace(out)
         info = MediaInfo(path=Path(source), kind="video", width=64, height=48, fps=25.0, frame_count=done)
         return RunReport(input=Path(source), outputs={"npz": out}, info=info, num_frames=done,
-                         num_valid=done - 1, reasons={"no_face": 1}, longest_invalid_run=1, config=cfg.to_dict())
+                         num_valid=done - 1, reasons={"no_face": 1}, longest_invalid_run=1,
+                         config=cfg.to_dict())
 
     def close(self):
         pass
@@ -435,3 +436,33 @@ def test_cancel_within_2s_and_sigterm_requeues(tmp_path, checkpoint, clips, work
     assert back.status == JobStatus.QUEUED and back.attempts == 0 and back.worker_id is None
     assert (reg.state_dir(second.id) / "state.json").exists(), "SIGTERM must keep the state to resume"
     assert "SIGTERM received" in w.text()
+
+
+@slow
+def test_launch_runs_one_worker_per_device_and_a_second_launch_starts_none(tmp_path):
+    import socket
+
+    data = tmp_path / "data"
+    base = [sys.executable, "-m", "worker.launch", "--devices", "cpu", "--data-dir", str(data)]
+    first = subprocess.Popen([*base, "--no-dashboard"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        reg = Registry(data_dir=data)
+        assert wait_for(lambda: any(w.alive for w in service.list_workers(reg)), 60, 0.2)
+        with socket.socket() as busy:  # stands in for a dashboard that already runs
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            second = subprocess.run([*base, "--port", str(port)], cwd=REPO, capture_output=True, text=True,
+                                    timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert f"a worker already serves cpu for {data.resolve()}" in second.stdout
+        assert f"the dashboard already runs at http://127.0.0.1:{port}" in second.stdout
+        assert "nothing to start" in second.stdout
+        assert len(service.list_workers(reg)) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, out
+    [w] = service.list_workers(reg)
+    assert w.status == "stopped" and not w.alive

@@ -164,7 +164,8 @@ def _whosmat(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         return {name: (tuple(shape), cls) for name, shape, cls in scipy.io.whosmat(str(path))}
     except NotImplementedError:  # scipy says "Please use HDF reader for matlab v7.3 files"
         raise WeightsError(
-            f"{path}: a MATLAB v7.3 (HDF5) file; expected a v5/v7 .mat as distributed ({_help_for(path.name)})"
+            f"{path}: a MATLAB v7.3 (HDF5) file; expected a v5/v7 .mat as distributed "
+            f"({_help_for(path.name)})"
         ) from None
     except (ValueError, TypeError, OSError, EOFError) as e:
         raise WeightsError(f"{path}: not a readable MATLAB .mat file ({e}); {_help_for(path.name)}") from None
@@ -191,9 +192,7 @@ def _check_mat_shapes(
         if key in vectors:
             ok = len(got) == 2 and 1 in got and int(np.prod(got)) == int(np.prod(want))
         if not ok:
-            raise WeightsError(
-                f"{path}: key {key} has shape {got}, expected {want}; {_help_for(path.name)}"
-            )
+            raise WeightsError(f"{path}: key {key} has shape {got}, expected {want}; {_help_for(path.name)}")
     return info
 
 
@@ -213,7 +212,9 @@ def _check_index(path: Path, key: str, arr: np.ndarray, size: int, max_value: in
         raise WeightsError(f"{path}: {key} has {flat.size} entries, expected {size}; {INDEX_HELP}")
     as_float = flat.astype(np.float64)
     if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
-        raise WeightsError(f"{path}: {key} holds non-integer values; expected 1-based vertex ids; {INDEX_HELP}")
+        raise WeightsError(
+            f"{path}: {key} holds non-integer values; expected 1-based vertex ids; {INDEX_HELP}"
+        )
     lo, hi = int(as_float.min()), int(as_float.max())
     if lo < 1 or hi > max_value:
         raise WeightsError(
@@ -266,8 +267,9 @@ def check_sources(src: BFMSources) -> None:
 def load_indices(src: BFMSources) -> tuple[np.ndarray, np.ndarray]:
     """(index_exp, index_shape): 0-based int64 (35709,) ids into the expression and BFM09 meshes."""
     index_exp = _check_index(src.front_idx, "idx", _load_mat(src.front_idx, ["idx"])["idx"], N_FRONT, N_EXP)
-    trim = _check_index(src.exp_idx, "trimIndex", _load_mat(src.exp_idx, ["trimIndex"])["trimIndex"], N_EXP,
-                        N_BFM09)
+    trim = _check_index(
+        src.exp_idx, "trimIndex", _load_mat(src.exp_idx, ["trimIndex"])["trimIndex"], N_EXP, N_BFM09
+    )
     return index_exp, trim[index_exp]
 
 
@@ -444,7 +446,9 @@ def load_model(path: str | Path) -> FaceModelArrays:
     """
     path = Path(path)
     check_model(path)
-    m = _load_mat(path, ["meanshape", "meantex", "idBase", "exBase", "texBase", "tri", "point_buf", "keypoints"])
+    m = _load_mat(
+        path, ["meanshape", "meantex", "idBase", "exBase", "texBase", "tri", "point_buf", "keypoints"]
+    )
 
     def f32(key: str) -> np.ndarray:
         return np.ascontiguousarray(m[key], dtype=np.float32)

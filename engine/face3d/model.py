@@ -30,7 +30,11 @@ INIT_LIT = (0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 # Spherical-harmonics constants a·c of bands 0, 1, 2 (spec §3.4).
 _A = (math.pi, 2 * math.pi / math.sqrt(3.0), 2 * math.pi / math.sqrt(8.0))
-_C = (1 / math.sqrt(4 * math.pi), math.sqrt(3.0) / math.sqrt(4 * math.pi), 3 * math.sqrt(5.0) / math.sqrt(12 * math.pi))
+_C = (
+    1 / math.sqrt(4 * math.pi),
+    math.sqrt(3.0) / math.sqrt(4 * math.pi),
+    3 * math.sqrt(5.0) / math.sqrt(12 * math.pi),
+)
 SH_AC = (_A[0] * _C[0], _A[1] * _C[1], _A[2] * _C[2])  # 0.886227, 1.772454, 2.427032
 
 
@@ -46,7 +50,14 @@ def rotation_matrix(angle: torch.Tensor) -> torch.Tensor:
     check_shape(angle, ("B", "3"), "angle")
     x, y, z = angle[:, 0], angle[:, 1], angle[:, 2]
     one, zero = torch.ones_like(x), torch.zeros_like(x)
-    cx, sx, cy, sy, cz, sz = torch.cos(x), torch.sin(x), torch.cos(y), torch.sin(y), torch.cos(z), torch.sin(z)
+    cx, sx, cy, sy, cz, sz = (
+        torch.cos(x),
+        torch.sin(x),
+        torch.cos(y),
+        torch.sin(y),
+        torch.cos(z),
+        torch.sin(z),
+    )
     rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], dim=1).view(-1, 3, 3)
     ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], dim=1).view(-1, 3, 3)
     rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], dim=1).view(-1, 3, 3)
@@ -252,8 +263,8 @@ def reproject_landmarks(
     lm_224_yup = np.empty((n, 68, 2), dtype=np.float32)
     with torch.no_grad():
         for i in range(0, n, chunk):
-            part = torch.from_numpy(np.ascontiguousarray(coeff[i:i + chunk], dtype=np.float32))
-            lm_224_yup[i:i + chunk] = face_model.landmarks_224_yup(part).cpu().numpy()
+            part = torch.from_numpy(np.ascontiguousarray(coeff[i : i + chunk], dtype=np.float32))
+            lm_224_yup[i : i + chunk] = face_model.landmarks_224_yup(part).cpu().numpy()
     if space == "crop":
         return crop_yup_to_ydown(lm_224_yup).astype(np.float32)
     out = np.full((n, 68, 2), np.nan, dtype=np.float32)

@@ -144,7 +144,9 @@ def load_nvdiffrast() -> ModuleType:
             import nvdiffrast.torch as dr
             from nvdiffrast.torch import ops
         except ImportError as e:
-            raise RendererError(f"nvdiffrast cannot be imported ({e}); reinstall it ({INSTALL_HINT})") from None
+            raise RendererError(
+                f"nvdiffrast cannot be imported ({e}); reinstall it ({INSTALL_HINT})"
+            ) from None
         get_plugin = getattr(ops, "_get_plugin", None)
         if get_plugin is None:
             return dr  # another nvdiffrast layout: let it load its plugin itself
@@ -181,9 +183,14 @@ class NvdiffrastBackend:
     def render(
         self, pos_clip: torch.Tensor, tri: torch.Tensor, attrs: torch.Tensor, resolution: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, 4) clip positions, (F, 3) triangles, (B, N, C) attributes → mask (B, H, W) bool, (B, H, W, C)."""
+        """(B, N, 4) clip positions, (F, 3) triangles, (B, N, C) attributes.
+
+        Returns mask bool (B, H, W) and the interpolated attributes × mask (B, H, W, C).
+        """
         tri32 = tri.to(device=self.device, dtype=torch.int32).contiguous()
-        rast, _ = self.dr.rasterize(self.ctx, pos_clip.contiguous().float(), tri32, resolution=list(resolution))
+        rast, _ = self.dr.rasterize(
+            self.ctx, pos_clip.contiguous().float(), tri32, resolution=list(resolution)
+        )
         image, _ = self.dr.interpolate(attrs.contiguous().float(), rast, tri32)
         mask = rast[..., 3] > 0
         return mask, image * mask[..., None]

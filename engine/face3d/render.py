@@ -35,7 +35,11 @@ BACKENDS = ("auto", "nvdiffrast", "torch")
 
 
 def camera_to_clip(
-    vertex_cam: torch.Tensor, focal: float = FOCAL, center: float = CENTER, znear: float = Z_NEAR, zfar: float = Z_FAR
+    vertex_cam: torch.Tensor,
+    focal: float = FOCAL,
+    center: float = CENTER,
+    znear: float = Z_NEAR,
+    zfar: float = Z_FAR,
 ) -> torch.Tensor:
     """Camera-frame vertices (B, N, 3) → clip space (B, N, 4), as Deep3D's ``MeshRenderer``.
 
@@ -102,7 +106,9 @@ class FaceRenderer:
         size: output side in pixels (224 for Deep3D's crop; other sizes sample the same view).
     """
 
-    def __init__(self, device: str | torch.device = "cpu", backend: str | None = None, size: int = 224) -> None:
+    def __init__(
+        self, device: str | torch.device = "cpu", backend: str | None = None, size: int = 224
+    ) -> None:
         self.device = torch.device(device)
         self.size = int(size)
         wanted = _wanted(backend)
@@ -182,8 +188,9 @@ class RendererStatus:
         if self.backend == "nvdiffrast":
             how = "loaded" if self.probed else "found; its CUDA plugin builds or loads on first use"
             return f"nvdiffrast on {self.device} ({how})"
-        return f"built-in torch rasterizer on {self.device}" + (f" — nvdiffrast not used: {self.reason}"
-                                                                 if self.reason else "")
+        return f"built-in torch rasterizer on {self.device}" + (
+            f" — nvdiffrast not used: {self.reason}" if self.reason else ""
+        )
 
 
 def renderer_status(device: str | None = None, probe: bool = False) -> RendererStatus:

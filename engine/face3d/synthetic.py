@@ -106,8 +106,11 @@ class _Recipe:
     def __init__(self, index_dir: Path, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
         src = B.BFMSources(
-            bfm09=Path(), exp_pca=Path(), std_exp=index_dir / B.STD_EXP_NAME,
-            front_idx=index_dir / B.FRONT_IDX_NAME, exp_idx=index_dir / B.EXP_IDX_NAME,
+            bfm09=Path(),
+            exp_pca=Path(),
+            std_exp=index_dir / B.STD_EXP_NAME,
+            front_idx=index_dir / B.FRONT_IDX_NAME,
+            exp_idx=index_dir / B.EXP_IDX_NAME,
             info=index_dir / B.INFO_NAME,
         )
         self.index_exp, self.index_shape = B.load_indices(src)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import pickle
 import socket
 import threading
 import warnings
@@ -164,11 +165,12 @@ class FanLandmarker:
             self._fa = face_alignment.FaceAlignment(two_d, **kwargs)
         except OSError as e:  # URLError (failed download) is an OSError
             raise WeightsMissingError(_missing_message(weights_dir(), missing_weights(), str(e))) from None
-        except (RuntimeError, EOFError, ValueError) as e:
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            names = " / ".join(name for name, _ in WEIGHTS)
             raise WeightsError(
-                f"face_alignment weights in {weights_dir()} do not load ({first}); "
-                "delete the broken file so it can be downloaded again"
+                f"face_alignment weights in {weights_dir()} ({names}) do not load ({first}); "
+                "replace the broken file (delete it to have it downloaded again)"
             ) from None
         self.device = device
 

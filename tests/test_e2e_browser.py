@@ -1,0 +1,221 @@
+"""End to end in a real headless browser: ``make run`` equivalent → upload → succeeded → results → bundle.
+
+Starts ``python -m worker.launch`` (one CPU worker + the dashboard) on a free port with a temporary
+data folder and a random-weight checkpoint, drives Debian's Chromium with Playwright (never a
+downloaded browser), and saves a screenshot of every page under ``test-output/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path(os.environ.get("STUDIO_CHROMIUM", "/usr/bin/chromium"))
+SHOTS = Path(os.environ.get("STUDIO_TEST_OUTPUT", REPO / "test-output")) / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+#: The whole 200-frame clip on 2 CPU cores with MTCNN takes a minute or two.
+JOB_TIMEOUT_S = 420
+WIDTH = 1600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _settle(page, timeout: float = 90) -> None:
+    """Wait until the script run finished (no 'Running…' widget, no spinner)."""
+    deadline = time.monotonic() + timeout
+    time.sleep(1.0)
+    while time.monotonic() < deadline:
+        busy = page.locator('[data-testid="stSpinner"], [data-testid="stStatusWidget"]').count()
+        if busy == 0:
+            time.sleep(1.0)
+            if page.locator('[data-testid="stSpinner"], [data-testid="stStatusWidget"]').count() == 0:
+                return
+        time.sleep(0.5)
+
+
+_HEIGHT_JS = """() => Math.max(...['[data-testid=stMain]', '[data-testid=stMainBlockContainer]',
+  '[data-testid=stAppViewContainer]'].map(s => document.querySelector(s)).filter(Boolean)
+  .map(e => e.scrollHeight), document.documentElement.scrollHeight)"""
+
+
+def _shot(page, name: str) -> Path:
+    """Screenshot the whole page: the viewport grows to the content's height first."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    height = 0
+    for _ in range(5):
+        new = int(page.evaluate(_HEIGHT_JS))
+        if new == height:
+            break
+        height = new
+        page.set_viewport_size({"width": WIDTH, "height": max(900, height + 40)})
+        time.sleep(1.0)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    page.set_viewport_size({"width": WIDTH, "height": 1000})
+    return path
+
+
+@pytest.fixture
+def studio_run(tmp_path):
+    """``make run`` with a temporary data folder and checkpoint; stopped (and checked) afterwards."""
+    pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run browser tests")
+    from tests.factories import make_checkpoint
+
+    make_checkpoint(tmp_path / "checkpoints" / "epoch_20.pth", "deep3d")
+    port = _free_port()
+    env = dict(
+        os.environ,
+        STUDIO_CHECKPOINT_DIR=str(tmp_path / "checkpoints"),
+        STUDIO_BFM_DIR=str(tmp_path / "BFM"),
+        TORCH_HOME=str(tmp_path / "torch"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("STUDIO_DB_URL", None)
+    cmd = [sys.executable, "-m", "worker.launch", "--devices", "cpu", "--host", "127.0.0.1", "--port", str(port),
+           "--data-dir", str(tmp_path / "data")]
+    log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/_stcore/health", 90)
+        yield {"port": port, "data": tmp_path / "data", "tmp": tmp_path, "cmd": cmd, "env": env}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C / `kill` of `make run` does
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+    print((tmp_path / "launch.log").read_text()[-3000:])
+    assert not _port_open(port), "the dashboard kept running after the launcher stopped"
+
+
+def test_upload_to_bundle_in_a_real_browser(studio_run, test_video):
+    from playwright.sync_api import expect, sync_playwright
+
+    from db import JobStatus, Registry, service
+
+    port, data = studio_run["port"], studio_run["data"]
+    base = f"http://127.0.0.1:{port}"
+
+    # A second `make run` on the same data folder starts no second worker for the same device.
+    second = subprocess.run([*studio_run["cmd"], "--no-dashboard"], cwd=REPO, env=studio_run["env"],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "already serves cpu" in second.stdout, second.stdout + second.stderr
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": WIDTH, "height": 1000}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+
+        page.goto(base + "/")
+        expect(page.get_by_text("Ready to run?")).to_be_visible()
+        expect(page.get_by_text("alive")).to_be_visible(timeout=60_000)  # the worker's heartbeat
+        _settle(page)
+        _shot(page, "01-overview")
+
+        page.goto(base + "/setup")
+        expect(page.get_by_role("heading", name="Models / setup")).to_be_visible()
+        _settle(page)
+        _shot(page, "05-setup")
+
+        page.goto(base + "/upload")
+        page.locator('input[type="file"]').first.set_input_files(str(test_video))
+        expect(page.get_by_text(test_video.name)).to_be_visible()
+        page.get_by_text("MTCNN (5 points)").click()
+        page.get_by_role("button", name="CSV").click()  # a third format on top of the defaults
+        _settle(page)
+        _shot(page, "02-upload")
+        page.get_by_role("button", name="Queue 1 file(s)").click()
+        expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+
+        reg = Registry(data_dir=data)
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        job = service.list_jobs(reg, limit=1)[0]
+        running_shot = False
+        while job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and time.monotonic() < deadline:
+            if job.status == JobStatus.RUNNING and job.frames_done > 0 and not running_shot:
+                time.sleep(2.5)  # one live refresh of the table
+                _shot(page, "03-jobs-running")
+                running_shot = True
+            time.sleep(2)
+            job = service.get_job(reg, job.id)
+        assert job.status == JobStatus.SUCCEEDED, f"job ended {job.status.value}: {job.error}"
+        assert job.settings["landmarks"] == "mtcnn" and "csv" in job.settings["formats"]
+        time.sleep(3)  # the live table picks the new state up
+        _shot(page, "03-jobs")
+
+        page.goto(f"{base}/results?job={job.id}")
+        pose = page.locator(".js-plotly-plot").first
+        expect(pose).to_contain_text("Head pose")
+        expect(pose).to_contain_text("rotation (degrees)")
+        expect(pose).to_contain_text("time (s)")
+        _settle(page)
+        _shot(page, "04-results")
+
+        with page.expect_download(timeout=120_000) as info:
+            page.get_by_role("button", name="Download bundle (.zip)").click()
+        bundle = studio_run["tmp"] / "bundle.zip"
+        info.value.save_as(bundle)
+        browser.close()
+
+    with zipfile.ZipFile(bundle) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read("manifest.json"))
+        stem = Path(test_video.name).stem
+        assert {"manifest.json", "README.txt", f"{stem}.mat", f"{stem}.npz", f"{stem}.csv"} <= names
+        assert manifest["input"]["name"] == test_video.name
+        assert manifest["frames"] == 200 and manifest["settings"]["landmarks"] == "mtcnn"
+        assert {f["name"] for f in manifest["files"]} == {f"{stem}.mat", f"{stem}.npz", f"{stem}.csv"}
+        import scipy.io
+
+        mat = scipy.io.loadmat(io.BytesIO(zf.read(f"{stem}.mat")))
+        assert mat["coeff"].shape == (200, 257) and mat["coeff"].dtype == np.float32
+        assert mat["transform_params"].shape == (200, 5)
+        npz = np.load(io.BytesIO(zf.read(f"{stem}.npz")))
+        assert npz["landmarks"].shape == (200, 5, 2) and npz["valid"].shape == (200,)

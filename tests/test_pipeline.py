@@ -1,0 +1,232 @@
+"""The pipeline end to end: every format, bad inputs, resume, skip, atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io as sio
+
+from engine import Cancelled, Engine, EngineConfig, NoFaceError, OutputFormat
+from engine.errors import OutputError
+from engine.pipeline import longest_run
+from engine.structures import Landmarks
+from engine.writers import SUFFIXES, csv_header
+from tests.conftest import REPO
+from tests.media import make_audio_only, make_empty_file, make_solid_video, make_text_file, make_truncated_copy
+
+ALL_FORMATS = ",".join(f.value for f in OutputFormat)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+
+
+def mat_keys(path: Path) -> dict[str, tuple]:
+    return {k: v.shape for k, v in sio.loadmat(path).items() if not k.startswith("__")}
+
+
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory, test_video, recon_checkpoint):
+    """The shared 200-frame clip through the CLI, MTCNN landmarks, every format."""
+    out = tmp_path_factory.mktemp("video_out")
+    proc = run_cli("extract", str(test_video), "-o", str(out), "--landmarks", "mtcnn",
+                   "--checkpoint", str(recon_checkpoint), "--device", "cpu", "--formats", ALL_FORMATS,
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+@pytest.mark.slow
+def test_video_all_formats(video_run):
+    out, proc = video_run
+    stem = "WDA_KatieHill_000"
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(stem + s for s in SUFFIXES.values())
+
+    assert mat_keys(out / f"{stem}.mat") == {"coeff": (200, 257), "transform_params": (200, 5)}
+    assert mat_keys(out / f"{stem}.sadtalker.mat") == {"coeff_3dmm": (200, 73), "full_3dmm": (1, 257)}
+    assert mat_keys(out / f"{stem}.deep3d.mat") == {
+        "id": (200, 80), "exp": (200, 64), "tex": (200, 80), "angle": (200, 3), "gamma": (200, 27), "trans": (200, 3)
+    }
+    pir = sio.loadmat(out / f"{stem}.mat")
+    assert pir["coeff"].dtype == np.float32 and pir["transform_params"].dtype == np.float32
+
+    z = np.load(out / f"{stem}.npz")
+    assert z["coeff"].shape == (200, 257)
+    assert z["valid"].dtype == bool and z["valid"].mean() >= 0.95
+    assert np.all(np.diff(z["timestamps"]) > 0)
+    assert np.allclose(z["timestamps"][:3], [0, 0.04, 0.08], atol=1e-3)
+    np.testing.assert_array_equal(z["coeff"], pir["coeff"])
+    np.testing.assert_array_equal(z["exp"], pir["coeff"][:, 80:144])
+    tp = z["transform_params"]
+    assert np.all(tp[:, :2] == 512) and np.all(tp[:, 2] > 0)
+
+    sad = sio.loadmat(out / f"{stem}.sadtalker.mat")
+    np.testing.assert_array_equal(sad["coeff_3dmm"][:, :64], pir["coeff"][:, 80:144])
+    np.testing.assert_array_equal(sad["coeff_3dmm"][:, 64:67], pir["coeff"][:, 224:227])
+    np.testing.assert_array_equal(sad["coeff_3dmm"][:, 67:70], pir["coeff"][:, 254:257])
+    np.testing.assert_array_equal(sad["coeff_3dmm"][:, 70:73], tp[:, 2:])
+    np.testing.assert_array_equal(sad["full_3dmm"][0], pir["coeff"][0])
+
+    with open(out / f"{stem}.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == csv_header() and len(rows) == 201
+    col = {name: i for i, name in enumerate(rows[0])}
+    assert float(rows[5][col["yaw_deg"]]) == pytest.approx(np.degrees(pir["coeff"][4, 225]), rel=1e-5, abs=1e-5)
+    assert float(rows[5][col["crop_s"]]) == pytest.approx(tp[4, 2], rel=1e-6)
+
+    values = np.loadtxt(out / f"{stem}.txt")
+    assert values.shape == (200 * 5 * 2,)
+    assert "1 done, 0 skipped, 0 failed" in proc.stderr
+
+
+@pytest.mark.slow
+def test_keypoint_file_reproduces_coefficients(video_run, test_video, recon_checkpoint, tmp_path):
+    """The landmarks we write, fed back with --landmarks file, give the same numbers."""
+    out, _ = video_run
+    stem = "WDA_KatieHill_000"
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="file", keypoints=out / f"{stem}.txt",
+                       device="cpu", formats=("npz",))
+    with Engine(cfg) as engine:
+        report = engine.run(test_video, tmp_path / stem)
+    a, b = np.load(out / f"{stem}.npz"), np.load(report.outputs["npz"])
+    np.testing.assert_array_equal(a["transform_params"], b["transform_params"])
+    np.testing.assert_array_equal(a["coeff"], b["coeff"])
+
+
+def test_bad_inputs_each_fail_with_a_reason(tmp_path, short_clip, recon_checkpoint):
+    bad = tmp_path / "in"
+    bad.mkdir()
+    make_empty_file(bad / "empty.mp4")
+    make_text_file(bad / "notes.mp4")
+    make_truncated_copy(short_clip, bad / "truncated.mp4", 0.5)
+    make_audio_only(bad / "audio.mp4")
+    make_solid_video(bad / "blank.mp4", frames=4, size=(128, 96))
+    good = bad / "good.mp4"
+    good.write_bytes(short_clip.read_bytes())
+    out = tmp_path / "out"
+
+    proc = run_cli("extract", str(bad), "-o", str(out), "--landmarks", "mtcnn", "--checkpoint",
+                   str(recon_checkpoint), "--device", "cpu", "--no-progress")
+    assert proc.returncode == 1
+    failed = {line.split(":")[0].split("/")[-1]: line for line in proc.stderr.splitlines()
+              if line.startswith("FAILED")}
+    assert set(failed) == {"empty.mp4", "notes.mp4", "truncated.mp4", "audio.mp4", "blank.mp4"}
+    assert "empty" in failed["empty.mp4"].lower()
+    assert "audio" in failed["audio.mp4"].lower()
+    assert "face" in failed["blank.mp4"].lower()
+    assert "truncat" in failed["truncated.mp4"].lower() or "incomplete" in failed["truncated.mp4"].lower()
+    assert len({line.split(": ", 1)[1] for line in failed.values()}) == 5, "reasons must be distinct"
+    assert sorted(p.name for p in out.iterdir()) == ["good.mat", "good.npz"]
+    assert "1 done, 0 skipped, 5 failed" in proc.stderr
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, short_clip, recon_checkpoint):
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", batch_size=4, formats=("npz",))
+    state = tmp_path / "state"
+    with Engine(cfg) as engine:
+        calls = iter(range(100))
+        with pytest.raises(Cancelled):
+            engine.run(short_clip, tmp_path / "a" / "clip", state_dir=state, should_stop=lambda: next(calls) >= 2)
+        assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+        assert (state / "state.json").is_file()
+        resumed = engine.run(short_clip, tmp_path / "a" / "clip", state_dir=state)
+        assert resumed.resumed_from == 8 and resumed.num_frames == 12
+        assert not (state / "state.json").exists()
+        straight = engine.run(short_clip, tmp_path / "b" / "clip")
+    a, b = np.load(resumed.outputs["npz"]), np.load(straight.outputs["npz"])
+    for key in ("coeff", "transform_params", "landmarks", "valid", "timestamps"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, test_images, recon_checkpoint):
+    image = test_images / "000002.jpg"
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", formats=("pirender",))
+    with Engine(cfg) as engine:
+        first = engine.run(image, tmp_path / "img")
+        mtime = first.outputs["pirender"].stat().st_mtime_ns
+        again = engine.run(image, tmp_path / "img")
+    assert again.skipped and again.outputs["pirender"].stat().st_mtime_ns == mtime
+    with Engine(EngineConfig(**{**cfg.to_dict(), "overwrite": True})) as engine:
+        redo = engine.run(image, tmp_path / "img")
+    assert not redo.skipped and redo.outputs["pirender"].stat().st_mtime_ns != mtime
+    m = sio.loadmat(redo.outputs["pirender"])
+    assert m["coeff"].shape == (1, 257) and m["transform_params"].shape == (1, 5)
+
+
+def test_full_disk_leaves_nothing_behind(tmp_path, test_images, recon_checkpoint, monkeypatch):
+    import errno
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", formats=("pirender", "npz"))
+    with Engine(cfg) as engine, pytest.raises(OutputError, match="No space left"):
+        engine.run(test_images / "000006.jpg", tmp_path / "out" / "img")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_no_face_image_raises(tmp_path, recon_checkpoint):
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (160, 120), (40, 90, 160)).save(blank)
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu")
+    with Engine(cfg) as engine, pytest.raises(NoFaceError, match="no face"):
+        engine.run(blank, tmp_path / "blank")
+    assert not (tmp_path / "blank.mat").exists()
+
+
+@pytest.mark.parametrize("policy, expect_fallback", [("reference", [True, False, False, False]),
+                                                     ("template", [True, False, True, False])])
+def test_no_face_policy(policy, expect_fallback):
+    nan = np.full((5, 2), np.nan, np.float32)
+    a = np.arange(10, dtype=np.float32).reshape(5, 2)
+    b = a + 100
+    lms = Landmarks(np.stack([nan, a, nan, b]), np.array([False, True, False, True]),
+                    ("no_face", "", "no_face", ""))
+    engine = Engine(EngineConfig(no_face=policy))
+    pts, fallback, last = engine._apply_no_face_policy(lms, None)
+    assert fallback.tolist() == expect_fallback
+    if policy == "reference":
+        np.testing.assert_array_equal(pts[2], a)  # previous frame's landmarks reused
+    np.testing.assert_array_equal(last, b)
+
+
+def test_longest_run():
+    assert longest_run(np.array([], dtype=bool)) == 0
+    assert longest_run(np.array([False, True, True, True, False, True])) == 3
+
+
+def test_config_round_trip():
+    cfg = EngineConfig(checkpoint="x.pth", landmarks="mtcnn", formats="pirender,csv", batch_size=8)
+    assert cfg.formats == (OutputFormat.PIRENDER, OutputFormat.CSV)
+    assert EngineConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown engine settings"):
+        EngineConfig.from_dict({"batchsize": 3})
+    with pytest.raises(ValueError):
+        EngineConfig(formats="pirender,gif")
+
+
+def test_degenerate_landmarks_become_an_invalid_frame(short_clip):
+    from engine.pipeline import _align
+    from engine.sources import iter_frames
+
+    batch = next(iter_frames(short_clip, 3))
+    lm = np.tile(np.array([[[200, 200], [300, 200], [250, 260], [210, 320], [290, 320]]], np.float32), (3, 1, 1))
+    lm[1] = 250.0  # all five points on one spot: no fit possible
+    fallback = np.zeros(3, bool)
+    valid = np.ones(3, bool)
+    reason = np.array(["", "", ""], dtype=object)
+    aligned = _align(batch, lm, fallback, valid, reason, None)
+    assert valid.tolist() == [True, False, True] and reason[1] == "bad_landmarks"
+    assert aligned.crops.shape == (3, 224, 224, 3) and np.isfinite(aligned.trans_params).all()

@@ -1,0 +1,200 @@
+"""``python -m worker.launch``: one worker per visible GPU (or one CPU worker) plus the dashboard.
+
+Used by ``make run``. Every worker is started under an exclusive ``fcntl`` lock on
+``<data>/locks/worker-<device>.lock`` that its process inherits, so a second launch on
+the same machine and data folder does not start a second worker on a device that is
+already served; it only starts the dashboard, or says that it already runs on that port.
+
+Children are started with ``subprocess`` (a fresh interpreter each, never a fork of a
+process that initialised CUDA), in their own session, so Ctrl-C reaches only this
+launcher, which then asks each child once to stop (SIGTERM: workers finish their batch
+and requeue their job). A worker that dies is restarted after a short pause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("worker.launch")
+
+REPO = Path(__file__).resolve().parents[1]
+RESTART_DELAY_S = 5.0
+STOP_GRACE_S = 60.0
+
+
+def visible_devices() -> list[str]:
+    """``["cuda:0", ...]`` for every GPU torch sees, else ``["cpu"]``.
+
+    Asked in a child interpreter so this process never initialises CUDA.
+    """
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        count = int(out.stdout.strip() or 0)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        log.warning("could not count GPUs (%s): using the CPU", e)
+        count = 0
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+
+
+def lock_device(locks_dir: Path, device: str) -> int | None:
+    """Take the exclusive lock of ``device``; the open file descriptor, or None if held elsewhere."""
+    locks_dir.mkdir(parents=True, exist_ok=True)
+    path = locks_dir / f"worker-{device.replace(':', '')}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already accepts connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Child:
+    """A supervised child process."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    pass_fds: tuple[int, ...] = ()
+    restart: bool = True
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, pass_fds=self.pass_fds,
+                                     start_new_session=True)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.cmd))
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def build_children(args: argparse.Namespace) -> tuple[list[Child], list[str]]:
+    """The children to start, and the messages about what is already running."""
+    env = dict(os.environ)
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    env["STUDIO_DATA_DIR"] = str(data_dir)
+    if args.db_url:
+        env["STUDIO_DB_URL"] = args.db_url
+    notes: list[str] = []
+    children: list[Child] = []
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else visible_devices()
+    for device in devices:
+        fd = lock_device(data_dir / "locks", device)
+        if fd is None:
+            notes.append(f"a worker already serves {device} for {data_dir}: not starting another")
+            continue
+        cmd = [sys.executable, "-m", "engine", "worker", "--device", device, "--data-dir", str(data_dir)]
+        children.append(Child(f"worker[{device}]", cmd, env, pass_fds=(fd,)))
+    if not args.no_dashboard:
+        if port_in_use(args.host, args.port):
+            notes.append(f"the dashboard already runs at http://{args.host}:{args.port}")
+        else:
+            cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
+                   "--server.port", str(args.port), "--server.address", args.host,
+                   "--server.headless", "true"]
+            children.append(Child("dashboard", cmd, env, restart=False))
+    return children, notes
+
+
+def supervise(children: list[Child], stop: threading.Event) -> int:
+    """Run until ``stop`` is set (or the dashboard exits); restart workers that die."""
+    for c in children:
+        c.start()
+    while not stop.wait(0.5):
+        for c in children:
+            if c.alive():
+                continue
+            code = c.proc.returncode if c.proc else None
+            if not c.restart:
+                log.warning("%s exited (code %s): stopping everything", c.name, code)
+                stop.set()
+                break
+            if time.monotonic() - c.started_at < RESTART_DELAY_S:
+                continue
+            c.restarts += 1
+            log.warning("%s exited (code %s): restarting (restart %d)", c.name, code, c.restarts)
+            c.start()
+    return shutdown(children)
+
+
+def shutdown(children: list[Child], grace_s: float = STOP_GRACE_S) -> int:
+    """SIGTERM every child once, wait ``grace_s`` seconds, then kill what is left."""
+    for c in children:
+        if c.alive():
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    worst = 0
+    for c in children:
+        if c.proc is None:
+            continue
+        try:
+            code = c.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s: killing it", c.name, grace_s)
+            c.proc.kill()
+            code = c.proc.wait()
+        log.info("%s stopped (code %s)", c.name, code)
+        worst = worst or (code if code not in (0, -signal.SIGTERM) else 0)
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8501, help="dashboard port (default: 8501)")
+    parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: 127.0.0.1)")
+    parser.add_argument("--data-dir", default=os.environ.get("STUDIO_DATA_DIR", "data"),
+                        help="data folder shared by workers and dashboard (default: data)")
+    parser.add_argument("--db-url", help="database URL (default: sqlite in the data folder)")
+    parser.add_argument("--devices", help="comma list instead of auto-detection, e.g. cpu or cuda:0,cuda:1")
+    parser.add_argument("--no-dashboard", action="store_true", help="start workers only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launch: %(message)s")
+
+    children, notes = build_children(args)
+    for note in notes:
+        print(note, flush=True)
+    if not children:
+        print("nothing to start", flush=True)
+        return 0
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s: stopping all children", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    if any(c.name == "dashboard" for c in children):
+        print(f"dashboard: http://{args.host}:{args.port}", flush=True)
+    return supervise(children, stop)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
