@@ -13,6 +13,7 @@ from dashboard.fmt import (
     explain_error,
     fmt_age,
     fmt_duration,
+    md_escape,
     rows_key,
     status_label,
     status_markdown,
@@ -38,8 +39,8 @@ COLUMNS = {
     "Status": st.column_config.TextColumn("Status", width="small"),
     "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent"),
     "Frames": st.column_config.TextColumn("Frames", help="frames done / frames in the video"),
-    "Speed": st.column_config.TextColumn("Speed", help="frames per second while running"),
-    "ETA": st.column_config.TextColumn("ETA", help="estimated time left"),
+    "Speed": st.column_config.TextColumn("Speed", help="frames per second while running", width=80),
+    "ETA": st.column_config.TextColumn("ETA", help="estimated time left", width=95),
     "Attempts": st.column_config.TextColumn("Attempts", help="runs started / allowed"),
     "Submitted": st.column_config.TextColumn("Submitted", width="small"),
     "Error": st.column_config.TextColumn("Error", width="large", help="select the row to read it in full"),
@@ -156,7 +157,7 @@ def _action_bar(selected: list[JobView]) -> None:
     pending = st.session_state.get("jobs_confirm_delete")
     to_delete = [j for j in deletable if pending and j.id in pending]
     if to_delete:
-        names = [j.name for j in to_delete]
+        names = [md_escape(j.name) for j in to_delete]
         st.warning(
             f"Delete {len(names)} job(s) and their result files? {', '.join(names[:5])}"
             f"{' …' if len(names) > 5 else ''}. Uploaded videos used by no other job are removed too; "
@@ -172,9 +173,9 @@ def _action_bar(selected: list[JobView]) -> None:
 def _details(job: JobView) -> None:
     """What one selected job is: input, settings, error in plain words, timing."""
     with st.container(border=True):
-        st.markdown(f"**{job.name}** · job {job.id} · {status_markdown(job.status)}")
+        st.markdown(f"**{md_escape(job.name)}** · job {job.id} · {status_markdown(job.status)}")
         if job.error:
-            text = explain_error(job.error, job.error_code)
+            text = md_escape(explain_error(job.error, job.error_code))
             if job.status == JobStatus.FAILED:
                 st.error(text)
             else:
@@ -195,7 +196,7 @@ def _table() -> None:
     reg = get_registry()
     flash = st.session_state.pop("jobs_flash", None)
     if flash:
-        getattr(st, flash[0])(flash[1])
+        getattr(st, flash[0])(md_escape(flash[1]))
     statuses = st.session_state.get("jobs_status") or None
     search = (st.session_state.get("jobs_search") or "").strip() or None
     order_by, descending = SORTS[st.session_state.get("jobs_sort", "Newest first")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard.data import disk_free, doctor_checks, get_registry, gpus
-from dashboard.fmt import fmt_age, fmt_bytes, status_markdown
+from dashboard.fmt import blocking_checks, check_text, fmt_age, fmt_bytes, md_escape, status_markdown
 from db import JobStatus, service
 
 REFRESH_S = 3
@@ -24,8 +24,7 @@ def _workers(reg) -> None:
     workers = [w for w in service.list_workers(reg) if w.alive]
     if not workers:
         st.warning(
-            "No worker is running, so queued jobs wait. Start one with `make run` "
-            "(or `python -m engine worker`)."
+            "No worker is running, so queued jobs wait. Start one with `make run` (or `python -m engine worker`)."
         )
         return
     for w in workers:
@@ -33,7 +32,7 @@ def _workers(reg) -> None:
         if w.current_job_id is not None:
             try:
                 current = service.get_job(reg, w.current_job_id)
-                job = f" · working on **{current.name}** ({current.progress:.0%})"
+                job = f" · working on **{md_escape(current.name)}** ({current.progress:.0%})"
             except Exception:
                 job = f" · job {w.current_job_id}"
         device = w.device + (f" ({w.device_name})" if w.device_name else "")
@@ -81,22 +80,21 @@ def machine(reg) -> None:
             help=f"{reg.data_dir} · {fmt_bytes(total)} in all",
         )
         if free < LOW_DISK_BYTES:
-            st.warning(
-                "Less than 10 GiB free: uploads and results may fail. Delete finished jobs or free space."
-            )
+            st.warning("Less than 10 GiB free: uploads and results may fail. Delete finished jobs or free space.")
 
 
 def readiness() -> None:
     st.subheader("Ready to run?")
     checks = doctor_checks()
-    missing = [c for c in checks if not c.ok and c.required]
-    optional = [c for c in checks if not c.ok and not c.required]
-    if not missing:
+    blocking, optional = blocking_checks(checks)
+    if not blocking:
         st.success("Everything needed to extract coefficients is installed.")
-    for c in missing:
-        st.error(f"**{c.name}** is missing: {c.detail}" + (f" — {c.fix}" if c.fix else ""))
+    for c in blocking:
+        what, todo = check_text(c.detail, c.fix)
+        st.error(f"**{c.name}** is missing: {md_escape(what)}" + (f" — {md_escape(todo)}" if todo else ""))
     for c in optional:
-        st.info(f"Optional: **{c.name}**: {c.detail}")
+        what, _ = check_text(c.detail, c.fix)
+        st.info(f"Optional: **{c.name}**: {md_escape(what)}")
     st.page_link("app_pages/setup.py", label="Models / setup", icon=":material/build:")
 
 

@@ -13,7 +13,7 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.data import frame_rgb, get_registry, result_data
-from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, status_markdown
+from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, md_escape, status_markdown
 from dashboard.results import ResultData, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
 
@@ -124,7 +124,7 @@ def _downloads(reg, job: JobView) -> None:
             )
     missing = [a.path.name for a in artifacts if not a.path.is_file()]
     if missing:
-        st.warning(f"These result files are gone from disk: {', '.join(missing)}.")
+        st.warning(md_escape(f"These result files are gone from disk: {', '.join(missing)}."))
 
 
 def _select_frame(chart_key: str, frame_key: str) -> None:
@@ -197,12 +197,12 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
     )
     path = job.input_path
     if not Path(path).is_file():
-        st.warning(f"The input video is no longer at {path}, so its frames cannot be shown.")
+        st.warning(md_escape(f"The input video is no longer at {path}, so its frames cannot be shown."))
         return
     try:
         image = frame_rgb(str(path), int(index), float(row["t"]) if n > 1 else None)
     except Exception as e:
-        st.warning(f"Frame {index} cannot be decoded: {e}")
+        st.warning(md_escape(f"Frame {index} cannot be decoded: {e}"))
         return
     views = frame_views(image, data, int(index))
     cols = st.columns([2, 1, 1])
@@ -227,7 +227,7 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
             if overlay is not None:
                 st.image(overlay, caption="Reconstructed face over the frame", width="stretch")
             else:
-                st.info(why)
+                st.info(md_escape(why))
                 st.page_link("app_pages/setup.py", label="Set up the face model", icon=":material/build:")
 
 
@@ -235,7 +235,7 @@ def _not_ready(job: JobView) -> None:
     st.title(job.name)
     st.info(f"This job is {status_markdown(job.status)}; results appear once it has succeeded.")
     if job.error:
-        st.error(explain_error(job.error, job.error_code))
+        st.error(md_escape(explain_error(job.error, job.error_code)))
     if job.status == JobStatus.RUNNING:
         st.progress(job.progress, text=f"{job.frames_done} of {job.frames_total or '?'} frames")
     st.page_link("app_pages/jobs.py", label="Back to Jobs", icon=":material/list:")
@@ -264,7 +264,7 @@ if job_id is not None:
     _header(job, data)
     _downloads(reg, job)
     if data is None:
-        st.warning(note + " Retry the video with the npz format selected to see charts and frames.")
+        st.warning(md_escape(note) + " Retry the video with the npz format selected to see charts and frames.")
         st.stop()
     frame_key = f"res_frame_{job.id}"
     st.session_state.setdefault(frame_key, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard.data import doctor_checks
+from dashboard.fmt import blocking_checks, check_text, md_escape
 from dashboard.install import BFM09, BFM_FRONT, EXP_PCA, install, weight_statuses
 
 INSTALLABLE = {
@@ -25,7 +26,7 @@ def _status_table() -> None:
         need = "" if w.required else " · optional"
         with st.expander(f"{mark} **{w.title}** — {w.detail}{need}", expanded=w.required and not w.present):
             st.markdown(f"**Where the engine looks:** `{w.path}`")
-            st.markdown(f"**Where it comes from:** {w.source}")
+            st.markdown(f"**Where it comes from:** {md_escape(w.source)}")
 
 
 def _install_form() -> None:
@@ -36,9 +37,7 @@ def _install_form() -> None:
     )
     name = None
     if key == "bfm":
-        name = st.radio(
-            "Which face-model file", [BFM_FRONT, BFM09, EXP_PCA], horizontal=True, key="setup_bfm_name"
-        )
+        name = st.radio("Which face-model file", [BFM_FRONT, BFM09, EXP_PCA], horizontal=True, key="setup_bfm_name")
     if how == "Upload":
         upload = st.file_uploader(
             "Weight file",
@@ -64,10 +63,10 @@ def _install_form() -> None:
             else:
                 result = install(key, path, name)
         if result.ok:
-            st.success(result.message)
+            st.success(md_escape(result.message))
             doctor_checks.clear()
         else:
-            st.error(result.message)
+            st.error(md_escape(result.message))
 
 
 def _doctor() -> None:
@@ -75,20 +74,22 @@ def _doctor() -> None:
     if st.button("Run again", icon=":material/refresh:", key="setup_doctor_again"):
         doctor_checks.clear()
     checks = doctor_checks()
+    blocking, _ = blocking_checks(checks)
     group = None
     for c in checks:
         if c.group != group:
             group = c.group
             st.markdown(f"**{group.capitalize()}**")
+        what, todo = check_text(c.detail, c.fix)
+        text = f"**{c.name}**: {md_escape(what)}" + (f"\n\n→ {md_escape(todo)}" if todo else "")
         if c.ok:
-            st.markdown(f":green[:material/check_circle:] {c.name}: {c.detail}")
-        elif c.required:
-            st.error(f"**{c.name}**: {c.detail}" + (f"\n\n→ {c.fix}" if c.fix else ""))
+            st.markdown(f":green[:material/check_circle:] {c.name}: {md_escape(c.detail)}")
+        elif c in blocking:
+            st.error(text)
         else:
-            st.info(f"**{c.name}** (optional): {c.detail}" + (f"\n\n→ {c.fix}" if c.fix else ""))
-    missing = [c.name for c in checks if not c.ok and c.required]
-    if missing:
-        st.warning(f"Not ready to extract: fix {', '.join(missing)}.")
+            st.info(text.replace(f"**{c.name}**", f"**{c.name}** (optional)", 1))
+    if blocking:
+        st.warning(f"Not ready to extract: fix {', '.join(c.name for c in blocking)}.")
     else:
         st.success("Ready to extract.")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.data import get_registry
+from dashboard.fmt import md_escape
 from dashboard.install import weight_statuses
 from db import service
 from engine.config import EngineConfig, LandmarkBackend, OutputFormat
@@ -18,8 +19,7 @@ BACKEND_HELP = {
     "fan": "face_alignment's S3FD detector + 2D-FAN-4, 68 landmarks: PIRender's recipe, best on talking-head "
     "videos; needs its two weight files (Models / setup).",
     "mtcnn": "facenet-pytorch's MTCNN, 5 landmarks: Deep3DFaceRecon's test recipe; fast, weights included.",
-    "file": "Landmarks computed elsewhere: a PIRender keypoint .txt next to each video (or in the folder "
-    "given below).",
+    "file": "Landmarks computed elsewhere: a PIRender keypoint .txt next to each video (or in the folder given below).",
 }
 FORMAT_LABELS = {
     "pirender": "PIRender .mat",
@@ -62,20 +62,9 @@ def _settings_form() -> EngineConfig | None:
         keypoints = None
         if backend == "file":
             keypoints = (
-                st.text_input(
-                    "Keypoints file or folder (empty: next to each video)", key="up_keypoints"
-                ).strip()
+                st.text_input("Keypoints file or folder (empty: next to each video)", key="up_keypoints").strip()
                 or None
             )
-        formats = st.pills(
-            "Output formats",
-            [f.value for f in OutputFormat],
-            selection_mode="multi",
-            key="up_formats",
-            default=["pirender", "npz"],
-            format_func=FORMAT_LABELS.__getitem__,
-            help=FORMAT_HELP,
-        )
     with c2:
         batch = st.number_input(
             "Batch size (frames per network batch)",
@@ -93,6 +82,17 @@ def _settings_form() -> EngineConfig | None:
             help="auto: the GPU when the worker has one. The job runs on whichever "
             "worker takes it; this only picks the device inside that worker.",
         )
+    formats = st.pills(
+        "Output formats",
+        [f.value for f in OutputFormat],
+        selection_mode="multi",
+        key="up_formats",
+        default=["pirender", "npz"],
+        format_func=FORMAT_LABELS.__getitem__,
+        help=FORMAT_HELP,
+        width="stretch",
+        wrap=True,
+    )
     if not formats:
         st.warning("Choose at least one output format.")
         return None
@@ -107,7 +107,7 @@ def _settings_form() -> EngineConfig | None:
             keypoints=keypoints,
         )
     except ValueError as e:
-        st.error(f"These settings are not valid: {e}")
+        st.error(md_escape(f"These settings are not valid: {e}"))
         return None
 
 
@@ -130,23 +130,23 @@ def _submit_folder(folder: str, config: EngineConfig) -> None:
     reg = get_registry()
     path = Path(folder).expanduser()
     if not path.is_dir():
-        st.error(f"{path} is not a folder on this server (give an absolute path to a folder of videos).")
+        st.error(f"{md_escape(path)} is not a folder on this server (give an absolute path to a folder of videos).")
         return
     with st.spinner(f"Registering the videos under {path} (hashing each file once)…"):
         try:
             jobs = service.import_folder(reg, path, config)
         except (StudioError, ValueError, OSError) as e:
-            st.error(f"The folder could not be imported: {e}")
+            st.error(md_escape(f"The folder could not be imported: {e}"))
             return
     if not jobs:
-        st.warning(f"No video or image found under {path} ({', '.join(UPLOAD_TYPES)}).")
+        st.warning(f"No video or image found under {md_escape(path)} ({', '.join(UPLOAD_TYPES)}).")
         return
     _finish(len(jobs), [])
 
 
 def _finish(queued: int, failed: list[str]) -> None:
     if failed:
-        st.error("Not queued:\n\n" + "\n\n".join(f"- {m}" for m in failed))
+        st.error("Not queued:\n\n" + "\n\n".join(f"- {md_escape(m)}" for m in failed))
     if queued:
         st.session_state["jobs_flash"] = ("success", f"Queued {queued} job(s).")
         if not failed:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, TEST_CLIP, make_720p_clip, random_checkpoint  # noqa: E402
+from bench.common import REPO, TEST_CLIP, make_720p_clip, random_checkpoint
 
 CHILD = """
 import json, resource, sys, time

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.face3d import synthetic  # noqa: E402
-from engine.face3d.model import ParametricFaceModel  # noqa: E402
-from engine.face3d.render import FaceRenderer, renderer_status  # noqa: E402
+from engine.face3d import synthetic
+from engine.face3d.model import ParametricFaceModel
+from engine.face3d.render import FaceRenderer, renderer_status
 
 IOU_MIN = 0.99
 COLOR_MAX = 2.0  # in 1/255

@@ -133,8 +133,7 @@ def _scatter(df: pd.DataFrame, column: str, name: str, y_unit: str, y_format: st
         marker={"size": 3, **({"color": SERIES_COLOURS[name]} if name in SERIES_COLOURS else {})},
         line={"width": 1.5, **({"color": SERIES_COLOURS[name]} if name in SERIES_COLOURS else {})},
         hovertemplate=(
-            f"<b>{name}</b> %{{y:{y_format}}}{y_unit}<br>"
-            "t = %{x:.2f} s · frame %{customdata}<extra></extra>"
+            f"<b>{name}</b> %{{y:{y_format}}}{y_unit}<br>t = %{{x:.2f}} s · frame %{{customdata}}<extra></extra>"
         ),
     )
 

@@ -85,8 +85,7 @@ class DoctorCheck:
 
 
 _DOCTOR_SNIPPET = (
-    "import json; from engine.doctor import run_checks; "
-    "print(json.dumps([c.to_dict() for c in run_checks()]))"
+    "import json; from engine.doctor import run_checks; print(json.dumps([c.to_dict() for c in run_checks()]))"
 )
 
 

@@ -25,14 +25,12 @@ STATUS_COLOURS = {
 
 #: Error code (``engine.StudioError.code``) → what it means for the researcher and what to do.
 ERROR_HINTS = {
-    "input": "The input file is missing, empty or not a supported video/image (mp4, mov, mkv, avi, "
-    "webm, jpg, png).",
+    "input": "The input file is missing, empty or not a supported video/image (mp4, mov, mkv, avi, webm, jpg, png).",
     "decode": "The file could not be decoded: it is probably truncated or corrupt. Re-export or re-download "
     "it and submit it again.",
     "no_face": "No usable face was found. Check that the video shows one frontal face that is large enough, "
     "or try the other landmark backend.",
-    "checkpoint": "The reconstruction checkpoint could not be loaded. Install a valid one on the "
-    "Models / setup page.",
+    "checkpoint": "The reconstruction checkpoint could not be loaded. Install a valid one on the Models / setup page.",
     "weights_missing": "A model file is missing. Install it on the Models / setup page.",
     "weights": "A model file is not what it should be. Replace it on the Models / setup page.",
     "output": "The results could not be written (disk full or no permission). Free some space under data/.",
@@ -122,3 +120,46 @@ def rows_key(prefix: str, ids: Sequence[int]) -> str:
     True
     """
     return f"{prefix}_{hashlib.sha1(','.join(map(str, ids)).encode()).hexdigest()[:12]}"
+
+
+def md_escape(text: str) -> str:
+    r"""Make outside text (paths, error messages) safe to show as Streamlit Markdown.
+
+    ``$`` would start LaTeX and ``~`` strike text through; both are escaped.
+
+    >>> md_escape("$TORCH_HOME defaults to ~/.cache")
+    '\\$TORCH_HOME defaults to \\~/.cache'
+    """
+    return str(text).replace("\\", "\\\\").replace("$", "\\$").replace("~", "\\~")
+
+
+def check_text(detail: str, fix: str) -> tuple[str, str]:
+    """A doctor check's (what was found, what to do), without saying the same thing twice."""
+    detail, fix = (detail or "").strip(), (fix or "").strip()
+    if fix and (fix == detail or detail in fix):
+        return fix, ""
+    if fix and fix in detail:
+        return detail, ""
+    return detail, fix
+
+
+#: Landmark backends that can each run an extraction on their own.
+RUNNABLE_BACKENDS = ("fan", "mtcnn")
+
+
+def blocking_checks(checks) -> tuple[list, list]:
+    """Split failed doctor checks into (blocking, optional).
+
+    One usable landmark backend is enough to extract, so a missing backend only blocks when
+    no other backend works.
+    """
+    backends_ok = any(c.ok for c in checks if c.group == "landmarks" and c.name in RUNNABLE_BACKENDS)
+    blocking, optional = [], []
+    for c in checks:
+        if c.ok:
+            continue
+        if c.required and not (c.group == "landmarks" and backends_ok):
+            blocking.append(c)
+        else:
+            optional.append(c)
+    return blocking, optional

@@ -253,8 +253,7 @@ def _check_mat(path: Path, expected: dict[str, tuple[int, ...]], what: str) -> V
     if missing:
         return Validation(
             False,
-            f"not {what}: keys {', '.join(missing)} are missing "
-            f"(found {', '.join(sorted(shapes)[:8]) or 'none'})",
+            f"not {what}: keys {', '.join(missing)} are missing (found {', '.join(sorted(shapes)[:8]) or 'none'})",
         )
     wrong = [f"{k} is {shapes[k]}, expected {v}" for k, v in expected.items() if tuple(shapes[k]) != v]
     if wrong:
@@ -317,9 +316,7 @@ def destination(key: str, name: str) -> Path:
         return torch_hub_checkpoints() / FAN_FILES[key][0]
     if key == "bfm":
         if name not in (BFM_FRONT, BFM09, EXP_PCA):
-            raise ValueError(
-                f"a face-model file must be named {BFM_FRONT}, {BFM09} or {EXP_PCA}, not {name!r}"
-            )
+            raise ValueError(f"a face-model file must be named {BFM_FRONT}, {BFM09} or {EXP_PCA}, not {name!r}")
         return bfm_dir() / name
     raise ValueError(f"unknown weight {key!r}")
 

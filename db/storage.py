@@ -96,16 +96,10 @@ def store_copy(src: Path, uploads_dir: Path, tmp_dir: Path, original_name: str) 
     Returns:
         (stored path, hex SHA-256, size in bytes).
     """
-    sha = sha256_file(src)
+    with open(src, "rb") as f:
+        tmp, sha, size = stream_to_temp(f, tmp_dir)  # one read: copy and hash together
     dest = upload_path(uploads_dir, sha, original_name)
-    size = src.stat().st_size
-    if not dest.exists():
-        tmp = temp_path(tmp_dir, "copy")
-        try:
-            shutil.copyfile(src, tmp)
-            store_temp(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+    store_temp(tmp, dest)
     return dest, sha, size
 
 

@@ -36,7 +36,12 @@ class VideoView:
 @dataclass(frozen=True)
 class JobView:
     """A job with its video. ``fps`` is the processing speed (frames/s); ``eta_s`` the
-    estimated seconds left (None unless running with a known speed)."""
+    estimated seconds left (None unless running with a known speed).
+
+    ``error`` is the one-line reason of a failed job. On a queued job it tells why an
+    earlier attempt ended (``error_code`` ``"abandoned"``: its worker was lost;
+    ``"requeued"``: its worker shut down); it is cleared when the job succeeds.
+    """
 
     id: int
     video_id: int

@@ -32,7 +32,7 @@ def check_shape(x, spec: Sequence[str | int], name: str) -> None:
         if len(shape) != len(spec):
             raise ShapeError(name, spec, shape)
         shape_tail = shape
-    for want, got in zip(spec, shape_tail):
-        if isinstance(want, int) or (isinstance(want, str) and want.isdigit()):
-            if int(want) != got:
-                raise ShapeError(name, spec, shape)
+    for want, got in zip(spec, shape_tail, strict=True):
+        fixed = isinstance(want, int) or (isinstance(want, str) and want.isdigit())
+        if fixed and int(want) != got:
+            raise ShapeError(name, spec, shape)

@@ -106,7 +106,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             out_base = args.out / item.rel_stem
             bar = None if args.no_progress else _progress_bar(item.path.name)
             try:
-                report = engine.run(item.path, out_base, progress=bar.update if bar else None)
+                report = engine.run(item, out_base, progress=bar.update if bar else None)
             except StudioError as e:
                 failures += 1
                 _close(bar)

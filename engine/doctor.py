@@ -88,7 +88,7 @@ def _checkpoint_check(checkpoint: Path | None) -> Check:
         from engine.regressor import inspect_checkpoint
 
         info = inspect_checkpoint(path)
-    except Exception as e:  # noqa: BLE001 - any failure is reported, not raised
+    except Exception as e:
         return Check("weights", "reconstruction net", False, f"{path} ({size:.1f} MB): {e}",
                      "replace it with a valid epoch_20.pth")
     if not info.ok:
@@ -119,7 +119,7 @@ def _face_model_checks() -> list[Check]:
         return []
     try:
         return [Check("face model", **c) if isinstance(c, dict) else c for c in checks()]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return [Check("face model", "face model", False, f"{type(e).__name__}: {e}", required=False)]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from engine import __version__
 from engine.config import EngineConfig, LandmarkBackend, NoFacePolicy
 from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, StudioError
+from engine.sources import InputItem, iter_frames, prefetch, probe
 from engine.structures import FrameBatch, Landmarks, MediaInfo, VideoResult
 from engine.writers import output_paths, write_outputs
 
@@ -203,7 +204,7 @@ class Engine:
             self._regressor = Regressor(find_checkpoint(self.config.checkpoint), device=self.device)
         return self._regressor
 
-    def landmarker_for(self, source: Path):
+    def landmarker_for(self, source: Path | InputItem):
         """The landmark backend for ``source`` (built per input for ``"file"``, else shared)."""
         from engine.landmarks import create_landmarker
 
@@ -238,7 +239,7 @@ class Engine:
 
     def run(
         self,
-        source: str | Path,
+        source: str | Path | InputItem,
         out_base: str | Path,
         *,
         progress: Callable[[Progress], None] | None = None,
@@ -248,7 +249,9 @@ class Engine:
         """Extract one video or image and write the configured formats.
 
         Args:
-            source: a video or image file.
+            source: a video or image file, or an :class:`~engine.sources.InputItem` from
+                :func:`~engine.sources.discover_inputs` (lets ``--landmarks file`` find
+                keypoints in a folder that mirrors the input tree).
             out_base: output path without suffix; files are ``f"{out_base}{suffix}"``.
             progress: called after every batch with a :class:`Progress`.
             should_stop: polled before every batch; returning True raises
@@ -263,11 +266,11 @@ class Engine:
             CheckpointError / WeightsMissingError: model files. OutputError: cannot write.
             Cancelled: ``should_stop`` returned True.
         """
-        from engine.sources import iter_frames, probe
 
         t_start = time.perf_counter()
         cfg = self.config
-        source = Path(source)
+        item = source if isinstance(source, InputItem) else None
+        source = item.path if item else Path(source)
 
         # 1. Check inputs before any model work.
         if not source.exists():
@@ -280,7 +283,7 @@ class Engine:
 
         # 2. Load (or reuse) the models.
         regressor = self.regressor
-        landmarker = self.landmarker_for(source)
+        landmarker = self.landmarker_for(item or source)
 
         # 3. Restore partial results of an interrupted run.
         acc = _Accumulator()
@@ -292,32 +295,25 @@ class Engine:
         executor = self._thread_pool()
         frames_new = 0
         t_loop = time.perf_counter()
-        for batch in iter_frames(source, cfg.batch_size, start=acc.frames):
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
-            lms = landmarker(batch)
-            valid, reason = lms.valid.astype(bool), np.asarray(lms.reason, dtype=object)
-            lm_used, use_fallback, last_lm = self._apply_no_face_policy(lms, last_lm)
-            aligned = _align(batch, lm_used, use_fallback, valid, reason, executor)
-            coeff = regressor.predict(aligned.crops)
-            acc.add({
-                "coeff": coeff.astype(np.float32),
-                "trans_params": aligned.trans_params.astype(np.float32),
-                "landmarks": np.where(use_fallback[:, None, None], np.float32(-1), lm_used).astype(np.float32),
-                "valid": valid,
-                "reason": reason.astype(str).reshape(-1),
-                "timestamps": batch.timestamps.astype(np.float64),
-            })
-            if resume is not None:
-                resume.save(acc, last_lm)
-            frames_new += len(batch)
-            if progress is not None:
-                elapsed = time.perf_counter() - t_loop
-                progress(Progress(acc.frames, max(info.frame_count, acc.frames), frames_new / max(elapsed, 1e-9)))
+        batches = prefetch(iter_frames(source, cfg.batch_size, start=acc.frames), depth=2)
+        with contextlib.closing(batches):
+            for batch in batches:
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
+                chunk, last_lm = self._process_batch(batch, landmarker, regressor, executor, last_lm)
+                acc.add(chunk)
+                if resume is not None:
+                    resume.save(acc, last_lm)
+                frames_new += len(batch)
+                if progress is not None:
+                    fps = frames_new / max(time.perf_counter() - t_loop, 1e-9)
+                    progress(Progress(acc.frames, max(info.frame_count, acc.frames), fps))
 
         # 5. Judge the result.
         if acc.frames == 0:
             raise DecodeError(f"{source.name}: no frames could be decoded")
+        if hasattr(landmarker, "check_frame_count"):  # precomputed landmarks must cover every frame
+            landmarker.check_frame_count(acc.frames)
         result = self._result(info, acc)
         num_valid = int(result.valid.sum())
         if num_valid == 0:
@@ -356,6 +352,23 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ helpers
+
+    def _process_batch(self, batch: FrameBatch, landmarker, regressor, executor, last_lm):
+        """Landmarks → no-face policy → align → regress for one batch; returns (chunk, last_lm)."""
+        lms = landmarker(batch)
+        valid, reason = lms.valid.astype(bool), np.asarray(lms.reason, dtype=object)
+        lm_used, use_fallback, last_lm = self._apply_no_face_policy(lms, last_lm)
+        aligned = _align(batch, lm_used, use_fallback, valid, reason, executor)
+        coeff = regressor.predict(aligned.crops)
+        chunk = {
+            "coeff": coeff.astype(np.float32),
+            "trans_params": aligned.trans_params.astype(np.float32),
+            "landmarks": np.where(use_fallback[:, None, None], np.float32(-1), lm_used).astype(np.float32),
+            "valid": valid,
+            "reason": reason.astype(str).reshape(-1),
+            "timestamps": batch.timestamps.astype(np.float64),
+        }
+        return chunk, last_lm
 
     def _thread_pool(self) -> ThreadPoolExecutor | None:
         if self.config.num_threads <= 1:

@@ -20,7 +20,12 @@ Images (``.jpg``, ``.jpeg``, ``.png``) are read with Pillow exactly as Deep3DFac
 break compatibility with those files.
 
 Frames are uint8 RGB (H, W, 3), y down, in the pixel grid FFmpeg decodes (the
-sample aspect ratio is ignored, as OpenCV does in the reference scripts).
+sample aspect ratio is ignored, as OpenCV does in the reference scripts). The YUV → RGB
+conversion uses the colour matrix the stream is tagged with (BT.601 when untagged); the
+pixels are identical to ``cv2.VideoCapture`` + ``COLOR_BGR2RGB`` (OpenCV 5, the decode
+of PIRender's scripts), for the shared test clip and for a BT.709-tagged H.264 clip.
+Display rotation is applied, as current OpenCV does by default; OpenCV builds of the
+PIRender era ignored it, so a rotated phone video gave sideways frames there.
 """
 
 from __future__ import annotations

@@ -32,9 +32,7 @@ def fake_result(
     valid = np.ones(n, bool)
     for a, b in invalid:
         valid[a : b + 1] = False
-    lm = np.tile(
-        np.array([[130, 100], [190, 100], [160, 130], [135, 165], [185, 165]], np.float32)[:k], (n, 1, 1)
-    )
+    lm = np.tile(np.array([[130, 100], [190, 100], [160, 130], [135, 165], [185, 165]], np.float32)[:k], (n, 1, 1))
     lm[~valid] = -1
     return VideoResult(
         info=MediaInfo(
@@ -56,9 +54,7 @@ def fake_result(
     )
 
 
-def write_fake_outputs(
-    out_base: Path, formats=("pirender", "npz", "csv", "landmarks"), **kwargs
-) -> dict[str, Path]:
+def write_fake_outputs(out_base: Path, formats=("pirender", "npz", "csv", "landmarks"), **kwargs) -> dict[str, Path]:
     """Write the given formats of :func:`fake_result` at ``out_base`` (``out_base.npz`` ...)."""
     out_base.parent.mkdir(parents=True, exist_ok=True)
     return write_outputs(fake_result(**kwargs), out_base, formats)
@@ -90,9 +86,7 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
 
     job = service.submit_file(reg, clip, settings, original_name="talk_running.mp4")
     service.claim_next(reg, "worker-test", device="cpu")
-    service.report_progress(
-        reg, job.id, "worker-test", frames_done=30, frames_total=60, fps=12.5, stage="extract"
-    )
+    service.report_progress(reg, job.id, "worker-test", frames_done=30, frames_total=60, fps=12.5, stage="extract")
     ids["running"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_done.mp4")
@@ -120,9 +114,7 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
 
     job = service.submit_file(reg, clip, settings, original_name="talk_noface.mp4")
     service.claim_next(reg, "worker-test-2", device="cpu")
-    service.fail_job(
-        reg, job.id, "worker-test-2", error=f"{clip}: no face found in any of 60 frames", code="no_face"
-    )
+    service.fail_job(reg, job.id, "worker-test-2", error=f"{clip}: no face found in any of 60 frames", code="no_face")
     ids["failed"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_cancelled.mp4")

@@ -19,7 +19,10 @@ APP = REPO / "streamlit_app.py"
 DOCTOR = [
     dashboard_data.DoctorCheck("system", "Python", True, "3.11"),
     dashboard_data.DoctorCheck(
-        "weights", "reconstruction net", False, "no reconstruction checkpoint under checkpoints/",
+        "weights",
+        "reconstruction net",
+        False,
+        "no reconstruction checkpoint under checkpoints/",
         "Get epoch_20.pth from Deep3DFaceRecon_pytorch's README",
     ),
     dashboard_data.DoctorCheck("system", "GPU", False, "no CUDA device visible", "", required=False),
@@ -80,7 +83,7 @@ def test_overview_without_workers_says_so(studio, monkeypatch):
 
 
 def test_jobs_table_lists_every_state_and_filters(studio):
-    reg, ids, _ = studio
+    _, ids, _ = studio
     at = open_page("jobs")
     table = at.dataframe[0].value
     assert sorted(table["ID"]) == sorted(ids.values())
@@ -201,7 +204,7 @@ def test_upload_warns_when_fan_weights_are_missing(studio):
 
 
 def test_results_page_charts_quality_downloads_and_viewer(studio):
-    reg, ids, _ = studio
+    _, ids, _ = studio
     at = open_page("results", job=ids["succeeded"])
     assert at.title[0].value == "talk_done.mp4"
     metrics = {m.label: m.value for m in at.metric}
@@ -228,7 +231,7 @@ def test_results_page_charts_quality_downloads_and_viewer(studio):
 
 
 def test_results_page_for_unfinished_missing_and_picker(studio):
-    reg, ids, _ = studio
+    _, ids, _ = studio
     at = open_page("results", job=ids["failed"])
     assert any("landmark backend" in e.value for e in at.error)  # the failure, explained
     at = open_page("results", job=ids["running"])

@@ -38,8 +38,12 @@ def test_result_frame_units_and_frames(result):
 
 def test_result_frame_labels_invalid_frames_without_reason():
     r = fake_result(n=4, invalid=((1, 1),))
-    arrays = {"coeff": r.coeff, "transform_params": r.trans_params, "valid": r.valid,
-              "reason": np.array(["", "", "", ""])}
+    arrays = {
+        "coeff": r.coeff,
+        "transform_params": r.trans_params,
+        "valid": r.valid,
+        "reason": np.array(["", "", "", ""]),
+    }
     assert list(result_frame(arrays)["reason"]) == ["", "invalid", "", ""]
 
 

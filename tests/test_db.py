@@ -61,8 +61,8 @@ def reg(request, tmp_path) -> Registry:
 
 @pytest.mark.skipif(not PG_URL, reason="set STUDIO_TEST_PG_URL=postgresql+psycopg://... (a throwaway "
                     "database) to run every registry test on PostgreSQL too")
-def test_postgresql_is_configured():
-    assert Registry(url=PG_URL).engine.dialect.name == "postgresql"
+def test_postgresql_is_configured(tmp_path):
+    assert Registry(url=PG_URL, data_dir=tmp_path).engine.dialect.name == "postgresql"
 
 
 def _file(tmp_path: Path, name: str, data: bytes) -> Path:

@@ -28,8 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("STUDIO_CHROMIUM", "/usr/bin/chromium"))
 SHOTS = Path(os.environ.get("STUDIO_TEST_OUTPUT", REPO / "test-output")) / "screenshots"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
 ]
 #: The whole 200-frame clip on 2 CPU cores with MTCNN takes a minute or two.
 JOB_TIMEOUT_S = 420
@@ -115,8 +121,19 @@ def studio_run(tmp_path):
         PYTHONUNBUFFERED="1",
     )
     env.pop("STUDIO_DB_URL", None)
-    cmd = [sys.executable, "-m", "worker.launch", "--devices", "cpu", "--host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(tmp_path / "data")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker.launch",
+        "--devices",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
     log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -144,8 +161,14 @@ def test_upload_to_bundle_in_a_real_browser(studio_run, test_video):
     base = f"http://127.0.0.1:{port}"
 
     # A second `make run` on the same data folder starts no second worker for the same device.
-    second = subprocess.run([*studio_run["cmd"], "--no-dashboard"], cwd=REPO, env=studio_run["env"],
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [*studio_run["cmd"], "--no-dashboard"],
+        cwd=REPO,
+        env=studio_run["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert second.returncode == 0 and "already serves cpu" in second.stdout, second.stdout + second.stderr
 
     with sync_playwright() as p:
@@ -166,7 +189,7 @@ def test_upload_to_bundle_in_a_real_browser(studio_run, test_video):
 
         page.goto(base + "/upload")
         page.locator('input[type="file"]').first.set_input_files(str(test_video))
-        expect(page.get_by_text(test_video.name)).to_be_visible()
+        expect(page.get_by_role("button", name=f"Remove {test_video.name}")).to_be_visible()
         page.get_by_text("MTCNN (5 points)").click()
         page.get_by_role("button", name="CSV").click()  # a third format on top of the defaults
         _settle(page)

@@ -18,7 +18,13 @@ from engine.pipeline import longest_run
 from engine.structures import Landmarks
 from engine.writers import SUFFIXES, csv_header
 from tests.conftest import REPO
-from tests.media import make_audio_only, make_empty_file, make_solid_video, make_text_file, make_truncated_copy
+from tests.media import (
+    make_audio_only,
+    make_empty_file,
+    make_solid_video,
+    make_text_file,
+    make_truncated_copy,
+)
 
 ALL_FORMATS = ",".join(f.value for f in OutputFormat)
 

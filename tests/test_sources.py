@@ -119,6 +119,22 @@ def test_iter_frames_start_resumes(test_video, clip_decoded):
     assert list(iter_frames(test_video, 8, start=500)) == []
 
 
+def test_frames_match_opencv_like_pirender(test_video):
+    """PIRender decodes with cv2 (BGR → RGB): the pixels must be identical."""
+    cv2 = pytest.importorskip("cv2")
+    capture = cv2.VideoCapture(str(test_video))
+    try:
+        reference = []
+        for _ in range(5):
+            ok, bgr = capture.read()
+            assert ok
+            reference.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    finally:
+        capture.release()
+    ours = next(iter_frames(test_video, 5)).images
+    assert np.array_equal(ours, np.stack(reference))
+
+
 def test_iter_frames_memory_is_per_batch(test_video):
     whole_video = 200 * 512 * 512 * 3
     tracemalloc.start()
@@ -175,6 +191,14 @@ def test_rotation_applied(tmp_path, rotation):
     got = batches[0].images[0]
     assert got.shape == expect.shape
     assert np.abs(got.astype(int) - expect.astype(int)).mean() < 8
+    try:  # an independent reader: OpenCV applies the display matrix too
+        import cv2
+    except ImportError:
+        return
+    capture = cv2.VideoCapture(str(path))
+    ok, bgr = capture.read()
+    capture.release()
+    assert ok and np.array_equal(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), got)
 
 
 def test_image_input_like_deep3d_test_py(tmp_path, test_images):

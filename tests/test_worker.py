@@ -250,7 +250,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory, test_video) -> dict[str, Path]:
-    """Clips cut from the shared video, scaled to 256×256: ``short`` (4 frames), ``long`` (40),
+    """Clips cut from the shared video, scaled to 256×256: ``tiny`` (2 frames), ``short`` (4), ``long`` (40),
     plus the bad inputs of the mixed queue."""
     import av
 
@@ -264,6 +264,7 @@ def clips(tmp_path_factory, test_video) -> dict[str, Path]:
             if len(frames) == 40:
                 break
     out = {
+        "tiny": make_video(folder / "tiny.mp4", frames[:2]),
         "short": make_video(folder / "short.mp4", frames[:4]),
         "long": make_video(folder / "long.mp4", frames),
         "empty": make_empty_file(folder / "empty.mp4"),
@@ -373,7 +374,7 @@ def test_kill_9_mid_job_a_second_worker_resumes_and_matches_an_uninterrupted_run
 def test_30_jobs_3_workers_each_job_runs_exactly_once(tmp_path, checkpoint, clips, workers):
     data = tmp_path / "data"
     reg = Registry(data_dir=data)
-    ids = [service.submit_file(reg, clips["short"], _settings(checkpoint)).id for _ in range(30)]
+    ids = [service.submit_file(reg, clips["tiny"], _settings(checkpoint)).id for _ in range(30)]
     for i in range(3):
         workers.append(WorkerProcess(data, f"w{i}", "--burst"))
     for w in workers:

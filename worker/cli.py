@@ -75,21 +75,37 @@ def register(subparsers) -> None:
 
 
 def _pick_device(args: argparse.Namespace) -> str:
+    """``--gpu N`` → ``cuda:N``; ``--device``; else ``cuda:0`` when a GPU is visible, else ``cpu``.
+
+    Raises:
+        SystemExit: both options given, or the named GPU does not exist here.
+    """
     if args.gpu is not None and args.device:
         raise SystemExit("error: give --gpu or --device, not both")
-    if args.gpu is not None:
-        return f"cuda:{args.gpu}"
-    if args.device:
-        return "cuda:0" if args.device == "cuda" else args.device
+    device = f"cuda:{args.gpu}" if args.gpu is not None else args.device
+    if device == "cuda":
+        device = "cuda:0"
+    if device is not None and not device.startswith("cuda"):
+        return device
     import torch
 
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        return "cuda:0" if count else "cpu"
+    index = int(device.split(":", 1)[1])
+    if index >= count:
+        raise SystemExit(f"error: {device} requested but this machine has {count} usable GPU(s)")
+    return device
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.loop import Worker, WorkerOptions, default_worker_id
 
-    device = _pick_device(args)
+    try:
+        device = _pick_device(args)
+    except ValueError:
+        print(f"error: bad device {args.device!r}: expected cpu, cuda or cuda:N", file=sys.stderr)
+        return 2
     worker_id = args.worker_id or default_worker_id(device)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,

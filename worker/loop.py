@@ -197,7 +197,12 @@ class Worker:
                     log.info("stop requested: exiting (warm shutdown)")
                     break
                 self.janitor()
-                job = service.claim_next(self.reg, self.worker_id, device=opts.device)
+                try:
+                    job = service.claim_next(self.reg, self.worker_id, device=opts.device)
+                except Exception as e:  # database unreachable for a moment: try again later
+                    log.warning("could not claim a job: %s: %s", type(e).__name__, e)
+                    self.stop_event.wait(opts.poll_s)
+                    continue
                 if job is None:
                     if opts.burst:
                         log.info("queue empty: exiting (burst mode)")
@@ -250,17 +255,17 @@ class Worker:
         reg, wid = self.reg, self.worker_id
         result_dir, state_dir = reg.result_dir(job.id), reg.state_dir(job.id)
         log.info("job %d: start %s (attempt %d/%d)", job.id, job.name, job.attempts, job.max_attempts)
-        # 1. Fresh result folder; keep the resumable state of an earlier attempt.
-        storage.remove_tree(result_dir)
-        result_dir.mkdir(parents=True, exist_ok=True)
-        state_dir.mkdir(parents=True, exist_ok=True)
         monitor = JobMonitor(
             reg, job.id, wid, self.stop_event, heartbeat_s=self.options.heartbeat_s,
             progress_s=self.options.progress_s, poll_s=self.options.cancel_poll_s,
         ).start()
         try:
-            # 2. Run the engine.
             try:
+                # 1. Fresh result folder; keep the resumable state of an earlier attempt.
+                storage.remove_tree(result_dir)
+                result_dir.mkdir(parents=True, exist_ok=True)
+                state_dir.mkdir(parents=True, exist_ok=True)
+                # 2. Run the engine.
                 cfg = self._config(job)
                 report = self._run(job, cfg, monitor, result_dir / output_stem(job.name), state_dir)
             finally:
