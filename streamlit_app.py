@@ -7,6 +7,8 @@ Extraction itself runs in worker processes, never in this one.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 st.set_page_config(page_title="3DMM Studio", page_icon=":material/face:", layout="wide")
@@ -32,7 +34,8 @@ with st.sidebar:
 
     try:
         registry = get_registry()
-        st.caption(f"Data folder: `{registry.data_dir}`")
+        short = Path(*registry.data_dir.parts[-2:])
+        st.caption(f"Data folder: `…/{short}`", help=f"All uploads, results and the job database: {registry.data_dir}")
     except Exception as e:
         st.error(f"The job database cannot be opened: {e}")
 

@@ -38,7 +38,7 @@ COLUMNS = {
     "Name": st.column_config.TextColumn("Name", width="medium"),
     "Status": st.column_config.TextColumn("Status", width="small"),
     "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent"),
-    "Frames": st.column_config.TextColumn("Frames", help="frames done / frames in the video"),
+    "Frames": st.column_config.TextColumn("Frames", help="frames done / frames in the video", width=100),
     "Speed": st.column_config.TextColumn("Speed", help="frames per second while running", width=80),
     "ETA": st.column_config.TextColumn("ETA", help="estimated time left", width=95),
     "Attempts": st.column_config.TextColumn("Attempts", help="runs started / allowed"),

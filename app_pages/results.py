@@ -207,7 +207,7 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
     views = frame_views(image, data, int(index))
     cols = st.columns([2, 1, 1])
     with cols[0]:
-        legend = "green: landmarks used for alignment"
+        legend = "cyan: landmarks used for alignment"
         if data.lm68_img_ydown is not None:
             legend += "; magenta: the face model's 68 landmarks"
         st.image(views.original, caption=f"Original frame ({legend})", width="stretch")

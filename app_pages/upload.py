@@ -79,8 +79,8 @@ def _settings_form() -> EngineConfig | None:
             "Device",
             list(DEVICES),
             key="up_device",
-            help="auto: the GPU when the worker has one. The job runs on whichever "
-            "worker takes it; this only picks the device inside that worker.",
+            help="Stored with the job. Workers currently run every job on their own device "
+            "(make run starts one worker per GPU, or one CPU worker), so auto is the usual choice.",
         )
     formats = st.pills(
         "Output formats",

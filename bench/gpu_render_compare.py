@@ -101,7 +101,7 @@ def main() -> int:
     both = (ma & mb)[:, None]
     diff = (a.image.clamp(0, 1) - b.image.clamp(0, 1)).abs() * 255
     mean_diff = ((diff * both).flatten(1).sum(1) / (3 * inter).clamp(min=1)).cpu().numpy()
-    p99 = [float(torch.quantile(d[m.expand_as(d)], 0.99)) if m.any() else 0.0 for d, m in zip(diff, both)]
+    p99 = [float(torch.quantile(d[m.expand_as(d)], 0.99)) if m.any() else 0.0 for d, m in zip(diff, both, strict=True)]
     depth_diff = ((a.depth - b.depth).abs() * both).flatten(1).amax(1).cpu().numpy()
     cover = mb.flatten(1).float().mean(1).cpu().numpy()
 
@@ -137,7 +137,7 @@ def main() -> int:
             g = model.compute_for_render(c)
             row = []
             for r in (nv, tr):
-                sec = timed(lambda r=r: r(g.vertex_cam, model.tri, g.color), repeat=5 if batch < 256 else 3)
+                sec = timed(lambda r=r, g=g: r(g.vertex_cam, model.tri, g.color), repeat=5 if batch < 256 else 3)
                 row.append(batch / sec)
         print(f"{batch:6d} {row[0]:17.1f} {row[1]:12.1f}")
     with torch.no_grad():

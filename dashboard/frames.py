@@ -16,7 +16,7 @@ from engine.sources import IMAGE_EXTS, iter_frames, read_image_rgb
 
 log = logging.getLogger(__name__)
 
-LANDMARK_COLOUR = (0, 255, 80)
+LANDMARK_COLOUR = (0, 229, 255)  # cyan: distinct from skin, lips and most eye colours
 LM68_COLOUR = (255, 70, 200)
 
 
@@ -78,7 +78,7 @@ def _read_at_time(path: Path, t: float) -> np.ndarray | None:
 
 
 def _radius(image: Image.Image) -> float:
-    return max(1.5, min(image.size) / 220)
+    return max(2.0, min(image.size) / 130)
 
 
 def draw_points(

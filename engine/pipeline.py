@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
+#: Frames per landmark call on the CPU: between slices a cancel request is honoured.
+CPU_LANDMARK_SLICE = 4
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -300,7 +303,7 @@ class Engine:
             for batch in batches:
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
-                chunk, last_lm = self._process_batch(batch, landmarker, regressor, executor, last_lm)
+                chunk, last_lm = self._process_batch(batch, landmarker, regressor, executor, last_lm, should_stop)
                 acc.add(chunk)
                 if resume is not None:
                     resume.save(acc, last_lm)
@@ -353,9 +356,26 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _process_batch(self, batch: FrameBatch, landmarker, regressor, executor, last_lm):
+    def _landmarks(self, batch: FrameBatch, landmarker, should_stop) -> Landmarks:
+        """Run the landmark backend, in slices on the CPU so a cancel is seen within ~a second."""
+        step = len(batch) if self.device.startswith("cuda") else CPU_LANDMARK_SLICE
+        if step >= len(batch):
+            return landmarker(batch)
+        parts = []
+        for a in range(0, len(batch), step):
+            if a and should_stop is not None and should_stop():
+                raise Cancelled(f"cancelled at frame {int(batch.index[a])}")
+            sl = slice(a, a + step)
+            parts.append(landmarker(FrameBatch(batch.images[sl], batch.index[sl], batch.timestamps[sl])))
+        return Landmarks(
+            points_img_ydown=np.concatenate([p.points_img_ydown for p in parts]),
+            valid=np.concatenate([p.valid for p in parts]),
+            reason=tuple(r for p in parts for r in p.reason),
+        )
+
+    def _process_batch(self, batch: FrameBatch, landmarker, regressor, executor, last_lm, should_stop=None):
         """Landmarks → no-face policy → align → regress for one batch; returns (chunk, last_lm)."""
-        lms = landmarker(batch)
+        lms = self._landmarks(batch, landmarker, should_stop)
         valid, reason = lms.valid.astype(bool), np.asarray(lms.reason, dtype=object)
         lm_used, use_fallback, last_lm = self._apply_no_face_policy(lms, last_lm)
         aligned = _align(batch, lm_used, use_fallback, valid, reason, executor)
@@ -389,7 +409,6 @@ class Engine:
             "landmarks": cfg.landmarks.value,
             "keypoints": str(cfg.keypoints),
             "no_face": cfg.no_face.value,
-            "batch_size": cfg.batch_size,
             "engine": __version__,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

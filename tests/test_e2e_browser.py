@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,7 +96,7 @@ def _shot(page, name: str) -> Path:
         if new == height:
             break
         height = new
-        page.set_viewport_size({"width": WIDTH, "height": max(900, height + 40)})
+        page.set_viewport_size({"width": WIDTH, "height": max(700, height + 40)})
         time.sleep(1.0)
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path))
@@ -220,6 +221,17 @@ def test_upload_to_bundle_in_a_real_browser(studio_run, test_video):
         expect(pose).to_contain_text("time (s)")
         _settle(page)
         _shot(page, "04-results")
+
+        # Drag a box over the middle of the pose chart: the frame viewer jumps to the first frame in it.
+        expect(page.get_by_text("Frame 0 · t = 0.000 s")).to_be_visible()
+        area = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
+        page.mouse.move(area["x"] + area["width"] * 0.45, area["y"] + 2)
+        page.mouse.down()
+        page.mouse.move(area["x"] + area["width"] * 0.55, area["y"] + area["height"] - 2, steps=8)
+        page.mouse.up()
+        expect(page.get_by_text("Frame 0 · t = 0.000 s")).to_have_count(0, timeout=30_000)
+        expect(page.get_by_text(re.compile(r"^Frame [1-9]\d* · t = "))).to_be_visible()
+        _settle(page)
 
         with page.expect_download(timeout=120_000) as info:
             page.get_by_role("button", name="Download bundle (.zip)").click()

@@ -135,7 +135,7 @@ def test_hdf5_mat_is_named(tmp_path):
     path = tmp_path / "01_MorphableModel.mat"
     header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64".ljust(116) + b"\0" * 8 + b"\x00\x02" + b"IM"
     path.write_bytes(header + b"\0" * 512)
-    with pytest.raises(WeightsError, match="v7.3"):
+    with pytest.raises(WeightsError, match=r"v7\.3"):
         B._whosmat(path)
 
 
@@ -148,7 +148,7 @@ def test_check_model_rejects_wrong_shapes_and_missing_keys(tmp_path, synthetic_b
     with pytest.raises(WeightsError, match=r"idBase has shape \(107127, 79\), expected \(107127, 80\)"):
         B.check_model(bad)
     scipy.io.savemat(str(bad), {**small, "idBase": good["idBase"]})
-    with pytest.raises(WeightsError, match="missing key.s. texBase"):
+    with pytest.raises(WeightsError, match=r"missing key\(s\) texBase"):
         B.check_model(bad)
     assert not face_model_available(tmp_path)
     assert face_model_available(synthetic_bfm)
@@ -186,3 +186,14 @@ def test_cli_bfm_convert_and_check_report_problems(tmp_path, capsys, synthetic_b
     assert "missing from" in capsys.readouterr().err
     assert main(["bfm", "check", "--dir", str(synthetic_bfm)]) == 0
     assert "ok:" in capsys.readouterr().out
+
+
+def test_doctor_lines(monkeypatch, tmp_path, synthetic_bfm):  # noqa: F811
+    from engine.face3d import doctor_checks
+
+    monkeypatch.setenv("STUDIO_BFM_DIR", str(tmp_path))
+    bfm, renderer = doctor_checks()
+    assert not bfm["ok"] and not bfm["required"] and "faces.dmi.unibas.ch" in bfm["fix"]
+    assert renderer["name"] == "renderer" and renderer["detail"]
+    monkeypatch.setenv("STUDIO_BFM_DIR", str(synthetic_bfm))
+    assert doctor_checks()[0]["ok"]

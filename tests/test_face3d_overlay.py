@@ -38,7 +38,8 @@ def clip_result(clip, tmp_path_factory):
     """An engine-style npz for ``clip``: template-aligned frames, small random coefficients."""
     frames = next(iter(iter_frames(clip, 64))).images
     h, w = frames.shape[1:3]
-    aligned = align_image(frames[0], lm_img_yup=template_fallback_img_yup(w, h))
+    lm_yup = template_fallback_img_yup(w, h) * 1.1 - np.array([w * 0.05, h * 0.06])
+    aligned = align_image(frames[0], lm_img_yup=lm_yup)
     n = len(frames)
     coeff = random_coeff(n, seed=1, pose=0.1)
     coeff[:, 224:] = 0
@@ -69,8 +70,9 @@ def test_crop_box_recovers_align_img_box(test_images):
 def test_pasting_the_crop_back_restores_the_frame(test_video):
     frame = next(iter(iter_frames(test_video, 1))).images[0]
     h, w = frame.shape[:2]
-    lm_yup = template_fallback_img_yup(w, h) * 0.8 + np.array([w * 0.1, h * 0.1])
+    lm_yup = template_fallback_img_yup(w, h) * 0.83 + np.array([w * 0.1, h * 0.05])
     aligned = align_image(frame, lm_img_yup=lm_yup)
+    assert crop_box(aligned.trans_params.astype(np.float32)) == crop_box(aligned.trans_params)
     rgb = aligned.crop.astype(np.float32) / 255
     mask = np.ones((224, 224), np.float32)
     # Paste over a black frame: exactly the crop's footprint is filled, with the frame's content.
@@ -85,7 +87,7 @@ def test_pasting_the_crop_back_restores_the_frame(test_video):
     inner = np.zeros_like(filled)
     inner[ys.min() + 3 : ys.max() - 3, xs.min() + 3 : xs.max() - 3] = True
     diff = np.abs(back.astype(int) - frame.astype(int))[inner]
-    assert diff.mean() < 6  # resampled twice (bicubic down, bilinear up); misplaced by 1 px it is ~3x more
+    assert diff.mean() < 5  # resampled twice (bicubic down, bilinear up); 1 px off gives ~50% more
 
 
 def test_reprojected_landmarks_frames(face_model, clip_result, synthetic_bfm):  # noqa: F811
@@ -175,3 +177,17 @@ def test_cli_mesh_and_overlay(clip, clip_result, synthetic_bfm, tmp_path, capsys
             "--device", "cpu", "--renderer", "torch"]
     assert main(args) == 0
     assert f"{N_FRAMES} frames at 25 fps, audio copied" in capsys.readouterr().out
+
+
+def test_overlay_of_an_image_input(test_images, face_model, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    img_path = sorted(p for p in test_images.iterdir() if p.suffix.lower() in (".jpg", ".png"))[0]
+    frame = np.asarray(Image.open(img_path).convert("RGB"))
+    det = np.loadtxt(test_images / "detections" / f"{img_path.stem}.txt", dtype=np.float32).reshape(-1, 2)
+    tp = align_image(frame, det).trans_params.astype(np.float32)
+    npz = tmp_path / "img.npz"
+    np.savez(npz, coeff=np.zeros((1, 257), np.float32), transform_params=tp[None], valid=np.ones(1, bool))
+    rep = write_overlay_video(img_path, npz, tmp_path / "img.overlay.png", face_model=face_model)
+    out = np.asarray(Image.open(rep.path))
+    assert rep.frames == 1 and out.shape[1] >= 2 * frame.shape[1] and out.shape[0] >= frame.shape[0]

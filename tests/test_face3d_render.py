@@ -86,7 +86,7 @@ def test_normals_and_sh_shading():
     color = m.compute_for_render(coeff).color[0].numpy()
     np.testing.assert_allclose(color[:, 0], (0.8 * SH_AC[0] + SH_AC[1]) * 0.5, atol=1e-6)
     np.testing.assert_allclose(color[:, 1], 0.8 * SH_AC[0] * 0.5, atol=1e-6)
-    assert SH_AC == pytest.approx((0.886227, 1.772454, 2.427032), abs=1e-6)
+    assert pytest.approx((0.886227, 1.772454, 2.427032), abs=1e-6) == SH_AC
 
 
 # -- analytic rasterization -----------------------------------------------------------------
@@ -316,3 +316,18 @@ def test_loader_fix_registers_the_built_plugin(monkeypatch):
         assert sys.modules[name] is built and calls == [False, False]
     finally:
         sys.modules.pop(name, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run bench/gpu_render_compare.py there)")
+def test_backends_agree_on_gpu(synthetic_bfm):  # noqa: F811
+    pytest.importorskip("nvdiffrast")
+    model = ParametricFaceModel.from_dir(synthetic_bfm, "cuda")
+    geo = model.compute_for_render(random_coeff(8, seed=11))
+    a = FaceRenderer("cuda", "nvdiffrast")(geo.vertex_cam, model.tri, geo.color)
+    b = FaceRenderer("cuda", "torch")(geo.vertex_cam, model.tri, geo.color)
+    ma, mb = a.mask[:, 0] > 0, b.mask[:, 0] > 0
+    iou = (ma & mb).flatten(1).sum(1) / (ma | mb).flatten(1).sum(1)
+    both = (ma & mb)[:, None]
+    diff = ((a.image.clamp(0, 1) - b.image.clamp(0, 1)).abs() * both).flatten(1).sum(1)
+    mean_diff = diff / (3 * both.flatten(1).sum(1)) * 255
+    assert iou.min() >= 0.99 and mean_diff.max() < 2.0

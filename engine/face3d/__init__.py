@@ -29,27 +29,47 @@ _LAZY = {
     "bfm_status": "engine.face3d.bfm",
 }
 
-__all__ = ["face_model_available", *_LAZY]
+__all__ = ["doctor_checks", "face_model_available", *_LAZY]
 
 
 def face_model_available(bfm_dir: str | Path | None = None) -> bool:
-    """True when ``bfm_dir/BFM_model_front.mat`` exists with the reference keys and shapes.
+    """True when ``bfm_dir/BFM_model_front.mat`` is valid; cheap, never imports torch (see :mod:`.bfm`)."""
+    from engine.face3d.bfm import face_model_available as available
 
-    Reads only headers and the small index arrays; never imports torch. ``None`` means
-    :func:`engine.weights.bfm_dir`.
+    return available(bfm_dir)
+
+
+def doctor_checks() -> list[dict]:
+    """``doctor``'s face-model lines: the BFM folder and the renderer backend (no compiling).
+
+    Each dict holds ``name, ok, detail, fix, required`` of :class:`engine.doctor.Check`.
     """
-    from engine.errors import WeightsError
-    from engine.face3d.bfm import MODEL_NAME, check_model
+    from engine.face3d.bfm import BFM09_HELP, EXP_HELP, INDEX_HELP, bfm_status
+    from engine.weights import bfm_dir
 
-    if bfm_dir is None:
-        from engine.weights import bfm_dir as default_dir
-
-        bfm_dir = default_dir()
+    st = bfm_status(bfm_dir())
+    if st.model_ok:
+        bfm = {"name": "BFM_model_front.mat", "ok": True, "detail": f"{st.folder} (valid)", "fix": ""}
+    elif st.can_convert:
+        bfm = {"name": "BFM_model_front.mat", "ok": False, "detail": "sources present, not converted yet",
+               "fix": f"python -m engine bfm convert --from {st.folder}"}
+    else:
+        fix = (
+            f"only needed for overlay videos, meshes and lm68. Missing in {st.folder}: "
+            f"{', '.join(st.sources_missing)}. {BFM09_HELP}; {EXP_HELP}; {INDEX_HELP}"
+        )
+        bfm = {"name": "BFM_model_front.mat", "ok": False, "detail": st.problem.split("; ")[0], "fix": fix}
+    out = [{**bfm, "required": False}]
     try:
-        check_model(Path(bfm_dir) / MODEL_NAME)
-    except WeightsError:
-        return False
-    return True
+        from engine.face3d.render import renderer_status
+
+        rs = renderer_status()
+        fix = "" if rs.backend == "nvdiffrast" or rs.device == "cpu" else rs.reason
+        out.append({"name": "renderer", "ok": True, "detail": rs.describe(), "fix": fix, "required": False})
+    except ImportError as e:
+        out.append({"name": "renderer", "ok": False, "detail": str(e), "fix": "pip install torch",
+                    "required": False})
+    return out
 
 
 def __getattr__(name: str):

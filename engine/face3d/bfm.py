@@ -501,3 +501,19 @@ def bfm_status(folder: str | Path) -> BFMStatus:
     present = tuple(n for n in names if (folder / n).is_file())
     missing = tuple(n for n in names if n not in present)
     return BFMStatus(folder, ok, problem, present, missing)
+
+
+def face_model_available(bfm_dir: str | Path | None = None) -> bool:
+    """True when ``bfm_dir/BFM_model_front.mat`` exists with the reference keys and shapes.
+
+    Reads only headers and the small index arrays. ``None`` means :func:`engine.weights.bfm_dir`.
+    """
+    if bfm_dir is None:
+        from engine.weights import bfm_dir as default_dir
+
+        bfm_dir = default_dir()
+    try:
+        check_model(Path(bfm_dir) / MODEL_NAME)
+    except WeightsError:
+        return False
+    return True

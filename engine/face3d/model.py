@@ -46,6 +46,10 @@ def rotation_matrix(angle: torch.Tensor) -> torch.Tensor:
 
     Returns:
         (B, 3, 3) same dtype/device. Deep3D's ``compute_rotation`` returns the transpose.
+
+    >>> r = rotation_matrix(torch.tensor([[0.0, 0.0, math.pi / 2]]))  # roll 90°: x axis → y axis
+    >>> (r[0] @ torch.tensor([1.0, 0.0, 0.0])).round().abs().tolist()
+    [0.0, 1.0, 0.0]
     """
     check_shape(angle, ("B", "3"), "angle")
     x, y, z = angle[:, 0], angle[:, 1], angle[:, 2]

@@ -111,6 +111,9 @@ def crop_box(trans_params: np.ndarray) -> CropBox:
 
     The int32 truncations are the reference's; from float32 ``trans_params`` the result can
     differ by one pixel from the float64 values used at extraction time.
+
+    >>> crop_box(np.array([512, 512, 0.5, 256, 256]))
+    CropBox(w0=512, h0=512, w=256, h=256, left=16, up=16)
     """
     w0, h0, s, tx, ty = (float(v) for v in np.asarray(trans_params, dtype=np.float64))
     w = int(np.int32(w0 * s))
@@ -261,8 +264,8 @@ def overlay_image(
     frame: np.ndarray,
     coeff: np.ndarray,
     trans_params: np.ndarray,
-    face_model: ParametricFaceModel,
-    renderer: FaceRenderer,
+    face_model: ParametricFaceModel | None = None,
+    renderer: FaceRenderer | None = None,
     *,
     valid: bool = True,
     detector_landmarks_img_ydown: np.ndarray | None = None,
@@ -271,7 +274,11 @@ def overlay_image(
 
     Args:
         frame: uint8 (H, W, 3) RGB frame, y down. coeff: (257,). trans_params: (5,).
+        face_model, renderer: reuse loaded ones (a viewer should cache them); ``None`` loads
+            the model from :func:`engine.weights.bfm_dir` on the CPU (about half a second).
     """
+    face_model = face_model or ParametricFaceModel.from_dir(None, "cpu")
+    renderer = renderer or FaceRenderer(face_model.device)
     renders = render_crops(face_model, renderer, np.asarray(coeff, dtype=np.float32)[None])
     return compose_frame(frame, renders, 0, np.asarray(trans_params), valid, detector_landmarks_img_ydown)
 
