@@ -8,13 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from dashboard import charts
-from dashboard.data import frame_rgb, get_registry, result_data
-from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, md_escape, status_markdown
-from dashboard.results import ResultData, quality_summary
+from dashboard.data import face_renderer, frame_rgb, get_registry, result_data
+from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, md_escape, rows_key, status_markdown
+from dashboard.results import ResultData, folder_table, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
 
 FORMAT_LABELS = {
@@ -223,12 +222,82 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
             help="renders the face model on the CPU; needs the BFM face model",
         ):
             with st.spinner("Rendering the face model…"):
-                overlay, why = overlay_image(image, data, int(index))
+                try:
+                    model, renderer = face_renderer()
+                except Exception:  # not set up: overlay_image() says so in words
+                    model = renderer = None
+                overlay, why = overlay_image(image, data, int(index), model, renderer)
             if overlay is not None:
-                st.image(overlay, caption="Reconstructed face over the frame", width="stretch")
+                st.image(
+                    overlay,
+                    width="stretch",
+                    caption="Reconstructed face over the frame (blue: detector landmarks; red: the face "
+                    "model's 68 landmarks; a red border marks a frame flagged invalid)",
+                )
             else:
                 st.info(md_escape(why))
                 st.page_link("app_pages/setup.py", label="Set up the face model", icon=":material/build:")
+
+
+FOLDER_LIMIT = 1000
+
+
+def _image_folder(reg, job: JobView) -> None:
+    """An image's results next to the other images of its folder (jobs imported from one folder)."""
+    parent = str(Path(job.name).parent)
+    st.subheader("This image's folder" if parent != "." else "This image")
+    if parent == ".":
+        st.dataframe(
+            folder_table([(job.name, result_data(_npz_path(reg, job)))]), hide_index=True, column_config=FOLDER_CONFIG
+        )
+        return
+    siblings = [
+        j
+        for j in service.list_jobs(
+            reg, statuses=[JobStatus.SUCCEEDED], search=parent, order_by="name", descending=False, limit=FOLDER_LIMIT
+        )
+        if str(Path(j.name).parent) == parent
+    ]
+    loaded = []
+    for j in siblings:
+        path = _npz_path(reg, j)
+        if path is not None:
+            loaded.append((j, result_data(path)))
+    table = folder_table([(Path(j.name).name, d) for j, d in loaded])
+    valid = int(table["valid"].sum())
+    st.caption(f"{parent}/ · {len(table)} images with results · {valid} with a face · select a row to open that image")
+    event = st.dataframe(
+        table,
+        hide_index=True,
+        column_config=FOLDER_CONFIG,
+        on_select="rerun",
+        selection_mode="single-row",
+        key=rows_key("res_folder", [j.id for j, _ in loaded]),
+    )
+    if event.selection.rows:
+        chosen = loaded[event.selection.rows[0]][0]
+        if chosen.id != job.id:
+            st.query_params["job"] = str(chosen.id)
+            st.rerun()
+
+
+FOLDER_CONFIG = {
+    "image": st.column_config.TextColumn("Image"),
+    "valid": st.column_config.CheckboxColumn("Face found"),
+    "reason": st.column_config.TextColumn("Reason"),
+    "yaw_deg": st.column_config.NumberColumn("Yaw (°)", format="%.1f"),
+    "pitch_deg": st.column_config.NumberColumn("Pitch (°)", format="%.1f"),
+    "roll_deg": st.column_config.NumberColumn("Roll (°)", format="%.1f"),
+    "tx": st.column_config.NumberColumn("tx (dm)", format="%.3f"),
+    "ty": st.column_config.NumberColumn("ty (dm)", format="%.3f"),
+    "tz": st.column_config.NumberColumn("tz (dm)", format="%.3f"),
+    "crop_s": st.column_config.NumberColumn("Crop scale", format="%.3f"),
+}
+
+
+def _npz_path(reg, job: JobView) -> Path | None:
+    npz = next((a for a in service.list_artifacts(reg, job.id) if a.format == "npz"), None)
+    return npz.path if npz is not None and npz.path.is_file() else None
 
 
 def _not_ready(job: JobView) -> None:
@@ -272,6 +341,6 @@ if job_id is not None:
     _quality(job, data, frame_key)
     if data.num_frames > 1:
         _charts(job, data, int(st.session_state[frame_key]), frame_key)
-    else:
-        st.dataframe(pd.DataFrame(data.df.iloc[:, :13]), hide_index=True)
     _frame_viewer(job, data, frame_key)
+    if data.num_frames == 1:
+        _image_folder(reg, job)

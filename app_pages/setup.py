@@ -6,13 +6,13 @@ import streamlit as st
 
 from dashboard.data import doctor_checks
 from dashboard.fmt import blocking_checks, check_text, md_escape
-from dashboard.install import BFM09, BFM_FRONT, EXP_PCA, install, weight_statuses
+from dashboard.install import BFM_FILES, convert_face_model, install, weight_statuses
 
 INSTALLABLE = {
     "checkpoint": "Reconstruction network (epoch_20.pth or SadTalker .safetensors)",
     "sfd": "S3FD face detector (s3fd-619a316812.pth)",
     "fan": "2D-FAN-4 landmarks (2DFAN4-11f355bf06.pth.tar)",
-    "bfm": "Face model file (BFM_model_front.mat, 01_MorphableModel.mat or Exp_Pca.bin)",
+    "bfm": "Face model file (BFM_model_front.mat, or its sources: 01_MorphableModel.mat, Exp_Pca.bin, …)",
 }
 
 
@@ -37,7 +37,7 @@ def _install_form() -> None:
     )
     name = None
     if key == "bfm":
-        name = st.radio("Which face-model file", [BFM_FRONT, BFM09, EXP_PCA], horizontal=True, key="setup_bfm_name")
+        name = st.radio("Which face-model file", BFM_FILES, horizontal=True, key="setup_bfm_name")
     if how == "Upload":
         upload = st.file_uploader(
             "Weight file",
@@ -96,15 +96,18 @@ def _doctor() -> None:
 
 def _face_model_convert() -> None:
     """Offer the BFM conversion when its sources are installed but the converted model is not."""
-    bfm = next(w for w in weight_statuses() if w.key == "bfm")
-    if bfm.present or "sources present" not in bfm.detail:
+    face = next(w for w in weight_statuses() if w.key == "bfm")
+    if face.present or face.detail != "sources present, not converted yet":
         return
     st.info(
-        "The face model's sources are installed but not converted to BFM_model_front.mat yet. "
-        "Run `python -m engine bfm convert` in a terminal (it needs BFM/ to also hold the small files "
-        "shipped with Deep3DFaceRecon_pytorch: BFM_front_idx.mat, BFM_exp_idx.mat, facemodel_info.mat, "
-        "std_exp.txt)."
+        "The face model's sources are installed in BFM/ but not converted to BFM_model_front.mat yet "
+        "(the same as `python -m engine bfm convert`)."
     )
+    if st.button("Convert the face model", icon=":material/build:", key="setup_convert"):
+        with st.spinner("Converting the face model (reads the 200 MB Basel model)…"):
+            result = convert_face_model()
+        (st.success if result.ok else st.error)(md_escape(result.message))
+        doctor_checks.clear()
 
 
 st.title("Models / setup")

@@ -69,6 +69,23 @@ def frame_rgb(path: str, index: int, t: float | None) -> np.ndarray:
     return read_frame(path, index, t)
 
 
+@st.cache_resource(show_spinner="Loading the face model…", max_entries=1)
+def _face_renderer(bfm_dir: str, mtime: float):
+    from engine.face3d import FaceRenderer, ParametricFaceModel
+
+    model = ParametricFaceModel.from_dir(bfm_dir, "cpu")
+    return model, FaceRenderer(model.device)
+
+
+def face_renderer():
+    """(face model, renderer) on the CPU, loaded once per installed ``BFM_model_front.mat``
+    (torch loads here, on first use of the overlay only). Raises if the model is not set up."""
+    from engine.weights import bfm_dir
+
+    path = bfm_dir() / "BFM_model_front.mat"
+    return _face_renderer(str(path.parent), path.stat().st_mtime)
+
+
 # --------------------------------------------------------------------------- doctor
 
 

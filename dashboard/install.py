@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
+from engine.errors import WeightsError
+from engine.face3d import bfm
 from engine.weights import CHECKPOINT_HELP, CHECKPOINT_SUFFIXES, bfm_dir, checkpoint_dir, list_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,34 +39,14 @@ FAN_FILES = {
 }
 MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
 
-#: Face-model files under ``BFM/`` → (shape of each key that must be there) or byte size.
-BFM_FRONT = "BFM_model_front.mat"
-BFM_FRONT_KEYS = {
-    "meanshape": (1, 107127),
-    "meantex": (1, 107127),
-    "idBase": (107127, 80),
-    "exBase": (107127, 64),
-    "texBase": (107127, 80),
-    "tri": (70789, 3),
-    "point_buf": (35709, 8),
-    "keypoints": (1, 68),
-}
-BFM09 = "01_MorphableModel.mat"
-BFM09_KEYS = {
-    "shapeMU": (160470, 1),
-    "shapePC": (160470, 199),
-    "shapeEV": (199, 1),
-    "texMU": (160470, 1),
-    "texPC": (160470, 199),
-    "texEV": (199, 1),
-}
-EXP_PCA = "Exp_Pca.bin"
-EXP_PCA_BYTES = 51_086_404
+#: Face-model files that can be installed into ``BFM/``, in the order the setup page lists them.
+BFM_FRONT = bfm.MODEL_NAME
+BFM09 = bfm.BFM09_NAME
+EXP_PCA = bfm.EXP_NAME
+BFM_FILES = (bfm.MODEL_NAME, bfm.BFM09_NAME, bfm.EXP_NAME, *bfm.INDEX_NAMES)
 BFM_SOURCE_HELP = (
-    "01_MorphableModel.mat comes from the Basel Face Model 2009 (faces.dmi.unibas.ch/bfm, free "
-    "registration, licence forbids redistribution); Exp_Pca.bin from Guo et al.'s CoarseData "
-    "(linked in Deep3DFaceRecon_pytorch's README, 'Prepare prerequisite models'). Put both in BFM/ "
-    "and convert them to BFM_model_front.mat, or install a BFM_model_front.mat you already have."
+    f"Only needed to draw the reconstructed face. Either install a {bfm.MODEL_NAME} you already have, "
+    f"or install its sources and convert them here: {bfm.BFM09_HELP}; {bfm.EXP_HELP}; {bfm.INDEX_HELP}."
 )
 
 
@@ -179,24 +161,19 @@ def weight_statuses() -> list[WeightStatus]:
             required=False,
         )
     )
-    bfm = bfm_dir()
-    front = bfm / BFM_FRONT
-    sources = [n for n in (BFM09, EXP_PCA) if (bfm / n).is_file()]
-    if front.is_file():
-        detail = f"{BFM_FRONT} ({front.stat().st_size / 1e6:.0f} MB)"
-    elif sources:
-        detail = f"sources present ({', '.join(sources)}), not converted yet"
+    folder = bfm_dir()
+    status = bfm.bfm_status(folder)
+    if status.model_ok:
+        detail = f"{bfm.MODEL_NAME} ({(folder / bfm.MODEL_NAME).stat().st_size / 1e6:.0f} MB)"
+    elif status.can_convert:
+        detail = "sources present, not converted yet"
+    elif status.sources_present:
+        detail = f"sources incomplete: missing {', '.join(status.sources_missing)}"
     else:
         detail = "not installed (only needed to draw the reconstructed face)"
     out.append(
         WeightStatus(
-            "bfm",
-            "Face model BFM (visuals only)",
-            front.is_file(),
-            bfm,
-            detail,
-            BFM_SOURCE_HELP,
-            required=False,
+            "bfm", "Face model BFM (visuals only)", status.model_ok, folder, detail, BFM_SOURCE_HELP, required=False
         )
     )
     return out
@@ -229,54 +206,42 @@ def validate_in_child(kind: str, path: str | Path) -> Validation:
         return Validation(False, f"the file could not be checked: {last}")
 
 
-def _mat_shapes(path: Path) -> dict[str, tuple[int, ...]] | str:
-    """Key → shape of a MATLAB file from its headers (no data loaded), or why it is unreadable."""
-    import scipy.io
-
-    try:
-        return {name: tuple(shape) for name, shape, _ in scipy.io.whosmat(str(path))}
-    except NotImplementedError:
-        try:  # MATLAB v7.3 files are HDF5
-            import h5py  # noqa: F401
-        except ImportError:
-            return "a MATLAB v7.3 file; save it again as v7 (or earlier) so SciPy can read it"
-        return "a MATLAB v7.3 file; save it again as v7 (or earlier)"
-    except Exception as e:
-        return f"not a MATLAB .mat file ({type(e).__name__}: {e})"
-
-
-def _check_mat(path: Path, expected: dict[str, tuple[int, ...]], what: str) -> Validation:
-    shapes = _mat_shapes(path)
-    if isinstance(shapes, str):
-        return Validation(False, shapes)
-    missing = [k for k in expected if k not in shapes]
-    if missing:
-        return Validation(
-            False,
-            f"not {what}: keys {', '.join(missing)} are missing (found {', '.join(sorted(shapes)[:8]) or 'none'})",
-        )
-    wrong = [f"{k} is {shapes[k]}, expected {v}" for k, v in expected.items() if tuple(shapes[k]) != v]
-    if wrong:
-        return Validation(False, f"not {what}: " + "; ".join(wrong[:3]))
-    return Validation(True, f"{what}, {len(shapes)} arrays")
-
-
 def validate_bfm_file(path: str | Path, name: str) -> Validation:
-    """Check a face-model file by its role ``name`` (``BFM_model_front.mat``, ``01_MorphableModel.mat``
-    or ``Exp_Pca.bin``) from headers and sizes only."""
+    """Check a face-model file in the role ``name`` (one of :data:`BFM_FILES`) from its headers,
+    size and small index arrays, with :mod:`engine.face3d.bfm`'s checks (NumPy/SciPy only)."""
     path = Path(path)
     if not path.is_file():
         return Validation(False, f"{path}: no such file")
-    if name == BFM_FRONT:
-        return _check_mat(path, BFM_FRONT_KEYS, "Deep3D's BFM_model_front.mat")
-    if name == BFM09:
-        return _check_mat(path, BFM09_KEYS, "the Basel Face Model 2009 (01_MorphableModel.mat)")
-    if name == EXP_PCA:
-        size = path.stat().st_size
-        if size != EXP_PCA_BYTES:
-            return Validation(False, f"Exp_Pca.bin must be {EXP_PCA_BYTES:,} bytes, this file is {size:,}")
-        return Validation(True, "Guo et al.'s expression basis (Exp_Pca.bin)")
-    raise ValueError(f"unknown face-model file {name!r}; expected {BFM_FRONT}, {BFM09} or {EXP_PCA}")
+    checks = {
+        bfm.MODEL_NAME: lambda: bfm.check_model(path),
+        bfm.EXP_NAME: lambda: bfm.check_exp_pca(path),
+        bfm.STD_EXP_NAME: lambda: bfm.read_std_exp(path),
+        # Per-file shape checks of engine.face3d.bfm (its check_sources() needs all six files at once).
+        bfm.BFM09_NAME: lambda: bfm._check_mat_shapes(
+            path, bfm.BFM09_SHAPES, vectors=("shapeMU", "shapeEV", "texMU", "texEV")
+        ),
+        bfm.FRONT_IDX_NAME: lambda: bfm._check_mat_shapes(path, {"idx": (bfm.N_FRONT, 1)}, vectors=("idx",)),
+        bfm.EXP_IDX_NAME: lambda: bfm._check_mat_shapes(path, {"trimIndex": (bfm.N_EXP, 1)}, vectors=("trimIndex",)),
+        bfm.INFO_NAME: lambda: bfm._check_mat_shapes(path, bfm.INFO_SHAPES),
+    }
+    if name not in checks:
+        raise ValueError(f"unknown face-model file {name!r}; expected one of {', '.join(BFM_FILES)}")
+    try:
+        checks[name]()
+    except WeightsError as e:
+        # The engine's messages start with the (temporary) path; name the role instead.
+        return Validation(False, str(e).replace(str(path), name, 1))
+    return Validation(True, f"a valid {name}")
+
+
+def convert_face_model() -> InstallResult:
+    """Build ``BFM/BFM_model_front.mat`` from the sources installed in ``BFM/`` (NumPy; a few seconds)."""
+    folder = bfm_dir()
+    try:
+        out = bfm.convert_bfm([folder], folder)
+    except WeightsError as e:
+        return InstallResult(False, f"The face model could not be converted: {e}")
+    return InstallResult(True, f"Converted the face model: {out}", out)
 
 
 def validate(key: str, path: str | Path, name: str | None = None) -> Validation:
@@ -315,8 +280,8 @@ def destination(key: str, name: str) -> Path:
     if key in FAN_FILES:
         return torch_hub_checkpoints() / FAN_FILES[key][0]
     if key == "bfm":
-        if name not in (BFM_FRONT, BFM09, EXP_PCA):
-            raise ValueError(f"a face-model file must be named {BFM_FRONT}, {BFM09} or {EXP_PCA}, not {name!r}")
+        if name not in BFM_FILES:
+            raise ValueError(f"a face-model file must be named one of {', '.join(BFM_FILES)}, not {name!r}")
         return bfm_dir() / name
     raise ValueError(f"unknown weight {key!r}")
 

@@ -182,3 +182,22 @@ def frame_at_time(df: pd.DataFrame, t: float) -> int:
     if df.empty:
         return 0
     return int(df["frame"].iloc[int(np.abs(df["t"].to_numpy() - float(t)).argmin())])
+
+
+#: Columns of :func:`folder_table`, with their units.
+FOLDER_COLUMNS = ["image", "valid", "reason", "yaw_deg", "pitch_deg", "roll_deg", "tx", "ty", "tz", "crop_s"]
+
+
+def folder_table(results: list[tuple[str, ResultData]]) -> pd.DataFrame:
+    """One row per image of a folder: its name and the first (only) frame's pose, translation and crop.
+
+    Args:
+        results: (image name, its results) in display order; videos contribute their first frame.
+    """
+    rows = []
+    for name, data in results:
+        if data.num_frames == 0:
+            continue
+        first = data.df.iloc[0]
+        rows.append({"image": name, **{c: first[c] for c in FOLDER_COLUMNS[1:]}})
+    return pd.DataFrame(rows, columns=FOLDER_COLUMNS)

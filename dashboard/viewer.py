@@ -75,25 +75,38 @@ def frame_views(frame_rgb: np.ndarray, data: ResultData, index: int) -> FrameVie
     return FrameViews(original, crop, note)
 
 
-def overlay_image(frame_rgb: np.ndarray, data: ResultData, index: int) -> tuple[Image.Image | None, str]:
-    """The reconstructed face drawn over the frame, or ``(None, why not)``.
+def overlay_image(
+    frame_rgb: np.ndarray, data: ResultData, index: int, face_model=None, renderer=None
+) -> tuple[Image.Image | None, str]:
+    """The reconstructed face drawn over frame ``index``, or ``(None, why not)``.
 
-    Loads :mod:`engine.face3d` lazily (torch, face model); any failure becomes the message.
+    Uses :func:`engine.face3d.overlay_image` (torch, on the CPU): the rendered face pasted back
+    into the frame with the detector landmarks (blue), the face model's 68 landmarks (red) and a
+    red border on frames flagged invalid. Pass a loaded ``face_model`` and ``renderer`` to reuse
+    them. Any failure becomes the message.
     """
     try:
-        from engine.face3d import bfm
+        from engine.face3d import face_model_available
     except ImportError:
         return None, "The face-model renderer is not installed in this version."
+    if not face_model_available():
+        return None, "The face model (BFM) is not set up, so the reconstructed face cannot be drawn."
+    lm_img_ydown = data.landmarks_img_ydown[index] if data.landmarks_img_ydown.size else None
     try:
-        if not bfm.face_model_available():
-            return None, "The face model (BFM) is not set up, so the reconstructed face cannot be drawn."
-        from engine import face3d
+        from engine.face3d import overlay_image as render
 
-        render = getattr(face3d, "overlay_image", None)
-        if render is None:
-            return None, "This version of the engine cannot draw the reconstructed face yet."
-        out = render(frame_rgb, data.coeff[index], data.transform_params[index])
+        pair = render(
+            frame_rgb,
+            data.coeff[index],
+            data.transform_params[index],
+            face_model,
+            renderer,
+            valid=bool(data.df["valid"].iloc[index]),
+            detector_landmarks_img_ydown=lm_img_ydown if has_points(lm_img_ydown) else None,
+        )
     except Exception as e:
         log.exception("overlay of frame %d failed", index)
         return None, f"The reconstructed face could not be drawn: {e}"
-    return (out if isinstance(out, Image.Image) else Image.fromarray(np.asarray(out))), ""
+    height, width = frame_rgb.shape[:2]
+    half = pair.shape[1] // 2  # [original | overlay], each padded to an even width
+    return Image.fromarray(np.ascontiguousarray(pair[:height, half : half + width])), ""

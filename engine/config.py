@@ -29,6 +29,11 @@ class OutputFormat(str, Enum):
     NPZ = "npz"
     CSV = "csv"
     LANDMARKS = "landmarks"
+    OVERLAY = "overlay"  #: review video (needs the face model in BFM/); not a coefficient file
+
+    @property
+    def needs_face_model(self) -> bool:
+        return self is OutputFormat.OVERLAY
 
 
 class NoFacePolicy(str, Enum):

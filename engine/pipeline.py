@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from engine import __version__
-from engine.config import EngineConfig, LandmarkBackend, NoFacePolicy
-from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, StudioError
+from engine.config import EngineConfig, LandmarkBackend, NoFacePolicy, OutputFormat
+from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, StudioError, WeightsMissingError
 from engine.sources import InputItem, iter_frames, prefetch, probe
 from engine.structures import FrameBatch, Landmarks, MediaInfo, VideoResult
 from engine.writers import output_paths, write_outputs
@@ -279,7 +279,10 @@ class Engine:
         if not source.exists():
             raise InputError(f"{source}: no such file")
         info = probe(source)
-        paths = output_paths(out_base, cfg.formats)
+        paths = output_paths(out_base, cfg.formats, info.kind)
+        wants_overlay = OutputFormat.OVERLAY in cfg.formats
+        if wants_overlay:
+            self._check_face_model()
         if not cfg.overwrite and all(p.is_file() for p in paths.values()):
             log.info("%s: outputs exist, skipping (use overwrite to redo)", source)
             return RunReport(input=source, outputs=paths, info=info, skipped=True, config=cfg.to_dict())
@@ -334,6 +337,8 @@ class Engine:
         if progress is not None:
             progress(Progress(acc.frames, acc.frames, 0.0, stage="write"))
         written = write_outputs(result, out_base, cfg.formats)
+        if wants_overlay:
+            written[OutputFormat.OVERLAY.value] = self._write_overlay(source, result, paths, progress, should_stop)
         if resume is not None:
             resume.clear()
 
@@ -434,6 +439,34 @@ class Engine:
                 use_fallback[i] = True
                 pts[i] = 0.0
         return pts, use_fallback, last_lm
+
+    def _check_face_model(self) -> None:
+        """The overlay format needs the face model: fail before any work if it is not set up."""
+        from engine.face3d import face_model_available
+        from engine.weights import bfm_dir
+
+        if not face_model_available(bfm_dir()):
+            raise WeightsMissingError(
+                f"the overlay format needs the face model {bfm_dir() / 'BFM_model_front.mat'}; "
+                f"set it up with 'python -m engine bfm convert --from {bfm_dir()}' (see 'python -m engine doctor')"
+            )
+
+    def _write_overlay(self, source: Path, result: VideoResult, paths: dict[str, Path], progress, should_stop) -> Path:
+        """Render the review video (or image) of ``source``; written atomically by the face3d package."""
+        from engine.face3d.overlay import ResultArrays, write_overlay_video
+        from engine.weights import bfm_dir
+
+        out = paths[OutputFormat.OVERLAY.value]
+        arrays = ResultArrays(result.coeff, result.trans_params, result.valid, result.landmarks_img_ydown)
+        n = result.num_frames
+
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress(Progress(done, max(total, n), 0.0, stage="overlay"))
+
+        write_overlay_video(source, arrays, out, bfm_dir=bfm_dir(), device=self.device,
+                            progress=report, should_stop=should_stop)
+        return out
 
     @staticmethod
     def _result(info: MediaInfo, acc: _Accumulator) -> VideoResult:

@@ -19,6 +19,9 @@ deep3d         ``.deep3d.mat``      ``id exp tex angle gamma trans`` (N,k) f32 (
 npz            ``.npz``             named arrays, see :func:`npz_arrays`
 csv            ``.csv``             one row per frame, named columns, angles in degrees
 landmarks      ``.txt``             PIRender keypoint file: N·K·2 values, one per line
+overlay        ``.overlay.mp4``     review video [original | reconstruction + landmarks]
+                                    (``.overlay.png`` for an image); needs the face model,
+                                    written by :mod:`engine.face3d.overlay`
 =============  ===================  =====================================================
 """
 
@@ -48,16 +51,22 @@ SUFFIXES: dict[str, str] = {
     OutputFormat.NPZ.value: ".npz",
     OutputFormat.CSV.value: ".csv",
     OutputFormat.LANDMARKS.value: ".txt",
+    OutputFormat.OVERLAY.value: ".overlay.mp4",
 }
 
+#: Suffix overrides for image inputs.
+IMAGE_SUFFIXES: dict[str, str] = {OutputFormat.OVERLAY.value: ".overlay.png"}
 
-def output_paths(out_base: str | Path, formats) -> dict[str, Path]:
-    """Map each format to its file: ``f"{out_base}{suffix}"``."""
+
+def output_paths(out_base: str | Path, formats, kind: str = "video") -> dict[str, Path]:
+    """Map each format to its file: ``f"{out_base}{suffix}"`` (``kind`` is ``"video"`` or ``"image"``)."""
     out_base = Path(out_base)
-    return {
-        OutputFormat(f).value: out_base.with_name(out_base.name + SUFFIXES[OutputFormat(f).value])
-        for f in formats
-    }
+    out = {}
+    for f in formats:
+        name = OutputFormat(f).value
+        suffix = IMAGE_SUFFIXES.get(name, SUFFIXES[name]) if kind == "image" else SUFFIXES[name]
+        out[name] = out_base.with_name(out_base.name + suffix)
+    return out
 
 
 # --------------------------------------------------------------------------- arrays per format
@@ -209,7 +218,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[str, Path]:
-    """Encode and write every requested format of one input; all land or none does.
+    """Encode and write every requested coefficient format of one input; all land or none does.
+
+    The ``overlay`` format is not a coefficient file: it is skipped here (see
+    :meth:`engine.pipeline.Engine.run`).
 
     Args:
         result: the finished per-frame results.
@@ -223,7 +235,7 @@ def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[st
         OutputError: a file could not be written (full disk, permissions); no output of
             this input is left behind.
     """
-    paths = output_paths(out_base, formats)
+    paths = output_paths(out_base, [f for f in formats if OutputFormat(f).value in ENCODERS])
     staged: list[tuple[Path, Path]] = []
     try:
         for fmt, path in paths.items():

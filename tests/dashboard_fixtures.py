@@ -124,3 +124,35 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
     job = service.submit_file(reg, clip, settings, original_name="talk_waiting.mp4")
     ids["queued"] = job.id
     return ids
+
+
+def add_image_folder(reg, folder: Path, names=("a.jpg", "b.jpg", "c.jpg")) -> list[int]:
+    """Succeeded one-frame jobs for images ``faces/<name>`` imported from one folder; returns their ids."""
+    from PIL import Image
+
+    from db import service
+    from db.storage import sha256_file
+    from db.views import ArtifactFile, QualitySummary
+
+    service.register_worker(reg, "worker-img", hostname="testhost", pid=2, device="cpu")
+    ids = []
+    for i, name in enumerate(names):
+        path = folder / "faces" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((240, 320, 3), 60 + 40 * i, np.uint8)).save(path)
+        job = service.submit_file(
+            reg, path, {"landmarks": "mtcnn", "formats": ["npz"]}, copy=False, original_name=f"faces/{name}"
+        )
+        service.claim_next(reg, "worker-img", device="cpu")
+        result = fake_result(n=1, invalid=(), seed=i)
+        paths = write_outputs(result, reg.result_dir(job.id) / Path(name).stem, ["npz"])
+        files = [ArtifactFile(f, p, p.stat().st_size, sha256_file(p)) for f, p in paths.items()]
+        service.complete_job(
+            reg,
+            job.id,
+            "worker-img",
+            artifacts=files,
+            quality=QualitySummary(frames=1, valid_frames=1, reasons={}, longest_invalid_run=0),
+        )
+        ids.append(job.id)
+    return ids

@@ -30,8 +30,8 @@ DOCTOR = [
 
 
 @pytest.fixture
-def studio(tmp_path, monkeypatch):
-    """A registry under tmp_path with one job per state; the dashboard is pointed at it."""
+def empty_studio(tmp_path, monkeypatch):
+    """An empty registry under tmp_path; the dashboard (and the weight folders) point there."""
     monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("STUDIO_DB_URL", raising=False)
     monkeypatch.setenv("STUDIO_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
@@ -40,9 +40,15 @@ def studio(tmp_path, monkeypatch):
     monkeypatch.setattr(dashboard_data, "run_doctor", lambda: list(DOCTOR))
     st.cache_data.clear()
     reg = Registry()
-    ids = populate(reg, tmp_path)
-    yield reg, ids, tmp_path
+    yield reg, tmp_path
     reg.close()
+
+
+@pytest.fixture
+def studio(empty_studio):
+    """The registry of :func:`empty_studio` with one job per state."""
+    reg, tmp_path = empty_studio
+    return reg, populate(reg, tmp_path), tmp_path
 
 
 def open_page(page: str, **query) -> AppTest:
@@ -255,7 +261,7 @@ def test_setup_page_lists_weights_and_rejects_a_wrong_file(studio):
     at.radio(key="setup_bfm_name").set_value("Exp_Pca.bin").run()
     at.file_uploader(key="setup_upload_bfm").upload("Exp_Pca.bin", b"\0" * 1000).run()
     at.button(key="setup_install").click().run()
-    assert any("must be 51,086,404 bytes" in e.value and "1,000" in e.value for e in at.error)
+    assert any("Exp_Pca.bin: 1,000 bytes, expected 51,086,404" in e.value for e in at.error)
     assert not (tmp / "BFM" / "Exp_Pca.bin").exists()
 
 
@@ -279,3 +285,45 @@ def test_setup_page_installs_a_valid_checkpoint_and_rejects_garbage(studio):
     at.button(key="setup_install").click().run()
     assert any("Installed" in s.value for s in at.success), [e.value for e in at.error]
     assert (tmp / "checkpoints" / "epoch_20.pth").read_bytes() == good.read_bytes()
+
+
+def test_results_page_for_an_image_folder(empty_studio):
+    from tests.dashboard_fixtures import add_image_folder
+
+    reg, tmp = empty_studio
+    ids = add_image_folder(reg, tmp)
+    at = open_page("results", job=ids[1])
+    assert at.title[0].value == "faces/b.jpg"
+    assert not at.get("plotly_chart")  # one frame: no time series
+    assert len(at.get("image")) == 2  # the image with landmarks and its crop
+    table = at.dataframe[0].value
+    assert list(table["image"]) == ["a.jpg", "b.jpg", "c.jpg"]
+    assert table["valid"].all() and set(table.columns) >= {"yaw_deg", "tz"}
+    assert any("3 images with results" in c.value for c in at.caption)
+    at.session_state[rows_key("res_folder", ids)] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception
+    assert at.title[0].value == "faces/c.jpg"
+
+
+def test_pages_on_an_empty_installation(empty_studio):
+    at = open_page("overview")
+    assert {m.value for m in at.metric if "]" in m.label} == {"0"}
+    assert any("No worker is running" in w.value for w in at.warning)
+    at = open_page("jobs")
+    assert any("No jobs yet" in i.value for i in at.info)
+    at = open_page("results")
+    assert any("No finished job yet" in i.value for i in at.info)
+
+
+@pytest.mark.slow
+def test_results_overlay_with_a_face_model(studio, bfm_index):
+    from engine.face3d.synthetic import write_synthetic_model
+
+    _, ids, tmp = studio
+    write_synthetic_model(bfm_index, tmp / "BFM")
+    at = open_page("results", job=ids["succeeded"])
+    at.slider(key=f"res_frame_{ids['succeeded']}").set_value(12).run()
+    at.toggle(key=f"res_overlay_{ids['succeeded']}").set_value(True).run()
+    assert not at.exception
+    assert len(at.get("image")) == 3, [i.value for i in at.info]  # frame, crop, reconstructed face

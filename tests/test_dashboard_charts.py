@@ -144,7 +144,7 @@ def test_bfm_and_empty_files_are_rejected_with_the_reason(tmp_path, monkeypatch)
 
     scipy.io.savemat(mat, {"meanshape": np.zeros((1, 9)), "tri": np.zeros((2, 3))})
     check = validate_bfm_file(mat, "BFM_model_front.mat")
-    assert not check.ok and "idBase" in check.message
+    assert not check.ok and "idBase" in check.message and check.message.startswith("BFM_model_front.mat")
     result = install("bfm", bad)
     assert not result.ok and result.path is None and not (tmp_path / "BFM" / EXP_PCA).exists()
     empty = tmp_path / "epoch_20.pth"

@@ -18,6 +18,7 @@ from engine.pipeline import longest_run
 from engine.structures import Landmarks
 from engine.writers import SUFFIXES, csv_header
 from tests.conftest import REPO
+from tests.face3d_helpers import synthetic_bfm  # noqa: F401  (fixture)
 from tests.media import (
     make_audio_only,
     make_empty_file,
@@ -236,3 +237,32 @@ def test_degenerate_landmarks_become_an_invalid_frame(short_clip):
     aligned = _align(batch, lm, fallback, valid, reason, None)
     assert valid.tolist() == [True, False, True] and reason[1] == "bad_landmarks"
     assert aligned.crops.shape == (3, 224, 224, 3) and np.isfinite(aligned.trans_params).all()
+
+
+def test_overlay_format_needs_the_face_model(tmp_path, short_clip, recon_checkpoint, monkeypatch):
+    from engine import WeightsMissingError
+
+    monkeypatch.setenv("STUDIO_BFM_DIR", str(tmp_path / "noBFM"))
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", formats=("npz", "overlay"))
+    with Engine(cfg) as engine, pytest.raises(WeightsMissingError, match="bfm convert"):
+        engine.run(short_clip, tmp_path / "out" / "clip")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_overlay_format_and_lm68_with_a_face_model(
+    tmp_path, short_clip, recon_checkpoint, synthetic_bfm, monkeypatch  # noqa: F811
+):
+    import av
+
+    monkeypatch.setenv("STUDIO_BFM_DIR", str(synthetic_bfm))
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu",
+                       formats=("npz", "deep3d", "overlay"))
+    with Engine(cfg) as engine:
+        report = engine.run(short_clip, tmp_path / "clip")
+    assert report.outputs["overlay"].name == "clip.overlay.mp4"
+    with av.open(str(report.outputs["overlay"])) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 12
+    z = np.load(report.outputs["npz"])
+    assert z["lm68"].shape == (12, 68, 2) and np.isfinite(z["lm68"]).all()
+    assert mat_keys(report.outputs["deep3d"])["lm68"] == (12, 68, 2)
