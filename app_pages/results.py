@@ -23,8 +23,9 @@ FORMAT_LABELS = {
     "npz": "NumPy .npz (all arrays)",
     "csv": "CSV table",
     "landmarks": "Landmarks .txt",
+    "overlay": "Overlay video",
 }
-FORMAT_MIME = {"csv": "text/csv", "landmarks": "text/plain"}
+FORMAT_MIME = {"csv": "text/csv", "landmarks": "text/plain", "overlay": "video/mp4"}
 
 
 def _pick_job(reg) -> int | None:
@@ -121,6 +122,13 @@ def _downloads(reg, job: JobView) -> None:
                 key=f"res_dl_{a.format}",
                 icon=":material/download:",
             )
+    review = next((a for a in artifacts if a.format == "overlay" and a.path.is_file()), None)
+    if review is not None:
+        with st.expander("Overlay review video: the reconstruction drawn over every frame", icon=":material/movie:"):
+            if review.path.suffix.lower() == ".png":
+                st.image(str(review.path), width="stretch")
+            else:
+                st.video(str(review.path))
     missing = [a.path.name for a in artifacts if not a.path.is_file()]
     if missing:
         st.warning(md_escape(f"These result files are gone from disk: {', '.join(missing)}."))

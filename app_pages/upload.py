@@ -28,11 +28,13 @@ FORMAT_LABELS = {
     "npz": "NumPy .npz",
     "csv": "CSV",
     "landmarks": "Landmarks .txt",
+    "overlay": "Overlay video",
 }
 FORMAT_HELP = (
     "PIRender .mat: coeff (N×257) + transform_params (N×5) · SadTalker .mat: coeff_3dmm (N×73) · "
     "Deep3D .mat: one array per coefficient group · NumPy .npz: everything, needed for the charts · "
-    "CSV: one row per frame · Landmarks .txt: PIRender's keypoint file"
+    "CSV: one row per frame · Landmarks .txt: PIRender's keypoint file · Overlay video: the "
+    "reconstruction drawn over every frame, for review (needs the face model)"
 )
 DEVICES = {"auto": None, "GPU (cuda)": "cuda", "CPU": "cpu"}
 UPLOAD_TYPES = sorted(e.lstrip(".") for e in VIDEO_EXTS | IMAGE_EXTS)
@@ -88,7 +90,7 @@ def _settings_form() -> EngineConfig | None:
         selection_mode="multi",
         key="up_formats",
         default=["pirender", "npz"],
-        format_func=FORMAT_LABELS.__getitem__,
+        format_func=lambda f: FORMAT_LABELS.get(f, f),
         help=FORMAT_HELP,
         width="stretch",
         wrap=True,
@@ -96,6 +98,11 @@ def _settings_form() -> EngineConfig | None:
     if not formats:
         st.warning("Choose at least one output format.")
         return None
+    if "overlay" in formats and not any(w.key == "bfm" and w.present for w in weight_statuses()):
+        st.warning(
+            "The overlay video needs the face model (BFM), which is not set up: these jobs would fail. "
+            "Install it on Models / setup, or leave the overlay out."
+        )
     if "npz" not in formats:
         st.caption("Without npz the results page cannot draw charts for these jobs.")
     try:

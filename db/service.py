@@ -12,7 +12,8 @@ User side: :func:`submit_file`, :func:`submit_upload`, :func:`import_folder`,
 
 Worker side: :func:`register_worker`, :func:`worker_heartbeat`, :func:`stop_worker`,
 :func:`requeue_stale`, :func:`claim_next`, :func:`report_progress`, :func:`read_control`,
-:func:`complete_job`, :func:`fail_job`, :func:`requeue_job`, :func:`finish_cancelled`.
+:func:`complete_job`, :func:`fail_job`, :func:`requeue_job`, :func:`finish_cancelled`,
+:func:`adopt_job`.
 """
 
 from __future__ import annotations
@@ -851,4 +852,51 @@ def finish_cancelled(reg: Registry, job_id: int, worker_id: str) -> JobView | No
         if w is not None:
             w.status, w.current_job_id = "idle", None
             s.add(w)
+    return get_job(reg, job_id)
+
+
+def adopt_job(
+    reg: Registry, job_id: int, worker_id: str, *, dispatcher: str, device: str | None = None
+) -> JobView | None:
+    """Hand a job claimed by a dispatcher (the Ray driver) to the process that runs it.
+
+    The dispatcher claims with :func:`claim_next` under its own id and sends the job to a
+    process whose id is ``f"{dispatcher}/..."``; that process adopts it before starting.
+    If the job already runs under another ``f"{dispatcher}/..."`` id, that process was lost
+    and Ray retried the job here: one more attempt is counted (a job that already used
+    ``max_attempts`` fails as ``abandoned`` instead). The lost process no longer owns the
+    job, so anything it still writes is refused (:class:`LostJob`, ``owned=False``).
+
+    Returns:
+        The job, or None when it no longer runs for ``dispatcher`` (requeued by a janitor,
+        cancelled or failed meanwhile) or was given up here.
+    """
+    now = utcnow()
+    gave_up = None
+    with reg.write() as s:
+        job = s.get(Job, int(job_id))
+        owner = (job.worker_id or "") if job is not None else ""
+        if job is None or job.status != JobStatus.RUNNING.value or not (
+            owner == dispatcher or owner.startswith(f"{dispatcher}/")
+        ):
+            return None
+        if owner not in (dispatcher, worker_id):
+            note = f"{owner} was lost mid-job (attempt {job.attempts} of {job.max_attempts})"
+            if job.attempts >= job.max_attempts:
+                gave_up = f"gave up after {job.attempts} attempts; last: {note}"
+                transition(s, job, JobStatus.FAILED, error=gave_up, error_code="abandoned", stage=None, fps=0.0)
+            else:
+                job.attempts += 1
+                job.error, job.error_code = f"retried: {note}", "abandoned"
+        if gave_up is None:
+            job.worker_id, job.device, job.heartbeat_at, job.stage, job.fps = worker_id, device, now, "starting", 0.0
+            s.add(job)
+            w = s.get(WorkerRow, worker_id)
+            if w is not None:
+                w.status, w.current_job_id, w.heartbeat_at = "busy", job.id, now
+                s.add(w)
+    if gave_up is not None:
+        _remove_job_files(reg, job_id)
+        log.warning("job %d failed: %s", job_id, gave_up)
+        return None
     return get_job(reg, job_id)

@@ -55,3 +55,7 @@ def short_clip(tmp_path_factory, test_video) -> Path:
             if len(frames) == 12:
                 break
     return make_video(tmp_path_factory.mktemp("clips") / "short.mp4", frames, size=(512, 512), fps=25)
+
+
+# A throwaway PostgreSQL server (session) and a fresh database on it per test; skip when unavailable.
+from tests.pg import pg_url, postgres  # noqa: E402, F401

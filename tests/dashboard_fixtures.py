@@ -94,6 +94,7 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
     assert claimed is not None and claimed.id == job.id
     result = fake_result()
     paths = write_outputs(result, reg.result_dir(job.id) / "talk_done", formats)
+    paths["overlay"] = make_clip(reg.result_dir(job.id) / "talk_done.overlay.mp4", n=5, size=(64, 48))
     files = [ArtifactFile(f, p, p.stat().st_size, sha256_file(p)) for f, p in paths.items()]
     quality = QualitySummary(
         frames=result.num_frames,

@@ -203,10 +203,12 @@ def test_upload_imports_a_server_folder_in_place(studio):
     assert not any(p.name in ("one.mp4", "two.mp4") for p in reg.uploads_dir.rglob("*"))  # not copied
 
 
-def test_upload_warns_when_fan_weights_are_missing(studio):
+def test_upload_warns_about_missing_weights(studio):
     at = open_page("upload")
     at.radio(key="up_backend").set_value("fan").run()
     assert any("FAN's weights are not installed" in w.value for w in at.warning)
+    at.button_group(key="up_formats").set_value(["npz", "overlay"]).run()
+    assert any("needs the face model" in w.value for w in at.warning)
 
 
 def test_results_page_charts_quality_downloads_and_viewer(studio):
@@ -224,6 +226,7 @@ def test_results_page_charts_quality_downloads_and_viewer(studio):
     assert labels[0] == "Download bundle (.zip)"
     assert any(lbl.startswith("PIRender .mat") for lbl in labels) and any("NumPy .npz" in lbl for lbl in labels)
     assert len(at.get("image")) == 2  # original frame with landmarks, aligned crop
+    assert len(at.get("video")) == 1  # the overlay review video
 
     at.button(key="res_goto_invalid").click().run()  # longest invalid run starts at frame 10
     assert at.slider(key=f"res_frame_{ids['succeeded']}").value == 10

@@ -31,8 +31,10 @@ def register(subparsers) -> None:
     """Add the registry subcommands to an ``argparse`` subparsers object."""
     from engine.cli import add_engine_options
 
-    p = subparsers.add_parser("worker", help="serve the job queue on one device")
+    p = subparsers.add_parser("worker", help="serve the job queue on one device, every GPU, or a Ray cluster")
     p.add_argument("--gpu", type=int, metavar="N", help="run on cuda:N")
+    p.add_argument("--gpus", metavar="all|N,M",
+                   help="one worker process per visible GPU (all) or per listed GPU, never two on one GPU")
     p.add_argument("--device", help="cpu or cuda:N (default: cuda:0 when a GPU is visible, else cpu)")
     p.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
                    help="idle poll interval (default: 2)")
@@ -44,6 +46,9 @@ def register(subparsers) -> None:
                    help="requeue running jobs whose heartbeat is older than S seconds (default: 30)")
     p.add_argument("--worker-id", help="name of this worker (default: <host>-<pid>-<device>)")
     _add_registry_options(p)
+    from worker.ray_executor import add_arguments as add_ray_arguments
+
+    add_ray_arguments(p)
     p.set_defaults(func=cmd_worker)
 
     p = subparsers.add_parser("submit", help="queue videos (or folders of videos) as jobs")
@@ -99,6 +104,14 @@ def _pick_device(args: argparse.Namespace) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if getattr(args, "executor", "local") == "ray":
+        from worker.ray_executor import cmd_ray
+
+        return cmd_ray(args)
+    if getattr(args, "gpus", None):
+        from worker.launch import cmd_gpus
+
+        return cmd_gpus(args)
     from worker.loop import Worker, WorkerOptions, default_worker_id
 
     try:

@@ -33,11 +33,18 @@ RESTART_DELAY_S = 5.0
 STOP_GRACE_S = 60.0
 
 
+#: Comma list of devices that replaces GPU detection (e.g. ``cuda:1,cuda:2``; tests use ``cpu:0,cpu:1``).
+DEVICES_ENV = "STUDIO_DEVICES"
+
+
 def visible_devices() -> list[str]:
-    """``["cuda:0", ...]`` for every GPU torch sees, else ``["cpu"]``.
+    """``["cuda:0", ...]`` for every GPU torch sees, else ``["cpu"]``; ``$STUDIO_DEVICES`` overrides both.
 
     Asked in a child interpreter so this process never initialises CUDA.
     """
+    override = [d.strip() for d in os.environ.get(DEVICES_ENV, "").split(",") if d.strip()]
+    if override:
+        return override
     code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -81,9 +88,11 @@ class Child:
     env: dict[str, str]
     pass_fds: tuple[int, ...] = ()
     restart: bool = True
+    once: bool = False  #: a clean exit (code 0: burst, max jobs) ends it instead of restarting it
     proc: subprocess.Popen | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
+    finished: bool = False
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, pass_fds=self.pass_fds,
@@ -102,16 +111,8 @@ def build_children(args: argparse.Namespace) -> tuple[list[Child], list[str]]:
     env["STUDIO_DATA_DIR"] = str(data_dir)
     if args.db_url:
         env["STUDIO_DB_URL"] = args.db_url
-    notes: list[str] = []
-    children: list[Child] = []
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else visible_devices()
-    for device in devices:
-        fd = lock_device(data_dir / "locks", device)
-        if fd is None:
-            notes.append(f"a worker already serves {device} for {data_dir}: not starting another")
-            continue
-        cmd = [sys.executable, "-m", "engine", "worker", "--device", device, "--data-dir", str(data_dir)]
-        children.append(Child(f"worker[{device}]", cmd, env, pass_fds=(fd,)))
+    children, notes = worker_children(devices, data_dir, env)
     if not args.no_dashboard:
         if port_in_use(args.host, args.port):
             notes.append(f"the dashboard already runs at http://{args.host}:{args.port}")
@@ -123,15 +124,39 @@ def build_children(args: argparse.Namespace) -> tuple[list[Child], list[str]]:
     return children, notes
 
 
+def worker_children(
+    devices: list[str], data_dir: Path, env: dict[str, str], extra_args: tuple[str, ...] = (), *, once: bool = False
+) -> tuple[list[Child], list[str]]:
+    """One ``python -m engine worker --device D`` child per device whose lock this process could take.
+
+    Returns the children and a note for each device that a worker already serves.
+    """
+    notes: list[str] = []
+    children: list[Child] = []
+    for device in dict.fromkeys(devices):  # each device once, in order
+        fd = lock_device(data_dir / "locks", device)
+        if fd is None:
+            notes.append(f"a worker already serves {device} for {data_dir}: not starting another")
+            continue
+        cmd = [sys.executable, "-m", "engine", "worker", "--device", device, "--data-dir", str(data_dir),
+               *extra_args]
+        children.append(Child(f"worker[{device}]", cmd, env, pass_fds=(fd,), once=once))
+    return children, notes
+
+
 def supervise(children: list[Child], stop: threading.Event) -> int:
-    """Run until ``stop`` is set (or the dashboard exits); restart workers that die."""
+    """Run until ``stop`` is set, the dashboard exits or every ``once`` child is done; restart workers that die."""
     for c in children:
         c.start()
     while not stop.wait(0.5):
         for c in children:
-            if c.alive():
+            if c.alive() or c.finished:
                 continue
             code = c.proc.returncode if c.proc else None
+            if c.once and code == 0:
+                c.finished = True
+                log.info("%s finished", c.name)
+                continue
             if not c.restart:
                 log.warning("%s exited (code %s): stopping everything", c.name, code)
                 stop.set()
@@ -141,6 +166,8 @@ def supervise(children: list[Child], stop: threading.Event) -> int:
             c.restarts += 1
             log.warning("%s exited (code %s): restarting (restart %d)", c.name, code, c.restarts)
             c.start()
+        if all(c.finished for c in children):
+            break
     return shutdown(children)
 
 
@@ -178,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launch: %(message)s")
 
     children, notes = build_children(args)
+    if any(c.name == "dashboard" for c in children):
+        notes.append(f"dashboard: http://{args.host}:{args.port}")
+    return serve(children, notes)
+
+
+def serve(children: list[Child], notes: list[str]) -> int:
+    """Print ``notes``, then supervise ``children`` until done or until SIGINT/SIGTERM stops them all."""
     for note in notes:
         print(note, flush=True)
     if not children:
@@ -191,9 +225,60 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    if any(c.name == "dashboard" for c in children):
-        print(f"dashboard: http://{args.host}:{args.port}", flush=True)
     return supervise(children, stop)
+
+
+def gpu_devices(spec: str) -> list[str]:
+    """``--gpus`` of ``python -m engine worker``: ``all`` (every visible device, see :func:`visible_devices`)
+    or GPU indices ``0,2`` (→ ``cuda:0,cuda:2``, each checked against the visible ones).
+
+    Raises:
+        ValueError: an index that is not a number or not a visible GPU.
+    """
+    visible = visible_devices()
+    if spec.strip().lower() == "all":
+        return visible
+    wanted = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        if not item.isdigit():
+            raise ValueError(f"--gpus: expected 'all' or GPU indices like 0,1, got {spec!r}")
+        if f"cuda:{item}" not in visible:
+            raise ValueError(f"--gpus: cuda:{item} requested but the visible devices are {', '.join(visible)}")
+        wanted.append(f"cuda:{item}")
+    if not wanted:
+        raise ValueError(f"--gpus: expected 'all' or GPU indices like 0,1, got {spec!r}")
+    return wanted
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    """``python -m engine worker --gpus all|0,1``: one worker process per device, none twice per device.
+
+    Each child holds ``<data>/locks/worker-<device>.lock`` (see :func:`lock_device`); a
+    device already served by another launch is skipped. Children that exit cleanly
+    (``--burst``, ``--max-jobs``) are done; children that crash are restarted.
+    """
+    if args.gpu is not None or args.device or args.worker_id:
+        print("error: --gpus starts one worker per device: don't combine it with --gpu, --device or --worker-id",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launch: %(message)s", force=True)
+    try:
+        devices = gpu_devices(args.gpus)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    data_dir = Path(args.data_dir or os.environ.get("STUDIO_DATA_DIR") or "data").expanduser().resolve()
+    env["STUDIO_DATA_DIR"] = str(data_dir)
+    if args.db_url:
+        env["STUDIO_DB_URL"] = args.db_url
+    extra = ["--poll", str(args.poll), "--heartbeat", str(args.heartbeat), "--stale-after", str(args.stale_after)]
+    if args.burst:
+        extra.append("--burst")
+    if args.max_jobs is not None:
+        extra += ["--max-jobs", str(args.max_jobs)]
+    children, notes = worker_children(devices, data_dir, env, tuple(extra), once=True)
+    return serve(children, notes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,342 @@
+"""Scale-out: ``worker --gpus all`` (one worker per device, faked on the CPU with ``STUDIO_DEVICES``)
+and the Ray executor on a local Ray instance whose "GPUs" are a custom resource, against a real
+PostgreSQL server started by the tests (:mod:`tests.pg`, fixtures ``postgres``/``pg_url`` from
+conftest), compared with the local worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from db import JobStatus, Registry, service
+from db.models import Job
+from tests.conftest import REPO
+from worker.loop import wait_for
+
+slow = pytest.mark.slow
+FAKE_GPU = "fake_gpu"
+
+
+# ============================================================================ fast: the registry hand-over
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def reg(request, tmp_path):
+    """The registry on SQLite and on the tests' PostgreSQL server."""
+    url = f"sqlite:///{tmp_path / 'studio.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    r = Registry(url=url, data_dir=tmp_path / "data")
+    yield r
+    r.close()
+
+
+def _queue(reg: Registry, tmp_path: Path, n: int = 1) -> list[int]:
+    ids = []
+    for i in range(n):
+        p = tmp_path / f"in{i}.mp4"
+        p.write_bytes(b"not decoded here %d" % i)
+        ids.append(service.submit_file(reg, p, {"landmarks": "mtcnn", "formats": ["npz"]}).id)
+    return ids
+
+
+def test_adopt_job_hands_over_counts_ray_retries_and_fences_the_lost_process(reg, tmp_path):
+    [job_id, other_id] = _queue(reg, tmp_path, 2)
+    driver = "ray-head-1"
+    for wid in (f"{driver}/a-1-gpu0", f"{driver}/b-2-gpu1"):
+        service.register_worker(reg, wid, hostname="h", pid=1, device="cuda:0")
+    assert service.claim_next(reg, driver, device="ray").id == job_id
+
+    first = service.adopt_job(reg, job_id, f"{driver}/a-1-gpu0", dispatcher=driver, device="cuda:0")
+    assert (first.worker_id, first.device, first.attempts, first.stage) == (f"{driver}/a-1-gpu0", "cuda:0", 1,
+                                                                              "starting")
+    again = service.adopt_job(reg, job_id, f"{driver}/a-1-gpu0", dispatcher=driver)
+    assert again.attempts == 1, "re-adopting by the same process is not a retry"
+    assert service.report_progress(reg, job_id, f"{driver}/a-1-gpu0", frames_done=4).owned
+
+    # a-1 died; Ray retried the video on b-2: one more attempt, a-1 is fenced out.
+    retried = service.adopt_job(reg, job_id, f"{driver}/b-2-gpu1", dispatcher=driver, device="cuda:1")
+    assert (retried.worker_id, retried.attempts) == (f"{driver}/b-2-gpu1", 2)
+    assert retried.error.startswith(f"retried: {driver}/a-1-gpu0 was lost mid-job (attempt 1 of 3)")
+    assert not service.report_progress(reg, job_id, f"{driver}/a-1-gpu0", frames_done=5).owned
+    with pytest.raises(service.LostJob):
+        from db.views import QualitySummary
+
+        service.complete_job(reg, job_id, f"{driver}/a-1-gpu0", artifacts=[],
+                             quality=QualitySummary(frames=1, valid_frames=1, reasons={}, longest_invalid_run=0))
+    [busy] = [w for w in service.list_workers(reg) if w.worker_id == f"{driver}/b-2-gpu1"]
+    assert (busy.status, busy.current_job_id) == ("busy", job_id)
+
+    # Not this driver's job, or not running: nothing to adopt.
+    assert service.adopt_job(reg, job_id, "ray-other-9/x-1-gpu0", dispatcher="ray-other-9") is None
+    assert service.adopt_job(reg, other_id, f"{driver}/a-1-gpu0", dispatcher=driver) is None  # still queued
+
+    # The last allowed attempt was lost too: the job fails instead of a 4th attempt.
+    assert service.adopt_job(reg, job_id, f"{driver}/c-3-gpu0", dispatcher=driver).attempts == 3
+    reg.state_dir(job_id).mkdir(parents=True)
+    assert service.adopt_job(reg, job_id, f"{driver}/d-4-gpu0", dispatcher=driver) is None
+    failed = service.get_job(reg, job_id)
+    assert failed.status == JobStatus.FAILED and failed.error_code == "abandoned" and failed.attempts == 3
+    assert failed.error.startswith("gave up after 3 attempts; last: ") and not reg.state_dir(job_id).exists()
+
+
+def test_ray_options_and_pool_size():
+    from worker.ray_executor import RayExecutorError, RayOptions, parse_resources, pool_size
+
+    assert parse_resources('{"fake_gpu": 1}') == {"fake_gpu": 1.0} and parse_resources(None) == {}
+    for bad in ("fake_gpu=1", "[1]", '{"a": "x"}'):
+        with pytest.raises(ValueError, match="--resources"):
+            parse_resources(bad)
+    with pytest.raises(ValueError, match="positive"):
+        RayOptions(resources={"fake_gpu": 0})
+    with pytest.raises(ValueError, match="max_in_flight"):
+        RayOptions(max_in_flight=0)
+
+    eight_gpus = {"CPU": 64.0, "GPU": 8.0}
+    assert pool_size(RayOptions(), eight_gpus) == 8
+    assert pool_size(RayOptions(gpus_per_task=2, cpus_per_task=4), eight_gpus) == 4
+    assert pool_size(RayOptions(cpus_per_task=16), eight_gpus) == 4  # CPUs run out first
+    fake = RayOptions(gpus_per_task=0, resources={FAKE_GPU: 1})
+    assert fake.demand() == {"CPU": 1.0, FAKE_GPU: 1.0} and pool_size(fake, {"CPU": 2.0, FAKE_GPU: 2.0}) == 2
+    assert pool_size(RayOptions(max_in_flight=5), {"CPU": 1.0}) == 5  # more than fit: they wait for Ray
+    with pytest.raises(RayExecutorError, match=r"GPU: needs 1, cluster has 0.*add GPU nodes"):
+        pool_size(RayOptions(), {"CPU": 16.0})
+
+
+def test_cli_rejects_mixed_device_options(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "engine", "worker", *args, "--data-dir", str(tmp_path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    r = cli("--executor", "ray", "--gpu", "0")
+    assert r.returncode == 2 and "the cluster picks the GPUs" in r.stderr
+    r = cli("--executor", "ray", "--resources", "fake_gpu")
+    assert r.returncode == 2 and "expected a JSON object" in r.stderr
+    r = cli("--gpus", "all", "--device", "cpu")
+    assert r.returncode == 2 and "one worker per device" in r.stderr
+
+
+# ============================================================================ fast: --gpus all
+
+
+def test_gpus_all_takes_each_device_once(tmp_path, monkeypatch):
+    from worker.launch import gpu_devices, worker_children
+
+    monkeypatch.setenv("STUDIO_DEVICES", "cuda:0,cuda:1")
+    assert gpu_devices("all") == ["cuda:0", "cuda:1"] and gpu_devices("1") == ["cuda:1"]
+    with pytest.raises(ValueError, match="cuda:2 requested but the visible devices are cuda:0, cuda:1"):
+        gpu_devices("0,2")
+    with pytest.raises(ValueError, match="expected 'all' or GPU indices"):
+        gpu_devices("first")
+
+    data = tmp_path / "data"
+    first, notes = worker_children(["cuda:0", "cuda:1", "cuda:1"], data, {}, ("--burst",), once=True)
+    try:
+        assert notes == [] and [c.name for c in first] == ["worker[cuda:0]", "worker[cuda:1]"]
+        assert first[1].cmd[-6:] == ["worker", "--device", "cuda:1", "--data-dir", str(data), "--burst"]
+        assert all(c.once and len(c.pass_fds) == 1 for c in first)
+        second, notes = worker_children(["cuda:0", "cuda:1"], data, {})
+        assert second == [] and notes == [f"a worker already serves {d} for {data}: not starting another"
+                                           for d in ("cuda:0", "cuda:1")]
+    finally:
+        for c in first:
+            os.close(c.pass_fds[0])
+    again, _ = worker_children(["cuda:0"], data, {})  # the locks died with their holder
+    assert len(again) == 1
+    os.close(again[0].pass_fds[0])
+
+
+# ============================================================================ slow: real engine, processes
+
+
+def _settings(checkpoint: Path, **kw) -> dict:
+    return {"landmarks": "mtcnn", "checkpoint": str(checkpoint), "formats": ["npz"], "batch_size": 4,
+            "num_threads": 1, **kw}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory, test_video) -> dict[str, Path]:
+    """Clips cut from the shared video at 256×256: ``tiny`` (2 frames), ``short`` (4), ``long`` (40), ``noface``."""
+    import av
+
+    from tests.media import make_solid_video, make_video
+
+    folder = tmp_path_factory.mktemp("clips")
+    frames = []
+    with av.open(str(test_video)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24", width=256, height=256))
+            if len(frames) == 40:
+                break
+    return {
+        "tiny": make_video(folder / "tiny.mp4", frames[:2]),
+        "short": make_video(folder / "short.mp4", frames[:4]),
+        "long": make_video(folder / "long.mp4", frames),
+        "noface": make_solid_video(folder / "wall.mp4", frames=4, size=(128, 128)),
+    }
+
+
+def _env(**extra) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def _run_logged(cmd: list[str], log_path: Path, env: dict, timeout: float) -> tuple[int, str]:
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    return proc.returncode, log_path.read_text()
+
+
+def _coeffs(reg: Registry, job_id: int) -> np.ndarray:
+    [art] = service.list_artifacts(reg, job_id)
+    with np.load(art.path) as z:
+        return z["coeff"].copy()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def local_results(tmp_path_factory, recon_checkpoint, clips) -> dict[str, np.ndarray]:
+    """Coefficients of every face clip from the local worker (``python -m engine worker --burst --device cpu``)."""
+    folder = tmp_path_factory.mktemp("local")
+    reg = Registry(data_dir=folder / "data")
+    ids = {n: service.submit_file(reg, clips[n], _settings(recon_checkpoint)).id for n in ("tiny", "short", "long")}
+    code, text = _run_logged([sys.executable, "-m", "engine", "worker", "--device", "cpu", "--burst",
+                              "--data-dir", str(folder / "data")], folder / "local.log", _env(), 300)
+    assert code == 0, text[-3000:]
+    out = {n: _coeffs(reg, i) for n, i in ids.items()}
+    reg.close()
+    return out
+
+
+@slow
+def test_gpus_all_runs_one_worker_per_device_and_a_second_start_runs_none(tmp_path, recon_checkpoint, clips):
+    data = tmp_path / "data"
+    reg = Registry(data_dir=data)
+    ids = [service.submit_file(reg, clips["tiny"], _settings(recon_checkpoint)).id for _ in range(6)]
+    env = _env(STUDIO_DEVICES="cpu:0,cpu:1")
+    base = [sys.executable, "-m", "engine", "worker", "--gpus", "all", "--data-dir", str(data)]
+    first = subprocess.Popen([*base, "--burst", "--poll", "0.2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: len(service.list_workers(reg)) == 2, 120, 0.2)
+        second = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert second.stdout.splitlines() == [
+            f"a worker already serves cpu:0 for {data.resolve()}: not starting another",
+            f"a worker already serves cpu:1 for {data.resolve()}: not starting another",
+            "nothing to start",
+        ]
+        out, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGTERM)
+            first.communicate(timeout=60)
+    assert first.returncode == 0, out[-3000:]
+    jobs = [service.get_job(reg, i) for i in ids]
+    assert [j.status for j in jobs] == [JobStatus.SUCCEEDED] * 6, [j.error for j in jobs]
+    assert all(j.attempts == 1 and len(service.list_artifacts(reg, j.id)) == 1 for j in jobs)
+    workers = service.list_workers(reg)
+    assert sorted(w.device for w in workers) == ["cpu:0", "cpu:1"]
+    assert all(w.status == "stopped" for w in workers)
+    assert sum(w.jobs_done for w in workers) == 6
+    assert {j.device for j in jobs} <= {"cpu:0", "cpu:1"}
+    assert out.count("finished") >= 2 and "Traceback" not in out
+
+
+# ---------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance: 2 CPUs and 2 ``fake_gpu`` resources standing in for GPUs; yields its address."""
+    ray = pytest.importorskip("ray", reason="the Ray executor tests need Ray: pip install -r requirements-ray.txt")
+    ctx = ray.init(num_cpus=2, resources={FAKE_GPU: 2}, include_dashboard=False, log_to_driver=False,
+                   configure_logging=False)
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+def _driver_cmd(address: str, pg: str, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "engine", "worker", "--executor", "ray", "--address", address,
+            "--gpus-per-task", "0", "--resources", f'{{"{FAKE_GPU}": 1}}', "--db-url", pg, "--data-dir", str(data),
+            "--poll", "0.2", "--heartbeat", "0.5", *extra]
+
+
+@slow
+def test_ray_batch_on_postgresql_matches_the_local_worker(tmp_path, pg_url, ray_cluster, recon_checkpoint, clips,
+                                                         local_results):
+    data = tmp_path / "data"
+    reg = Registry(url=pg_url, data_dir=data)
+    names = ["tiny", "short", "noface", "tiny"]
+    ids = [service.submit_file(reg, clips[n], _settings(recon_checkpoint)).id for n in names]
+    code, text = _run_logged(_driver_cmd(ray_cluster, pg_url, data, "--burst"), tmp_path / "driver.log", _env(),
+                             240)
+    assert code == 0, text[-4000:]
+
+    jobs = [service.get_job(reg, i) for i in ids]
+    for name, job in zip(names, jobs, strict=True):
+        if name == "noface":  # an ordinary failure: recorded once, never retried by Ray
+            assert job.status == JobStatus.FAILED and job.error_code == "no_face" and job.attempts == 1, job
+            continue
+        assert job.status == JobStatus.SUCCEEDED and job.attempts == 1, (job.status, job.error)
+        np.testing.assert_array_equal(_coeffs(reg, job.id), local_results[name])
+        assert _files(reg.result_dir(job.id)) == [f"{name}.npz"] and _files(reg.state_dir(job.id)) == []
+
+    drivers = [w for w in service.list_workers(reg) if w.device == "ray"]
+    gpu_workers = [w for w in service.list_workers(reg) if w.device != "ray"]
+    assert len(drivers) == 1 and len(gpu_workers) == 2, service.list_workers(reg)
+    driver = drivers[0].worker_id
+    assert all(w.worker_id.startswith(f"{driver}/") and w.device == "cpu" for w in gpu_workers)
+    assert all(j.worker_id in {w.worker_id for w in gpu_workers} for j in jobs)
+    assert sum(w.jobs_done for w in gpu_workers) == 3 and sum(w.jobs_failed for w in gpu_workers) == 1
+    assert all(w.status == "stopped" for w in service.list_workers(reg))
+    assert "queue empty: exiting (burst mode)" in text and "Traceback" not in text
+    reg.close()
+
+
+@slow
+def test_killing_a_ray_worker_mid_video_retries_it_and_finishes_once(tmp_path, pg_url, ray_cluster,
+                                                                     recon_checkpoint, clips, local_results):
+    data = tmp_path / "data"
+    reg = Registry(url=pg_url, data_dir=data)
+    job_id = service.submit_file(reg, clips["long"], _settings(recon_checkpoint, batch_size=2)).id
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(_driver_cmd(ray_cluster, pg_url, data, "--burst", "--max-in-flight", "1"),
+                                  cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            started = wait_for(lambda: service.get_job(reg, job_id).frames_done >= 8, 180, 0.05)
+            assert started, log_path.read_text()[-4000:]
+            victim = service.get_job(reg, job_id).worker_id
+            [row] = [w for w in service.list_workers(reg) if w.worker_id == victim]
+            os.kill(row.pid, signal.SIGKILL)  # the Ray worker process running the video
+            killed_at = service.get_job(reg, job_id).frames_done
+            assert driver.wait(240) == 0, log_path.read_text()[-4000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait(30)
+    text = log_path.read_text()
+
+    job = service.get_job(reg, job_id)
+    assert job.status == JobStatus.SUCCEEDED, (job.error, text[-4000:])
+    assert killed_at < 40 and job.attempts == 2 and job.error is None
+    assert job.worker_id != victim and job.worker_id.split("/")[0] == victim.split("/")[0]
+    with reg.session() as s:
+        report = s.get(Job, job_id).report
+    assert report["resumed_from"] >= 8, f"restarted from frame {report['resumed_from']}, not resumed"
+    assert [a.format for a in service.list_artifacts(reg, job_id)] == ["npz"]
+    assert _files(reg.result_dir(job_id)) == ["long.npz"] and _files(reg.state_dir(job_id)) == []
+    np.testing.assert_array_equal(_coeffs(reg, job_id), local_results["long"])
+    assert text.count(f"worker.ray: job {job_id}: succeeded") == 1, "the video finished more than once"
+    assert "queue empty: exiting (burst mode)" in text
+    reg.close()
