@@ -15,16 +15,16 @@ st.set_page_config(page_title="3DMM Studio", page_icon=":material/face:", layout
 
 PAGES = [
     st.Page(
-        "app_pages/overview.py",
+        "pages/overview.py",
         title="Overview",
         icon=":material/dashboard:",
         url_path="overview",
         default=True,
     ),
-    st.Page("app_pages/upload.py", title="Upload", icon=":material/upload:", url_path="upload"),
-    st.Page("app_pages/jobs.py", title="Jobs", icon=":material/list:", url_path="jobs"),
-    st.Page("app_pages/results.py", title="Results", icon=":material/monitoring:", url_path="results"),
-    st.Page("app_pages/setup.py", title="Models / setup", icon=":material/build:", url_path="setup"),
+    st.Page("pages/upload.py", title="Upload", icon=":material/upload:", url_path="upload"),
+    st.Page("pages/jobs.py", title="Jobs", icon=":material/list:", url_path="jobs"),
+    st.Page("pages/results.py", title="Results", icon=":material/monitoring:", url_path="results"),
+    st.Page("pages/setup.py", title="Models / setup", icon=":material/build:", url_path="setup"),
 ]
 
 page = st.navigation(PAGES)

@@ -667,8 +667,33 @@ def requeue_stale(reg: Registry, *, stale_after_s: float) -> list[StaleAction]:
     return actions
 
 
+#: Queued jobs looked at per claim when some ask for a device this worker does not have.
+CLAIM_WINDOW = 64
+
+
+def device_accepts(requested: str | None, worker_device: str | None) -> bool:
+    """Whether a worker on ``worker_device`` may run a job whose settings ask for ``requested``.
+
+    ``None`` (any device) runs anywhere; ``"cpu"`` only on CPU workers; ``"cuda"`` on any GPU
+    worker; ``"cuda:N"`` only on the worker of that GPU. A Ray driver (``"ray"``) takes any job.
+
+    >>> device_accepts(None, "cuda:1"), device_accepts("cpu", "cuda:0"), device_accepts("cuda", "cuda:1")
+    (True, False, True)
+    """
+    if not requested or worker_device in (None, "ray"):  # a Ray driver places tasks itself
+        return True
+    if requested == "cuda":
+        return worker_device.startswith("cuda")
+    if requested == "cuda:0" and worker_device == "cuda":
+        return True
+    return requested == worker_device
+
+
 def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> JobView | None:
-    """Atomically take the oldest queued job for ``worker_id`` (None when the queue is empty).
+    """Atomically take the oldest queued job that ``device`` may run (None when there is none).
+
+    Jobs whose settings ask for another device (``settings["device"]``) are left for a worker
+    that has it (see :func:`device_accepts`).
 
     SQLite: the select and update run under one ``BEGIN IMMEDIATE`` write lock;
     PostgreSQL: the row is locked with ``FOR UPDATE SKIP LOCKED``. Either way two
@@ -679,12 +704,12 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
         select(Job)
         .where(Job.status == JobStatus.QUEUED.value)
         .order_by(Job.created_at.asc(), Job.id.asc())
-        .limit(1)
+        .limit(CLAIM_WINDOW)
     )
     if not reg.is_sqlite:
         q = q.with_for_update(skip_locked=True)
     with reg.write() as s:
-        job = s.exec(q).first()
+        job = next((j for j in s.exec(q) if device_accepts((j.settings or {}).get("device"), device)), None)
         if job is None:
             return None
         transition(

@@ -54,7 +54,7 @@ def studio(empty_studio):
 def open_page(page: str, **query) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=30)
     at.run()
-    at.switch_page(f"app_pages/{page}.py")
+    at.switch_page(f"pages/{page}.py")
     at.query_params.update({k: str(v) for k, v in query.items()})
     at.run()
     assert not at.exception, [e.value for e in at.exception]

@@ -455,3 +455,17 @@ def test_workers_are_listed_with_liveness(reg):
     assert workers["host-1-cpu"].alive and workers["host-1-cpu"].status == "idle"
     assert not workers["host-2-cuda0"].alive and workers["host-2-cuda0"].status == "stopped"
     assert workers["host-1-cpu"].heartbeat_at.tzinfo == timezone.utc
+
+
+def test_claim_respects_the_requested_device(tmp_path, short_clip):
+    """A job asking for the CPU is not taken by a GPU worker, and the reverse; 'auto' goes anywhere."""
+    from db import Registry, service
+
+    reg = Registry(data_dir=tmp_path / "data")
+    cpu_job = service.submit_file(reg, short_clip, {"device": "cpu", "landmarks": "mtcnn"}, copy=False)
+    gpu_job = service.submit_file(reg, short_clip, {"device": "cuda:1", "landmarks": "mtcnn"}, copy=False)
+    any_job = service.submit_file(reg, short_clip, {"landmarks": "mtcnn"}, copy=False)
+    assert service.claim_next(reg, "w-gpu0", device="cuda:0").id == any_job.id  # skips the cpu and cuda:1 jobs
+    assert service.claim_next(reg, "w-gpu0", device="cuda:0") is None
+    assert service.claim_next(reg, "w-gpu1", device="cuda:1").id == gpu_job.id
+    assert service.claim_next(reg, "w-cpu", device="cpu").id == cpu_job.id

@@ -179,16 +179,19 @@ def test_upload_to_bundle_in_a_real_browser(studio_run, test_video):
         page = browser.new_page(viewport={"width": WIDTH, "height": 1000}, accept_downloads=True)
         page.set_default_timeout(60_000)
 
+        # First request of a fresh server is a deep link: it must get the app's own navigation
+        # (Streamlit's file-based pages/ mode would serve the bare script; see dashboard/navigation.py).
+        page.goto(base + "/setup")
+        expect(page.get_by_role("heading", name="Models / setup")).to_be_visible()
+        expect(page.get_by_test_id("stSidebarNav").get_by_text("Models / setup")).to_be_visible()
+        _settle(page)
+        _shot(page, "05-setup")
+
         page.goto(base + "/")
         expect(page.get_by_text("Ready to run?")).to_be_visible()
         expect(page.get_by_text("alive")).to_be_visible(timeout=60_000)  # the worker's heartbeat
         _settle(page)
         _shot(page, "01-overview")
-
-        page.goto(base + "/setup")
-        expect(page.get_by_role("heading", name="Models / setup")).to_be_visible()
-        _settle(page)
-        _shot(page, "05-setup")
 
         page.goto(base + "/upload")
         page.locator('input[type="file"]').first.set_input_files(str(test_video))

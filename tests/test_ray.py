@@ -340,3 +340,35 @@ def test_killing_a_ray_worker_mid_video_retries_it_and_finishes_once(tmp_path, p
     assert text.count(f"worker.ray: job {job_id}: succeeded") == 1, "the video finished more than once"
     assert "queue empty: exiting (burst mode)" in text
     reg.close()
+
+
+@slow
+def test_ray_jobs_cancel_from_the_registry_and_sigterm_requeues(tmp_path, pg_url, ray_cluster, recon_checkpoint,
+                                                                clips):
+    data = tmp_path / "data"
+    reg = Registry(url=pg_url, data_dir=data)
+    first, second = (service.submit_file(reg, clips["long"], _settings(recon_checkpoint, batch_size=2)).id
+                     for _ in range(2))
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(_driver_cmd(ray_cluster, pg_url, data, "--max-in-flight", "1"), cwd=REPO,
+                                  env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: service.get_job(reg, first).frames_done >= 4, 180, 0.05), log_path.read_text()
+            service.cancel_job(reg, first)  # what the dashboard's cancel button does
+            assert wait_for(lambda: service.get_job(reg, first).status == JobStatus.CANCELLED, 10, 0.05)
+            assert _files(reg.result_dir(first)) == [] and _files(reg.state_dir(first)) == []
+
+            assert wait_for(lambda: service.get_job(reg, second).frames_done >= 4, 60, 0.05), log_path.read_text()
+            driver.send_signal(signal.SIGTERM)  # warm shutdown: the batch finishes, the job goes back
+            assert driver.wait(60) == 0, log_path.read_text()[-4000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait(30)
+    back = service.get_job(reg, second)
+    assert back.status == JobStatus.QUEUED and back.attempts == 0 and back.worker_id is None, back
+    assert (reg.state_dir(second) / "state.json").exists(), "SIGTERM must keep the state to resume"
+    assert all(w.status == "stopped" for w in service.list_workers(reg))
+    assert "SIGTERM received" in log_path.read_text()
+    reg.close()

@@ -254,7 +254,9 @@ def connect(options: RayOptions):
         return ray
     runtime_env = None
     if options.ship_code:
-        runtime_env = {"py_modules": [sys.modules[name] for name in _import_all(SHIPPED_PACKAGES)]}
+        # Package folders (not module objects: Ray Client cannot pickle those).
+        runtime_env = {"py_modules": [str(Path(sys.modules[name].__file__).parent)
+                                      for name in _import_all(SHIPPED_PACKAGES)]}
     kwargs = {"runtime_env": runtime_env, "log_to_driver": True}
     try:
         if options.address == "local":
@@ -418,8 +420,8 @@ class RayDriver:
                 log.warning("still waiting for Ray to place %d GPU worker(s) asking %s each", len(self.slots),
                             self.options.demand())
                 waited_since = time.monotonic()
-            done = {id(r) for r in ready}
-            for slot in [s for s in self.slots if s.ref is not None and id(s.ref) in done]:
+            done = set(ready)
+            for slot in [s for s in self.slots if s.ref is not None and s.ref in done]:
                 self._collect(ray, cls, slot)
 
     def _housekeeping(self, opts: WorkerOptions) -> None:
@@ -508,7 +510,7 @@ class RayDriver:
         except service.JobNotFound:
             return
         owner = job.worker_id or ""
-        if job.status != JobStatus.RUNNING or not (owner == self.driver_id or owner.startswith(f"{self.driver_id}/")):
+        if job.status != JobStatus.RUNNING or not self._ours(owner):
             return
         if fail or job.attempts >= job.max_attempts:
             message = reason if fail else f"gave up after {job.attempts} attempts; last: {reason}"
@@ -517,6 +519,10 @@ class RayDriver:
         else:
             service.requeue_job(self.reg, job_id, owner, reason=reason, penalty=True)
             log.warning("job %d requeued: %s", job_id, reason)
+
+    def _ours(self, worker_id: str | None) -> bool:
+        """True for this driver's id and its GPU workers' ids (``<driver id>/...``)."""
+        return bool(worker_id) and (worker_id == self.driver_id or worker_id.startswith(f"{self.driver_id}/"))
 
     def _teardown(self, ray, *, hard: bool) -> None:
         live = [s for s in self.slots if s.state in ("idle", "busy")]
@@ -529,10 +535,12 @@ class RayDriver:
             with contextlib.suppress(Exception):  # already dead
                 ray.kill(s.handle, no_restart=True)
         self.slots.clear()
-        try:
-            service.stop_worker(self.reg, self.driver_id)
+        try:  # every GPU worker of this driver is gone now, including any lost or still starting
+            for w in service.list_workers(self.reg):
+                if w.stopped_at is None and self._ours(w.worker_id):
+                    service.stop_worker(self.reg, w.worker_id)
         except Exception as e:
-            log.warning("could not mark the driver stopped: %s", e)
+            log.warning("could not mark the driver and its GPU workers stopped: %s", e)
         log.info("Ray driver stopped after %d job(s)", self.dispatched)
 
     # ------------------------------------------------------------------ signals

@@ -9,10 +9,13 @@ import streamlit as st
 from dashboard.data import get_registry
 from dashboard.fmt import md_escape
 from dashboard.install import weight_statuses
+from dashboard.navigation import route_through_app
 from db import service
 from engine.config import EngineConfig, LandmarkBackend, OutputFormat
 from engine.errors import StudioError
 from engine.sources import IMAGE_EXTS, VIDEO_EXTS
+
+route_through_app()
 
 BACKEND_LABELS = {"fan": "FAN (68 points)", "mtcnn": "MTCNN (5 points)", "file": "Precomputed file"}
 BACKEND_HELP = {
@@ -81,8 +84,9 @@ def _settings_form() -> EngineConfig | None:
             "Device",
             list(DEVICES),
             key="up_device",
-            help="Stored with the job. Workers currently run every job on their own device "
-            "(make run starts one worker per GPU, or one CPU worker), so auto is the usual choice.",
+            help="auto: the first free worker takes the job. GPU or CPU: only a worker on that kind "
+            "of device takes it (make run starts one worker per GPU, or one CPU worker), so a job "
+            "asking for a device no worker has stays queued.",
         )
     formats = st.pills(
         "Output formats",
@@ -157,9 +161,9 @@ def _finish(queued: int, failed: list[str]) -> None:
     if queued:
         st.session_state["jobs_flash"] = ("success", f"Queued {queued} job(s).")
         if not failed:
-            st.switch_page("app_pages/jobs.py")
+            st.switch_page("pages/jobs.py")
         st.success(f"Queued {queued} job(s).")
-        st.page_link("app_pages/jobs.py", label="Go to Jobs", icon=":material/list:")
+        st.page_link("pages/jobs.py", label="Go to Jobs", icon=":material/list:")
 
 
 st.title("Upload")

@@ -7,6 +7,9 @@ import streamlit as st
 from dashboard.data import doctor_checks
 from dashboard.fmt import blocking_checks, check_text, md_escape
 from dashboard.install import BFM_FILES, convert_face_model, install, weight_statuses
+from dashboard.navigation import route_through_app
+
+route_through_app()
 
 INSTALLABLE = {
     "checkpoint": "Reconstruction network (epoch_20.pth or SadTalker .safetensors)",

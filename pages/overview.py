@@ -6,7 +6,10 @@ import streamlit as st
 
 from dashboard.data import disk_free, doctor_checks, get_registry, gpus
 from dashboard.fmt import blocking_checks, check_text, fmt_age, fmt_bytes, md_escape, status_markdown
+from dashboard.navigation import route_through_app
 from db import JobStatus, service
+
+route_through_app()
 
 REFRESH_S = 3
 LOW_DISK_BYTES = 10 * 2**30
@@ -17,7 +20,7 @@ def _queue(reg) -> None:
     cols = st.columns(len(JobStatus))
     for col, status in zip(cols, JobStatus, strict=True):
         col.metric(status_markdown(status), counts[status], border=True)
-    st.page_link("app_pages/jobs.py", label="Open the jobs table", icon=":material/list:")
+    st.page_link("pages/jobs.py", label="Open the jobs table", icon=":material/list:")
 
 
 def _workers(reg) -> None:
@@ -95,7 +98,7 @@ def readiness() -> None:
     for c in optional:
         what, _ = check_text(c.detail, c.fix)
         st.info(f"Optional: **{c.name}**: {md_escape(what)}")
-    st.page_link("app_pages/setup.py", label="Models / setup", icon=":material/build:")
+    st.page_link("pages/setup.py", label="Models / setup", icon=":material/build:")
 
 
 st.title("3DMM Studio")

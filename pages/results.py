@@ -13,8 +13,11 @@ import streamlit as st
 from dashboard import charts
 from dashboard.data import face_renderer, frame_rgb, get_registry, result_data
 from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, md_escape, rows_key, status_markdown
+from dashboard.navigation import route_through_app
 from dashboard.results import ResultData, folder_table, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
+
+route_through_app()
 
 FORMAT_LABELS = {
     "pirender": "PIRender .mat",
@@ -41,7 +44,7 @@ def _pick_job(reg) -> int | None:
             st.error(f"There is no job {wanted} (it may have been deleted).")
     if not names:
         st.info("No finished job yet. Jobs appear here once they have succeeded.")
-        st.page_link("app_pages/jobs.py", label="Go to Jobs", icon=":material/list:")
+        st.page_link("pages/jobs.py", label="Go to Jobs", icon=":material/list:")
         return None
     if wanted is not None and wanted.isdigit() and int(wanted) in names:
         st.session_state["res_job"] = int(wanted)
@@ -244,7 +247,7 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
                 )
             else:
                 st.info(md_escape(why))
-                st.page_link("app_pages/setup.py", label="Set up the face model", icon=":material/build:")
+                st.page_link("pages/setup.py", label="Set up the face model", icon=":material/build:")
 
 
 FOLDER_LIMIT = 1000
@@ -315,7 +318,7 @@ def _not_ready(job: JobView) -> None:
         st.error(md_escape(explain_error(job.error, job.error_code)))
     if job.status == JobStatus.RUNNING:
         st.progress(job.progress, text=f"{job.frames_done} of {job.frames_total or '?'} frames")
-    st.page_link("app_pages/jobs.py", label="Back to Jobs", icon=":material/list:")
+    st.page_link("pages/jobs.py", label="Back to Jobs", icon=":material/list:")
 
 
 reg = get_registry()

@@ -18,7 +18,10 @@ from dashboard.fmt import (
     status_label,
     status_markdown,
 )
+from dashboard.navigation import route_through_app
 from db import JobNotFound, JobStateError, JobStatus, JobView, service
+
+route_through_app()
 
 REFRESH_S = 2
 PAGE_SIZES = (25, 50, 100, 250)
@@ -127,7 +130,7 @@ def _action_bar(selected: list[JobView]) -> None:
         key="jobs_open",
         help="only for one succeeded job",
     ):
-        st.switch_page("app_pages/results.py", query_params={"job": str(openable[0].id)})
+        st.switch_page("pages/results.py", query_params={"job": str(openable[0].id)})
     bar.button(
         f"Cancel ({len(cancellable)})",
         icon=":material/stop_circle:",
@@ -217,7 +220,7 @@ def _table() -> None:
     if not jobs:
         if total == 0 and not statuses and not search:
             st.info("No jobs yet. Submit videos on the Upload page.")
-            st.page_link("app_pages/upload.py", label="Go to Upload", icon=":material/upload:")
+            st.page_link("pages/upload.py", label="Go to Upload", icon=":material/upload:")
         else:
             st.info("No job matches these filters.")
         return
