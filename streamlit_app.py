@@ -34,8 +34,9 @@ with st.sidebar:
 
     try:
         registry = get_registry()
-        short = Path(*registry.data_dir.parts[-2:])
-        st.caption(f"Data folder: `…/{short}`", help=f"All uploads, results and the job database: {registry.data_dir}")
+        data_dir = registry.data_dir.resolve()
+        shown = data_dir.relative_to(Path.cwd()) if data_dir.is_relative_to(Path.cwd()) else Path("…", data_dir.name)
+        st.caption(f"Data folder: {shown}/", help=f"All uploads, results and the job database: {data_dir}")
     except Exception as e:
         st.error(f"The job database cannot be opened: {e}")
 
