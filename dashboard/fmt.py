@@ -143,23 +143,15 @@ def check_text(detail: str, fix: str) -> tuple[str, str]:
     return detail, fix
 
 
-#: Landmark backends that can each run an extraction on their own.
-RUNNABLE_BACKENDS = ("fan", "mtcnn")
-
-
 def blocking_checks(checks) -> tuple[list, list]:
-    """Split failed doctor checks into (blocking, optional).
+    """Split failed doctor checks into (blocking, optional) by their ``required`` flag.
 
-    One usable landmark backend is enough to extract, so a missing backend only blocks when
-    no other backend works.
+    The doctor already counts one usable landmark backend as enough (its "a landmark
+    detector" line), so a missing FAN alone is optional when MTCNN works.
     """
-    backends_ok = any(c.ok for c in checks if c.group == "landmarks" and c.name in RUNNABLE_BACKENDS)
     blocking, optional = [], []
     for c in checks:
         if c.ok:
             continue
-        if c.required and not (c.group == "landmarks" and backends_ok):
-            blocking.append(c)
-        else:
-            optional.append(c)
+        (blocking if c.required else optional).append(c)
     return blocking, optional

@@ -212,22 +212,10 @@ def validate_bfm_file(path: str | Path, name: str) -> Validation:
     path = Path(path)
     if not path.is_file():
         return Validation(False, f"{path}: no such file")
-    checks = {
-        bfm.MODEL_NAME: lambda: bfm.check_model(path),
-        bfm.EXP_NAME: lambda: bfm.check_exp_pca(path),
-        bfm.STD_EXP_NAME: lambda: bfm.read_std_exp(path),
-        # Per-file shape checks of engine.face3d.bfm (its check_sources() needs all six files at once).
-        bfm.BFM09_NAME: lambda: bfm._check_mat_shapes(
-            path, bfm.BFM09_SHAPES, vectors=("shapeMU", "shapeEV", "texMU", "texEV")
-        ),
-        bfm.FRONT_IDX_NAME: lambda: bfm._check_mat_shapes(path, {"idx": (bfm.N_FRONT, 1)}, vectors=("idx",)),
-        bfm.EXP_IDX_NAME: lambda: bfm._check_mat_shapes(path, {"trimIndex": (bfm.N_EXP, 1)}, vectors=("trimIndex",)),
-        bfm.INFO_NAME: lambda: bfm._check_mat_shapes(path, bfm.INFO_SHAPES),
-    }
-    if name not in checks:
+    if name not in BFM_FILES:
         raise ValueError(f"unknown face-model file {name!r}; expected one of {', '.join(BFM_FILES)}")
     try:
-        checks[name]()
+        bfm.check_file(path, name)
     except WeightsError as e:
         # The engine's messages start with the (temporary) path; name the role instead.
         return Validation(False, str(e).replace(str(path), name, 1))

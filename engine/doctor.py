@@ -102,10 +102,18 @@ def _landmark_checks() -> list[Check]:
         from engine.landmarks import available_backends
     except ImportError as e:
         return [Check("landmarks", "backends", False, str(e), "pip install -r requirements.txt")]
+    backends = available_backends()
     out = []
-    for b in available_backends():
-        out.append(Check("landmarks", b.name, b.available, b.message if b.available else b.message.split(". ")[0],
-                         "" if b.available else b.message, required=b.name == "fan"))
+    for b in backends:
+        what, _, todo = b.message.partition("; ")  # "what is wrong; what to do"
+        out.append(Check("landmarks", b.name, b.available, b.message if b.available else what,
+                         "" if b.available else (todo or what), required=False))
+    usable = [b.name for b in backends if b.available and b.name != "file"]
+    out.append(Check(
+        "landmarks", "a landmark detector", bool(usable),
+        f"usable: {', '.join(usable)}" if usable else "neither fan nor mtcnn can run",
+        "install face_alignment's weights (see the fan line) or facenet-pytorch for mtcnn",
+    ))
     return out
 
 

@@ -248,6 +248,30 @@ def read_std_exp(path: Path) -> np.ndarray:
     return values
 
 
+def check_file(path: str | Path, name: str) -> None:
+    """Check one face-model file in the role ``name`` (its file name in ``BFM/``) from its
+    headers, size and small index arrays, without reading the large bases.
+
+    Raises:
+        ValueError: ``name`` is not a face-model file name.
+        WeightsError: the file is not a valid ``name`` (message says what is wrong and where
+            the right file comes from).
+    """
+    path = Path(path)
+    checks = {
+        MODEL_NAME: lambda: check_model(path),
+        EXP_NAME: lambda: check_exp_pca(path),
+        STD_EXP_NAME: lambda: read_std_exp(path),
+        BFM09_NAME: lambda: _check_mat_shapes(path, BFM09_SHAPES, vectors=("shapeMU", "shapeEV", "texMU", "texEV")),
+        FRONT_IDX_NAME: lambda: _check_mat_shapes(path, {"idx": (N_FRONT, 1)}, vectors=("idx",)),
+        EXP_IDX_NAME: lambda: _check_mat_shapes(path, {"trimIndex": (N_EXP, 1)}, vectors=("trimIndex",)),
+        INFO_NAME: lambda: _check_mat_shapes(path, INFO_SHAPES),
+    }
+    if name not in checks:
+        raise ValueError(f"unknown face-model file {name!r}; expected one of {', '.join(checks)}")
+    checks[name]()
+
+
 def check_sources(src: BFMSources) -> None:
     """Validate every conversion input without reading the large arrays.
 
@@ -255,13 +279,11 @@ def check_sources(src: BFMSources) -> None:
         WeightsError: the first problem found, naming the file, what is wrong and where the
             right file comes from.
     """
-    check_exp_pca(src.exp_pca)
-    read_std_exp(src.std_exp)
-    _check_mat_shapes(src.front_idx, {"idx": (N_FRONT, 1)}, vectors=("idx",))
-    _check_mat_shapes(src.exp_idx, {"trimIndex": (N_EXP, 1)}, vectors=("trimIndex",))
-    _check_mat_shapes(src.info, INFO_SHAPES)
+    for path, name in ((src.exp_pca, EXP_NAME), (src.std_exp, STD_EXP_NAME), (src.front_idx, FRONT_IDX_NAME),
+                       (src.exp_idx, EXP_IDX_NAME), (src.info, INFO_NAME)):
+        check_file(path, name)
     load_indices(src)
-    _check_mat_shapes(src.bfm09, BFM09_SHAPES, vectors=("shapeMU", "shapeEV", "texMU", "texEV"))
+    check_file(src.bfm09, BFM09_NAME)
 
 
 def load_indices(src: BFMSources) -> tuple[np.ndarray, np.ndarray]:
