@@ -9,10 +9,10 @@ HOST   ?= 127.0.0.1
 
 .PHONY: run test lint bench clean
 
-$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt requirements-ray.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -r requirements-ray.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	@touch $@
 
@@ -21,6 +21,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@bash scripts/ensure_browser.sh
+	@bash scripts/ensure_postgres.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -881,7 +881,8 @@ def finish_cancelled(reg: Registry, job_id: int, worker_id: str) -> JobView | No
 
 
 def adopt_job(
-    reg: Registry, job_id: int, worker_id: str, *, dispatcher: str, device: str | None = None
+    reg: Registry, job_id: int, worker_id: str, *, dispatcher: str, device: str | None = None,
+    claimed_at: datetime | None = None,
 ) -> JobView | None:
     """Hand a job claimed by a dispatcher (the Ray driver) to the process that runs it.
 
@@ -891,6 +892,9 @@ def adopt_job(
     and Ray retried the job here: one more attempt is counted (a job that already used
     ``max_attempts`` fails as ``abandoned`` instead). The lost process no longer owns the
     job, so anything it still writes is refused (:class:`LostJob`, ``owned=False``).
+    ``claimed_at`` (the claim's ``started_at``) ties the hand-over to one claim: a late Ray
+    retry from an earlier claim of a job that was requeued and claimed again meanwhile
+    gets None.
 
     Returns:
         The job, or None when it no longer runs for ``dispatcher`` (requeued by a janitor,
@@ -903,7 +907,7 @@ def adopt_job(
         owner = (job.worker_id or "") if job is not None else ""
         if job is None or job.status != JobStatus.RUNNING.value or not (
             owner == dispatcher or owner.startswith(f"{dispatcher}/")
-        ):
+        ) or (claimed_at is not None and job.started_at != claimed_at):
             return None
         if owner not in (dispatcher, worker_id):
             note = f"{owner} was lost mid-job (attempt {job.attempts} of {job.max_attempts})"

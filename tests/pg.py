@@ -7,10 +7,8 @@ in ``/usr/lib/postgresql/<version>/bin``. ``initdb`` refuses to run as root, so 
 server runs as the ``postgres`` system user (``runuser``). Without the binaries, that user or
 psycopg, the fixtures skip with the reason.
 
-    from tests.pg import pg_url, postgres  # noqa: F401  (fixtures)
-
-    def test_x(pg_url):                     # postgresql+psycopg://studio@127.0.0.1:PORT/test_3
-        Registry(url=pg_url, data_dir=...)
+    def test_x(pg_url):      # fixtures postgres (session) and pg_url, imported by tests/conftest.py
+        Registry(url=pg_url, data_dir=...)  # pg_url: postgresql+psycopg://studio@127.0.0.1:PORT/test_3
 """
 
 from __future__ import annotations

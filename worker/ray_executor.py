@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from db import service
@@ -185,14 +186,16 @@ class GpuWorker:
         return {"worker_id": self.worker.worker_id, "hostname": socket.gethostname(), "pid": os.getpid(),
                 "device": self.worker.label}
 
-    def run(self, job_id: int) -> dict:
-        """Adopt and run one claimed job to a final (or requeued) state.
+    def run(self, job_id: int, claimed_at: datetime | None = None) -> dict:
+        """Adopt and run one claimed job (``claimed_at``: the claim's ``started_at``) to a final
+        (or requeued) state.
 
         Returns ``{"job_id", "worker_id", "adopted", "status", "attempts"}``; job failures
         are recorded on the job, never raised (so Ray never retries them).
         """
         wid = self.worker.worker_id
-        job = service.adopt_job(self.reg, job_id, wid, dispatcher=self.dispatcher, device=self.worker.label)
+        job = service.adopt_job(self.reg, job_id, wid, dispatcher=self.dispatcher, device=self.worker.label,
+                                claimed_at=claimed_at)
         if job is None:
             log.warning("job %d no longer runs for this driver (requeued, cancelled or given up): skipped", job_id)
             view = service.get_job(self.reg, job_id)
@@ -245,8 +248,7 @@ def connect(options: RayOptions):
         import ray
     except ImportError as e:
         raise RayExecutorError(
-            "the Ray executor needs Ray: pip install -r requirements-ray.txt (Ray Client addresses, "
-            "ray://, need ray[client])"
+            "the Ray executor needs Ray: pip install -r requirements-ray.txt"
         ) from e
     if options.address is None:
         if not ray.is_initialized():
@@ -263,7 +265,7 @@ def connect(options: RayOptions):
             ray.init(include_dashboard=False, **kwargs)
         else:
             ray.init(address=options.address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+    except Exception as e:  # ConnectionError, RuntimeEnvSetupError, auth errors...: all mean "cannot start"
         hint = ("start one with `ray start --head` on the head node, use --address ray://<head>:10001, "
                 "or --address local for this machine alone")
         raise RayExecutorError(f"no Ray cluster at {options.address!r}: {str(e).splitlines()[0]}; {hint}") from e
@@ -333,7 +335,6 @@ class RayDriver:
         self.stop_event = threading.Event()
         self.slots: list[_Slot] = []
         self.dispatched = 0
-        self.outcomes: list[dict] = []
         self._signals = 0
         self._stop_sent = False
         self._last_beat = 0.0
@@ -348,11 +349,11 @@ class RayDriver:
         ray = connect(self.options)
         restore = self._install_signal_handlers()
         started_ray = self.options.address is not None
-        service.register_worker(
-            self.reg, self.driver_id, hostname=socket.gethostname(), pid=os.getpid(), device="ray",
-            device_name=f"Ray driver ({self.options.address or 'in-process'})",
-        )
         try:
+            service.register_worker(
+                self.reg, self.driver_id, hostname=socket.gethostname(), pid=os.getpid(), device="ray",
+                device_name=f"Ray driver ({self.options.address or 'in-process'})",
+            )
             self._check_reachable(ray)
             size = pool_size(self.options, ray.cluster_resources())
             cls = actor_class(self.options)
@@ -457,7 +458,7 @@ class RayDriver:
                 self._queue_empty = True
                 return
             slot.state, slot.job_id = "busy", job.id
-            slot.ref = slot.handle.run.remote(job.id)
+            slot.ref = slot.handle.run.remote(job.id, job.started_at)
             self.dispatched += 1
             log.info("job %d (%s) → %s", job.id, job.name, slot.worker_id)
 
@@ -492,7 +493,6 @@ class RayDriver:
             return
         slot.info["worker_id"] = result["worker_id"]  # a restarted actor has a new id
         slot.state = "idle"
-        self.outcomes.append(dict(result))
         log.info("job %d: %s (attempt %d) on %s", job_id, result["status"], result["attempts"],
                  result["worker_id"])
 
