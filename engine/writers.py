@@ -200,9 +200,12 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.part-{os.getpid()}")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
+def _write_tmp(path: Path, data: bytes) -> Path:
+    """Write ``data`` next to ``path`` under a temporary name, fsynced; returns that name.
+
+    Raises:
+        OutputError: the write failed (the temporary file is removed).
+    """
     tmp = _tmp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,11 +213,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+    return tmp
 
 
 def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[str, Path]:
@@ -239,19 +242,7 @@ def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[st
     staged: list[tuple[Path, Path]] = []
     try:
         for fmt, path in paths.items():
-            data = ENCODERS[fmt](result)
-            tmp = _tmp_name(path)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
-            staged.append((tmp, path))
+            staged.append((_write_tmp(path, ENCODERS[fmt](result)), path))
         for tmp, path in staged:
             os.replace(tmp, path)
     except BaseException:

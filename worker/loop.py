@@ -384,26 +384,34 @@ class Worker:
         self.stop_event.set()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
+        return install_stop_handlers(self, "finishing the current batch, then exiting")
 
-        def handler(signum, _frame):
-            self._signals += 1
-            if self._signals == 1:
-                log.info("%s received: finishing the current batch, then exiting",
-                         signal.Signals(signum).name)
-                self.request_stop()
-            else:
-                log.warning("%s received again: exiting now", signal.Signals(signum).name)
-                raise SystemExit(1)
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+def install_stop_handlers(owner, first_message: str) -> Callable[[], None]:
+    """SIGTERM/SIGINT → ``owner.request_stop()`` (warm shutdown); a second signal exits at once.
 
-        def restore() -> None:
-            for s, h in old.items():
-                signal.signal(s, h)
+    Counts signals in ``owner._signals``. Only installs in the main thread; returns a function
+    that restores the previous handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
 
-        return restore
+    def handler(signum, _frame):
+        owner._signals += 1
+        if owner._signals == 1:
+            log.info("%s received: %s", signal.Signals(signum).name, first_message)
+            owner.request_stop()
+        else:
+            log.warning("%s received again: exiting now", signal.Signals(signum).name)
+            raise SystemExit(1)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return restore
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:

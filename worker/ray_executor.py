@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import threading
@@ -49,7 +48,7 @@ from pathlib import Path
 from db import service
 from db.models import JobStatus
 from db.registry import Registry
-from worker.loop import Worker, WorkerOptions, device_name
+from worker.loop import Worker, WorkerOptions, device_name, install_stop_handlers
 
 log = logging.getLogger("worker.ray")
 
@@ -550,25 +549,7 @@ class RayDriver:
         self.stop_event.set()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum, _frame):
-            self._signals += 1
-            if self._signals == 1:
-                log.info("%s received: stopping after the running batches", signal.Signals(signum).name)
-                self.request_stop()
-            else:
-                log.warning("%s received again: exiting now", signal.Signals(signum).name)
-                raise SystemExit(1)
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-        return restore
+        return install_stop_handlers(self, "stopping after the running batches")
 
 
 def _first_line(e: BaseException) -> str:
