@@ -7,7 +7,8 @@ Derive variants with ``dataclasses.replace(cfg, batch_size=32)``. The worker sto
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class EngineConfig:
         min_valid_ratio: an input whose fraction of frames with a face is below this fails
             with :class:`~engine.errors.NoFaceError`; 0 means "at least one frame".
         overwrite: rewrite outputs that already exist (otherwise they are skipped).
-        num_threads: CPU threads for alignment (speed only).
+        num_threads: CPU threads for alignment (speed only); default: the CPU count, at most 8.
     """
 
     checkpoint: Path | None = None
@@ -81,7 +82,7 @@ class EngineConfig:
     no_face: NoFacePolicy = NoFacePolicy.REFERENCE
     min_valid_ratio: float = 0.0
     overwrite: bool = False
-    num_threads: int = 4
+    num_threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
         # Accept plain strings (from JSON or the CLI) and normalise them to enums/paths.

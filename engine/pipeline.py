@@ -17,7 +17,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +185,7 @@ class Engine:
         self._regressor = regressor
         self._landmarker = landmarker
         self._executor: ThreadPoolExecutor | None = None
+        self._lm_thread: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ components
 
@@ -224,9 +225,10 @@ class Engine:
 
     def close(self) -> None:
         """Release models and threads."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for pool in (self._executor, self._lm_thread):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._executor = self._lm_thread = None
         if self._landmarker is not None and hasattr(self._landmarker, "close"):
             self._landmarker.close()
         self._landmarker = None
@@ -297,23 +299,45 @@ class Engine:
         last_lm = resume.load(acc) if resume else None
         resumed_from = acc.frames
 
-        # 4. Stream batches: landmarks → no-face policy → align → regress.
+        # 4. Stream batches: landmarks → no-face policy → align → regress. The landmarks of
+        #    batch k+1 run in a background thread while batch k is aligned and regressed.
         executor = self._thread_pool()
+        lm_thread = self._landmark_thread()
         frames_new = 0
         t_loop = time.perf_counter()
+        pending: tuple[FrameBatch, Future] | None = None
+
+        def finish_pending() -> None:
+            nonlocal last_lm, frames_new
+            batch, landmarks = pending
+            chunk, last_lm = self._finish_batch(batch, landmarks.result(), regressor, executor, last_lm)
+            acc.add(chunk)
+            if resume is not None:
+                resume.save(acc, last_lm)
+            frames_new += len(batch)
+            if progress is not None:
+                fps = frames_new / max(time.perf_counter() - t_loop, 1e-9)
+                progress(Progress(acc.frames, max(info.frame_count, acc.frames), fps))
+
         batches = prefetch(iter_frames(source, cfg.batch_size, start=acc.frames), depth=2)
-        with contextlib.closing(batches):
-            for batch in batches:
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
-                chunk, last_lm = self._process_batch(batch, landmarker, regressor, executor, last_lm, should_stop)
-                acc.add(chunk)
-                if resume is not None:
-                    resume.save(acc, last_lm)
-                frames_new += len(batch)
-                if progress is not None:
-                    fps = frames_new / max(time.perf_counter() - t_loop, 1e-9)
-                    progress(Progress(acc.frames, max(info.frame_count, acc.frames), fps))
+        try:
+            with contextlib.closing(batches):
+                for batch in batches:
+                    if should_stop is not None and should_stop():
+                        if pending is not None:  # finish the batch in flight, so a resume starts after it
+                            finish_pending()
+                            pending = None
+                        raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
+                    submitted = (batch, lm_thread.submit(self._landmarks, batch, landmarker, should_stop))
+                    if pending is not None:
+                        finish_pending()
+                    pending = submitted
+                if pending is not None:
+                    finish_pending()
+                    pending = None
+        finally:
+            if pending is not None:  # an error: let the landmark thread go idle before leaving
+                wait([pending[1]])
 
         # 5. Judge the result.
         if acc.frames == 0:
@@ -378,9 +402,8 @@ class Engine:
             reason=tuple(r for p in parts for r in p.reason),
         )
 
-    def _process_batch(self, batch: FrameBatch, landmarker, regressor, executor, last_lm, should_stop=None):
-        """Landmarks → no-face policy → align → regress for one batch; returns (chunk, last_lm)."""
-        lms = self._landmarks(batch, landmarker, should_stop)
+    def _finish_batch(self, batch: FrameBatch, lms: Landmarks, regressor, executor, last_lm):
+        """No-face policy → align → regress for one batch with its landmarks; returns (chunk, last_lm)."""
         valid, reason = lms.valid.astype(bool), np.asarray(lms.reason, dtype=object)
         lm_used, use_fallback, last_lm = self._apply_no_face_policy(lms, last_lm)
         aligned = _align(batch, lm_used, use_fallback, valid, reason, executor)
@@ -394,6 +417,12 @@ class Engine:
             "timestamps": batch.timestamps.astype(np.float64),
         }
         return chunk, last_lm
+
+    def _landmark_thread(self) -> ThreadPoolExecutor:
+        """One thread that runs the landmark backend (always the same thread, one call at a time)."""
+        if self._lm_thread is None:
+            self._lm_thread = ThreadPoolExecutor(1, thread_name_prefix="landmarks")
+        return self._lm_thread
 
     def _thread_pool(self) -> ThreadPoolExecutor | None:
         if self.config.num_threads <= 1:
