@@ -30,19 +30,6 @@ from tests.media import make_video
 SETTINGS = {"landmarks": "mtcnn", "formats": ["npz"], "batch_size": 4}
 
 
-PG_URL = os.environ.get("STUDIO_TEST_PG_URL")  # a throwaway PostgreSQL database: its tables are dropped
-
-
-def _fresh_postgres() -> str:
-    from sqlalchemy import create_engine
-    from sqlmodel import SQLModel
-
-    eng = create_engine(PG_URL)
-    SQLModel.metadata.drop_all(eng)
-    eng.dispose()
-    return PG_URL
-
-
 @pytest.fixture
 def sqlite_reg(tmp_path) -> Registry:
     r = Registry(url=f"sqlite:///{tmp_path / 'studio.db'}", data_dir=tmp_path / "data")
@@ -50,19 +37,18 @@ def sqlite_reg(tmp_path) -> Registry:
     r.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"] if PG_URL else ["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def reg(request, tmp_path) -> Registry:
-    """The registry on SQLite, and on PostgreSQL when ``STUDIO_TEST_PG_URL`` names a throwaway database."""
-    url = f"sqlite:///{tmp_path / 'studio.db'}" if request.param == "sqlite" else _fresh_postgres()
+    """The registry on a SQLite file, and on a fresh database of the session's throwaway PostgreSQL
+    server (tests/pg.py; skipped with the reason where PostgreSQL cannot be started)."""
+    url = f"sqlite:///{tmp_path / 'studio.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     r = Registry(url=url, data_dir=tmp_path / "data")
     yield r
     r.close()
 
 
-@pytest.mark.skipif(not PG_URL, reason="set STUDIO_TEST_PG_URL=postgresql+psycopg://... (a throwaway "
-                    "database) to run every registry test on PostgreSQL too")
-def test_postgresql_is_configured(tmp_path):
-    assert Registry(url=PG_URL, data_dir=tmp_path).engine.dialect.name == "postgresql"
+def test_postgresql_registry_is_postgresql(pg_url, tmp_path):
+    assert Registry(url=pg_url, data_dir=tmp_path).engine.dialect.name == "postgresql"
 
 
 def _file(tmp_path: Path, name: str, data: bytes) -> Path:
