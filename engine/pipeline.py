@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
+#: Longest gap between two progress reports while a batch is being processed (seconds).
+PROGRESS_INTERVAL_S = 1.0
+
 #: Frames per landmark call on the CPU: between slices a cancel request is honoured.
 CPU_LANDMARK_SLICE = 4
 
@@ -307,17 +310,26 @@ class Engine:
         t_loop = time.perf_counter()
         pending: tuple[FrameBatch, Future] | None = None
 
+        def report() -> None:
+            if progress is not None:
+                fps = frames_new / max(time.perf_counter() - t_loop, 1e-9)
+                progress(Progress(acc.frames, max(info.frame_count, acc.frames), fps))
+
         def finish_pending() -> None:
             nonlocal last_lm, frames_new
             batch, landmarks = pending
-            chunk, last_lm = self._finish_batch(batch, landmarks.result(), regressor, executor, last_lm)
+            while True:  # a slow batch (CPU) still reports at least once a second
+                try:
+                    lms = landmarks.result(timeout=PROGRESS_INTERVAL_S)
+                    break
+                except TimeoutError:
+                    report()
+            chunk, last_lm = self._finish_batch(batch, lms, regressor, executor, last_lm)
             acc.add(chunk)
             if resume is not None:
                 resume.save(acc, last_lm)
             frames_new += len(batch)
-            if progress is not None:
-                fps = frames_new / max(time.perf_counter() - t_loop, 1e-9)
-                progress(Progress(acc.frames, max(info.frame_count, acc.frames), fps))
+            report()
 
         batches = prefetch(iter_frames(source, cfg.batch_size, start=acc.frames), depth=2)
         try:

@@ -267,3 +267,23 @@ def test_overlay_format_and_lm68_with_a_face_model(
     z = np.load(report.outputs["npz"])
     assert z["lm68"].shape == (12, 68, 2) and np.isfinite(z["lm68"]).all()
     assert mat_keys(report.outputs["deep3d"])["lm68"] == (12, 68, 2)
+
+
+def test_progress_is_reported_at_least_once_a_second(tmp_path, short_clip, recon_checkpoint):
+    """Even when one batch takes several seconds (CPU), the caller hears from the engine every second."""
+    import time as _time
+
+    from engine.landmarks import create_landmarker
+
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", batch_size=12, formats=("npz",))
+    real = create_landmarker(cfg, "cpu")
+
+    def slow(batch):
+        _time.sleep(0.6)  # per 4-frame slice: 1.8 s for the one batch
+        return real(batch)
+
+    stamps = []
+    with Engine(cfg, landmarker=slow) as engine:
+        engine.run(short_clip, tmp_path / "clip", progress=lambda p: stamps.append(_time.monotonic()))
+    gaps = np.diff(stamps)
+    assert len(stamps) >= 3 and gaps.max() < 1.5, gaps
