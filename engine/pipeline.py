@@ -261,7 +261,8 @@ class Engine:
                 :func:`~engine.sources.discover_inputs` (lets ``--landmarks file`` find
                 keypoints in a folder that mirrors the input tree).
             out_base: output path without suffix; files are ``f"{out_base}{suffix}"``.
-            progress: called after every batch with a :class:`Progress`.
+            progress: called with a :class:`Progress` after every batch, and at least once a
+                second while a batch is in progress.
             should_stop: polled before every batch; returning True raises
                 :class:`~engine.errors.Cancelled` (partial state is kept in ``state_dir``).
             state_dir: folder for resumable partial results (see :class:`_ResumeState`).
