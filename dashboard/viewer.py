@@ -110,3 +110,12 @@ def overlay_image(
     height, width = frame_rgb.shape[:2]
     half = pair.shape[1] // 2  # [original | overlay], each padded to an even width
     return Image.fromarray(np.ascontiguousarray(pair[:height, half : half + width])), ""
+
+
+def mesh_bytes(face_model, data: ResultData, index: int, fmt: str) -> bytes:
+    """Frame ``index``'s reconstructed face as an ``"obj"`` (vertex colours) or ``"ply"`` file,
+    in Deep3D's world coordinates (see :mod:`engine.face3d.mesh`)."""
+    from engine.face3d.mesh import frame_mesh
+
+    out = frame_mesh(face_model, data.coeff[index]).export(file_type=fmt)
+    return out.encode() if isinstance(out, str) else out

@@ -245,9 +245,27 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
                     caption="Reconstructed face over the frame (blue: detector landmarks; red: the face "
                     "model's 68 landmarks; a red border marks a frame flagged invalid)",
                 )
+                _mesh_downloads(job, data, int(index), model)
             else:
                 st.info(md_escape(why))
                 st.page_link("pages/setup.py", label="Set up the face model", icon=":material/build:")
+
+
+def _mesh_downloads(job: JobView, data: ResultData, index: int, model) -> None:
+    """This frame's reconstructed face as a mesh, in the reference's world coordinates."""
+    from dashboard.viewer import mesh_bytes
+
+    stem = Path(job.name).stem
+    for fmt, mime in (("obj", "model/obj"), ("ply", "application/octet-stream")):
+        st.download_button(
+            f"Mesh of frame {index} (.{fmt})",
+            data=lambda fmt=fmt: mesh_bytes(model, data, index, fmt),
+            file_name=f"{stem}_frame{index:06d}.{fmt}",
+            mime=mime,
+            icon=":material/download:",
+            key=f"res_mesh_{fmt}_{job.id}",
+            help="OBJ has per-vertex colours; both are in Deep3DFaceRecon's world coordinates",
+        )
 
 
 FOLDER_LIMIT = 1000

@@ -330,3 +330,27 @@ def test_results_overlay_with_a_face_model(studio, bfm_index):
     at.toggle(key=f"res_overlay_{ids['succeeded']}").set_value(True).run()
     assert not at.exception
     assert len(at.get("image")) == 3, [i.value for i in at.info]  # frame, crop, reconstructed face
+    # The reconstructed face of this frame can be downloaded as a mesh.
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Mesh of frame 12 (.obj)" in labels and "Mesh of frame 12 (.ply)" in labels, labels
+
+
+def test_mesh_bytes_is_a_loadable_mesh(studio, bfm_index):
+    import io
+
+    import trimesh
+
+    from dashboard.results import load_result
+    from dashboard.viewer import mesh_bytes
+    from db import Registry, service
+    from engine.face3d.model import ParametricFaceModel
+    from engine.face3d.synthetic import write_synthetic_model
+
+    _, ids, tmp = studio
+    write_synthetic_model(bfm_index, tmp / "BFM")
+    reg = Registry()
+    npz = next(a.path for a in service.list_artifacts(reg, ids["succeeded"]) if a.format == "npz")
+    data = load_result(npz)
+    model = ParametricFaceModel.from_dir(tmp / "BFM", "cpu")
+    mesh = trimesh.load(io.BytesIO(mesh_bytes(model, data, 3, "obj")), file_type="obj", process=False)
+    assert mesh.vertices.shape == (35709, 3) and mesh.faces.shape == (70789, 3)
