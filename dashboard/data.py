@@ -23,6 +23,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard.results import ResultData, load_result
+from engine.doctor import Check
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +90,26 @@ def face_renderer():
 # --------------------------------------------------------------------------- doctor
 
 
-@dataclass(frozen=True)
-class DoctorCheck:
-    """One line of ``engine.doctor``'s report (same fields as ``engine.doctor.Check``)."""
+def run_json_child(args: list[str], timeout_s: float):
+    """Run ``python ARGS`` from the repository and return the JSON of its last stdout line.
 
-    group: str
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    required: bool = True
+    Heavy checks (torch) run this way so the dashboard process never imports torch.
+
+    Returns:
+        the parsed value, or a one-line string saying why there is none (timeout, crash,
+        no report).
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout_s,
+                              cwd=REPO_ROOT, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return f"it took over {timeout_s:.0f} s"
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return (proc.stderr.strip().splitlines() or ["it printed nothing"])[-1]
 
 
 _DOCTOR_SNIPPET = (
@@ -106,62 +117,19 @@ _DOCTOR_SNIPPET = (
 )
 
 
-def run_doctor() -> list[DoctorCheck]:
+def run_doctor() -> list[Check]:
     """Run ``engine.doctor.run_checks()`` in a child Python and parse its report.
 
     A crash or timeout of the child becomes one failed check that says what happened.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _DOCTOR_SNIPPET],
-            capture_output=True,
-            text=True,
-            timeout=DOCTOR_TIMEOUT_S,
-            cwd=REPO_ROOT,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return [
-            DoctorCheck(
-                "system",
-                "doctor",
-                False,
-                f"the installation check took over {DOCTOR_TIMEOUT_S} s",
-                "run `python -m engine doctor` in a terminal to see where it hangs",
-            )
-        ]
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return [
-            DoctorCheck(
-                "system",
-                "doctor",
-                False,
-                f"the installation check failed: {last}",
-                "run `python -m engine doctor` in a terminal for the full message",
-            )
-        ]
-    try:
-        rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return [
-            DoctorCheck(
-                "system",
-                "doctor",
-                False,
-                "the installation check printed no report",
-                "run `python -m engine doctor` in a terminal",
-            )
-        ]
-    fields = set(DoctorCheck.__dataclass_fields__)
-    return [DoctorCheck(**{k: v for k, v in row.items() if k in fields}) for row in rows]
+    rows = run_json_child(["-c", _DOCTOR_SNIPPET], DOCTOR_TIMEOUT_S)
+    if isinstance(rows, str):
+        return [Check("system", "doctor", False, f"the installation check failed: {rows}",
+                      "run `python -m engine doctor` in a terminal for the full message")]
+    return [Check(**row) for row in rows]
 
 
-@st.cache_data(ttl=DOCTOR_TTL_S, show_spinner="Checking the installation…")
-def doctor_checks() -> list[DoctorCheck]:
+def doctor_checks() -> list[Check]:
     """:func:`run_doctor`, reused for :data:`DOCTOR_TTL_S` seconds."""
     return run_doctor()
 

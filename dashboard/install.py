@@ -11,11 +11,8 @@ engine no longer sees it but nothing is lost.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -184,26 +181,12 @@ def weight_statuses() -> list[WeightStatus]:
 
 def validate_in_child(kind: str, path: str | Path) -> Validation:
     """Run ``python -m dashboard.validate KIND PATH`` (torch stays out of this process)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dashboard.validate", kind, str(path)],
-            capture_output=True,
-            text=True,
-            timeout=VALIDATE_TIMEOUT_S,
-            cwd=REPO_ROOT,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return Validation(False, f"checking the file took over {VALIDATE_TIMEOUT_S} s")
-    try:
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        return Validation(bool(row["ok"]), str(row["message"]))
-    except (ValueError, IndexError, KeyError):
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return Validation(False, f"the file could not be checked: {last}")
+    from dashboard.data import run_json_child
+
+    row = run_json_child(["-m", "dashboard.validate", kind, str(path)], VALIDATE_TIMEOUT_S)
+    if isinstance(row, str):
+        return Validation(False, f"the file could not be checked: {row}")
+    return Validation(bool(row["ok"]), str(row["message"]))
 
 
 def validate_bfm_file(path: str | Path, name: str) -> Validation:

@@ -11,21 +11,22 @@ from streamlit.testing.v1 import AppTest
 from dashboard import data as dashboard_data
 from dashboard.fmt import rows_key
 from db import JobStatus, Registry, service
+from engine.doctor import Check
 from tests.dashboard_fixtures import make_clip, populate
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "streamlit_app.py"
 
 DOCTOR = [
-    dashboard_data.DoctorCheck("system", "Python", True, "3.11"),
-    dashboard_data.DoctorCheck(
+    Check("system", "Python", True, "3.11"),
+    Check(
         "weights",
         "reconstruction net",
         False,
         "no reconstruction checkpoint under checkpoints/",
         "Get epoch_20.pth from Deep3DFaceRecon_pytorch's README",
     ),
-    dashboard_data.DoctorCheck("system", "GPU", False, "no CUDA device visible", "", required=False),
+    Check("system", "GPU", False, "no CUDA device visible", "", required=False),
 ]
 
 
