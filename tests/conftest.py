@@ -44,16 +44,9 @@ from tests.factories import recon_checkpoint  # noqa: E402, F401
 @pytest.fixture(scope="session")
 def short_clip(tmp_path_factory, test_video) -> Path:
     """The first 12 frames of the shared clip (512×512, 25 fps, MPEG-4), for fast end-to-end runs."""
-    import av
+    from tests.media import first_frames, make_video
 
-    from tests.media import make_video
-
-    with av.open(str(test_video)) as c:
-        frames = []
-        for f in c.decode(video=0):
-            frames.append(f.to_ndarray(format="rgb24"))
-            if len(frames) == 12:
-                break
+    frames = first_frames(test_video, 12)
     return make_video(tmp_path_factory.mktemp("clips") / "short.mp4", frames, size=(512, 512), fps=25)
 
 

@@ -235,3 +235,15 @@ def make_720p_from_clip(
         for packet in stream.encode():
             container.mux(packet)
     return dst
+
+
+def first_frames(src: str | Path, n: int, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """The first ``n`` decoded frames of ``src`` as uint8 (H, W, 3) RGB, resized to ``size`` (w, h) if given."""
+    w, h = size if size else (None, None)
+    frames = []
+    with av.open(str(src)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24", width=w, height=h))
+            if len(frames) == n:
+                break
+    return frames

@@ -169,17 +169,11 @@ def _settings(checkpoint: Path, **kw) -> dict:
 def clips(tmp_path_factory, test_video) -> dict[str, Path]:
     """Clips cut from the shared video at 256×256: ``tiny`` (2 frames), ``short`` (4), ``noface`` (4), and
     ``long`` (80: the first 40 frames forth and back, long enough to be killed or stopped mid-video)."""
-    import av
 
-    from tests.media import make_solid_video, make_video
+    from tests.media import first_frames, make_solid_video, make_video
 
     folder = tmp_path_factory.mktemp("clips")
-    frames = []
-    with av.open(str(test_video)) as container:
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=256, height=256))
-            if len(frames) == 40:
-                break
+    frames = first_frames(test_video, 40, size=(256, 256))
     return {
         "tiny": make_video(folder / "tiny.mp4", frames[:2]),
         "short": make_video(folder / "short.mp4", frames[:4]),

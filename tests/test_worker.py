@@ -252,17 +252,18 @@ def checkpoint(tmp_path_factory) -> Path:
 def clips(tmp_path_factory, test_video) -> dict[str, Path]:
     """Clips cut from the shared video, scaled to 256×256: ``tiny`` (2 frames), ``short`` (4), ``long`` (40),
     plus the bad inputs of the mixed queue."""
-    import av
 
-    from tests.media import make_empty_file, make_solid_video, make_text_file, make_truncated_copy, make_video
+    from tests.media import (
+        first_frames,
+        make_empty_file,
+        make_solid_video,
+        make_text_file,
+        make_truncated_copy,
+        make_video,
+    )
 
     folder = tmp_path_factory.mktemp("clips")
-    frames = []
-    with av.open(str(test_video)) as container:
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=256, height=256))
-            if len(frames) == 40:
-                break
+    frames = first_frames(test_video, 40, size=(256, 256))
     out = {
         "tiny": make_video(folder / "tiny.mp4", frames[:2]),
         "short": make_video(folder / "short.mp4", frames[:4]),
