@@ -106,10 +106,13 @@ def run_json_child(args: list[str], timeout_s: float):
                               cwd=REPO_ROOT, env=env, check=False)
     except subprocess.TimeoutExpired:
         return f"it took over {timeout_s:.0f} s"
+    last_error = (proc.stderr.strip().splitlines() or ["it printed nothing"])[-1]
+    if proc.returncode != 0:
+        return last_error
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return (proc.stderr.strip().splitlines() or ["it printed nothing"])[-1]
+        return last_error
 
 
 _DOCTOR_SNIPPET = (
@@ -129,6 +132,7 @@ def run_doctor() -> list[Check]:
     return [Check(**row) for row in rows]
 
 
+@st.cache_data(ttl=DOCTOR_TTL_S, show_spinner="Checking the installation…")
 def doctor_checks() -> list[Check]:
     """:func:`run_doctor`, reused for :data:`DOCTOR_TTL_S` seconds."""
     return run_doctor()

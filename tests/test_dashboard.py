@@ -260,6 +260,8 @@ def test_setup_page_lists_weights_and_rejects_a_wrong_file(studio):
     for name in ("Reconstruction network", "S3FD", "2D-FAN-4", "MTCNN", "Face model BFM"):
         assert name in body
     assert any("reconstruction net" in e.value for e in at.error)  # doctor report
+    at.button(key="setup_doctor_again").click().run()  # clears the cached report and runs it again
+    assert not at.exception
 
     at.selectbox(key="setup_kind").set_value("bfm").run()
     at.radio(key="setup_bfm_name").set_value("Exp_Pca.bin").run()
