@@ -111,7 +111,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 failures += 1
                 _close(bar)
                 print(f"FAILED {item.path}: {e}", file=sys.stderr)
-                if e.code in ("checkpoint", "weights_missing"):
+                if e.code in ("weights", "checkpoint", "weights_missing"):
                     print("stopping: the model cannot be loaded", file=sys.stderr)
                     return 1
                 continue

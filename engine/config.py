@@ -40,9 +40,10 @@ class OutputFormat(str, Enum):
 class NoFacePolicy(str, Enum):
     """What coefficients a frame without a detected face gets. It is flagged invalid either way.
 
-    ``REFERENCE`` reproduces PIRender: reuse the previous frame's landmarks and, before the
-    first detection, align with the 5-point template placed in the frame centre (spec §5.1,
-    §5.2). ``TEMPLATE`` always uses the template fallback.
+    ``REFERENCE`` reproduces PIRender: with a detector, reuse the previous frame's landmarks
+    and, before the first detection, align with the 5-point template placed in the frame centre
+    (spec §5.1, §5.2); with a keypoint file, every -1 row gets the template, as PIRender's
+    reconstruction script does. ``TEMPLATE`` always uses the template fallback.
     """
 
     REFERENCE = "reference"

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from engine import __version__
 from engine.config import EngineConfig, LandmarkBackend, NoFacePolicy, OutputFormat
-from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, StudioError, WeightsMissingError
+from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, WeightsMissingError
 from engine.sources import InputItem, iter_frames, prefetch, probe
 from engine.structures import FrameBatch, Landmarks, MediaInfo, VideoResult
 from engine.writers import output_paths, write_outputs
@@ -189,6 +190,7 @@ class Engine:
         self._landmarker = landmarker
         self._executor: ThreadPoolExecutor | None = None
         self._lm_thread: ThreadPoolExecutor | None = None
+        self._face_model = None  # (key, ParametricFaceModel), loaded on first use
 
     # ------------------------------------------------------------------ components
 
@@ -226,16 +228,21 @@ class Engine:
         """Loaded stages, to share with another :class:`Engine` (``Engine(cfg, **engine.components)``)."""
         return {"regressor": self._regressor, "landmarker": self._landmarker}
 
-    def close(self) -> None:
-        """Release models and threads."""
+    def close_threads(self) -> None:
+        """Stop this engine's threads but keep its models (to hand them on with :attr:`components`)."""
         for pool in (self._executor, self._lm_thread):
             if pool is not None:
                 pool.shutdown(wait=True)
         self._executor = self._lm_thread = None
+
+    def close(self) -> None:
+        """Release models and threads."""
+        self.close_threads()
         if self._landmarker is not None and hasattr(self._landmarker, "close"):
             self._landmarker.close()
         self._landmarker = None
         self._regressor = None
+        self._face_model = None
 
     def __enter__(self) -> Engine:
         return self
@@ -303,54 +310,9 @@ class Engine:
         last_lm = resume.load(acc) if resume else None
         resumed_from = acc.frames
 
-        # 4. Stream batches: landmarks → no-face policy → align → regress. The landmarks of
-        #    batch k+1 run in a background thread while batch k is aligned and regressed.
-        executor = self._thread_pool()
-        lm_thread = self._landmark_thread()
-        frames_new = 0
-        t_loop = time.perf_counter()
-        pending: tuple[FrameBatch, Future] | None = None
-
-        def report() -> None:
-            if progress is not None:
-                fps = frames_new / max(time.perf_counter() - t_loop, 1e-9)
-                progress(Progress(acc.frames, max(info.frame_count, acc.frames), fps))
-
-        def finish_pending() -> None:
-            nonlocal last_lm, frames_new
-            batch, landmarks = pending
-            while True:  # a slow batch (CPU) still reports at least once a second
-                try:
-                    lms = landmarks.result(timeout=PROGRESS_INTERVAL_S)
-                    break
-                except TimeoutError:
-                    report()
-            chunk, last_lm = self._finish_batch(batch, lms, regressor, executor, last_lm)
-            acc.add(chunk)
-            if resume is not None:
-                resume.save(acc, last_lm)
-            frames_new += len(batch)
-            report()
-
-        batches = prefetch(iter_frames(source, cfg.batch_size, start=acc.frames), depth=2)
-        try:
-            with contextlib.closing(batches):
-                for batch in batches:
-                    if should_stop is not None and should_stop():
-                        if pending is not None:  # finish the batch in flight, so a resume starts after it
-                            finish_pending()
-                            pending = None
-                        raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
-                    submitted = (batch, lm_thread.submit(self._landmarks, batch, landmarker, should_stop))
-                    if pending is not None:
-                        finish_pending()
-                    pending = submitted
-                if pending is not None:
-                    finish_pending()
-                    pending = None
-        finally:
-            if pending is not None:  # an error: let the landmark thread go idle before leaving
-                wait([pending[1]])
+        # 4. Stream batches: landmarks → no-face policy → align → regress.
+        frames_new, t_loop = self._stream(source, info, acc, resume, last_lm, landmarker, regressor,
+                                          progress, should_stop)
 
         # 5. Judge the result.
         if acc.frames == 0:
@@ -397,6 +359,59 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ helpers
+
+    def _stream(self, source: Path, info: MediaInfo, acc: _Accumulator, resume: _ResumeState | None, last_lm,
+                landmarker, regressor, progress, should_stop) -> tuple[int, float]:
+        """Step 4 of :meth:`run`: decode → landmarks → align → regress, appending to ``acc``.
+
+        The landmarks of batch k+1 run in the landmark thread while batch k is aligned and
+        regressed here; decoding runs ahead in its own thread. Returns (frames processed in
+        this call, start time of the loop).
+        """
+        executor = self._thread_pool()
+        lm_thread = self._landmark_thread()
+        t0 = time.perf_counter()
+        done = 0
+        inflight: list[tuple[FrameBatch, Future]] = []  # the batch being finished, then the next one
+
+        def report() -> None:
+            if progress is not None:
+                fps = done / max(time.perf_counter() - t0, 1e-9)
+                progress(Progress(acc.frames, max(info.frame_count, acc.frames), fps))
+
+        def finish_oldest() -> None:
+            nonlocal last_lm, done
+            batch, landmarks = inflight[0]
+            while True:  # a slow batch (CPU) still reports at least once a second
+                try:
+                    lms = landmarks.result(timeout=PROGRESS_INTERVAL_S)
+                    break
+                except FutureTimeoutError:
+                    report()
+            inflight.pop(0)
+            chunk, last_lm = self._finish_batch(batch, lms, regressor, executor, last_lm)
+            acc.add(chunk)
+            if resume is not None:
+                resume.save(acc, last_lm)
+            done += len(batch)
+            report()
+
+        batches = prefetch(iter_frames(source, self.config.batch_size, start=acc.frames), depth=2)
+        try:
+            with contextlib.closing(batches), regressor.numerics():
+                for batch in batches:
+                    if should_stop is not None and should_stop():
+                        while inflight:  # finish the batch in flight, so a resume starts after it
+                            finish_oldest()
+                        raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
+                    inflight.append((batch, lm_thread.submit(self._landmarks, batch, landmarker, should_stop)))
+                    if len(inflight) > 1:
+                        finish_oldest()
+                while inflight:
+                    finish_oldest()
+        finally:
+            wait([f for _, f in inflight])  # after an error: leave the landmark thread idle
+        return done, t0
 
     def _landmarks(self, batch: FrameBatch, landmarker, should_stop) -> Landmarks:
         """Run the landmark backend, in slices on the CPU so a cancel is seen within ~a second."""
@@ -452,9 +467,9 @@ class Engine:
             "input": str(source.resolve()),
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
-            "checkpoint": str(cfg.checkpoint),
+            "checkpoint": _file_identity(self.regressor.checkpoint_path),
             "landmarks": cfg.landmarks.value,
-            "keypoints": str(cfg.keypoints),
+            "keypoints": _file_identity(cfg.keypoints) if cfg.keypoints else None,
             "no_face": cfg.no_face.value,
             "engine": __version__,
         }
@@ -472,11 +487,14 @@ class Engine:
         """
         pts = lms.points_img_ydown.astype(np.float32, copy=True)
         use_fallback = np.zeros(len(lms.valid), dtype=bool)
+        # PIRender's detector script (extract_kp_videos.py) reuses the previous frame's landmarks;
+        # its reconstruction script gives any -1 row of a keypoint file the template.
+        carry = self.config.no_face == NoFacePolicy.REFERENCE and self.config.landmarks != LandmarkBackend.FILE
         for i, ok in enumerate(lms.valid):
             if ok:
                 last_lm = pts[i].copy()
-            elif self.config.no_face == NoFacePolicy.REFERENCE and last_lm is not None:
-                pts[i] = last_lm  # PIRender's extract_kp_videos.py reuses the previous frame's landmarks
+            elif carry and last_lm is not None:
+                pts[i] = last_lm
             else:
                 use_fallback[i] = True
                 pts[i] = 0.0
@@ -496,7 +514,6 @@ class Engine:
     def _write_overlay(self, source: Path, result: VideoResult, paths: dict[str, Path], progress, should_stop) -> Path:
         """Render the review video (or image) of ``source``; written atomically by the face3d package."""
         from engine.face3d.overlay import ResultArrays, write_overlay_video
-        from engine.weights import bfm_dir
 
         out = paths[OutputFormat.OVERLAY.value]
         arrays = ResultArrays(result.coeff, result.trans_params, result.valid, result.landmarks_img_ydown)
@@ -506,7 +523,7 @@ class Engine:
             if progress is not None:
                 progress(Progress(done, max(total, n), 0.0, stage="overlay"))
 
-        write_overlay_video(source, arrays, out, bfm_dir=bfm_dir(), device=self.device,
+        write_overlay_video(source, arrays, out, face_model=self.face_model(), device=self.device,
                             progress=report, should_stop=should_stop)
         return out
 
@@ -522,20 +539,40 @@ class Engine:
             timestamps=acc.concat("timestamps"),
         )
 
+    def face_model(self):
+        """The face model of ``BFM/`` on this engine's device, loaded once (visuals only)."""
+        from engine.face3d.model import ParametricFaceModel
+        from engine.weights import bfm_dir
+
+        path = bfm_dir() / "BFM_model_front.mat"
+        key = (str(path), path.stat().st_mtime_ns)
+        if self._face_model is None or self._face_model[0] != key:
+            self._face_model = (key, ParametricFaceModel.from_dir(path.parent, self.device))
+        return self._face_model[1]
+
     def _add_face_model_extras(self, result: VideoResult) -> None:
-        """Add reprojected 68 landmarks when ``BFM/BFM_model_front.mat`` is set up."""
+        """Add reprojected 68 landmarks when ``BFM/BFM_model_front.mat`` is set up.
+
+        Optional: any failure here is logged and the coefficients are written without them.
+        """
         from engine.weights import bfm_dir
 
         if not (bfm_dir() / "BFM_model_front.mat").is_file():
             return
         try:
             from engine.face3d import lm68_extras
-        except ImportError:  # face model package not installed in this build
-            return
-        try:
-            result.extras.update(lm68_extras(result.coeff, result.trans_params, bfm_dir(), device=self.device))
-        except StudioError as e:
-            log.warning("face model present but unusable, lm68 not added: %s", e)
+
+            result.extras.update(lm68_extras(result.coeff, result.trans_params, self.face_model()))
+        except Exception as e:  # an optional extra must not fail the input
+            log.warning("face model present but unusable, lm68 not added: %s: %s", type(e).__name__, e)
+
+def _file_identity(path: Path) -> list:
+    """(resolved path, size, mtime) of a file, for fingerprints; a folder gives only its path."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        return [str(path)]
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def _align(batch: FrameBatch, lm_img_ydown: np.ndarray, use_fallback: np.ndarray, valid: np.ndarray,

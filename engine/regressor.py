@@ -518,8 +518,8 @@ class Regressor:
             or ``"bf16"`` (autocast): faster, not bit-compatible.
         arch: ``"resnet50"`` (the released model) or ``"resnet18"``.
 
-    The TF32 switch is process-wide while :meth:`predict` runs: don't run another model
-    concurrently in other threads if it relies on TF32.
+    The TF32 switch is process-wide while :meth:`predict` runs; to run other models in other
+    threads meanwhile, hold :meth:`numerics` around the whole run (the engine does).
     """
 
     def __init__(
@@ -573,6 +573,17 @@ class Regressor:
         # Ship uint8 (4× less than float32) and convert on the device.
         return uint8_nhwc_to_input(torch.from_numpy(np.ascontiguousarray(crops)).to(self.device))
 
+    def numerics(self) -> contextlib.AbstractContextManager:
+        """The float32 precision this regressor needs (TF32 off for ``fp32``), set process-wide.
+
+        :meth:`predict` enters it on every call. Hold it around a whole run when other threads
+        use the GPU meanwhile (the engine's landmark thread), so they see one setting throughout
+        instead of flags that flip with every batch.
+        """
+        if self.device.type == "cuda" and self.precision in ("fp32", "tf32"):
+            return _fp32_matmul_precision("ieee" if self.precision == "fp32" else "tf32")
+        return contextlib.nullcontext()
+
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """Coefficients of aligned crops.
 
@@ -590,8 +601,7 @@ class Regressor:
             return np.zeros((0, NUM_COEFFS), dtype=np.float32)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
-            if self.device.type == "cuda" and self.precision in ("fp32", "tf32"):
-                stack.enter_context(_fp32_matmul_precision("ieee" if self.precision == "fp32" else "tf32"))
+            stack.enter_context(self.numerics())
             if self.precision in ("fp16", "bf16"):
                 dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
                 stack.enter_context(torch.autocast(self.device.type, dtype=dtype))

@@ -221,7 +221,11 @@ def _write_tmp(path: Path, data: bytes) -> Path:
 
 
 def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[str, Path]:
-    """Encode and write every requested coefficient format of one input; all land or none does.
+    """Encode and write every requested coefficient format of one input.
+
+    Every file is complete before any is renamed into place, so a failure while encoding or
+    writing (the usual case: a full disk) leaves none of them; only a failing rename after
+    the first succeeded can leave a subset.
 
     The ``overlay`` format is not a coefficient file: it is skipped here (see
     :meth:`engine.pipeline.Engine.run`).
@@ -244,7 +248,10 @@ def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[st
         for fmt, path in paths.items():
             staged.append((_write_tmp(path, ENCODERS[fmt](result)), path))
         for tmp, path in staged:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):

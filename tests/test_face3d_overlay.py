@@ -11,7 +11,7 @@ from engine.align import align_image, template_fallback_img_yup
 from engine.conventions import crop_to_img_yup, img_yup_to_ydown
 from engine.errors import InputError
 from engine.face3d.mesh import export_mesh
-from engine.face3d.model import lm68_extras, reproject_landmarks
+from engine.face3d.model import ParametricFaceModel, lm68_extras, reproject_landmarks
 from engine.face3d.overlay import (
     crop_box,
     load_result,
@@ -106,7 +106,7 @@ def test_reprojected_landmarks_frames(face_model, clip_result, synthetic_bfm):  
     bad[1, 2] = 0  # unusable alignment → NaN row in image space
     assert np.isnan(reproject_landmarks(face_model, res.coeff, bad)[1]).all()
 
-    extras = lm68_extras(res.coeff, res.trans_params, synthetic_bfm)
+    extras = lm68_extras(res.coeff, res.trans_params, ParametricFaceModel.from_dir(synthetic_bfm, "cpu"))
     assert set(extras) == {"lm68", "lm68_224_ydown"}
     np.testing.assert_allclose(extras["lm68"], lm_img, atol=1e-4)
 

@@ -194,18 +194,21 @@ def test_no_face_image_raises(tmp_path, recon_checkpoint):
     assert not (tmp_path / "blank.mat").exists()
 
 
-@pytest.mark.parametrize("policy, expect_fallback", [("reference", [True, False, False, False]),
-                                                     ("template", [True, False, True, False])])
-def test_no_face_policy(policy, expect_fallback):
+@pytest.mark.parametrize("policy, landmarks, expect_fallback", [
+    ("reference", "mtcnn", [True, False, False, False]),  # detector: carry the previous frame's points
+    ("reference", "file", [True, False, True, False]),  # keypoint file: -1 rows get the template
+    ("template", "mtcnn", [True, False, True, False]),
+])
+def test_no_face_policy(policy, landmarks, expect_fallback):
     nan = np.full((5, 2), np.nan, np.float32)
     a = np.arange(10, dtype=np.float32).reshape(5, 2)
     b = a + 100
     lms = Landmarks(np.stack([nan, a, nan, b]), np.array([False, True, False, True]),
                     ("no_face", "", "no_face", ""))
-    engine = Engine(EngineConfig(no_face=policy))
+    engine = Engine(EngineConfig(no_face=policy, landmarks=landmarks))
     pts, fallback, last = engine._apply_no_face_policy(lms, None)
     assert fallback.tolist() == expect_fallback
-    if policy == "reference":
+    if not expect_fallback[2]:
         np.testing.assert_array_equal(pts[2], a)  # previous frame's landmarks reused
     np.testing.assert_array_equal(last, b)
 

@@ -122,6 +122,8 @@ class EngineCache:
             from engine import Engine as factory
         if self._engine is not None and _model_key(self._cfg) == _model_key(cfg):
             components = getattr(self._engine, "components", {}) or {}
+            if hasattr(self._engine, "close_threads"):
+                self._engine.close_threads()
             self._engine = factory(cfg, **components)
         else:
             self.close()
@@ -372,9 +374,13 @@ class Worker:
             log.exception("job %d failed with an unexpected error", job.id)
         message = message.splitlines()[0] if message.strip() else type(e).__name__
         try:
-            service.fail_job(self.reg, job.id, self.worker_id, error=message, code=code)
+            failed = service.fail_job(self.reg, job.id, self.worker_id, error=message, code=code)
         except Exception as db_error:
             log.error("job %d: could not record the failure: %s", job.id, db_error)
+            return
+        if failed is None:  # the job was requeued meanwhile: its files may be another worker's now
+            log.warning("job %d no longer belongs to this worker; its files are left alone", job.id)
+            return
         storage.remove_tree(self.reg.result_dir(job.id))
 
     # ------------------------------------------------------------------ signals

@@ -280,22 +280,16 @@ def reproject_landmarks(
     return out
 
 
-def lm68_extras(
-    coeff: np.ndarray, trans_params: np.ndarray, bfm_dir: str | Path, device: str | None = None
-) -> dict[str, np.ndarray]:
+def lm68_extras(coeff: np.ndarray, trans_params: np.ndarray, face_model: ParametricFaceModel) -> dict[str, np.ndarray]:
     """Per-frame arrays the writers add when the face model is set up.
 
     Returns:
         ``{"lm68": float32 (N, 68, 2) image px y-down, "lm68_224_ydown": float32 (N, 68, 2)
         crop px y-down (the reference's ``lm68``)}``.
-
-    Raises:
-        WeightsMissingError, WeightsError: the model file is missing or invalid.
     """
-    model = ParametricFaceModel.from_dir(bfm_dir, device=device or "cpu")
     return {
-        "lm68": reproject_landmarks(model, coeff, trans_params, space="img"),
-        "lm68_224_ydown": reproject_landmarks(model, coeff, trans_params, space="crop"),
+        "lm68": reproject_landmarks(face_model, coeff, trans_params, space="img"),
+        "lm68_224_ydown": reproject_landmarks(face_model, coeff, trans_params, space="crop"),
     }
 
 
