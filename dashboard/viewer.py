@@ -25,7 +25,7 @@ class FrameViews:
     """What the viewer shows for one frame.
 
     Attributes:
-        original: the decoded frame with its detector landmarks (green) and, when the face model
+        original: the decoded frame with its detector landmarks (cyan) and, when the face model
             was set up for the run, the model's 68 re-projected landmarks (magenta).
         crop: the aligned 224×224 crop the network saw, with the landmarks mapped into it;
             None when it could not be rebuilt (``crop_note`` says why).

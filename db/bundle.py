@@ -57,7 +57,8 @@ Files
                     (N, K, 2) in image pixels with y pointing down, valid (N,), reason
                     (N,), timestamps (N,) in seconds, fps
   *.csv             one line per frame with named columns
-  *.txt             the landmarks used for alignment, one frame per line
+  *.txt             the landmarks used for alignment (PIRender keypoint format: N x K x 2
+                    values, one per line; -1 where no face had been seen yet)
 
 manifest.json lists the input (name, SHA-256), the frame count and rate, the settings,
 the engine version, the SHA-256 of the checkpoint used and the size and SHA-256 of every

@@ -50,7 +50,8 @@ class Progress:
         frames_done: frames finished so far (including frames restored from a resumed state).
         frames_total: expected frame count (the container's figure; may be an estimate).
         fps: frames per second processed in this run (not counting restored frames).
-        stage: ``"extract"`` while running, ``"write"`` while writing outputs.
+        stage: ``"extract"`` while running, ``"write"`` while writing outputs, ``"overlay"``
+            while rendering the review video.
     """
 
     frames_done: int
