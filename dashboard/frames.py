@@ -12,18 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from engine.sources import IMAGE_EXTS, iter_frames, read_image_rgb
+from engine.sources import IMAGE_EXTS, iter_frames, read_image_rgb, upright_rgb
 
 log = logging.getLogger(__name__)
 
 LANDMARK_COLOUR = (0, 229, 255)  # cyan: distinct from skin, lips and most eye colours
 LM68_COLOUR = (255, 70, 200)
-
-
-def _rotation_cw(frame) -> int:
-    """Clockwise quarter turns (in degrees) that make a decoded PyAV frame upright."""
-    ccw = float(getattr(frame, "rotation", 0) or 0)
-    return (-90 * round(ccw / 90.0)) % 360
 
 
 def read_frame(path: str | Path, index: int, t: float | None = None) -> np.ndarray:
@@ -68,12 +62,7 @@ def _read_at_time(path: Path, t: float) -> np.ndarray | None:
                 continue
             if frame.time > t + half_step:
                 return None  # seeked past it (no frame at that time)
-            if (frame.width, frame.height) != size:
-                image = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
-            else:
-                image = frame.to_ndarray(format="rgb24")
-            rotation = _rotation_cw(frame)
-            return np.ascontiguousarray(np.rot90(image, k=-(rotation // 90))) if rotation else image
+            return np.ascontiguousarray(upright_rgb(frame, size))
     return None
 
 

@@ -513,7 +513,7 @@ def _iter_video(path: Path, batch_size: int, start: int) -> Iterator[FrameBatch]
                                 "%s: frame %d is %dx%d, the stream started at %dx%d; scaling such frames",
                                 path, count, frame.width, frame.height, *size,
                             )
-                        images.append(_rotate(_to_rgb(frame, size), rotation))
+                        images.append(upright_rgb(frame, size, rotation))
                         index.append(count)
                         times.append(t)
                         if len(images) == batch_size:
@@ -531,11 +531,15 @@ def _iter_video(path: Path, batch_size: int, start: int) -> Iterator[FrameBatch]
         _check_complete(path, count, announced, last_time, step, fps, stream_end, duration)
 
 
-def _to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (H, W, 3) RGB of a decoded frame, scaled to ``size`` = (W, H) if it differs."""
+def upright_rgb(frame, size: tuple[int, int], rotation_cw: int | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of a decoded PyAV frame as the engine sees it: scaled to the stream's
+    coded ``size`` = (W, H) if it differs, then turned upright (``rotation_cw`` degrees, by
+    default the frame's own display rotation). May be a view."""
     if (frame.width, frame.height) == size:
-        return frame.to_ndarray(format="rgb24")
-    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+        image = frame.to_ndarray(format="rgb24")
+    else:
+        image = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+    return _rotate(image, _rotation_cw(frame) if rotation_cw is None else rotation_cw)
 
 
 def _check_complete(
@@ -644,4 +648,5 @@ __all__ = [
     "prefetch",
     "probe",
     "read_image_rgb",
+    "upright_rgb",
 ]
