@@ -21,25 +21,18 @@ from typing import BinaryIO
 
 from engine.errors import WeightsError
 from engine.face3d import bfm
+from engine.landmarks import fan as fan_backend
+from engine.landmarks import mtcnn as mtcnn_backend
 from engine.weights import CHECKPOINT_HELP, CHECKPOINT_SUFFIXES, bfm_dir, checkpoint_dir, list_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VALIDATE_TIMEOUT_S = 300
 
-#: face_alignment's weight files (face_alignment 1.5.0: ``s3fd`` and ``2DFAN-4`` URLs).
-FAN_FILES = {
-    "sfd": ("s3fd-619a316812.pth", "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth"),
-    "fan": (
-        "2DFAN4-11f355bf06.pth.tar",
-        "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar",
-    ),
-}
-MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
+#: face_alignment's weight files by setup-page key: (file name, download URL).
+FAN_FILES = dict(zip(("sfd", "fan"), fan_backend.WEIGHTS, strict=True))
+MTCNN_FILES = mtcnn_backend.WEIGHT_FILES
 
 #: Face-model files that can be installed into ``BFM/``, in the order the setup page lists them.
-BFM_FRONT = bfm.MODEL_NAME
-BFM09 = bfm.BFM09_NAME
-EXP_PCA = bfm.EXP_NAME
 BFM_FILES = (bfm.MODEL_NAME, bfm.BFM09_NAME, bfm.EXP_NAME, *bfm.INDEX_NAMES)
 BFM_SOURCE_HELP = (
     f"Only needed to draw the reconstructed face. Either install a {bfm.MODEL_NAME} you already have, "

@@ -7,8 +7,9 @@ import pytest
 
 from dashboard import charts
 from dashboard.fmt import explain_error, fmt_duration
-from dashboard.install import EXP_PCA, install, validate_bfm_file
+from dashboard.install import install, validate_bfm_file
 from dashboard.results import invalid_runs, load_result, quality_summary, result_frame
+from engine.face3d.bfm import EXP_NAME as EXP_PCA
 from tests.dashboard_fixtures import fake_result, make_clip, write_fake_outputs
 
 

@@ -20,7 +20,7 @@ from engine.structures import FrameBatch, Landmarks
 log = logging.getLogger(__name__)
 
 NAME = "mtcnn"
-_WEIGHT_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
+WEIGHT_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
 
 
 def status() -> BackendStatus:
@@ -37,7 +37,7 @@ def status() -> BackendStatus:
             "install it with `pip install facenet-pytorch --no-deps` (needs torch, torchvision)",
         )
     data = Path(module.__file__).resolve().parents[1] / "data"
-    missing = [f for f in _WEIGHT_FILES if not (data / f).is_file()]
+    missing = [f for f in WEIGHT_FILES if not (data / f).is_file()]
     if missing:
         return BackendStatus(NAME, False, f"facenet-pytorch weights missing in {data}: {', '.join(missing)}")
     message = f"facenet-pytorch {version('facenet-pytorch')}, weights bundled ({data})"
