@@ -468,3 +468,20 @@ def test_launch_runs_one_worker_per_device_and_a_second_launch_starts_none(tmp_p
     assert first.returncode == 0, out
     [w] = service.list_workers(reg)
     assert w.status == "stopped" and not w.alive
+
+
+def test_jobs_reach_the_engine_under_their_submitted_name(tmp_path):
+    """An upload is stored by hash, but `--landmarks file` must look for `<keypoints>/<original name>.txt`."""
+    from types import SimpleNamespace
+
+    from engine.landmarks.file import keypoint_candidates
+    from worker.loop import _input_item
+
+    stored = tmp_path / "uploads" / "ab" / ("ab" * 32 + ".mp4")
+    upload = _input_item(SimpleNamespace(name="clip.mp4", input_path=str(stored)))
+    imported = _input_item(SimpleNamespace(name="train/id7/clip.mp4", input_path="/data/vox/train/id7/clip.mp4"))
+    hostile = _input_item(SimpleNamespace(name="../../etc/clip.mp4", input_path=str(stored)))
+    assert upload.path == stored and upload.rel_stem == Path("clip")
+    assert keypoint_candidates(upload, tmp_path / "kp")[0] == tmp_path / "kp" / "clip.txt"
+    assert keypoint_candidates(imported, tmp_path / "kp")[0] == tmp_path / "kp" / "train" / "id7" / "clip.txt"
+    assert ".." not in hostile.rel_stem.parts

@@ -32,13 +32,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from db import service, storage
 from db.registry import Registry
 from db.views import ArtifactFile, JobView, QualitySummary
 from engine.config import EngineConfig
 from engine.errors import Cancelled, StudioError
+from engine.sources import InputItem
 from worker.monitor import JobMonitor
 
 log = logging.getLogger("worker")
@@ -137,6 +138,16 @@ class EngineCache:
         if self._engine is not None and hasattr(self._engine, "close"):
             self._engine.close()
         self._engine, self._cfg = None, None
+
+
+def _input_item(job: JobView) -> InputItem:
+    """The job's input as the engine's :class:`~engine.sources.InputItem`: named by the name it was
+    submitted under (an upload's file name, or the path inside an imported folder), so
+    ``--landmarks file`` finds ``<keypoints>/<that name>.txt`` even for uploads stored by hash."""
+    name = PurePath(job.name or Path(job.input_path).name)
+    parts = [p for p in name.with_suffix("").parts if p not in ("..", name.anchor)]
+    rel_stem = Path(*parts) if parts else Path(name.stem)
+    return InputItem(Path(job.input_path), None, rel_stem)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -304,7 +315,7 @@ class Worker:
             monitor.update(stage="extract")
             try:
                 return engine.run(
-                    job.input_path, out_base, progress=on_progress, should_stop=monitor.should_stop,
+                    _input_item(job), out_base, progress=on_progress, should_stop=monitor.should_stop,
                     state_dir=state_dir,
                 )
             except Exception as e:
