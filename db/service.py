@@ -56,9 +56,6 @@ from engine.errors import InputError
 log = logging.getLogger(__name__)
 
 #: File extensions :func:`import_folder` treats as videos when the engine's discovery is unavailable.
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
-
-
 class JobNotFound(KeyError):
     """No job has this id."""
 
@@ -342,12 +339,10 @@ def submit_upload(
 
 
 def _discover(folder: Path) -> list[Path]:
-    try:
-        from engine import discover_inputs
+    """Every video and image under ``folder``, as the engine's CLI would find them."""
+    from engine import discover_inputs
 
-        return [Path(getattr(item, "path", item)) for item in discover_inputs([folder])]
-    except (ImportError, AttributeError):
-        return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    return [item.path for item in discover_inputs([folder])]
 
 
 def import_folder(
