@@ -47,7 +47,8 @@ class ScriptedEngine:
         ScriptedEngine.built.append((cfg, bool(components)))
 
     def run(self, source, out_base, *, progress=None, should_stop=None, state_dir=None):
-        spec = json.loads(Path(source).read_text())
+        source = source.path  # an engine.sources.InputItem, as Engine.run gets it from the worker
+        spec = json.loads(source.read_text())
         cfg = self.config
         state = Path(state_dir) / "state.json" if state_dir else None
         done = json.loads(state.read_text())["frames"] if state and state.exists() else 0
@@ -64,15 +65,15 @@ class ScriptedEngine:
             if progress:
                 progress(Progress(done, spec["frames"], 100.0))
         if spec.get("fail") == "no_face":
-            raise NoFaceError(f"{Path(source).name}: no face found in any of its {done} frames")
+            raise NoFaceError(f"{source.name}: no face found in any of its {done} frames")
         if spec.get("fail") == "bug":
             raise KeyError("landmarks")
         out = Path(f"{out_base}.npz")
         tmp = out.with_name(out.name + ".tmp")
         np.savez(tmp, coeff=np.zeros((done, 257), np.float32))
         Path(str(tmp) + ".npz").replace(out)
-        info = MediaInfo(path=Path(source), kind="video", width=64, height=48, fps=25.0, frame_count=done)
-        return RunReport(input=Path(source), outputs={"npz": out}, info=info, num_frames=done,
+        info = MediaInfo(path=source, kind="video", width=64, height=48, fps=25.0, frame_count=done)
+        return RunReport(input=source, outputs={"npz": out}, info=info, num_frames=done,
                          num_valid=done - 1, reasons={"no_face": 1}, longest_invalid_run=1,
                          config=cfg.to_dict())
 
