@@ -26,43 +26,34 @@ def _checkpoint(path: Path) -> tuple[bool, str]:
     return info.ok, info.message
 
 
-def _sfd(path: Path) -> tuple[bool, str]:
+def _fits(path: Path, make_net, title: str, what: str) -> tuple[bool, str]:
+    """Whether ``path`` is a state dict that loads strictly into ``make_net()`` (a face_alignment net)."""
     import torch
-    from face_alignment.detection.sfd.net_s3fd import s3fd
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         return False, f"not a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     if not isinstance(sd, dict):
-        return False, f"expected a state dict of the S3FD detector, found a {type(sd).__name__}"
+        return False, f"expected a state dict of the {title}, found a {type(sd).__name__}"
     try:
-        s3fd().load_state_dict(sd, strict=True)
+        make_net().load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0][:200]
-        return (
-            False,
-            f"these are not S3FD detector weights (they do not fit face_alignment's S3FD net: {first})",
-        )
-    return True, f"S3FD detector weights, {len(sd)} tensors"
+        return False, f"these are not {what} weights (they do not fit face_alignment's {what} net: {first})"
+    return True, f"{title} weights, {len(sd)} tensors"
+
+
+def _sfd(path: Path) -> tuple[bool, str]:
+    from face_alignment.detection.sfd.net_s3fd import s3fd
+
+    return _fits(path, s3fd, "S3FD detector", "S3FD")
 
 
 def _fan(path: Path) -> tuple[bool, str]:
-    import torch
     from face_alignment.models import FAN
 
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        return False, f"not a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-    if not isinstance(sd, dict):
-        return False, f"expected a state dict of the 2D-FAN-4 network, found a {type(sd).__name__}"
-    try:
-        FAN(4).load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0][:200]
-        return False, f"these are not 2D-FAN-4 weights (they do not fit face_alignment's FAN net: {first})"
-    return True, f"2D-FAN-4 landmark network weights, {len(sd)} tensors"
+    return _fits(path, lambda: FAN(4), "2D-FAN-4 landmark network", "2D-FAN-4")
 
 
 VALIDATORS = {"checkpoint": _checkpoint, "sfd": _sfd, "fan": _fan}

@@ -159,3 +159,21 @@ def test_formatters():
     assert text.startswith("clip.mp4: no face found") and "landmark backend" in text
     assert "unexpected" in explain_error("KeyError: 'x'", "error")
     assert explain_error(None, None) == ""
+
+
+def test_face_alignment_weight_checks_accept_the_right_net_and_reject_others(tmp_path):
+    """The setup page's S3FD/FAN checks load the file strictly into face_alignment's own networks."""
+    import torch
+    from face_alignment.detection.sfd.net_s3fd import s3fd
+
+    from dashboard.validate import _fan, _sfd
+
+    weights = tmp_path / "s3fd-619a316812.pth"
+    torch.save(s3fd().state_dict(), weights)
+    text = tmp_path / "2DFAN4-11f355bf06.pth.tar"
+    text.write_text("<html>not found</html>")
+    assert _sfd(weights) == (True, "S3FD detector weights, 65 tensors")
+    ok, why = _fan(weights)
+    assert not ok and "not 2D-FAN-4 weights" in why
+    ok, why = _sfd(text)
+    assert not ok and why.startswith("not a PyTorch weight file")
