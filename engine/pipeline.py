@@ -216,9 +216,9 @@ class Engine:
 
     def landmarker_for(self, source: Path | InputItem):
         """The landmark backend for ``source`` (built per input for ``"file"``, else shared)."""
-        from engine.landmarks import create_landmarker
+        from engine.landmarks import create_landmarker, needs_source
 
-        if self.config.landmarks == LandmarkBackend.FILE:
+        if needs_source(self.config):
             return create_landmarker(self.config, self.device, source)
         if self._landmarker is None:
             self._landmarker = create_landmarker(self.config, self.device, source)
