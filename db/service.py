@@ -641,8 +641,7 @@ def requeue_stale(reg: Registry, *, stale_after_s: float) -> list[StaleAction]:
                 transition(s, job, JobStatus.CANCELLED, stage=None, fps=0.0)
                 actions.append(StaleAction(job.id, JobStatus.CANCELLED, note))
             elif job.attempts >= job.max_attempts:
-                msg = f"gave up after {job.attempts} attempts; last: {note}"
-                transition(s, job, JobStatus.FAILED, error=msg, error_code="abandoned", stage=None, fps=0.0)
+                msg = abandon(s, job, note)
                 actions.append(StaleAction(job.id, JobStatus.FAILED, msg))
             else:
                 transition(
@@ -660,6 +659,18 @@ def requeue_stale(reg: Registry, *, stale_after_s: float) -> list[StaleAction]:
         log.warning("job %d %s: %s", a.job_id, "requeued" if a.status == JobStatus.QUEUED else a.status.value,
                     a.message)
     return actions
+
+
+def give_up_message(attempts: int, last: str) -> str:
+    """The error of a job that used all its attempts (worker lost each time)."""
+    return f"gave up after {attempts} attempts; last: {last}"
+
+
+def abandon(s: Session, job: Job, note: str) -> str:
+    """Fail ``job``, whose attempts are used up, with code ``abandoned``; returns the message."""
+    msg = give_up_message(job.attempts, note)
+    transition(s, job, JobStatus.FAILED, error=msg, error_code="abandoned", stage=None, fps=0.0)
+    return msg
 
 
 #: Queued jobs looked at per claim when some ask for a device this worker does not have.
@@ -907,8 +918,7 @@ def adopt_job(
         if owner not in (dispatcher, worker_id):
             note = f"{owner} was lost mid-job (attempt {job.attempts} of {job.max_attempts})"
             if job.attempts >= job.max_attempts:
-                gave_up = f"gave up after {job.attempts} attempts; last: {note}"
-                transition(s, job, JobStatus.FAILED, error=gave_up, error_code="abandoned", stage=None, fps=0.0)
+                gave_up = abandon(s, job, note)
             else:
                 job.attempts += 1
                 job.error, job.error_code = f"retried: {note}", "abandoned"

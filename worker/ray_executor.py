@@ -512,7 +512,7 @@ class RayDriver:
         if job.status != JobStatus.RUNNING or not self._ours(owner):
             return
         if fail or job.attempts >= job.max_attempts:
-            message = reason if fail else f"gave up after {job.attempts} attempts; last: {reason}"
+            message = reason if fail else service.give_up_message(job.attempts, reason)
             service.fail_job(self.reg, job_id, owner, error=message, code="internal" if fail else "abandoned")
             log.error("job %d failed: %s", job_id, message)
         else:
