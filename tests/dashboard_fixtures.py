@@ -75,7 +75,7 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
         status value → job id: ``running`` (30 of 60 frames at 12.5 frames/s), ``succeeded``
         (results written by the real writers), ``failed`` (no face), ``cancelled``, ``queued``.
     """
-    from db import service
+    from db import LOCAL, service
     from db.storage import sha256_file
     from db.views import ArtifactFile, QualitySummary
 
@@ -119,7 +119,7 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
     ids["failed"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_cancelled.mp4")
-    service.cancel_job(reg, job.id)
+    service.cancel_job(reg, job.id, actor=LOCAL)
     ids["cancelled"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_waiting.mp4")
