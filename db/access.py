@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,3 +185,21 @@ def display_path(path: str | Path, data_dir: Path, roots: Iterable[Path] | None 
             if candidate.is_relative_to(base):
                 return prefix + candidate.relative_to(base).as_posix()
     return "…/" + "/".join(p.parts[-2:])
+
+
+_ABSOLUTE = re.compile(r"""(?:(?<=^)|(?<=[\s'"`(\[=]))/[^\s'"`(),;:\[\]]+""")
+
+
+def relative_text(text: str, data_dir: Path, roots: Iterable[Path] | None = ()) -> str:
+    """``text`` with every absolute path in it shown as :func:`display_path` shows it (URLs are
+    left alone): for error messages and reports drawn by the UI."""
+    return _ABSOLUTE.sub(lambda m: display_path(m.group(0).rstrip("."), data_dir, roots) + (
+        "." if m.group(0).endswith(".") else ""), str(text))
+
+
+def user_message(message: str, input_path: Path, name: str, data_dir: Path) -> str:
+    """A job's error as its user should read it: the stored input (``uploads/ab/<sha>.mp4``) is
+    named by the name it was submitted under, other data-folder paths are made relative."""
+    for shown in dict.fromkeys((str(input_path), str(Path(input_path).resolve()))):
+        message = message.replace(shown, name)
+    return relative_text(message, data_dir)

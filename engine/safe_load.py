@@ -67,15 +67,17 @@ def unsafe_global(error: BaseException | str) -> str | None:
     """The global a weights-only load refused (``"posix.system"``), read from its error; else None.
 
     Protocol-2 pickles (``torch.save``'s) spell some modules the Python 2 way
-    (``commands.call`` for ``subprocess.call``); the name is given the Python 3 way.
+    (``commands.call`` for ``subprocess.call``), and PyTorch drops ``builtins.``; the name is
+    given in full, the Python 3 way.
     """
     match = _GLOBAL.search(str(error))
     if match is None:
         return None
     module, _, name = match.group(1).rstrip(".,;").rpartition(".")
+    module = module or "builtins"  # PyTorch's message drops the "builtins." of exec, eval, ...
     module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
     module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-    return f"{module}.{name}" if module else name
+    return f"{module}.{name}"
 
 
 def load_weights(path: str | Path, *, map_location: str = "cpu", mmap: bool = False):

@@ -120,8 +120,8 @@ def _sfd_file() -> Path:
     """The S3FD weight file, downloaded first when missing (only reached when downloads are allowed).
 
     Passed to face_alignment as ``path_to_detector`` so that it reads the file with
-    ``weights_only=True``; without it, face_alignment loads S3FD through
-    ``torch.hub.load_state_dict_from_url``, which unpickles in full.
+    ``weights_only=True``; without it, face_alignment loads S3FD through torch.hub's
+    state-dict downloader, which unpickles in full.
     """
     name, url = WEIGHTS[0]
     path = weights_dir() / name
