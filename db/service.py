@@ -312,7 +312,7 @@ def submit_file(
     src = Path(path).expanduser().resolve()
     problem = regular_file_problem(src)
     if problem:
-        raise InputError(f"{original_name or Path(path).name}: {problem} (expected a video or image file)")
+        raise InputError(f"{original_name or Path(path).name}: {problem}; expected a video or image file")
     cfg = normalize_settings(settings)
     name = original_name or src.name
     if copy:

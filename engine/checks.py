@@ -46,11 +46,11 @@ def regular_file_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be read as an ordinary file, in words; None when it is one.
 
     ``"no such file"`` only when nothing is there; a folder, named pipe (FIFO), device or
-    socket is ``"not a regular file (it is a named pipe (FIFO))"``, so the message never
+    socket is ``"not a regular file: it is a named pipe (FIFO)"``, so the message never
     sends the user looking for a file that exists. Symbolic links are followed.
 
     >>> regular_file_problem("/")
-    'not a regular file (it is a folder)'
+    'not a regular file: it is a folder'
     """
     try:
         mode = os.stat(path).st_mode
@@ -62,7 +62,7 @@ def regular_file_problem(path: str | Path) -> str | None:
         return (e.strerror or type(e).__name__).lower()
     if stat.S_ISREG(mode):
         return None
-    return f"not a regular file (it is {_KINDS.get(stat.S_IFMT(mode), 'a special file')})"
+    return f"not a regular file: it is {_KINDS.get(stat.S_IFMT(mode), 'a special file')}"
 
 
 _KINDS = {
