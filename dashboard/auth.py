@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import getpass
 import hashlib
 import hmac
@@ -86,7 +87,10 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, want)
 
 
-_DUMMY_HASH = hash_password("not a password", salt=b"\0" * 16)
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the user name is unknown, so both cases cost the same scrypt run."""
+    return hash_password("not a password", salt=b"\0" * 16)
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ class AuthConfig:
     def check(self, name: str, password: str) -> User | None:
         """The user if ``name``/``password`` match, else None; the same work either way."""
         user = self.users.get(name.strip())
-        ok = verify_password(password, user.password_hash if user else _DUMMY_HASH)
+        ok = verify_password(password, user.password_hash if user else _dummy_hash())
         return user if ok and user is not None else None
 
     def oidc_role(self, email: str | None) -> str | None:

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from engine.structures import MediaInfo, VideoResult
 from engine.writers import write_outputs
+
+
+@contextmanager
+def served_on(address: str) -> Iterator[None]:
+    """Run AppTests as if the dashboard listened on ``address`` (Streamlit's ``server.address``;
+    the sign-in gate treats any non-loopback address as the network)."""
+    from streamlit import config
+
+    old = config.get_option("server.address")
+    config.set_option("server.address", address)
+    try:
+        yield
+    finally:
+        config.set_option("server.address", old)
 
 
 def fake_result(

@@ -20,10 +20,16 @@ from db.models import Artifact
 from engine.doctor import Check
 from engine.errors import InputError
 from tests.conftest import REPO
-from tests.dashboard_fixtures import populate
+from tests.dashboard_fixtures import populate, served_on
 from tests.media import make_audio_only
 
 APP = REPO / "streamlit_app.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _served_locally():
+    with served_on("127.0.0.1"):
+        yield
 
 
 @pytest.fixture
@@ -104,9 +110,9 @@ def test_a_cached_bundle_is_checked_and_rebuilt_when_its_inputs_change(studio):
 
     # A result re-registered with other bytes (its registered digest changed): rebuilt with them.
     csv.path.write_text("frame,valid\n0,1\n")
-    from db.storage import sha256_file
-
     from sqlmodel import select
+
+    from db.storage import sha256_file
 
     with reg.write() as s:
         row = s.exec(select(Artifact).where(Artifact.job_id == job, Artifact.format == "csv")).one()

@@ -14,13 +14,11 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import streamlit as st
 import torch
-from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
 from dashboard import auth
@@ -31,7 +29,7 @@ from engine.doctor import Check
 from engine.errors import CheckpointError, WeightsError
 from engine.regressor import inspect_checkpoint, load_checkpoint
 from tests.conftest import REPO
-from tests.dashboard_fixtures import make_clip, populate
+from tests.dashboard_fixtures import make_clip, populate, served_on
 from tests.factories import random_state_dict
 
 APP = REPO / "streamlit_app.py"
@@ -138,6 +136,13 @@ def test_validate_module_refuses_a_malicious_checkpoint(tmp_path, marker, kind):
         assert row["ok"] is False and _refused(row["message"], name), row
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _served_locally():
+    """Served on 127.0.0.1 unless a test says otherwise (served_on), whatever the cwd."""
+    with served_on("127.0.0.1"):
+        yield
+
+
 @pytest.fixture
 def studio(tmp_path, monkeypatch):
     """A registry with a job in every state; the dashboard and the weight folders point into tmp_path."""
@@ -153,17 +158,6 @@ def studio(tmp_path, monkeypatch):
     ids = populate(reg, tmp_path)
     yield reg, ids, tmp_path
     reg.close()
-
-
-@contextmanager
-def served_on(address: str):
-    """Run AppTests as if the server listened on ``address`` (``server.address``)."""
-    old = st_config.get_option("server.address")
-    st_config.set_option("server.address", address)
-    try:
-        yield
-    finally:
-        st_config.set_option("server.address", old)
 
 
 def app(secrets: dict | None = None, user: dict | None = None) -> AppTest:
