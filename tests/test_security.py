@@ -12,8 +12,10 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -646,3 +648,78 @@ def test_the_ui_shows_no_absolute_server_path(studio):
             assert "uploads/" in str(at.table[0].value)  # the input, relative to the data folder
         body = everything(at)
         assert str(tmp) not in body and str(reg.data_dir) not in body, (page, body)
+
+
+# =============================================================================== a real server, over its websocket
+
+
+def _page_texts(port: int, page: str, query: str = "") -> str:
+    """What a browser receives for ``/page?query`` from a running dashboard: every message of one
+    script run, as JSON (what a client could ever see, widgets and tables included)."""
+    import asyncio
+
+    import websockets
+    from google.protobuf.json_format import MessageToJson
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    async def talk() -> str:
+        seen = []
+        async with websockets.connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"],
+                                      max_size=None) as ws:
+            msg = BackMsg()
+            msg.rerun_script.query_string, msg.rerun_script.page_name = query, page
+            await ws.send(msg.SerializeToString())
+            while True:
+                fm = ForwardMsg()
+                fm.ParseFromString(await asyncio.wait_for(ws.recv(), timeout=60))
+                seen.append(MessageToJson(fm))
+                if fm.HasField("script_finished"):
+                    return "\n".join(seen)
+
+    return asyncio.run(talk())
+
+
+@contextmanager
+def _dashboard(tmp: Path, address: str, secrets: Path):
+    """``streamlit run streamlit_app.py`` on ``address``, reading only the secrets file ``secrets``."""
+    port = _free_port()
+    env = {**_clean_env(tmp), "HOME": str(tmp / "home")}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", address, "--server.port",
+           str(port), "--server.headless", "true", "--secrets.files", str(secrets)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # up to 60 s to come up
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, "the dashboard exited"
+                threading.Event().wait(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_real_dashboard_sends_no_page_data_off_localhost_before_sign_in(studio):
+    """Over the wire: bound to 0.0.0.0, without credentials and with them (not signed in), the
+    jobs and results pages send nothing of the registry; on 127.0.0.1 the same probe sees it."""
+    _, ids, tmp = studio
+    secrets = tmp / "secrets.toml"
+    query = f"job={ids['succeeded']}"
+    with _dashboard(tmp, "127.0.0.1", secrets) as port:  # control: the probe does see page data
+        assert "page 1 of 1" in _page_texts(port, "jobs")  # "Jobs 1–5 of 5 · page 1 of 1"
+        assert "talk_done.mp4" in _page_texts(port, "results", query)
+    with _dashboard(tmp, "0.0.0.0", secrets) as port:
+        for page in ("", "jobs", "results", "upload", "setup"):
+            body = _page_texts(port, page, query)
+            assert "talk_" not in body and "page 1 of" not in body and str(tmp) not in body, page
+            assert "served on the network without sign-in" in body
+    user = auth.hash_password("ann-password")
+    secrets.write_text(f"[studio_auth.users.ann]\nrole = 'admin'\npassword_hash = '{user}'\n")
+    with _dashboard(tmp, "0.0.0.0", secrets) as port:
+        for page in ("", "jobs", "results"):
+            body = _page_texts(port, page, query)
+            assert "talk_" not in body and "page 1 of" not in body and str(tmp) not in body, page
+            assert '"label": "Password"' in body and "Sign in" in body
