@@ -9,7 +9,6 @@ import os
 import pickle
 import re
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -527,20 +526,22 @@ def test_installing_weights_needs_the_admin_role(tmp_path, monkeypatch):
     assert "needs the admin role" in convert_face_model(actor=Actor("vic", "viewer")).message
 
 
-def test_old_registries_are_migrated_to_record_who_submitted(tmp_path):
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_old_registries_are_migrated_to_record_who_submitted(tmp_path, request, backend):
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     reg = Registry(url=url, data_dir=tmp_path / "data")
     clip = tmp_path / "a.mp4"
     clip.write_bytes(b"x" * 10)
     job = service.submit_file(reg, clip, SETTINGS)
+    with reg.write() as s:  # make it a version-1 database
+        s.connection().execute(text("ALTER TABLE jobs DROP COLUMN submitted_by"))
+        s.connection().execute(text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
     reg.close()
-    con = sqlite3.connect(tmp_path / "old.db")  # make it a v1 database
-    con.execute("ALTER TABLE jobs DROP COLUMN submitted_by")
-    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    con.commit()
-    con.close()
     again = Registry(url=url, data_dir=tmp_path / "data")
     assert again.schema_version() == 2 and service.get_job(again, job.id).submitted_by is None
+    assert service.submit_file(again, clip, SETTINGS, actor=Actor("ulf", "user")).submitted_by == "ulf"
     again.close()
 
 
