@@ -1,17 +1,20 @@
 """3DMM Studio dashboard: ``streamlit run streamlit_app.py`` (``make run`` also starts a worker).
 
-The entry point only builds the navigation and the shared sidebar; every page lives in
-``pages/`` and talks to the job registry (:mod:`db`) and the engine's torch-free helpers.
-Extraction itself runs in worker processes, never in this one.
+The entry point first passes the sign-in gate (:mod:`dashboard.gate`: with sign-in configured,
+or served on the network, nothing else is drawn until someone signs in), then builds the
+navigation and the shared sidebar; every page lives in ``pages/`` and talks to the job
+registry (:mod:`db`) and the engine's torch-free helpers. Extraction itself runs in worker
+processes, never in this one.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
+from dashboard.gate import gate, sidebar
+
 st.set_page_config(page_title="3DMM Studio", page_icon=":material/face:", layout="wide")
+actor = gate()  # before any page: deep links to pages are gated too
 
 PAGES = [
     st.Page(
@@ -31,12 +34,13 @@ page = st.navigation(PAGES)
 
 with st.sidebar:
     from dashboard.data import get_registry
+    from db.access import display_path
 
+    sidebar(actor)
     try:
         registry = get_registry()
-        data_dir = registry.data_dir.resolve()
-        shown = data_dir.relative_to(Path.cwd()) if data_dir.is_relative_to(Path.cwd()) else Path("…", data_dir.name)
-        st.caption(f"Data folder: {shown}/", help=f"All uploads, results and the job database: {data_dir}")
+        shown = display_path(registry.data_dir, registry.data_dir)
+        st.caption(f"Data folder: {shown}/", help="All uploads, results and the job database")
     except Exception as e:
         st.error(f"The job database cannot be opened: {e}")
 

@@ -62,6 +62,48 @@ def result_data(path: str | Path) -> ResultData:
     return _load_result(str(p), p.stat().st_mtime)
 
 
+def _stat_key(path: str | Path) -> tuple[int, ...]:
+    """What changes whenever a file's bytes change: size, mtime, ctime (not settable by users), inode."""
+    s = os.stat(path)
+    return (s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino, s.st_dev)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _sha256(path: str, key: tuple[int, ...]) -> str:
+    from db.storage import sha256_file
+
+    return sha256_file(path)
+
+
+def cached_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, recomputed whenever its size, times or inode change."""
+    return _sha256(str(path), _stat_key(path))
+
+
+def checked_results(reg, job_id: int):
+    """Every result file of a job with its check (:class:`db.bundle.FileCheck`) against the
+    registered SHA-256 (hashes cached per file state)."""
+    from db.bundle import check_artifacts
+
+    return check_artifacts(reg, job_id, digest=cached_sha256)
+
+
+@st.cache_data(max_entries=2, show_spinner=False)
+def _verified_bytes(path: str, sha256: str, key: tuple[int, ...]) -> bytes | None:
+    import hashlib
+
+    data = Path(path).read_bytes()
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None
+
+
+def verified_bytes(path: str | Path, sha256: str) -> bytes | None:
+    """A file's bytes if they hash to ``sha256`` (None otherwise); cached while the file is unchanged."""
+    try:
+        return _verified_bytes(str(path), sha256, _stat_key(path))
+    except OSError:
+        return None
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def frame_rgb(path: str, index: int, t: float | None) -> np.ndarray:
     """Decoded frame ``index`` (time ``t`` s) of an input, uint8 (H, W, 3) RGB, y down."""

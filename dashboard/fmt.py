@@ -39,6 +39,17 @@ ERROR_HINTS = {
 }
 
 
+#: (words in the message, hint): the message says more than its code, so these are looked at first.
+MESSAGE_HINTS = (
+    ("has no video stream", "The file holds no picture (audio only, or subtitles/data): submit the video "
+     "file itself, not its sound track."),
+    ("not a regular file", "The path is not an ordinary file (a folder, named pipe or device): submit the "
+     "video or image file itself."),
+    ("refuses to load", "The weight file was refused because loading it would run code: install the released "
+     "file (or a plain state dict saved with torch.save(model.state_dict())) on the Models / setup page."),
+)
+
+
 def fmt_duration(seconds: float | None) -> str:
     """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``; ``"–"`` for None/negative.
 
@@ -104,7 +115,7 @@ def explain_error(error: str | None, code: str | None) -> str:
     """The error as stored on the job, followed by what it means in plain words (when known)."""
     if not error:
         return ""
-    hint = ERROR_HINTS.get(code or "")
+    hint = next((h for words, h in MESSAGE_HINTS if words in error), None) or ERROR_HINTS.get(code or "")
     if hint is None and error.split(":", 1)[0].endswith(("Error", "Exception")):
         hint = "An unexpected error stopped the job: retry it; if it fails again, report it with the video."
     return f"{error} — {hint}" if hint else error

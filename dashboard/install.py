@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
+from db.access import Actor, PermissionDenied
+from engine.checks import regular_file_problem
 from engine.errors import WeightsError
 from engine.face3d import bfm
 from engine.landmarks import fan as fan_backend
@@ -186,8 +188,9 @@ def validate_bfm_file(path: str | Path, name: str) -> Validation:
     """Check a face-model file in the role ``name`` (one of :data:`BFM_FILES`) from its headers,
     size and small index arrays, with :mod:`engine.face3d.bfm`'s checks (NumPy/SciPy only)."""
     path = Path(path)
-    if not path.is_file():
-        return Validation(False, f"{path}: no such file")
+    problem = regular_file_problem(path)
+    if problem:
+        return Validation(False, f"{path}: {problem}")
     if name not in BFM_FILES:
         raise ValueError(f"unknown face-model file {name!r}; expected one of {', '.join(BFM_FILES)}")
     try:
@@ -198,8 +201,13 @@ def validate_bfm_file(path: str | Path, name: str) -> Validation:
     return Validation(True, f"a valid {name}")
 
 
-def convert_face_model() -> InstallResult:
-    """Build ``BFM/BFM_model_front.mat`` from the sources installed in ``BFM/`` (NumPy; a few seconds)."""
+def convert_face_model(*, actor: Actor) -> InstallResult:
+    """Build ``BFM/BFM_model_front.mat`` from the sources installed in ``BFM/`` (NumPy; a few seconds).
+    ``actor`` must be an admin (it writes into BFM/)."""
+    try:
+        actor.require("install")
+    except PermissionDenied as e:
+        return InstallResult(False, str(e))
     folder = bfm_dir()
     try:
         out = bfm.convert_bfm([folder], folder)
@@ -211,8 +219,9 @@ def convert_face_model() -> InstallResult:
 def validate(key: str, path: str | Path, name: str | None = None) -> Validation:
     """Validate a candidate for weight ``key`` (``checkpoint``, ``sfd``, ``fan``, ``bfm``)."""
     path = Path(path)
-    if not path.is_file():
-        return Validation(False, f"{path}: no such file")
+    problem = regular_file_problem(path)
+    if problem:
+        return Validation(False, f"{path}: {problem}")
     if path.stat().st_size == 0:
         return Validation(False, f"{path.name} is empty (0 bytes): the upload or copy did not finish")
     if key == "bfm":
@@ -260,22 +269,33 @@ def _set_aside(paths: list[Path]) -> list[Path]:
     return moved
 
 
-def install(key: str, source: str | Path | BinaryIO, name: str | None = None) -> InstallResult:
+def install(
+    key: str, source: str | Path | BinaryIO, name: str | None = None, *, actor: Actor
+) -> InstallResult:
     """Validate a weight file and put it where the engine looks for it.
+
+    Weight files are validated in a child process that reads them as data only
+    (:mod:`dashboard.validate`): a pickle asking for Python objects is refused, never run.
 
     Args:
         key: ``checkpoint``, ``sfd``, ``fan`` or ``bfm``.
         source: a path on this machine (copied; the original stays) or a binary stream (an upload).
         name: the file's name (required for a stream; for ``bfm`` it picks the role).
+        actor: who installs it; must be an admin.
 
     Returns:
         :class:`InstallResult`; a rejected file is not installed and ``message`` says why.
     """
+    try:
+        actor.require("install")
+    except PermissionDenied as e:
+        return InstallResult(False, str(e))
     if isinstance(source, (str, Path)):
         src = Path(source).expanduser()
         name = name or src.name
-        if not src.is_file():
-            return InstallResult(False, f"{src} is not a file on this server")
+        problem = regular_file_problem(src)
+        if problem:
+            return InstallResult(False, f"{src}: {problem} on this server")
     elif name is None:
         raise ValueError("install(): pass name= with a stream")
     try:
@@ -294,6 +314,7 @@ def install(key: str, source: str | Path | BinaryIO, name: str | None = None) ->
             with open(tmp, "wb") as out:
                 shutil.copyfileobj(source, out, length=1 << 20)
             check = validate(key, tmp, name)
+            check = Validation(check.ok, check.message.replace(str(tmp), name))  # not the temporary name
             if not check.ok:
                 return InstallResult(False, f"{name} was not installed: {check.message}")
         moved = []

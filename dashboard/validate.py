@@ -2,6 +2,8 @@
 
 ``python -m dashboard.validate KIND PATH`` prints one JSON line ``{"ok": bool, "message": str}``
 and exits 0 (also for a bad file: only a crash of the validator itself exits non-zero).
+Every file is read as data only (:mod:`engine.safe_load`): a pickle that asks for a Python
+object is reported as refused, and nothing in it runs.
 
 Kinds:
 
@@ -18,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from engine.checks import regular_file_problem
+
 
 def _checkpoint(path: Path) -> tuple[bool, str]:
     from engine.regressor import inspect_checkpoint
@@ -28,10 +32,12 @@ def _checkpoint(path: Path) -> tuple[bool, str]:
 
 def _fits(path: Path, make_net, title: str, what: str) -> tuple[bool, str]:
     """Whether ``path`` is a state dict that loads strictly into ``make_net()`` (a face_alignment net)."""
-    import torch
+    from engine.safe_load import UnsafeWeightsError, load_weights
 
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_weights(path)
+    except UnsafeWeightsError as e:
+        return False, str(e)
     except Exception as e:
         return False, f"not a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     if not isinstance(sd, dict):
@@ -65,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m dashboard.validate {{{','.join(VALIDATORS)}}} PATH", file=sys.stderr)
         return 2
     path = Path(argv[1])
-    if not path.is_file():
-        ok, message = False, f"{path}: no such file"
+    problem = regular_file_problem(path)
+    if problem:
+        ok, message = False, f"{path}: {problem}"
     else:
         ok, message = VALIDATORS[argv[0]](path)
     print(json.dumps({"ok": bool(ok), "message": str(message)}))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from db import service
+from db.access import LOCAL, Actor, ImportPolicy, PermissionDenied
 from db.models import SCHEMA_VERSION, TRANSITIONS, JobStatus
 from db.registry import Registry, SchemaError
 from db.service import (
@@ -37,14 +38,18 @@ from db.service import (
 from db.views import ArtifactView, JobView, QualityView, VideoView, WorkerView
 
 __all__ = [
+    "LOCAL",
     "SCHEMA_VERSION",
     "TRANSITIONS",
+    "Actor",
     "ArtifactView",
+    "ImportPolicy",
     "JobNotFound",
     "JobStateError",
     "JobStatus",
     "JobView",
     "LostJob",
+    "PermissionDenied",
     "QualityView",
     "Registry",
     "SchemaError",

@@ -18,7 +18,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 #: Bump when a table changes; :mod:`db.registry` refuses (or migrates) other versions.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: How many times a job may be started before an abandoned run fails it for good.
 DEFAULT_MAX_ATTEMPTS = 3
@@ -130,6 +130,9 @@ class Job(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     video_id: int = Field(foreign_key="videos.id", index=True)
     name: str = ""  #: the name the input was submitted under (one video may be submitted under several)
+    #: who queued it: a signed-in dashboard user, or "local" (the shell, a dashboard without sign-in);
+    #: None for jobs queued before schema v2
+    submitted_by: str | None = Field(default=None, max_length=128)
     settings: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     status: str = Field(default=JobStatus.QUEUED.value, max_length=16)
     stage: str | None = None

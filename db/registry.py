@@ -44,8 +44,13 @@ class SchemaError(RuntimeError):
     """The database was made by another (older or newer) version of the schema."""
 
 
+def _v1_to_v2(conn) -> None:
+    """v2 records who queued a job (``jobs.submitted_by``; NULL for older jobs: the shell's)."""
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN submitted_by VARCHAR(128)"))
+
+
 #: from-version → function(connection) that upgrades the schema by one version.
-MIGRATIONS: dict[int, object] = {}
+MIGRATIONS: dict[int, object] = {1: _v1_to_v2}
 
 
 def _make_engine(url: str) -> SAEngine:

@@ -29,6 +29,7 @@ from sqlalchemy import case, delete, func, or_
 from sqlmodel import Session, select
 
 from db import storage
+from db.access import LOCAL, Actor
 from db.models import (
     TRANSITIONS,
     Artifact,
@@ -50,6 +51,7 @@ from db.views import (
     VideoView,
     WorkerView,
 )
+from engine.checks import regular_file_problem
 from engine.config import EngineConfig
 from engine.errors import InputError
 
@@ -155,6 +157,7 @@ def _job_view(reg: Registry, j: Job, v: Video) -> JobView:
         video=_video_view(v),
         engine_version=j.engine_version,
         checkpoint_sha256=j.checkpoint_sha256,
+        submitted_by=j.submitted_by,
     )
 
 
@@ -272,9 +275,9 @@ def _get_or_create_video(
         return v.id
 
 
-def _create_job(reg: Registry, video_id: int, settings: dict, name: str) -> JobView:
+def _create_job(reg: Registry, video_id: int, settings: dict, name: str, actor: Actor) -> JobView:
     with reg.write() as s:
-        job = Job(video_id=video_id, settings=settings, name=name)
+        job = Job(video_id=video_id, settings=settings, name=name, submitted_by=actor.name)
         s.add(job)
         s.flush()
         job_id = job.id
@@ -288,6 +291,7 @@ def submit_file(
     *,
     copy: bool = True,
     original_name: str | None = None,
+    actor: Actor = LOCAL,
 ) -> JobView:
     """Queue a job for a file on this machine.
 
@@ -297,14 +301,18 @@ def submit_file(
         copy: True stores the file under ``uploads/`` by content hash (once per content);
             False registers it where it lies (server-side folder import).
         original_name: the name shown for the job (default: the file name).
+        actor: who queues it (needs the ``user`` role; recorded as the job's owner).
 
     Raises:
-        InputError: ``path`` is not an existing file.
+        InputError: ``path`` is not an existing regular file.
         ValueError: invalid settings.
+        PermissionDenied: the actor may not queue jobs.
     """
+    actor.require("submit")
     src = Path(path).expanduser().resolve()
-    if not src.is_file():
-        raise InputError(f"{src}: no such file (expected a video or image file)")
+    problem = regular_file_problem(src)
+    if problem:
+        raise InputError(f"{original_name or Path(path).name}: {problem}; expected a video or image file")
     cfg = normalize_settings(settings)
     name = original_name or src.name
     if copy:
@@ -314,26 +322,29 @@ def submit_file(
     video_id = _get_or_create_video(
         reg, sha=sha, size=size, stored=stored, original_name=name, in_place=not copy
     )
-    job = _create_job(reg, video_id, cfg, name)
+    job = _create_job(reg, video_id, cfg, name, actor)
     log.info("queued job %d: %s (%s, %d bytes)", job.id, name, sha[:12], size)
     return job
 
 
 def submit_upload(
-    reg: Registry, fileobj: BinaryIO, original_name: str, settings: EngineConfig | dict | None = None
+    reg: Registry, fileobj: BinaryIO, original_name: str, settings: EngineConfig | dict | None = None,
+    *, actor: Actor = LOCAL,
 ) -> JobView:
     """Queue a job for an uploaded stream (``fileobj.read(n)`` gives bytes).
 
     The stream is written to a temporary file while being hashed, then moved to
     ``uploads/<sha[:2]>/<sha><ext>``; bytes already stored are not stored again.
+    ``actor`` needs the ``user`` role and is recorded as the job's owner.
     """
+    actor.require("submit")
     cfg = normalize_settings(settings)
     tmp, sha, size = storage.stream_to_temp(fileobj, reg.tmp_dir)
     dest = storage.upload_path(reg.uploads_dir, sha, original_name)
     storage.store_temp(tmp, dest)
     name = Path(original_name).name
     video_id = _get_or_create_video(reg, sha=sha, size=size, stored=dest, original_name=name, in_place=False)
-    job = _create_job(reg, video_id, cfg, name)
+    job = _create_job(reg, video_id, cfg, name, actor)
     log.info("queued job %d: upload %s (%s, %d bytes)", job.id, original_name, sha[:12], size)
     return job
 
@@ -346,19 +357,27 @@ def _discover(folder: Path) -> list[Path]:
 
 
 def import_folder(
-    reg: Registry, folder: str | Path, settings: EngineConfig | dict | None = None
+    reg: Registry, folder: str | Path, settings: EngineConfig | dict | None = None, *, actor: Actor
 ) -> list[JobView]:
     """Queue one job per input found under ``folder`` (registered in place, not copied).
 
+    ``actor`` needs the ``admin`` role; the folder, resolved, must lie under one of its
+    allowed import roots, and so must every file found (a link pointing out is skipped).
+
     Raises:
         InputError: ``folder`` is not a directory.
+        PermissionDenied: not an admin, importing is off, or the folder is outside the roots.
     """
-    root = Path(folder).expanduser().resolve()
+    actor.require("import")
+    root = actor.imports.folder(folder)
     if not root.is_dir():
-        raise InputError(f"{root}: not a folder")
+        raise InputError(f"{folder}: not a folder")
     cfg = normalize_settings(settings)
+    found, outside = actor.imports.split(_discover(root))
+    for p in outside:
+        log.warning("import of %s: skipped %s, it leads outside the allowed import roots", folder, p)
     return [
-        submit_file(reg, p, cfg, copy=False, original_name=str(p.relative_to(root))) for p in _discover(root)
+        submit_file(reg, p, cfg, copy=False, original_name=str(p.relative_to(root)), actor=actor) for p in found
     ]
 
 
@@ -476,15 +495,17 @@ def _remove_job_files(reg: Registry, job_id: int, *, results: bool = True, state
         storage.remove_tree(reg.state_dir(job_id))
 
 
-def cancel_job(reg: Registry, job_id: int) -> JobView:
+def cancel_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
     """Cancel a job: a queued one at once, a running one by asking its worker (it stops
-    within one engine batch and removes its partial files).
+    within one engine batch and removes its partial files). ``actor`` cancels their own
+    jobs with the ``user`` role, anyone's as ``admin``.
 
     Raises:
-        JobNotFound, JobStateError (the job already finished).
+        JobNotFound, JobStateError (the job already finished), PermissionDenied.
     """
     with reg.write() as s:
         job, _ = _load(s, job_id)
+        actor.require("cancel_own" if actor.owns(job.submitted_by) else "cancel_any")
         status = JobStatus(job.status)
         if status == JobStatus.QUEUED:
             transition(s, job, JobStatus.CANCELLED, cancel_requested=True, stage=None)
@@ -501,15 +522,16 @@ def cancel_job(reg: Registry, job_id: int) -> JobView:
     return get_job(reg, job_id)
 
 
-def retry_job(reg: Registry, job_id: int) -> JobView:
+def retry_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
     """Queue a failed or cancelled job again (attempts reset to 0; a saved engine state is kept
-    so a long video resumes).
+    so a long video resumes). ``actor`` retries their own jobs as ``user``, anyone's as ``admin``.
 
     Raises:
-        JobNotFound, JobStateError (the job is queued, running or succeeded).
+        JobNotFound, JobStateError (the job is queued, running or succeeded), PermissionDenied.
     """
     with reg.write() as s:
         job, _ = _load(s, job_id)
+        actor.require("retry_own" if actor.owns(job.submitted_by) else "retry_any")
         status = JobStatus(job.status)
         if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise JobStateError(
@@ -524,14 +546,15 @@ def retry_job(reg: Registry, job_id: int) -> JobView:
     return get_job(reg, job_id)
 
 
-def delete_job(reg: Registry, job_id: int, *, remove_files: bool = True) -> None:
+def delete_job(reg: Registry, job_id: int, *, actor: Actor, remove_files: bool = True) -> None:
     """Delete a job that is not running, with its artifacts and quality rows; with
     ``remove_files`` also its result/work folders and, when no other job uses it, its
-    uploaded input (never an input registered in place).
+    uploaded input (never an input registered in place). ``actor`` must be an admin.
 
     Raises:
-        JobNotFound, JobStateError (the job is running: cancel it first).
+        JobNotFound, JobStateError (the job is running: cancel it first), PermissionDenied.
     """
+    actor.require("delete")
     orphan_upload: Path | None = None
     with reg.write() as s:
         job, video = _load(s, job_id)

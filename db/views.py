@@ -69,6 +69,7 @@ class JobView:
     video: VideoView
     engine_version: str | None = None
     checkpoint_sha256: str | None = None
+    submitted_by: str | None = None  #: who queued it (a dashboard user, or "local"; None: before schema v2)
 
     @property
     def progress(self) -> float:

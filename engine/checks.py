@@ -2,12 +2,16 @@
 
 ``check_shape(x, ("N", "68", "2"), "landmarks")`` accepts any size for a named
 dimension (a letter) and the exact size for a digit string or an int; ``"*"`` means
-"any number of leading dimensions".
+"any number of leading dimensions". :func:`regular_file_problem` says in words why a path is
+not an ordinary file.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
+from pathlib import Path
 
 from engine.errors import ShapeError
 
@@ -36,3 +40,35 @@ def check_shape(x, spec: Sequence[str | int], name: str) -> None:
         fixed = isinstance(want, int) or (isinstance(want, str) and want.isdigit())
         if fixed and int(want) != got:
             raise ShapeError(name, spec, shape)
+
+
+def regular_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as an ordinary file, in words; None when it is one.
+
+    ``"no such file"`` only when nothing is there; a folder, named pipe (FIFO), device or
+    socket is ``"not a regular file: it is a named pipe (FIFO)"``, so the message never
+    sends the user looking for a file that exists. Symbolic links are followed.
+
+    >>> regular_file_problem("/")
+    'not a regular file: it is a folder'
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a link to a missing file" if os.path.islink(path) else "no such file"
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:
+        return (e.strerror or type(e).__name__).lower()
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file: it is {_KINDS.get(stat.S_IFMT(mode), 'a special file')}"
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}

@@ -5,8 +5,9 @@
 strictly. :func:`load_checkpoint` accepts the layouts users actually have (spec §1.3):
 Deep3D's ``{net_recon, opt_00, sched_00}`` pickle, a bare state dict (optionally with a
 ``module.`` prefix or without ``num_batches_tracked``), and SadTalker's safetensors
-(``face_3drecon.*``). Anything else fails with a one-line :class:`CheckpointError` that
-says what the file is.
+(``face_3drecon.*``). Pickles are read as data only (:mod:`engine.safe_load`): a file
+that asks for a Python object is refused, never run. Anything else fails with a one-line
+:class:`CheckpointError` that says what the file is.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from engine.align import crops_to_tensor_input, uint8_to_unit_table
 from engine.checks import check_shape
 from engine.errors import CheckpointError
 from engine.layout import HEAD_SIZES, NUM_COEFFS
+from engine.safe_load import UnsafeWeightsError, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -222,18 +224,8 @@ def _read_safetensors(path: Path, header: dict, materialize: bool) -> tuple[str,
 
 
 def _torch_load(path: Path, mmap: bool):
-    """``torch.load`` on CPU, weights only; falls back to a full unpickle for unsupported globals."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
-            raise
-        log.warning(
-            "%s: holds Python objects beyond tensors; loading it with weights_only=False "
-            "(only do this with files you trust)",
-            path,
-        )
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    """``torch.load`` on CPU as data only (:func:`engine.safe_load.load_weights`); never a full unpickle."""
+    return load_weights(path, map_location="cpu", mmap=mmap)
 
 
 def _find_state_dict(obj, path: Path) -> tuple[str, Mapping]:
@@ -310,6 +302,8 @@ def _read_state_dict(path: Path, materialize: bool = True) -> tuple[str, dict[st
                 )
     try:
         obj = _torch_load(path, mmap=is_zip)
+    except UnsafeWeightsError as e:
+        raise CheckpointError(str(e)) from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError, KeyError) as e:
         msg = str(e)
         damaged = ("central directory", "EOF", "truncated", "corrupt")
@@ -418,17 +412,18 @@ def load_checkpoint(path: str | Path, arch: str = "resnet50") -> dict[str, torch
 
     Accepts Deep3D's ``{net_recon, opt_00, sched_00}`` pickle (other keys ignored), a bare
     state dict, a ``module.`` prefix, missing ``num_batches_tracked`` (filled with 0), and
-    SadTalker's safetensors (``face_3drecon.*``; other groups ignored). Loads with
-    ``weights_only=True`` and retries without it only when the file holds other Python
-    objects (logged as a warning: the user picked the file).
+    SadTalker's safetensors (``face_3drecon.*``; other groups ignored). A ``.pth`` is read
+    as data only (``weights_only=True``, :mod:`engine.safe_load`): a file that asks for any
+    other Python object is refused, never unpickled in full.
 
     Returns:
         CPU float32 tensors keyed exactly like :class:`ReconNet`'s state dict
         (332 keys for ResNet-50; ``num_batches_tracked`` int64).
 
     Raises:
-        CheckpointError: missing, empty, truncated or corrupt file, not a checkpoint, or
-            another architecture (the message says which).
+        CheckpointError: missing, empty, truncated or corrupt file, not a checkpoint, a
+            pickle asking for Python objects (the message names the object), or another
+            architecture (the message says which).
     """
     path = Path(path)
     _, raw, _ = _read_state_dict(path, materialize=True)

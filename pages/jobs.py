@@ -18,10 +18,13 @@ from dashboard.fmt import (
     status_label,
     status_markdown,
 )
+from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
-from db import JobNotFound, JobStateError, JobStatus, JobView, service
+from db import JobNotFound, JobStateError, JobStatus, JobView, PermissionDenied, service
+from db.access import display_path, relative_text
 
 route_through_app()
+actor = current_actor()
 
 REFRESH_S = 2
 PAGE_SIZES = (25, 50, 100, 250)
@@ -50,8 +53,8 @@ COLUMNS = {
 }
 
 
-def jobs_frame(jobs: list[JobView]) -> pd.DataFrame:
-    """One display row per job (columns of :data:`COLUMNS`)."""
+def jobs_frame(jobs: list[JobView], data_dir) -> pd.DataFrame:
+    """One display row per job (columns of :data:`COLUMNS`); no absolute server path in it."""
     rows = []
     for j in jobs:
         total = j.frames_total or j.video.frame_count or 0
@@ -67,7 +70,7 @@ def jobs_frame(jobs: list[JobView]) -> pd.DataFrame:
                 "ETA": fmt_duration(j.eta_s) if j.eta_s is not None else "",
                 "Attempts": f"{j.attempts} / {j.max_attempts}",
                 "Submitted": fmt_age(j.created_at),
-                "Error": j.error or "",
+                "Error": relative_text(j.error, data_dir) if j.error else "",
             }
         )
     return pd.DataFrame(rows, columns=list(COLUMNS))
@@ -84,13 +87,13 @@ def _apply(action: str, jobs: list[JobView]) -> None:
     for j in jobs:
         try:
             if action == "cancel":
-                service.cancel_job(reg, j.id)
+                service.cancel_job(reg, j.id, actor=actor)
             elif action == "retry":
-                service.retry_job(reg, j.id)
+                service.retry_job(reg, j.id, actor=actor)
             elif action == "delete":
-                service.delete_job(reg, j.id, remove_files=True)
+                service.delete_job(reg, j.id, actor=actor, remove_files=True)
             done.append(j.name)
-        except (JobStateError, JobNotFound) as e:
+        except (JobStateError, JobNotFound, PermissionDenied) as e:
             problems.append(str(e))
     verbs = {"cancel": "Cancel requested for", "retry": "Queued again:", "delete": "Deleted"}
     if done:
@@ -114,9 +117,14 @@ def _action_bar(selected: list[JobView]) -> None:
     Actions run in ``on_click`` callbacks, i.e. before the rerun that redraws the table, so the
     table always shows their effect.
     """
-    cancellable = [j for j in selected if j.status in (JobStatus.QUEUED, JobStatus.RUNNING)]
-    retryable = [j for j in selected if j.status in (JobStatus.FAILED, JobStatus.CANCELLED)]
-    deletable = [j for j in selected if j.status != JobStatus.RUNNING]
+    def allowed(j: JobView, own: str, anyone: str) -> bool:  # the service layer checks again
+        return actor.may(own if actor.owns(j.submitted_by) else anyone)
+
+    cancellable = [j for j in selected if j.status in (JobStatus.QUEUED, JobStatus.RUNNING)
+                   and allowed(j, "cancel_own", "cancel_any")]
+    retryable = [j for j in selected if j.status in (JobStatus.FAILED, JobStatus.CANCELLED)
+                 and allowed(j, "retry_own", "retry_any")]
+    deletable = [j for j in selected if j.status != JobStatus.RUNNING and actor.may("delete")]
     openable = [j for j in selected if j.status == JobStatus.SUCCEEDED]
     bar = st.container(horizontal=True, vertical_alignment="center")
     bar.markdown(
@@ -152,13 +160,14 @@ def _action_bar(selected: list[JobView]) -> None:
         icon=":material/delete:",
         disabled=not deletable,
         key="jobs_delete",
-        help="running jobs must be cancelled first",
+        help="running jobs must be cancelled first" if actor.may("delete") else "deleting jobs needs the admin role",
         on_click=_confirm_delete,
         args=([j.id for j in deletable],),
     )
 
     pending = st.session_state.get("jobs_confirm_delete")
-    to_delete = [j for j in deletable if pending and j.id in pending]
+    # By status only: the role is the service layer's to check (delete_job refuses non-admins).
+    to_delete = [j for j in selected if j.status != JobStatus.RUNNING and pending and j.id in pending]
     if to_delete:
         names = [md_escape(j.name) for j in to_delete]
         st.warning(
@@ -177,14 +186,16 @@ def _details(job: JobView) -> None:
     """What one selected job is: input, settings, error in plain words, timing."""
     with st.container(border=True):
         st.markdown(f"**{md_escape(job.name)}** · job {job.id} · {status_markdown(job.status)}")
+        reg = get_registry()
         if job.error:
-            text = md_escape(explain_error(job.error, job.error_code))
+            text = md_escape(relative_text(explain_error(job.error, job.error_code), reg.data_dir))
             if job.status == JobStatus.FAILED:
                 st.error(text)
             else:
                 st.info(text)
         info = {
-            "Input file": str(job.input_path),
+            "Input file": display_path(job.input_path, reg.data_dir, actor.imports.roots),
+            "Submitted by": job.submitted_by or "",
             "Registered in place": "yes (folder import)" if job.video.in_place else "no (uploaded copy)",
             "Stage": job.stage or "",
             "Worker": f"{job.worker_id} ({job.device})" if job.worker_id else "",
@@ -228,7 +239,7 @@ def _table() -> None:
     # The table's key follows the rows shown, so a selection always maps to the jobs it was made on:
     # when rows come or go (new job, filter), the selection starts afresh instead of shifting.
     key = rows_key("jobs_table", [j.id for j in jobs])
-    table = jobs_frame(jobs).style.map(
+    table = jobs_frame(jobs, reg.data_dir).style.map(
         lambda v: f"color: {STATUS_COLOURS.get(v.split(' ')[0], 'inherit')}; font-weight: 600",
         subset=["Status"],
     )

@@ -6,10 +6,13 @@ import streamlit as st
 
 from dashboard.data import disk_free, doctor_checks, get_registry, gpus
 from dashboard.fmt import blocking_checks, check_text, fmt_age, fmt_bytes, md_escape, status_markdown
+from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
 from db import JobStatus, service
+from db.access import relative_text
 
 route_through_app()
+current_actor()  # nothing below for a session that is not signed in
 
 REFRESH_S = 3
 LOW_DISK_BYTES = 10 * 2**30
@@ -80,7 +83,7 @@ def machine(reg) -> None:
             "Free disk under data/",
             fmt_bytes(free),
             border=True,
-            help=f"{reg.data_dir} · {fmt_bytes(total)} in all",
+            help=f"the data folder's file system: {fmt_bytes(total)} in all",
         )
         if free < LOW_DISK_BYTES:
             st.warning("Less than 10 GiB free: uploads and results may fail. Delete finished jobs or free space.")
@@ -94,10 +97,11 @@ def readiness() -> None:
         st.success("Everything needed to extract coefficients is installed.")
     for c in blocking:
         what, todo = check_text(c.detail, c.fix)
-        st.error(f"**{c.name}** is missing: {md_escape(what)}" + (f" — {md_escape(todo)}" if todo else ""))
+        what, todo = (md_escape(relative_text(t, get_registry().data_dir)) for t in (what, todo))
+        st.error(f"**{c.name}** is missing: {what}" + (f" — {todo}" if todo else ""))
     for c in optional:
         what, _ = check_text(c.detail, c.fix)
-        st.info(f"Optional: **{c.name}**: {md_escape(what)}")
+        st.info(f"Optional: **{c.name}**: {md_escape(relative_text(what, get_registry().data_dir))}")
     st.page_link("pages/setup.py", label="Models / setup", icon=":material/build:")
 
 

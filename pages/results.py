@@ -11,13 +11,17 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.data import face_renderer, frame_rgb, get_registry, result_data
+from dashboard.data import checked_results, face_renderer, frame_rgb, get_registry, result_data, verified_bytes
 from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, md_escape, rows_key, status_markdown
+from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
 from dashboard.results import ResultData, folder_table, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
+from db.access import display_path, may_read, relative_text
+from db.bundle import FileCheck, build_bundle, read_checked
 
 route_through_app()
+actor = current_actor()
 
 FORMAT_LABELS = {
     "pirender": "PIRender .mat",
@@ -100,41 +104,47 @@ def _quality(job: JobView, data: ResultData, frame_key: str) -> None:
         )
 
 
-def _downloads(reg, job: JobView) -> None:
-    artifacts = service.list_artifacts(reg, job.id)
+def _downloads(reg, job: JobView, checks: list[FileCheck]) -> None:
+    """Bundle and single-file downloads: only for files that still hold their registered bytes,
+    and each served file is hashed again when it is fetched (:mod:`db.bundle`)."""
     stem = Path(job.name).stem
+    good = [c.artifact for c in checks if c.problem is None]
+    bad = [c.problem for c in checks if c.problem]
     with st.container(horizontal=True, vertical_alignment="center"):
         st.download_button(
             "Download bundle (.zip)",
-            data=lambda: service.build_bundle(reg, job.id).read_bytes(),
+            data=lambda: build_bundle(reg, job.id).read_bytes(),
             file_name=f"{stem}-job{job.id}.zip",
             mime="application/zip",
             type="primary",
             icon=":material/folder_zip:",
             key="res_bundle",
-            help="every result file, the landmarks, manifest.json and a README explaining the layout",
+            disabled=bool(bad),
+            help="not available: a result file changed or is missing (see below)" if bad else
+            "every result file, the landmarks, manifest.json and a README explaining the layout",
         )
-        for a in artifacts:
-            if not a.path.is_file():
-                continue
+        for a in good:
             st.download_button(
                 f"{FORMAT_LABELS.get(a.format, a.format)} · {fmt_bytes(a.bytes)}",
-                data=lambda p=a.path: p.read_bytes(),
+                data=lambda a=a: read_checked(reg, a),
                 file_name=a.path.name,
                 mime=FORMAT_MIME.get(a.format, "application/octet-stream"),
                 key=f"res_dl_{a.format}",
                 icon=":material/download:",
             )
-    review = next((a for a in artifacts if a.format == "overlay" and a.path.is_file()), None)
+    review = next((a for a in good if a.format == "overlay"), None)
     if review is not None:
         with st.expander("Overlay review video: the reconstruction drawn over every frame", icon=":material/movie:"):
-            if review.path.suffix.lower() == ".png":
-                st.image(str(review.path), width="stretch")
+            media = verified_bytes(review.path, review.sha256)
+            if media is None:
+                st.error(md_escape(f"{review.path.name} changed on disk while it was being read; re-run the job"))
+            elif review.path.suffix.lower() == ".png":
+                st.image(media, width="stretch")
             else:
-                st.video(str(review.path))
-    missing = [a.path.name for a in artifacts if not a.path.is_file()]
-    if missing:
-        st.warning(md_escape(f"These result files are gone from disk: {', '.join(missing)}."))
+                st.video(media, format="video/mp4")
+    if bad:
+        st.error(md_escape("Not served, because the results on disk are no longer the ones the job wrote: "
+                           + "; ".join(bad) + "."))
 
 
 def _select_frame(chart_key: str, frame_key: str) -> None:
@@ -206,13 +216,19 @@ def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
         f"pitch {row['pitch_deg']:.1f}°, roll {row['roll_deg']:.1f}°"
     )
     path = job.input_path
+    if not may_read(path, get_registry().data_dir, actor):
+        st.warning(md_escape(f"{job.name} lies outside the data folder and the allowed import roots, so the "
+                             "dashboard does not read its frames."))
+        return
     if not Path(path).is_file():
-        st.warning(md_escape(f"The input video is no longer at {path}, so its frames cannot be shown."))
+        shown = display_path(path, get_registry().data_dir, actor.imports.roots)
+        st.warning(md_escape(f"The input video is no longer at {shown}, so its frames cannot be shown."))
         return
     try:
         image = frame_rgb(str(path), int(index), float(row["t"]) if n > 1 else None)
     except Exception as e:
-        st.warning(md_escape(f"Frame {index} cannot be decoded: {e}"))
+        why = relative_text(str(e).replace(str(path), job.name), get_registry().data_dir, actor.imports.roots)
+        st.warning(md_escape(f"Frame {index} cannot be decoded: {why}"))
         return
     views = frame_views(image, data, int(index))
     cols = st.columns([2, 1, 1])
@@ -333,7 +349,7 @@ def _not_ready(job: JobView) -> None:
     st.title(job.name)
     st.info(f"This job is {status_markdown(job.status)}; results appear once it has succeeded.")
     if job.error:
-        st.error(md_escape(explain_error(job.error, job.error_code)))
+        st.error(md_escape(relative_text(explain_error(job.error, job.error_code), reg.data_dir)))
     if job.status == JobStatus.RUNNING:
         st.progress(job.progress, text=f"{job.frames_done} of {job.frames_total or '?'} frames")
     st.page_link("pages/jobs.py", label="Back to Jobs", icon=":material/list:")
@@ -350,19 +366,21 @@ if job_id is not None:
     if job.status != JobStatus.SUCCEEDED:
         _not_ready(job)
         st.stop()
-    npz = next((a for a in service.list_artifacts(reg, job.id) if a.format == "npz"), None)
+    checks = checked_results(reg, job.id)
+    npz = next((c for c in checks if c.artifact.format == "npz"), None)
     data = None
     if npz is None:
-        note = "This job did not write the npz format, which the charts are drawn from."
-    elif not npz.path.is_file():
-        note = f"The result file {npz.path} is gone from disk."
+        note = "This job did not write the npz format, which the charts are drawn from. Retry the video with "
+        note += "the npz format selected to see charts and frames."
+    elif npz.problem:
+        note = "The charts are drawn from the npz result, which is not usable: see above."
     else:
         note = ""
-        data = result_data(npz.path)
+        data = result_data(npz.artifact.path)
     _header(job, data)
-    _downloads(reg, job)
+    _downloads(reg, job, checks)
     if data is None:
-        st.warning(md_escape(note) + " Retry the video with the npz format selected to see charts and frames.")
+        st.warning(md_escape(note))
         st.stop()
     frame_key = f"res_frame_{job.id}"
     st.session_state.setdefault(frame_key, 0)

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.data import doctor_checks
+from dashboard.data import doctor_checks, get_registry
 from dashboard.fmt import blocking_checks, check_text, md_escape
+from dashboard.gate import current_actor
 from dashboard.install import BFM_FILES, convert_face_model, install, weight_statuses
 from dashboard.navigation import route_through_app
+from db.access import display_path, relative_text
 
 route_through_app()
+actor = current_actor()
+
+
+def _rel(text: str) -> str:
+    """Outside text with server paths shown relative (data folder, project, home), Markdown-safe."""
+    return md_escape(relative_text(text, get_registry().data_dir))
 
 INSTALLABLE = {
     "checkpoint": "Reconstruction network (epoch_20.pth or SadTalker .safetensors)",
@@ -28,12 +36,15 @@ def _status_table() -> None:
             mark = ":red[:material/cancel:]" if w.required else ":gray[:material/do_not_disturb_on:]"
         need = "" if w.required else " · optional"
         with st.expander(f"{mark} **{w.title}** — {w.detail}{need}", expanded=w.required and not w.present):
-            st.markdown(f"**Where the engine looks:** `{w.path}`")
-            st.markdown(f"**Where it comes from:** {md_escape(w.source)}")
+            st.markdown(f"**Where the engine looks:** `{display_path(w.path, get_registry().data_dir)}`")
+            st.markdown(f"**Where it comes from:** {_rel(w.source)}")
 
 
 def _install_form() -> None:
     st.subheader("Install a weight file")
+    if not actor.may("install"):
+        st.info(f"Installing weight files needs the admin role; {actor.name} is signed in as {actor.role}.")
+        return
     key = st.selectbox("What", list(INSTALLABLE), format_func=INSTALLABLE.__getitem__, key="setup_kind")
     how = st.segmented_control(
         "From", ["Upload", "Path on this server"], default="Upload", required=True, key="setup_how"
@@ -62,14 +73,14 @@ def _install_form() -> None:
         with st.spinner("Checking the file…"):
             if upload is not None:
                 upload.seek(0)
-                result = install(key, upload, name or upload.name)
+                result = install(key, upload, name or upload.name, actor=actor)
             else:
-                result = install(key, path, name)
+                result = install(key, path, name, actor=actor)
         if result.ok:
-            st.success(md_escape(result.message))
+            st.success(_rel(result.message))
             doctor_checks.clear()
         else:
-            st.error(md_escape(result.message))
+            st.error(_rel(result.message))
 
 
 def _doctor() -> None:
@@ -84,9 +95,9 @@ def _doctor() -> None:
             group = c.group
             st.markdown(f"**{group.capitalize()}**")
         what, todo = check_text(c.detail, c.fix)
-        text = f"**{c.name}**: {md_escape(what)}" + (f"\n\n→ {md_escape(todo)}" if todo else "")
+        text = f"**{c.name}**: {_rel(what)}" + (f"\n\n→ {_rel(todo)}" if todo else "")
         if c.ok:
-            st.markdown(f":green[:material/check_circle:] {c.name}: {md_escape(c.detail)}")
+            st.markdown(f":green[:material/check_circle:] {c.name}: {_rel(c.detail)}")
         elif c in blocking:
             st.error(text)
         else:
@@ -106,10 +117,10 @@ def _face_model_convert() -> None:
         "The face model's sources are installed in BFM/ but not converted to BFM_model_front.mat yet "
         "(the same as `python -m engine bfm convert`)."
     )
-    if st.button("Convert the face model", icon=":material/build:", key="setup_convert"):
+    if actor.may("install") and st.button("Convert the face model", icon=":material/build:", key="setup_convert"):
         with st.spinner("Converting the face model (reads the 200 MB Basel model)…"):
-            result = convert_face_model()
-        (st.success if result.ok else st.error)(md_escape(result.message))
+            result = convert_face_model(actor=actor)
+        (st.success if result.ok else st.error)(_rel(result.message))
         doctor_checks.clear()
 
 

@@ -8,14 +8,17 @@ import streamlit as st
 
 from dashboard.data import get_registry
 from dashboard.fmt import md_escape
+from dashboard.gate import current_actor
 from dashboard.install import weight_statuses
 from dashboard.navigation import route_through_app
-from db import service
+from db import PermissionDenied, service
+from db.access import relative_text
 from engine.config import EngineConfig, LandmarkBackend, OutputFormat
 from engine.errors import StudioError
 from engine.sources import IMAGE_EXTS, VIDEO_EXTS
 
 route_through_app()
+actor = current_actor()
 
 BACKEND_LABELS = {"fan": "FAN (68 points)", "mtcnn": "MTCNN (5 points)", "file": "Precomputed file"}
 BACKEND_HELP = {
@@ -129,10 +132,10 @@ def _submit_uploads(files, config: EngineConfig) -> None:
     for i, f in enumerate(files, start=1):
         try:
             f.seek(0)
-            service.submit_upload(reg, f, f.name, config)
+            service.submit_upload(reg, f, f.name, config, actor=actor)
             queued += 1
-        except (StudioError, ValueError, OSError) as e:
-            failed.append(f"{f.name}: {e}")
+        except (StudioError, ValueError, OSError, PermissionDenied) as e:
+            failed.append(f"{f.name}: {relative_text(str(e), reg.data_dir)}")
         bar.progress(i / len(files), text=f"Stored {i} of {len(files)}")
     _finish(queued, failed)
 
@@ -140,14 +143,20 @@ def _submit_uploads(files, config: EngineConfig) -> None:
 def _submit_folder(folder: str, config: EngineConfig) -> None:
     reg = get_registry()
     path = Path(folder).expanduser()
+    try:  # role and allowed roots first: say nothing about folders this user may not import
+        actor.require("import")
+        actor.imports.folder(path)
+    except PermissionDenied as e:
+        st.error(md_escape(f"The folder could not be imported: {e}"))
+        return
     if not path.is_dir():
         st.error(f"{md_escape(path)} is not a folder on this server (give an absolute path to a folder of videos).")
         return
     with st.spinner(f"Registering the videos under {path} (hashing each file once)…"):
         try:
-            jobs = service.import_folder(reg, path, config)
-        except (StudioError, ValueError, OSError) as e:
-            st.error(md_escape(f"The folder could not be imported: {e}"))
+            jobs = service.import_folder(reg, path, config, actor=actor)
+        except (StudioError, ValueError, OSError, PermissionDenied) as e:
+            st.error(md_escape(f"The folder could not be imported: {relative_text(str(e), reg.data_dir)}"))
             return
     if not jobs:
         st.warning(f"No video or image found under {md_escape(path)} ({', '.join(UPLOAD_TYPES)}).")
@@ -167,13 +176,15 @@ def _finish(queued: int, failed: list[str]) -> None:
 
 
 st.title("Upload")
-mode = st.segmented_control(
-    "Source",
-    ["Upload files", "Import a folder on the server"],
-    default="Upload files",
-    key="up_mode",
-    required=True,
-)
+if not actor.may("submit"):
+    st.info(f"Queueing videos needs the user or admin role; {actor.name} is signed in as {actor.role}.")
+    st.stop()
+modes = ["Upload files"]
+if actor.may("import") and actor.imports.roots != ():
+    modes.append("Import a folder on the server")
+elif actor.may("import"):
+    st.caption(md_escape(actor.imports.reason[0].upper() + actor.imports.reason[1:] + "."))
+mode = st.segmented_control("Source", modes, default="Upload files", key="up_mode", required=True)
 if mode == "Upload files":
     files = st.file_uploader(
         "Videos (or images)",
@@ -188,9 +199,11 @@ else:
     folder = st.text_input(
         "Folder on the server",
         key="up_folder",
-        placeholder="/data/datasets/voxceleb/test",
+        placeholder=str(actor.imports.roots[0] / "…") if actor.imports.roots else "/data/datasets/voxceleb/test",
         help="every video and image under it (sub-folders too) is registered where it "
-        "lies, without copying; keep the files there until the jobs are done",
+        "lies, without copying; keep the files there until the jobs are done"
+        + (f". Allowed: folders under {', '.join(str(r) for r in actor.imports.roots)}"
+           if actor.imports.roots else ""),
     )
 config = _settings_form()
 ready = config is not None and (bool(files) if mode == "Upload files" else bool(folder.strip()))

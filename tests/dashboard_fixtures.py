@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from engine.structures import MediaInfo, VideoResult
 from engine.writers import write_outputs
+
+
+@contextmanager
+def served_on(address: str) -> Iterator[None]:
+    """Run AppTests as if the dashboard listened on ``address`` (Streamlit's ``server.address``;
+    the sign-in gate treats any non-loopback address as the network)."""
+    from streamlit import config
+
+    old = config.get_option("server.address")
+    config.set_option("server.address", address)
+    try:
+        yield
+    finally:
+        config.set_option("server.address", old)
 
 
 def fake_result(
@@ -75,7 +91,7 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
         status value → job id: ``running`` (30 of 60 frames at 12.5 frames/s), ``succeeded``
         (results written by the real writers), ``failed`` (no face), ``cancelled``, ``queued``.
     """
-    from db import service
+    from db import LOCAL, service
     from db.storage import sha256_file
     from db.views import ArtifactFile, QualitySummary
 
@@ -119,7 +135,7 @@ def populate(reg, folder: Path, formats=("pirender", "npz", "csv", "landmarks"))
     ids["failed"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_cancelled.mp4")
-    service.cancel_job(reg, job.id)
+    service.cancel_job(reg, job.id, actor=LOCAL)
     ids["cancelled"] = job.id
 
     job = service.submit_file(reg, clip, settings, original_name="talk_waiting.mp4")

@@ -12,7 +12,7 @@ from dashboard import data as dashboard_data
 from dashboard.fmt import rows_key
 from db import JobStatus, Registry, service
 from engine.doctor import Check
-from tests.dashboard_fixtures import make_clip, populate
+from tests.dashboard_fixtures import make_clip, populate, served_on
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "streamlit_app.py"
@@ -28,6 +28,13 @@ DOCTOR = [
     ),
     Check("system", "GPU", False, "no CUDA device visible", "", required=False),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _served_locally():
+    """These pages are the ones `make run` serves on 127.0.0.1 (no sign-in), whatever the cwd."""
+    with served_on("127.0.0.1"):
+        yield
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from dashboard import charts
 from dashboard.fmt import explain_error, fmt_duration
 from dashboard.install import install, validate_bfm_file
 from dashboard.results import invalid_runs, load_result, quality_summary, result_frame
+from db import LOCAL
 from engine.face3d.bfm import EXP_NAME as EXP_PCA
 from tests.dashboard_fixtures import fake_result, make_clip, write_fake_outputs
 
@@ -146,11 +147,11 @@ def test_bfm_and_empty_files_are_rejected_with_the_reason(tmp_path, monkeypatch)
     scipy.io.savemat(mat, {"meanshape": np.zeros((1, 9)), "tri": np.zeros((2, 3))})
     check = validate_bfm_file(mat, "BFM_model_front.mat")
     assert not check.ok and "idBase" in check.message and check.message.startswith("BFM_model_front.mat")
-    result = install("bfm", bad)
+    result = install("bfm", bad, actor=LOCAL)
     assert not result.ok and result.path is None and not (tmp_path / "BFM" / EXP_PCA).exists()
     empty = tmp_path / "epoch_20.pth"
     empty.write_bytes(b"")
-    assert "empty" in install("checkpoint", empty).message
+    assert "empty" in install("checkpoint", empty, actor=LOCAL).message
 
 
 def test_formatters():

@@ -15,6 +15,7 @@ import pytest
 from sqlmodel import select
 
 from db import (
+    LOCAL,
     SCHEMA_VERSION,
     JobNotFound,
     JobStateError,
@@ -200,7 +201,7 @@ def test_import_folder_registers_in_place(reg, tmp_path):
     make_video(folder / "a.mp4", 4)
     make_video(folder / "sub" / "b.mp4", 4, color=(10, 20, 30))
     (folder / "notes.txt").write_text("hello")
-    jobs = service.import_folder(reg, folder, SETTINGS)
+    jobs = service.import_folder(reg, folder, SETTINGS, actor=LOCAL)
     assert sorted(j.name for j in jobs) == ["a.mp4", "sub/b.mp4"]
     assert all(j.video.in_place and folder in j.input_path.parents for j in jobs)
     assert not [p for p in reg.uploads_dir.rglob("*") if p.is_file()]
@@ -248,7 +249,7 @@ def test_transition_table_is_enforced(reg, tmp_path):
     with reg.write() as s, pytest.raises(JobStateError, match="queued: it cannot become succeeded"):
         service.transition(s, s.get(Job, job.id), JobStatus.SUCCEEDED)
     with pytest.raises(JobStateError, match="only failed or cancelled"):
-        service.retry_job(reg, job.id)
+        service.retry_job(reg, job.id, actor=LOCAL)
     with pytest.raises(JobNotFound, match="no job with id 999"):
         service.get_job(reg, 999)
 
@@ -258,13 +259,13 @@ def test_cancel_queued_running_and_finished(reg, tmp_path):
     b = service.submit_file(reg, _file(tmp_path, "b.mp4", b"b"), SETTINGS)
     reg.state_dir(a.id).mkdir(parents=True)
     (reg.state_dir(a.id) / "state.json").write_text("{}")
-    cancelled = service.cancel_job(reg, a.id)
+    cancelled = service.cancel_job(reg, a.id, actor=LOCAL)
     assert cancelled.status == JobStatus.CANCELLED and cancelled.finished_at is not None
     assert not reg.state_dir(a.id).exists()
 
     running = service.claim_next(reg, "w1")
     assert running.id == b.id
-    asked = service.cancel_job(reg, b.id)
+    asked = service.cancel_job(reg, b.id, actor=LOCAL)
     assert asked.status == JobStatus.RUNNING and asked.cancel_requested
     assert service.report_progress(reg, b.id, "w1", frames_done=3).cancel_requested
     reg.result_dir(b.id).mkdir(parents=True)
@@ -272,9 +273,9 @@ def test_cancel_queued_running_and_finished(reg, tmp_path):
     done = service.finish_cancelled(reg, b.id, "w1")
     assert done.status == JobStatus.CANCELLED and not reg.result_dir(b.id).exists()
     with pytest.raises(JobStateError, match="already cancelled"):
-        service.cancel_job(reg, b.id)
+        service.cancel_job(reg, b.id, actor=LOCAL)
 
-    again = service.retry_job(reg, b.id)
+    again = service.retry_job(reg, b.id, actor=LOCAL)
     assert again.status == JobStatus.QUEUED and again.attempts == 0 and not again.cancel_requested
     assert again.error is None and again.finished_at is None
 
@@ -302,7 +303,7 @@ def test_janitor_requeues_stale_jobs_then_fails_after_max_attempts(reg, tmp_path
 def test_stale_job_with_cancel_request_becomes_cancelled(reg, tmp_path):
     job = service.submit_file(reg, _file(tmp_path, "a.mp4", b"a"), SETTINGS)
     service.claim_next(reg, "w")
-    service.cancel_job(reg, job.id)
+    service.cancel_job(reg, job.id, actor=LOCAL)
     reg.state_dir(job.id).mkdir(parents=True)
     _set_heartbeat(reg, job.id, 999)
     service.requeue_stale(reg, stale_after_s=10)
@@ -386,13 +387,13 @@ def test_delete_removes_rows_files_and_orphan_upload(reg, tmp_path):
     b = service.submit_file(reg, src, SETTINGS)
     service.claim_next(reg, "w")
     with pytest.raises(JobStateError, match="running"):
-        service.delete_job(reg, a.id)
+        service.delete_job(reg, a.id, actor=LOCAL)
     _finish(reg, a.id)
-    service.delete_job(reg, a.id)
+    service.delete_job(reg, a.id, actor=LOCAL)
     assert not reg.result_dir(a.id).exists() and a.input_path.exists(), "upload still used by job b"
     with pytest.raises(JobNotFound):
         service.get_job(reg, a.id)
-    service.delete_job(reg, b.id)
+    service.delete_job(reg, b.id, actor=LOCAL)
     assert not a.input_path.exists()
     assert service.count_jobs(reg) == 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from db import JobStatus, Registry, service
+from db import LOCAL, JobStatus, Registry, service
 from db.models import Job
 from tests.conftest import REPO
 from worker.loop import wait_for
@@ -359,7 +359,7 @@ def test_ray_jobs_cancel_from_the_registry_and_sigterm_requeues(tmp_path, pg_url
                                   env=_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
             assert wait_for(lambda: service.get_job(reg, first).frames_done >= 4, 180, 0.05), log_path.read_text()
-            service.cancel_job(reg, first)  # what the dashboard's cancel button does
+            service.cancel_job(reg, first, actor=LOCAL)  # what the dashboard's cancel button does
             assert wait_for(lambda: service.get_job(reg, first).status == JobStatus.CANCELLED, 10, 0.05)
             assert _files(reg.result_dir(first)) == [] and _files(reg.state_dir(first)) == []
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
 import zipfile
 from pathlib import Path
 
@@ -267,14 +266,29 @@ def test_sadtalker_file_without_face_3drecon(tmp_path):
     assert "face_3drecon" in msg and "332 of 332 keys missing" in msg
 
 
-def test_unsupported_globals_fall_back_with_a_warning(tmp_path, caplog):
+def test_python_objects_in_a_checkpoint_are_refused_not_unpickled(tmp_path, monkeypatch):
+    """A file that needs any global beyond the data-only allow-list is refused, naming it;
+    there is no weights_only=False fallback, not even when the environment asks for one."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     sd = random_state_dict()
     path = tmp_path / "with_options.pth"
     torch.save({"net_recon": sd, "opt": argparse.Namespace(net_recon="resnet50")}, path)
-    with caplog.at_level(logging.WARNING, logger="engine.regressor"):
-        loaded = load_checkpoint(path)
+    msg = _one_line_error(load_checkpoint, path)
+    assert "asks for the Python object 'argparse.Namespace'" in msg and "loaded as data only" in msg
+    info = inspect_checkpoint(path)
+    assert not info.ok and "argparse.Namespace" in info.message
+
+
+def test_scheduler_states_with_counters_load(tmp_path):
+    """MultiStepLR keeps its milestones in a collections.Counter: allowed (plain data)."""
+    from collections import Counter
+
+    sd = random_state_dict()
+    sched = {"milestones": Counter({10: 1, 15: 1}), "gamma": 0.2, "base_lrs": [1e-4], "last_epoch": 20}
+    torch.save({"net_recon": sd, "opt_00": {"state": {}, "param_groups": []}, "sched_00": sched},
+               tmp_path / "multistep.pth")
+    loaded = load_checkpoint(tmp_path / "multistep.pth")
     assert torch.equal(loaded["final_layers.3.bias"], sd["final_layers.3.bias"])
-    assert any("weights_only=False" in r.getMessage() for r in caplog.records)
 
 
 def test_inspect_checkpoint(ckpt_dir, r18_path):

@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from db import JobStatus, Registry, service
+from db import LOCAL, JobStatus, Registry, service
 from db.models import Job
 from engine.errors import Cancelled, NoFaceError
 from engine.pipeline import Progress, RunReport
@@ -167,7 +167,7 @@ def test_cancel_stops_the_running_job_and_removes_its_files(reg, tmp_path):
     assert wait_for(lambda: service.get_job(reg, job.id).frames_done >= 3, 10)
     assert (reg.state_dir(job.id) / "state.json").exists()
     t0 = time.monotonic()
-    service.cancel_job(reg, job.id)
+    service.cancel_job(reg, job.id, actor=LOCAL)
     assert wait_for(lambda: service.get_job(reg, job.id).status == JobStatus.CANCELLED, 2.0)
     assert time.monotonic() - t0 < 2.0
     assert not reg.result_dir(job.id).exists() and not reg.state_dir(job.id).exists()
@@ -427,7 +427,7 @@ def test_cancel_within_2s_and_sigterm_requeues(tmp_path, checkpoint, clips, work
     assert wait_for(lambda: service.get_job(reg, job.id).frames_done >= 2, 120, 0.05), w.text()[-3000:]
     assert _files(reg.state_dir(job.id))
     t0 = time.monotonic()
-    service.cancel_job(reg, job.id)
+    service.cancel_job(reg, job.id, actor=LOCAL)
     assert _wait_status(reg, job.id, (JobStatus.CANCELLED,), 2.0), service.get_job(reg, job.id)
     assert time.monotonic() - t0 <= 2.0
     assert _files(reg.result_dir(job.id)) == [] and _files(reg.state_dir(job.id)) == []

@@ -137,7 +137,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from db import service
+    from db import LOCAL, service
     from engine.cli import config_from_args
     from engine.errors import StudioError
 
@@ -150,7 +150,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     failures = 0
     for path in args.inputs:
         try:
-            jobs = (service.import_folder(reg, path, cfg) if path.is_dir()
+            jobs = (service.import_folder(reg, path, cfg, actor=LOCAL) if path.is_dir()
                     else [service.submit_file(reg, path, cfg, copy=not args.in_place)])
         except (StudioError, OSError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
@@ -204,13 +204,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _each_job(args: argparse.Namespace, action, verb: str) -> int:
-    from db import JobNotFound, JobStateError
+    from db import LOCAL, JobNotFound, JobStateError
 
     reg = _registry(args)
     failures = 0
     for job_id in args.job_ids:
         try:
-            job = action(reg, job_id)
+            job = action(reg, job_id, actor=LOCAL)  # the shell user owns the registry's files anyway
         except (JobNotFound, JobStateError) as e:
             print(f"error: {e}", file=sys.stderr)
             failures += 1

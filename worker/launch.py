@@ -9,6 +9,9 @@ Children are started with ``subprocess`` (a fresh interpreter each, never a fork
 process that initialised CUDA), in their own session, so Ctrl-C reaches only this
 launcher, which then asks each child once to stop (SIGTERM: workers finish their batch
 and requeue their job). A worker that dies is restarted after a short pause.
+
+The dashboard is only served on a non-loopback address (``--host 0.0.0.0``) when sign-in is
+configured (:mod:`dashboard.auth`); otherwise the launch is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -192,6 +195,27 @@ def shutdown(children: list[Child], grace_s: float = STOP_GRACE_S) -> int:
     return worst
 
 
+def network_refusal(host: str) -> str | None:
+    """Why the dashboard may not be served on ``host`` (None: it may).
+
+    A loopback address is always fine; any other needs sign-in configured in the secrets.
+    """
+    from dashboard.auth import HOW_TO, is_loopback, load_config, read_secrets
+
+    if is_loopback(host):
+        return None
+    try:
+        config = load_config(read_secrets())
+    except (OSError, ValueError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        return f"refusing to serve the dashboard on {host}: the secrets file cannot be read ({e})"
+    if config.configured:
+        return None
+    return (
+        f"refusing to serve the dashboard on {host or 'every interface'}, which other machines can reach, "
+        f"without sign-in: {HOW_TO}. To use it on this machine only, leave --host at 127.0.0.1"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8501, help="dashboard port (default: 8501)")
@@ -203,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-dashboard", action="store_true", help="start workers only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launch: %(message)s")
+    refusal = None if args.no_dashboard else network_refusal(args.host)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
 
     children, notes = build_children(args)
     if any(c.name == "dashboard" for c in children):

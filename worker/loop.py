@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from db import service, storage
+from db.access import user_message
 from db.registry import Registry
 from db.views import ArtifactFile, JobView, QualitySummary
 from engine.config import EngineConfig
@@ -162,6 +163,16 @@ def _free_cuda_cache() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _checkpoint_name(explicit: str | None) -> str | None:
+    """File name of the checkpoint a run used (resolved as the engine does), for the manifest."""
+    from engine.weights import find_checkpoint
+
+    try:
+        return find_checkpoint(explicit).name
+    except StudioError:
+        return Path(explicit).name if explicit else None
 
 
 def output_stem(name: str) -> str:
@@ -351,6 +362,7 @@ class Worker:
             "media": {"width": info.width, "height": info.height, "fps": info.fps,
                       "frame_count": info.frame_count, "duration": info.duration, "codec": info.codec},
             "config": report.config,
+            "checkpoint_name": _checkpoint_name(report.config.get("checkpoint")),
         }
         try:
             service.complete_job(
@@ -384,6 +396,7 @@ class Worker:
             message, code = f"{type(e).__name__}: {e}", "internal"
             log.exception("job %d failed with an unexpected error", job.id)
         message = message.splitlines()[0] if message.strip() else type(e).__name__
+        message = user_message(message, job.input_path, job.name, self.reg.data_dir)  # the user's file name
         try:
             failed = service.fail_job(self.reg, job.id, self.worker_id, error=message, code=code)
         except Exception as db_error:

@@ -8,11 +8,13 @@ constructor has it (compiling costs over a minute on CPU for no speed-up).
 
 Weights. face_alignment downloads them on first use into ``torch.hub.get_dir()/checkpoints``
 (``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``):
-``s3fd-619a316812.pth`` (S3FD, via ``torch.hub.load_state_dict_from_url``) and
-``2DFAN4-11f355bf06.pth.tar`` (2D-FAN-4, via its own ``load_file_from_url``); a file of
-that name already there is used as is. Offline, a missing file makes construction fail
-with :class:`~engine.errors.WeightsMissingError` naming the files, the folder and the
-URLs, before face_alignment can try (and hang on) the network.
+``s3fd-619a316812.pth`` (S3FD) and ``2DFAN4-11f355bf06.pth.tar`` (2D-FAN-4), both with
+face_alignment's ``load_file_from_url``; a file of that name already there is used as is.
+Both are read with ``weights_only=True`` (S3FD is handed to face_alignment as
+``path_to_detector`` for that): a file asking for Python objects is refused with a
+:class:`~engine.errors.WeightsError` naming the object. Offline, a missing file makes
+construction fail with :class:`~engine.errors.WeightsMissingError` naming the files, the
+folder and the URLs, before face_alignment can try (and hang on) the network.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from engine.errors import WeightsError, WeightsMissingError
 from engine.landmarks.base import BackendStatus, landmarks_from_list
+from engine.safe_load import refusal, unsafe_global
 from engine.structures import FrameBatch, Landmarks
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,22 @@ def check_weights(allow_download: bool | None = None) -> None:
     log.info("downloading face_alignment weights %s into %s", ", ".join(missing), folder)
 
 
+def _sfd_file() -> Path:
+    """The S3FD weight file, downloaded first when missing (only reached when downloads are allowed).
+
+    Passed to face_alignment as ``path_to_detector`` so that it reads the file with
+    ``weights_only=True``; without it, face_alignment loads S3FD through torch.hub's
+    state-dict downloader, which unpickles in full.
+    """
+    name, url = WEIGHTS[0]
+    path = weights_dir() / name
+    if not path.is_file():
+        from face_alignment.utils import load_file_from_url
+
+        load_file_from_url(url)  # downloads into weights_dir(); loading stays weights-only
+    return path
+
+
 def status() -> BackendStatus:
     """Whether face_alignment imports and its weights are in the torch hub cache."""
     try:
@@ -162,10 +181,14 @@ class FanLandmarker:
         if "compile" in inspect.signature(face_alignment.FaceAlignment.__init__).parameters:
             kwargs["compile"] = False
         try:
+            kwargs["face_detector_kwargs"] = {"path_to_detector": str(_sfd_file())}
             self._fa = face_alignment.FaceAlignment(two_d, **kwargs)
         except OSError as e:  # URLError (failed download) is an OSError
             raise WeightsMissingError(_missing_message(weights_dir(), missing_weights(), str(e))) from None
         except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            unsafe = unsafe_global(e)
+            if unsafe is not None:
+                raise WeightsError(refusal(f"face_alignment weights in {weights_dir()}", unsafe)) from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             names = " / ".join(name for name, _ in WEIGHTS)
             raise WeightsError(
