@@ -44,8 +44,16 @@ class SchemaError(RuntimeError):
     """The database was made by another (older or newer) version of the schema."""
 
 
+def _add_cancel_requested_at(conn) -> None:
+    """v1 → v2: ``jobs.cancel_requested_at`` (NULL for existing rows)."""
+    from db.models import Job
+
+    column_type = Job.__table__.c.cancel_requested_at.type.compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN cancel_requested_at {column_type}"))
+
+
 #: from-version → function(connection) that upgrades the schema by one version.
-MIGRATIONS: dict[int, object] = {}
+MIGRATIONS: dict[int, object] = {1: _add_cancel_requested_at}
 
 
 def _make_engine(url: str) -> SAEngine:

@@ -69,6 +69,7 @@ class JobView:
     video: VideoView
     engine_version: str | None = None
     checkpoint_sha256: str | None = None
+    cancel_requested_at: datetime | None = None
 
     @property
     def progress(self) -> float:
