@@ -360,7 +360,7 @@ def test_ray_jobs_cancel_from_the_registry_and_sigterm_requeues(tmp_path, pg_url
         try:
             assert wait_for(lambda: service.get_job(reg, first).frames_done >= 4, 180, 0.05), log_path.read_text()
             service.cancel_job(reg, first)  # what the dashboard's cancel button does
-            assert wait_for(lambda: service.get_job(reg, first).status == JobStatus.CANCELLED, 10, 0.05)
+            assert wait_for(lambda: service.get_job(reg, first).status == JobStatus.CANCELLED, 120, 0.05)
             assert _files(reg.result_dir(first)) == [] and _files(reg.state_dir(first)) == []
 
             assert wait_for(lambda: service.get_job(reg, second).frames_done >= 4, 60, 0.05), log_path.read_text()
