@@ -59,7 +59,7 @@ def main() -> None:
     settings = {"landmarks": "mtcnn", "checkpoint": str(ckpt), "formats": ["npz"],
                 "batch_size": args.batch_size, "num_threads": args.threads}
     log_path = data / "worker.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with open(log_path, "w") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "engine", "worker", "--device", args.device, "--data-dir", str(data),

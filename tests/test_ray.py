@@ -183,7 +183,8 @@ def clips(tmp_path_factory, test_video) -> dict[str, Path]:
 
 
 def _env(**extra) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
 

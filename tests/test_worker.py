@@ -336,7 +336,8 @@ class WorkerProcess:
 
     def __init__(self, data: Path, name: str, *extra: str) -> None:
         self.log_path = data.parent / f"{name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "engine", "worker", "--device", "cpu", "--data-dir", str(data),
                "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "4", "--worker-id", name, *extra]
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()/kill()
