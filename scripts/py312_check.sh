@@ -51,15 +51,23 @@ for step in ${STEPS:-versions tests extract}; do
     versions)
       "$PY" - <<'EOF' || failed+=(versions)
 import importlib, platform, sys
+from importlib import metadata
 print("python", sys.version.split()[0], platform.machine())
-for name in ("av", "torch", "torchvision", "numpy", "cv2", "scipy", "skimage", "numba", "PIL", "pandas",
-             "sqlmodel", "sqlalchemy", "pydantic", "facenet_pytorch", "face_alignment", "safetensors",
-             "trimesh", "psutil", "tqdm", "pytest"):
+for module, dist in (("av", "av"), ("torch", "torch"), ("torchvision", "torchvision"), ("numpy", "numpy"),
+                     ("cv2", "opencv-python-headless"), ("scipy", "scipy"), ("skimage", "scikit-image"),
+                     ("numba", "numba"), ("PIL", "pillow"), ("pandas", "pandas"), ("sqlmodel", "sqlmodel"),
+                     ("sqlalchemy", "sqlalchemy"), ("pydantic", "pydantic"), ("facenet_pytorch", "facenet-pytorch"),
+                     ("face_alignment", "face-alignment"), ("safetensors", "safetensors"), ("trimesh", "trimesh"),
+                     ("psutil", "psutil"), ("tqdm", "tqdm"), ("pytest", "pytest")):
     try:
-        module = importlib.import_module(name)
-        print(f"{name:16s} {getattr(module, '__version__', '?')}")
+        found = importlib.import_module(module)
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # e.g. OpenCV installed under another distribution name
+            version = getattr(found, "__version__", "?")
+        print(f"{module:16s} {version}")
     except Exception as e:  # report and go on: the tests say what it breaks
-        print(f"{name:16s} MISSING ({type(e).__name__}: {e})")
+        print(f"{module:16s} MISSING ({type(e).__name__}: {e})")
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
