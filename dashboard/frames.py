@@ -46,9 +46,9 @@ def read_frame(path: str | Path, index: int, t: float | None = None) -> np.ndarr
 
 
 def _read_at_time(path: Path, t: float) -> np.ndarray | None:
-    import av
+    from engine.avcompat import open_container
 
-    with av.open(str(path), metadata_errors="ignore") as container:
+    with open_container(path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         half_step = 0.5 / float(rate) if rate else 0.02

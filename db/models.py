@@ -18,6 +18,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 #: Bump when a table changes; :mod:`db.registry` refuses (or migrates) other versions.
+#: v2: ``jobs.submitted_by`` and ``jobs.cancel_requested_at``.
 SCHEMA_VERSION = 2
 
 #: How many times a job may be started before an abandoned run fails it for good.
@@ -121,7 +122,9 @@ class Job(SQLModel, table=True):
 
     ``attempts`` counts the times a worker started the job; ``frames_done``/``frames_total``
     and ``fps`` (frames/s) are the live progress; ``heartbeat_at`` is refreshed by the
-    running worker every few seconds.
+    running worker every few seconds. ``cancel_requested_at`` is when a user asked to cancel
+    (``finished_at`` of a cancelled job is when its worker had stopped and cleaned up: the
+    two give the cancel latency, see ``bench/bench_cancel.py``).
     """
 
     __tablename__ = "jobs"
@@ -150,6 +153,7 @@ class Job(SQLModel, table=True):
     error: str | None = Field(default=None, sa_column=Column(Text))
     error_code: str | None = None
     cancel_requested: bool = False
+    cancel_requested_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     engine_version: str | None = None
     checkpoint_sha256: str | None = None
     #: JSON summary of the engine's RunReport (seconds, fps, effective config, media info).

@@ -44,9 +44,24 @@ class SchemaError(RuntimeError):
     """The database was made by another (older or newer) version of the schema."""
 
 
+#: Columns schema v2 added to v1 tables: who queued a job (NULL for older jobs: the shell's) and
+#: when its cancel was asked for (the recorded cancel latency).
+_V2_COLUMNS = {"jobs": ("submitted_by", "cancel_requested_at")}
+
+
 def _v1_to_v2(conn) -> None:
-    """v2 records who queued a job (``jobs.submitted_by``; NULL for older jobs: the shell's)."""
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN submitted_by VARCHAR(128)"))
+    """v1 → v2: add the columns of :data:`_V2_COLUMNS` that are missing (NULL for existing rows)."""
+    from sqlalchemy import inspect
+
+    from db.models import SQLModel
+
+    for table_name, columns in _V2_COLUMNS.items():
+        have = {c["name"] for c in inspect(conn).get_columns(table_name)}
+        table = SQLModel.metadata.tables[table_name]
+        for name in columns:
+            if name not in have:
+                column_type = table.c[name].type.compile(dialect=conn.dialect)
+                conn.execute(text(f"ALTER TABLE {table_name} ADD COLUMN {name} {column_type}"))
 
 
 #: from-version → function(connection) that upgrades the schema by one version.

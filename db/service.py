@@ -158,6 +158,7 @@ def _job_view(reg: Registry, j: Job, v: Video) -> JobView:
         engine_version=j.engine_version,
         checkpoint_sha256=j.checkpoint_sha256,
         submitted_by=j.submitted_by,
+        cancel_requested_at=j.cancel_requested_at,
     )
 
 
@@ -508,9 +509,10 @@ def cancel_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
         actor.require("cancel_own" if actor.owns(job.submitted_by) else "cancel_any")
         status = JobStatus(job.status)
         if status == JobStatus.QUEUED:
-            transition(s, job, JobStatus.CANCELLED, cancel_requested=True, stage=None)
+            transition(s, job, JobStatus.CANCELLED, cancel_requested=True, cancel_requested_at=utcnow(), stage=None)
         elif status == JobStatus.RUNNING:
-            job.cancel_requested = True
+            if not job.cancel_requested:  # a second click keeps the time of the first
+                job.cancel_requested, job.cancel_requested_at = True, utcnow()
             s.add(job)
         else:
             raise JobStateError(
@@ -539,6 +541,7 @@ def retry_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
             )
         transition(
             s, job, JobStatus.QUEUED, attempts=0, error=None, error_code=None, cancel_requested=False,
+            cancel_requested_at=None,
             worker_id=None, heartbeat_at=None, started_at=None, frames_done=0, fps=0.0, stage=None,
         )
     _remove_job_files(reg, job_id, state=False)
@@ -744,6 +747,7 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
         transition(
             s, job, JobStatus.RUNNING, worker_id=worker_id, device=device, attempts=job.attempts + 1,
             started_at=now, heartbeat_at=now, fps=0.0, stage="starting", cancel_requested=False,
+            cancel_requested_at=None,
         )
         w = s.get(WorkerRow, worker_id)
         if w is not None:

@@ -70,6 +70,7 @@ class JobView:
     engine_version: str | None = None
     checkpoint_sha256: str | None = None
     submitted_by: str | None = None  #: who queued it (a dashboard user, or "local"; None: before schema v2)
+    cancel_requested_at: datetime | None = None
 
     @property
     def progress(self) -> float:

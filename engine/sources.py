@@ -246,8 +246,10 @@ def _open_container(path: Path):
     """``av.open`` with FFmpeg's errors turned into one-line :class:`DecodeError` messages."""
     import av
 
+    from engine.avcompat import open_container
+
     try:
-        return av.open(str(path), metadata_errors="ignore")
+        return open_container(path)
     except av.error.InvalidDataError:
         if path.suffix.lower() in _MP4_FAMILY and _mp4_lacks_moov(path):
             raise DecodeError(
@@ -303,7 +305,9 @@ def _rotation_cw(frame) -> int:
 
     PyAV reports the display matrix as a counter-clockwise angle in [-180, 180].
     """
-    ccw = float(getattr(frame, "rotation", 0) or 0)
+    from engine.avcompat import frame_rotation
+
+    ccw = frame_rotation(frame)
     quarter = round(ccw / 90.0)
     if abs(ccw - 90 * quarter) > 1:
         log.warning("display rotation %.1f° is not a multiple of 90°; using %d°", ccw, 90 * quarter)

@@ -13,6 +13,8 @@ import av
 import numpy as np
 import pytest
 
+from engine.avcompat import add_stream_like
+
 
 @pytest.fixture(scope="session")
 def synthetic_bfm(tmp_path_factory, bfm_index) -> Path:
@@ -38,15 +40,14 @@ def cut_clip(src: Path, dst: Path, frames: int) -> Path:
     """Stream-copy the first ``frames`` video frames of ``src`` and the audio up to their end."""
     with av.open(str(src)) as cin, av.open(str(dst), "w") as cout:
         vin, ain = cin.streams.video[0], cin.streams.audio[0]
-        vout = cout.add_stream_from_template(vin)
-        aout = cout.add_stream_from_template(ain)
+        vout, aout = add_stream_like(cout, vin), add_stream_like(cout, ain)
         end = Fraction(frames, 1) / vin.average_rate
         count = 0
         for packet in cin.demux(vin, ain):
             if packet.dts is None:
                 continue
             t = packet.pts * packet.time_base
-            if packet.stream is vin:
+            if packet.stream.index == vin.index:
                 if count >= frames:
                     continue
                 count += 1

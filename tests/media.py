@@ -6,6 +6,7 @@ written into a folder the test owns (``tmp_path``); nothing is kept in the repos
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -106,9 +107,6 @@ def make_video(
         stream.bit_rate = 4_000_000
         time_base = Fraction(1, 1000) if timestamps is not None else Fraction(1, fps)
         stream.codec_context.time_base = time_base
-        if rotation:
-            ccw = ((-rotation + 180) % 360) - 180
-            stream.set_display_rotation(ccw)
         audio = None
         if with_audio:
             audio = container.add_stream("aac", rate=16000)
@@ -124,6 +122,30 @@ def make_video(
         if audio is not None:
             seconds = (timestamps[-1] + 1 / fps) if timestamps is not None else count / fps
             _encode_sine(container, audio, seconds)
+    if rotation:
+        set_mp4_rotation(path, rotation)
+    return path
+
+
+def set_mp4_rotation(path: str | Path, rotation_cw: int) -> Path:
+    """Store a display rotation in an MP4/MOV in place: the first track's ``tkhd`` matrix becomes
+    a turn by ``rotation_cw`` degrees clockwise (0/90/180/270, what ``MediaInfo.rotation``
+    reports). Works with every PyAV (``VideoStream.set_display_rotation`` needs PyAV ≥ 17).
+    """
+    if rotation_cw % 90:
+        raise ValueError(f"rotation must be a multiple of 90, got {rotation_cw}")
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    if at < 4:
+        raise ValueError(f"{path}: no tkhd box (not an MP4/MOV?)")
+    version = data[at + 4]
+    matrix_at = at + 8 + (20 if version == 0 else 32) + 16  # times/ids/duration, then reserved/layer/volume
+    one = 1 << 16
+    cos, sin = {0: (1, 0), 90: (0, 1), 180: (-1, 0), 270: (0, -1)}[rotation_cw % 360]
+    matrix = (cos * one, sin * one, 0, -sin * one, cos * one, 0, 0, 0, 1 << 30)  # 16.16 (last column 2.30)
+    data[matrix_at:matrix_at + 36] = struct.pack(">9i", *matrix)
+    path.write_bytes(bytes(data))
     return path
 
 

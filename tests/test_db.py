@@ -162,6 +162,27 @@ def test_a_registered_migration_upgrades_an_old_database(reg, monkeypatch):
     assert ran and again.schema_version() == SCHEMA_VERSION
 
 
+def test_a_version_1_database_gains_cancel_requested_at_and_keeps_its_jobs(reg, tmp_path):
+    """The real v1 → v2 migration on a database as version 1 left it (no ``cancel_requested_at``)."""
+    video = make_video(tmp_path / "clip.mp4", 2)
+    job = service.submit_file(reg, video, SETTINGS)
+    with reg.write() as s:
+        s.connection().exec_driver_sql("ALTER TABLE jobs DROP COLUMN cancel_requested_at")
+        row = s.get(Meta, "schema_version")
+        row.value = "1"
+        s.add(row)
+    reg.close()
+    again = Registry(url=reg.url, data_dir=reg.data_dir)
+    try:
+        assert again.schema_version() == SCHEMA_VERSION == 2
+        old = service.get_job(again, job.id)
+        assert old.status == JobStatus.QUEUED and old.cancel_requested_at is None
+        cancelled = service.cancel_job(again, job.id, actor=LOCAL)
+        assert cancelled.cancel_requested_at is not None and cancelled.cancel_requested_at <= cancelled.finished_at
+    finally:
+        again.close()
+
+
 # ------------------------------------------------------------------------------------ storage
 
 
@@ -266,17 +287,21 @@ def test_cancel_queued_running_and_finished(reg, tmp_path):
     running = service.claim_next(reg, "w1")
     assert running.id == b.id
     asked = service.cancel_job(reg, b.id, actor=LOCAL)
-    assert asked.status == JobStatus.RUNNING and asked.cancel_requested
+    assert asked.status == JobStatus.RUNNING and asked.cancel_requested and asked.cancel_requested_at is not None
+    again_asked = service.cancel_job(reg, b.id, actor=LOCAL)
+    assert again_asked.cancel_requested_at == asked.cancel_requested_at  # the first request counts
     assert service.report_progress(reg, b.id, "w1", frames_done=3).cancel_requested
     reg.result_dir(b.id).mkdir(parents=True)
     (reg.result_dir(b.id) / "partial.npz.tmp").write_bytes(b"x")
     done = service.finish_cancelled(reg, b.id, "w1")
     assert done.status == JobStatus.CANCELLED and not reg.result_dir(b.id).exists()
+    assert asked.cancel_requested_at <= done.finished_at  # the recorded cancel latency (bench/bench_cancel.py)
     with pytest.raises(JobStateError, match="already cancelled"):
         service.cancel_job(reg, b.id, actor=LOCAL)
 
     again = service.retry_job(reg, b.id, actor=LOCAL)
     assert again.status == JobStatus.QUEUED and again.attempts == 0 and not again.cancel_requested
+    assert again.cancel_requested_at is None
     assert again.error is None and again.finished_at is None
 
 

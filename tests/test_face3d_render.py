@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 import types
 
 import numpy as np
@@ -199,17 +198,14 @@ def test_chunking_and_batching_do_not_change_the_result(face_model):  # noqa: F8
 # -- the full face ----------------------------------------------------------------------------
 
 
-def test_full_face_mask_is_sane_and_fast(face_model):  # noqa: F811
+def test_full_face_mask_is_sane(face_model):  # noqa: F811
+    """What the full face looks like; how fast it renders is bench/bench_render_cpu.py's job."""
     assert face_model.num_vertices == 35709 and face_model.tri.shape == (70789, 3)
     renderer = FaceRenderer("cpu")
     assert renderer.backend_name == "torch"
     coeff = np.zeros((1, 257), np.float32)
     geo = face_model.compute_for_render(coeff)
-    renderer(geo.vertex_cam, face_model.tri, geo.color)  # warm-up
-    t = time.perf_counter()
     res = renderer(geo.vertex_cam, face_model.tri, geo.color)
-    seconds = time.perf_counter() - t
-    assert seconds < 5.0  # about 0.05 s on an idle core; generous for a busy CI machine
     mask = res.mask[0, 0].numpy() > 0
     assert 0.15 < mask.mean() < 0.7
     rows, cols = np.nonzero(mask)

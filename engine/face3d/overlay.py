@@ -349,9 +349,9 @@ class _AudioPump:
     """Copies (or re-encodes) the input's audio into the output, interleaved by time."""
 
     def __init__(self, source: Path, output) -> None:
-        import av
+        from engine.avcompat import add_stream_like, open_container
 
-        self.container = av.open(str(source))
+        self.container = open_container(source)
         streams = self.container.streams.audio
         self.stream = streams[0] if streams else None
         self.mode = "none"
@@ -363,7 +363,7 @@ class _AudioPump:
         fmt = output.format.name
         copyable = not any(m in fmt for m in ("mp4", "mov")) or self.stream.codec_context.name in _MP4_AUDIO
         if copyable:
-            self.out_stream = output.add_stream_from_template(self.stream)
+            self.out_stream = add_stream_like(output, self.stream)
             self.mode = "copied"
         else:
             self.out_stream = output.add_stream("aac", rate=self.stream.rate or 44100)
@@ -453,6 +453,7 @@ def write_overlay_video(
     """
     import av
 
+    from engine.avcompat import fraction, open_container
     from engine.errors import Cancelled
     from engine.sources import iter_frames, media_kind, probe
 
@@ -489,15 +490,15 @@ def write_overlay_video(
             raise OutputError(f"{out_path}: cannot write the overlay image ({e})") from None
         return OverlayReport(out_path, 1, 0.0, "none", renderer.backend_name, int(len(res) < 1))
 
-    with av.open(str(source)) as probe_c:
+    with open_container(source) as probe_c:
         vin = probe_c.streams.video[0]
-        time_base = vin.time_base or Fraction(1, 90000)
-        rate = vin.average_rate or vin.guessed_rate or Fraction(25)
+        time_base = fraction(vin.time_base) or Fraction(1, 90000)
+        rate = fraction(vin.average_rate) or fraction(vin.guessed_rate) or Fraction(25)
     total = max(info.frame_count, 1)
     written = unmatched = 0
     audio = None
     try:
-        output = av.open(str(tmp), mode="w", format=None if tmp.suffix else "mp4")
+        output = open_container(tmp, "w", format=None if tmp.suffix else "mp4")
     except (OSError, av.error.FFmpegError, ValueError) as e:
         raise OutputError(f"{out_path}: cannot create the overlay video ({e})") from None
     try:
