@@ -22,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import BinaryIO
 
 from sqlalchemy import case, delete, func, or_
@@ -51,7 +51,7 @@ from db.views import (
     WorkerView,
 )
 from engine.config import EngineConfig
-from engine.errors import InputError
+from engine.errors import InputError, ReadOnlyError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ class JobStateError(ValueError):
 
 class LostJob(RuntimeError):
     """A worker tried to update a job that is no longer running under its id."""
+
+
+class FilesNotRemoved(ReadOnlyError):
+    """A job's files could not be deleted (their folder is read-only or not writable)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -186,6 +190,7 @@ def _worker_view(w: WorkerRow, now, alive_within_s: float) -> WorkerView:
         device=w.device,
         device_name=w.device_name,
         status=w.status if alive or w.status == "stopped" else "lost",
+        message=w.message,
         current_job_id=w.current_job_id,
         jobs_done=w.jobs_done,
         jobs_failed=w.jobs_failed,
@@ -247,6 +252,29 @@ def _probe(path: Path) -> dict:
     }
 
 
+def check_submission(path: Path | None, name: str) -> None:
+    """The engine's own input rules, applied when a file is submitted: a supported suffix
+    of ``name`` (as ``python -m engine extract`` demands) and, for the file at ``path``
+    (None: the suffix only), a regular file within the input limits of :mod:`engine.limits`
+    (bytes, pixels per frame, frame size, duration; read from the header only).
+
+    Raises:
+        InputError (``InputTooLarge``, ``InputTooSmall``): the file is refused; the message
+            names ``name``.
+    """
+    from engine.limits import InputLimits
+    from engine.sources import MEDIA_EXTS, media_kind
+
+    shown = PurePath(name).name
+    if media_kind(shown) is None:
+        raise InputError(
+            f"{shown}: unsupported file type {PurePath(shown).suffix or '(no suffix)'!r}; "
+            f"expected one of {', '.join(sorted(MEDIA_EXTS))}"
+        )
+    if path is not None:
+        InputLimits.from_env().check_file(path, shown)
+
+
 def _get_or_create_video(
     reg: Registry, *, sha: str, size: int, stored: Path, original_name: str, in_place: bool
 ) -> int:
@@ -303,12 +331,13 @@ def submit_file(
         ValueError: invalid settings.
     """
     src = Path(path).expanduser().resolve()
-    if not src.is_file():
+    if not src.exists():
         raise InputError(f"{src}: no such file (expected a video or image file)")
     cfg = normalize_settings(settings)
     name = original_name or src.name
+    check_submission(src, name)
     if copy:
-        stored, sha, size = storage.store_copy(src, reg.uploads_dir, reg.tmp_dir, name)
+        stored, sha, size = storage.store_copy(src, reg.uploads_dir, name)
     else:
         stored, sha, size = src, storage.sha256_file(src), src.stat().st_size
     video_id = _get_or_create_video(
@@ -324,14 +353,25 @@ def submit_upload(
 ) -> JobView:
     """Queue a job for an uploaded stream (``fileobj.read(n)`` gives bytes).
 
-    The stream is written to a temporary file while being hashed, then moved to
-    ``uploads/<sha[:2]>/<sha><ext>``; bytes already stored are not stored again.
+    The stream is written to a temporary file beside the uploads while being hashed, checked
+    (:func:`check_submission`), then moved to ``uploads/<sha[:2]>/<sha><ext>``; bytes already
+    stored (under any extension) are not stored again.
     """
+    from engine.limits import InputLimits
+
     cfg = normalize_settings(settings)
-    tmp, sha, size = storage.stream_to_temp(fileobj, reg.tmp_dir)
-    dest = storage.upload_path(reg.uploads_dir, sha, original_name)
-    storage.store_temp(tmp, dest)
     name = Path(original_name).name
+    check_submission(None, name)  # the suffix, before reading a byte
+    limit = InputLimits.from_env().max_bytes
+    tmp, sha, size = storage.stream_to_temp(fileobj, reg.uploads_dir, name=name, max_bytes=limit)
+    try:
+        check_submission(tmp, name)
+        dest = storage.find_stored(reg.uploads_dir, sha)
+        if dest is None:
+            dest = storage.upload_path(reg.uploads_dir, sha, name)
+            storage.store_temp(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     video_id = _get_or_create_video(reg, sha=sha, size=size, stored=dest, original_name=name, in_place=False)
     job = _create_job(reg, video_id, cfg, name)
     log.info("queued job %d: upload %s (%s, %d bytes)", job.id, original_name, sha[:12], size)
@@ -346,20 +386,32 @@ def _discover(folder: Path) -> list[Path]:
 
 
 def import_folder(
-    reg: Registry, folder: str | Path, settings: EngineConfig | dict | None = None
+    reg: Registry, folder: str | Path, settings: EngineConfig | dict | None = None,
+    *, refused: list[str] | None = None,
 ) -> list[JobView]:
     """Queue one job per input found under ``folder`` (registered in place, not copied).
 
+    Args:
+        refused: when given, a file refused at submit time (over a limit, not a regular
+            file) is skipped and its one-line reason appended here; otherwise the first
+            refusal raises.
+
     Raises:
-        InputError: ``folder`` is not a directory.
+        InputError: ``folder`` is not a directory (or a file is refused, without ``refused``).
     """
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     cfg = normalize_settings(settings)
-    return [
-        submit_file(reg, p, cfg, copy=False, original_name=str(p.relative_to(root))) for p in _discover(root)
-    ]
+    jobs = []
+    for p in _discover(root):
+        try:
+            jobs.append(submit_file(reg, p, cfg, copy=False, original_name=str(p.relative_to(root))))
+        except InputError as e:
+            if refused is None:
+                raise
+            refused.append(str(e))
+    return jobs
 
 
 # --------------------------------------------------------------------------------------
@@ -469,11 +521,14 @@ def list_workers(reg: Registry, *, alive_within_s: float = 30) -> list[WorkerVie
 # user actions
 
 
-def _remove_job_files(reg: Registry, job_id: int, *, results: bool = True, state: bool = True) -> None:
+def _remove_job_files(reg: Registry, job_id: int, *, results: bool = True, state: bool = True) -> list[Path]:
+    """Delete a job's result and/or state folder; returns what could not be deleted."""
+    left: list[Path] = []
     if results:
-        storage.remove_tree(reg.result_dir(job_id))
+        left += storage.remove_tree(reg.result_dir(job_id))
     if state:
-        storage.remove_tree(reg.state_dir(job_id))
+        left += storage.remove_tree(reg.state_dir(job_id))
+    return left
 
 
 def cancel_job(reg: Registry, job_id: int) -> JobView:
@@ -531,7 +586,24 @@ def delete_job(reg: Registry, job_id: int, *, remove_files: bool = True) -> None
 
     Raises:
         JobNotFound, JobStateError (the job is running: cancel it first).
+        FilesNotRemoved: the files cannot be removed (read-only or not writable folder):
+            nothing was deleted; or some could not be removed after the job was deleted
+            (the message names them).
     """
+    if remove_files:  # refuse up front rather than delete the rows and silently keep the files
+        with reg.session() as s:
+            _, video = _load(s, job_id)
+            upload = Path(video.stored_path) if not video.in_place else None
+        candidates = [reg.result_dir(job_id), reg.state_dir(job_id)]
+        if upload is not None and reg.uploads_dir in upload.parents:
+            candidates.append(upload)
+        for path in candidates:
+            problem = storage.removal_problem(path)
+            if problem:
+                raise FilesNotRemoved(
+                    f"job {job_id} was not deleted: its files cannot be removed ({problem}); "
+                    "make the folder writable, then delete it again"
+                )
     orphan_upload: Path | None = None
     with reg.write() as s:
         job, video = _load(s, job_id)
@@ -547,9 +619,15 @@ def delete_job(reg: Registry, job_id: int, *, remove_files: bool = True) -> None
                 orphan_upload = Path(video.stored_path)
             s.delete(video)
     if remove_files:
-        _remove_job_files(reg, job_id)
+        left = _remove_job_files(reg, job_id)
         if orphan_upload is not None and reg.uploads_dir in orphan_upload.parents:
-            orphan_upload.unlink(missing_ok=True)
+            left += storage.remove_tree(orphan_upload)
+        if left:
+            names = ", ".join("/".join(p.parts[-3:]) for p in left[:3]) + (" …" if len(left) > 3 else "")
+            raise FilesNotRemoved(
+                f"job {job_id} was deleted, but {len(left)} of its files could not be removed "
+                f"({names}): remove them by hand"
+            )
     log.info("deleted job %d", job_id)
 
 
@@ -576,22 +654,25 @@ def register_worker(
             w = WorkerRow(worker_id=worker_id, hostname=hostname, pid=pid, device=device)
         w.hostname, w.pid, w.device, w.device_name = hostname, pid, device, device_name
         w.status, w.current_job_id, w.started_at, w.heartbeat_at, w.stopped_at = "idle", None, now, now, None
+        w.message = None
         s.add(w)
         s.flush()
         return _worker_view(w, now, float("inf"))
 
 
 def worker_heartbeat(
-    reg: Registry, worker_id: str, *, status: str | None = None, current_job_id: int | None = None
+    reg: Registry, worker_id: str, *, status: str | None = None, current_job_id: int | None = None,
+    message: str | None = None,
 ) -> None:
-    """Refresh a worker's heartbeat (and optionally its status and current job)."""
+    """Refresh a worker's heartbeat (and optionally its status, current job and message:
+    a new status replaces the message, e.g. ``"paused"`` with why, ``"idle"`` with None)."""
     with reg.write() as s:
         w = s.get(WorkerRow, worker_id)
         if w is None:
             return
         w.heartbeat_at = utcnow()
         if status is not None:
-            w.status, w.current_job_id = status, current_job_id
+            w.status, w.current_job_id, w.message = status, current_job_id, message
         s.add(w)
 
 
@@ -785,7 +866,7 @@ def read_control(reg: Registry, job_id: int, worker_id: str) -> JobControl:
 def _bump_worker(s: Session, worker_id: str, *, failed: bool) -> None:
     w = s.get(WorkerRow, worker_id)
     if w is not None:
-        w.status, w.current_job_id, w.heartbeat_at = "idle", None, utcnow()
+        w.status, w.current_job_id, w.heartbeat_at, w.message = "idle", None, utcnow(), None
         if failed:
             w.jobs_failed += 1
         else:
@@ -849,10 +930,11 @@ def fail_job(
 
 
 def requeue_job(
-    reg: Registry, job_id: int, worker_id: str, *, reason: str, penalty: bool = False
+    reg: Registry, job_id: int, worker_id: str, *, reason: str, penalty: bool = False, code: str = "requeued"
 ) -> JobView | None:
-    """Put a running job back in the queue (a worker shutting down). Without ``penalty`` the
-    attempt is not counted. Returns None if the job was taken away meanwhile."""
+    """Put a running job back in the queue (a worker shutting down, or a full or read-only
+    disk: ``code`` ``disk_full``/``read_only``). Without ``penalty`` the attempt is not
+    counted. Returns None if the job was taken away meanwhile."""
     with reg.write() as s:
         job = _owned(s, job_id, worker_id)
         if job is None:
@@ -860,7 +942,7 @@ def requeue_job(
         attempts = job.attempts if penalty else max(0, job.attempts - 1)
         transition(
             s, job, JobStatus.QUEUED, attempts=attempts, worker_id=None, heartbeat_at=None, stage=None,
-            fps=0.0, error=reason, error_code="requeued",
+            fps=0.0, error=reason[:2000], error_code=code,
         )
         w = s.get(WorkerRow, worker_id)
         if w is not None:
