@@ -110,7 +110,7 @@ def build_bundle(reg: Registry, job_id: int) -> Path:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "created_at": utcnow().isoformat(),
     }
-    tmp = storage.temp_path(reg.tmp_dir, f"bundle-{job.id}.zip")
+    tmp = storage.temp_path(out_dir, f"bundle-{job.id}.zip")  # beside the target: same file system
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for a in artifacts:

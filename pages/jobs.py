@@ -90,7 +90,7 @@ def _apply(action: str, jobs: list[JobView]) -> None:
             elif action == "delete":
                 service.delete_job(reg, j.id, remove_files=True)
             done.append(j.name)
-        except (JobStateError, JobNotFound) as e:
+        except (JobStateError, JobNotFound, service.FilesNotRemoved) as e:
             problems.append(str(e))
     verbs = {"cancel": "Cancel requested for", "retry": "Queued again:", "delete": "Deleted"}
     if done:

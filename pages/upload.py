@@ -143,12 +143,16 @@ def _submit_folder(folder: str, config: EngineConfig) -> None:
     if not path.is_dir():
         st.error(f"{md_escape(path)} is not a folder on this server (give an absolute path to a folder of videos).")
         return
+    refused: list[str] = []
     with st.spinner(f"Registering the videos under {path} (hashing each file once)…"):
         try:
-            jobs = service.import_folder(reg, path, config)
+            jobs = service.import_folder(reg, path, config, refused=refused)
         except (StudioError, ValueError, OSError) as e:
             st.error(md_escape(f"The folder could not be imported: {e}"))
             return
+    if refused:
+        _finish(len(jobs), refused)
+        return
     if not jobs:
         st.warning(f"No video or image found under {md_escape(path)} ({', '.join(UPLOAD_TYPES)}).")
         return
