@@ -164,13 +164,12 @@ class InputLimits:
         try:
             with Image.open(path) as im:  # reads the header only
                 width, height = im.size
-        except Image.DecompressionBombError as e:
+        except Image.DecompressionBombError as e:  # over Pillow's own limit, whatever ours is
             found = re.search(r"\((\d+) pixels\)", str(e))
             size = f"{int(found.group(1)) / 1e6:.0f} MP" if found else "more pixels than Pillow's safety limit"
-            raise InputTooLarge(
-                f"{name}: the image has {size}, over the limit of {self.max_pixels / 1e6:.0f} MP per frame "
-                "(STUDIO_MAX_PIXELS); scale it down first"
-            ) from None
+            limit = (f"the limit of {self.max_pixels / 1e6:.0f} MP per frame (STUDIO_MAX_PIXELS)"
+                     if self.max_pixels else "the decompression-bomb limit of Pillow")
+            raise InputTooLarge(f"{name}: the image has {size}, over {limit}; scale it down first") from None
         except Exception:  # unreadable header: probe gives the reason
             return
         self.check_size(name, width, height)
