@@ -252,6 +252,24 @@ def remove_tree(path: Path) -> list[Path]:
     return failed
 
 
+def sweep_temp(directory: Path, *, older_than_s: float = 3600.0, depth: int = 2) -> list[Path]:
+    """Delete temporary files (:func:`temp_path` names) left under ``directory`` by a process
+    that was killed while writing; only files untouched for ``older_than_s`` seconds, so a
+    write in progress is never disturbed. Looks in ``directory`` and ``depth - 1`` levels of
+    sub-folders. Returns what it deleted."""
+    import time
+
+    cutoff = time.time() - older_than_s
+    removed = []
+    candidates = [p for level in range(depth) for p in directory.glob("*/" * level + f"{TEMP_PREFIX}*")]
+    for p in candidates:
+        with contextlib.suppress(OSError):
+            if p.is_file() and not p.is_symlink() and p.stat().st_mtime < cutoff:
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 def probe_writable(directory: Path) -> OutputError | None:
     """Write, flush and delete a small file in ``directory``: None when that worked, else
     the worded error (``DiskFullError``, ``ReadOnlyError``, ``OutputError``)."""

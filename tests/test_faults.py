@@ -52,6 +52,7 @@ from db.storage import sha256_file
 from engine.errors import DiskFullError, InputError, InputTooLarge, InputTooSmall, OutputError
 from engine.limits import InputLimits
 from tests.conftest import REPO
+from tests.test_dashboard import empty_studio  # noqa: F401 (fixture: the registry the dashboard pages use)
 from tests.test_worker import FAST, ScriptedEngine, WorkerProcess
 from worker.loop import Worker, WorkerOptions, wait_for
 
@@ -503,6 +504,22 @@ def test_results_on_another_file_system_are_written_and_bundled(tmp_path, other_
     assert bundle.parent.resolve().is_relative_to(other_fs)
     assert bundle_failures(reg) == (1, [])
     assert partial_files(data, other_fs) == []
+
+
+def test_temporary_files_of_killed_processes_are_swept_and_fresh_ones_kept(reg):
+    from db import storage
+
+    old_upload = storage.temp_path(reg.uploads_dir, "upload.mp4")
+    old_bundle = storage.temp_path(reg.result_dir(3), "bundle-3.zip")
+    fresh = storage.temp_path(reg.uploads_dir, "upload.mp4")
+    for p in (old_upload, old_bundle, fresh):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    for p in (old_upload, old_bundle):
+        os.utime(p, (time.time() - 7200, time.time() - 7200))
+    worker = Worker(reg, _options(), worker_id="w-sweep", engine_factory=ScriptedEngine)
+    worker.janitor()
+    assert not old_upload.exists() and not old_bundle.exists() and fresh.exists()
 
 
 def test_long_names_are_shortened_safely(reg, tmp_path):
@@ -1007,3 +1024,24 @@ def test_random_kill_9_of_real_workers_loses_nothing(tmp_path, recon_checkpoint,
         "corrupted_files_served": 0,
         "partial_files_found": 0,
     }
+
+
+# ============================================================================ what users see
+
+
+def test_the_overview_page_shows_why_a_worker_is_paused(empty_studio):  # noqa: F811
+    from tests.dashboard_fixtures import populate
+    from tests.test_dashboard import open_page
+
+    reg, tmp_path = empty_studio
+    populate(reg, tmp_path)
+    message = ("paused: cannot write results/3/clip.npz: the disk is full (No space left on device); "
+               "trying again at 12:00:00 UTC")
+    service.worker_heartbeat(reg, "worker-test", status="paused", message=message)
+    at = open_page("overview")
+    [warning] = [w.value for w in at.warning if "worker-test" in w.value]
+    assert "is paused: cannot write results/3/clip.npz: the disk is full" in warning
+    assert "without counting an attempt" in warning
+    listed = cli(reg.data_dir, "jobs")
+    assert f"worker worker-test is {message}" in listed.stdout
+

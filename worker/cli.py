@@ -160,6 +160,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        from engine.limits import InputLimits
+
+        InputLimits.from_env()  # a bad STUDIO_MAX_* variable: say so now, not on every job
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     reg = None
     try:
         reg = _registry(args)

@@ -54,6 +54,9 @@ log = logging.getLogger("worker")
 #: Settings that decide which models an Engine holds; a change means building a new one.
 MODEL_KEYS = ("checkpoint", "landmarks", "device")
 
+#: Seconds between two sweeps for temporary files left by killed processes (see ``storage.sweep_temp``).
+TEMP_SWEEP_S = 600.0
+
 
 @dataclass(frozen=True)
 class WorkerOptions:
@@ -267,6 +270,7 @@ class Worker:
         self._faults_in_a_row = 0
         self._db_failures = 0
         self._janitor_quiet_until = 0.0  # monotonic s: no requeueing right after a database outage
+        self._next_sweep = 0.0  # monotonic s: next look for stale temporary files
 
     # ------------------------------------------------------------------ the loop
 
@@ -335,6 +339,11 @@ class Worker:
         """
         if time.monotonic() < self._janitor_quiet_until:
             return
+        if time.monotonic() >= self._next_sweep:  # temp files of killed uploads and bundle builds
+            self._next_sweep = time.monotonic() + TEMP_SWEEP_S
+            for folder in (self.reg.uploads_dir, self.reg.results_dir):
+                for p in storage.sweep_temp(folder):
+                    log.info("removed %s, left half-written by a killed process", "/".join(p.parts[-3:]))
         try:
             service.requeue_stale(self.reg, stale_after_s=self.options.stale_after_s)
         except Exception as e:  # never let housekeeping kill the worker
