@@ -134,7 +134,7 @@ def describe(e: BaseException, *, busy_timeout_s: float | None = None) -> str:
         return (f"the job database could not be read or written ({raw}): its disk may be full, read-only "
                 "or failing")
     if code == DB_UNAVAILABLE:
-        return f"the job database cannot be reached ({raw})"
+        return f"the job database cannot be opened or reached ({raw}): check its path, folder and server"
     return f"{type(e).__name__}: {raw}"
 
 

@@ -6,7 +6,7 @@ Storage layout under ``data_dir`` (default ``./data``, or ``$STUDIO_DATA_DIR``):
     uploads/<sha[:2]>/<sha><ext>   uploaded inputs, stored once per content hash
     results/<job id>/              finished result files of a job (+ bundle zip)
     work/<job id>/                 resumable engine state while a job runs
-    tmp/                           partial uploads and bundles before their atomic rename
+    tmp/                           unused (temporary files live beside their targets)
     locks/                         per-device worker lock files
 
 SQLite runs in WAL mode with a busy timeout; :meth:`Registry.write` opens its transaction

@@ -405,6 +405,25 @@ def test_read_commands_never_wait_for_the_lock_and_writers_say_why_in_one_line(t
     assert [j.name for j in service.list_jobs(reg)] == ["clip.mp4"]
 
 
+def test_a_version_1_registry_is_migrated_and_keeps_its_rows(tmp_path):
+    """Schema v2 adds ``workers.message``: a registry written before it opens, migrated once."""
+    from db import SCHEMA_VERSION
+
+    reg = Registry(data_dir=tmp_path / "data")
+    job = _submit(reg, _spec(tmp_path, "clip.mp4"))
+    service.register_worker(reg, "w-old", hostname="h", pid=1, device="cpu")
+    reg.close()
+    con = sqlite3.connect(tmp_path / "data" / "studio.db")
+    con.execute("ALTER TABLE workers DROP COLUMN message")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    again = Registry(data_dir=tmp_path / "data")
+    assert again.schema_version() == SCHEMA_VERSION == 2
+    assert service.get_job(again, job.id).name == "clip.mp4"
+    assert [(w.worker_id, w.message) for w in service.list_workers(again)] == [("w-old", None)]
+
+
 def test_a_full_disk_pauses_the_worker_requeues_without_penalty_and_leaves_no_partial_file(
         reg, tmp_path, mounts, monkeypatch, fault_report):
     full = FullFolder(reg.results_dir, mounts, monkeypatch)

@@ -44,7 +44,7 @@ def _worded(e: BaseException, reg=None) -> str:
 
     if isinstance(e, SchemaError):
         return str(e)
-    if isinstance(e, OSError) and not faults.fault_code(e):
+    if isinstance(e, OSError):  # reading an input, or making the data folder
         return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
     log.debug("registry error", exc_info=e)
     return faults.describe(e, busy_timeout_s=getattr(reg, "busy_timeout_s", None))
