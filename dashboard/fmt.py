@@ -34,6 +34,13 @@ ERROR_HINTS = {
     "weights_missing": "A model file is missing. Install it on the Models / setup page.",
     "weights": "A model file is not what it should be. Replace it on the Models / setup page.",
     "output": "The results could not be written (disk full or no permission). Free some space under data/.",
+    "disk_full": "The disk under the data folder is full. The worker paused and requeued the job; it goes on "
+    "by itself once space is freed.",
+    "read_only": "A folder under the data folder is read-only. The worker paused and requeued the job; it goes "
+    "on by itself once the folder is writable again.",
+    "too_large": "The file is over a size limit (bytes, pixels per frame or duration; see docs/RELIABILITY.md). "
+    "Scale it down or cut it into parts.",
+    "too_small": "The frames are too small to find a face in. Use a larger video.",
     "cancelled": "The job was cancelled.",
     "shape": "An internal array had an unexpected shape: this is a bug, please report it with the video.",
 }

@@ -269,7 +269,7 @@ def build_bundle(reg: Registry, job_id: int) -> Path:
     key = _bundle_key(manifest)
     if dest.is_file() and _cached_ok(dest, key, artifacts):
         return dest
-    tmp = storage.temp_path(reg.tmp_dir, f"bundle-{job.id}.zip")
+    tmp = storage.temp_path(out_dir, f"bundle-{job.id}.zip")  # beside the target: same file system
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for a in artifacts:

@@ -18,7 +18,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 #: Bump when a table changes; :mod:`db.registry` refuses (or migrates) other versions.
-#: v2: ``jobs.submitted_by`` and ``jobs.cancel_requested_at``.
+#: v2: ``jobs.submitted_by``, ``jobs.cancel_requested_at`` and ``workers.message``.
 SCHEMA_VERSION = 2
 
 #: How many times a job may be started before an abandoned run fails it for good.
@@ -189,7 +189,11 @@ class Quality(SQLModel, table=True):
 
 
 class WorkerRow(SQLModel, table=True):
-    """A worker process: who it is, where it runs, what it is doing, when it was last seen."""
+    """A worker process: who it is, where it runs, what it is doing, when it was last seen.
+
+    ``status`` is ``paused`` while the worker waits for a full or read-only disk to be fixed;
+    ``message`` then says why (schema v2).
+    """
 
     __tablename__ = "workers"
 
@@ -198,7 +202,9 @@ class WorkerRow(SQLModel, table=True):
     pid: int
     device: str
     device_name: str | None = None
-    status: str = "idle"  #: idle | busy | stopped
+    status: str = "idle"  #: idle | busy | paused | stopped
+    #: Why the worker is paused (a full or read-only disk), and until when; None otherwise.
+    message: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     current_job_id: int | None = None
     jobs_done: int = 0
     jobs_failed: int = 0

@@ -6,7 +6,7 @@ Storage layout under ``data_dir`` (default ``./data``, or ``$STUDIO_DATA_DIR``):
     uploads/<sha[:2]>/<sha><ext>   uploaded inputs, stored once per content hash
     results/<job id>/              finished result files of a job (+ bundle zip)
     work/<job id>/                 resumable engine state while a job runs
-    tmp/                           partial uploads and bundles before their atomic rename
+    tmp/                           unused (temporary files live beside their targets)
     locks/                         per-device worker lock files
 
 SQLite runs in WAL mode with a busy timeout; :meth:`Registry.write` opens its transaction
@@ -31,7 +31,8 @@ from db.models import SCHEMA_VERSION, Meta
 
 log = logging.getLogger(__name__)
 
-#: Seconds a SQLite connection waits for the write lock before giving up.
+#: Seconds a SQLite connection waits for the write lock before giving up
+#: (``$STUDIO_DB_BUSY_TIMEOUT_S`` or the ``busy_timeout_s`` argument of :class:`Registry` override it).
 SQLITE_BUSY_TIMEOUT_S = 60.0
 
 
@@ -44,9 +45,9 @@ class SchemaError(RuntimeError):
     """The database was made by another (older or newer) version of the schema."""
 
 
-#: Columns schema v2 added to v1 tables: who queued a job (NULL for older jobs: the shell's) and
-#: when its cancel was asked for (the recorded cancel latency).
-_V2_COLUMNS = {"jobs": ("submitted_by", "cancel_requested_at")}
+#: Columns schema v2 added to v1 tables: who queued a job (NULL for older jobs: the shell's), when
+#: its cancel was asked for (the recorded cancel latency), and why a worker is paused.
+_V2_COLUMNS = {"jobs": ("submitted_by", "cancel_requested_at"), "workers": ("message",)}
 
 
 def _v1_to_v2(conn) -> None:
@@ -68,11 +69,21 @@ def _v1_to_v2(conn) -> None:
 MIGRATIONS: dict[int, object] = {1: _v1_to_v2}
 
 
-def _make_engine(url: str) -> SAEngine:
+def _busy_timeout_s(value: float | None) -> float:
+    if value is not None:
+        return float(value)
+    raw = os.environ.get("STUDIO_DB_BUSY_TIMEOUT_S", "").strip()
+    try:
+        return float(raw) if raw else SQLITE_BUSY_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"STUDIO_DB_BUSY_TIMEOUT_S={raw!r}: expected seconds") from None
+
+
+def _make_engine(url: str, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> SAEngine:
     if url.startswith("sqlite"):
         eng = create_engine(
             url,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
         )
 
         @event.listens_for(eng, "connect")
@@ -81,7 +92,7 @@ def _make_engine(url: str) -> SAEngine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
@@ -115,12 +126,18 @@ class Registry:
             ``$STUDIO_DATA_DIR``, ``./data``.
         create: create the tables of a new, empty database (otherwise a missing schema
             is an error).
+        busy_timeout_s: seconds a SQLite write waits for the lock (default
+            ``$STUDIO_DB_BUSY_TIMEOUT_S`` or :data:`SQLITE_BUSY_TIMEOUT_S`).
+
+    Opening a registry whose schema is current only reads: it never waits for the write
+    lock, so ``python -m engine jobs`` and the dashboard work while a writer holds it.
 
     Raises:
         SchemaError: the database holds another schema version that cannot be migrated.
     """
 
-    def __init__(self, url: str | None = None, data_dir: str | Path | None = None, *, create: bool = True):
+    def __init__(self, url: str | None = None, data_dir: str | Path | None = None, *, create: bool = True,
+                 busy_timeout_s: float | None = None):
         self.data_dir = Path(data_dir or os.environ.get("STUDIO_DATA_DIR") or "data").expanduser().resolve()
         self.uploads_dir = self.data_dir / "uploads"
         self.results_dir = self.data_dir / "results"
@@ -130,7 +147,8 @@ class Registry:
         for d in (self.data_dir, self.uploads_dir, self.results_dir, self.work_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.url = url or os.environ.get("STUDIO_DB_URL") or f"sqlite:///{self.data_dir / 'studio.db'}"
-        self.engine = _make_engine(self.url)
+        self.busy_timeout_s = _busy_timeout_s(busy_timeout_s)
+        self.engine = _make_engine(self.url, self.busy_timeout_s)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._write_engine = (
             self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
@@ -184,7 +202,18 @@ class Registry:
 
     # -- schema -------------------------------------------------------------------------------
 
+    def _schema_is_current(self) -> bool:
+        """Read-only look: every table there and the recorded version is this code's."""
+        with self.session() as s:
+            tables = set(inspect(s.connection()).get_table_names())
+            if "meta" not in tables or not set(SQLModel.metadata.tables) <= tables:
+                return False
+            row = s.get(Meta, "schema_version")
+            return row is not None and row.value == str(SCHEMA_VERSION)
+
     def _ensure_schema(self, *, create: bool) -> None:
+        if self._schema_is_current():  # the usual case: no write lock taken
+            return
         with self.write() as s:
             conn = s.connection()
             if not self.is_sqlite:

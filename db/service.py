@@ -22,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import BinaryIO
 
 from sqlalchemy import case, delete, func, or_
@@ -53,7 +53,7 @@ from db.views import (
 )
 from engine.checks import regular_file_problem
 from engine.config import EngineConfig
-from engine.errors import InputError
+from engine.errors import InputError, ReadOnlyError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class JobStateError(ValueError):
 
 class LostJob(RuntimeError):
     """A worker tried to update a job that is no longer running under its id."""
+
+
+class FilesNotRemoved(ReadOnlyError):
+    """A job's files could not be deleted (their folder is read-only or not writable)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -190,6 +194,7 @@ def _worker_view(w: WorkerRow, now, alive_within_s: float) -> WorkerView:
         device=w.device,
         device_name=w.device_name,
         status=w.status if alive or w.status == "stopped" else "lost",
+        message=w.message,
         current_job_id=w.current_job_id,
         jobs_done=w.jobs_done,
         jobs_failed=w.jobs_failed,
@@ -249,6 +254,29 @@ def _probe(path: Path) -> dict:
         "codec": str(info.codec or ""),
         "probe_error": None,
     }
+
+
+def check_submission(path: Path | None, name: str) -> None:
+    """The engine's own input rules, applied when a file is submitted: a supported suffix
+    of ``name`` (as ``python -m engine extract`` demands) and, for the file at ``path``
+    (None: the suffix only), a regular file within the input limits of :mod:`engine.limits`
+    (bytes, pixels per frame, frame size, duration; read from the header only).
+
+    Raises:
+        InputError (``InputTooLarge``, ``InputTooSmall``): the file is refused; the message
+            names ``name``.
+    """
+    from engine.limits import InputLimits
+    from engine.sources import MEDIA_EXTS, media_kind
+
+    shown = PurePath(name).name
+    if media_kind(shown) is None:
+        raise InputError(
+            f"{shown}: unsupported file type {PurePath(shown).suffix or '(no suffix)'!r}; "
+            f"expected one of {', '.join(sorted(MEDIA_EXTS))}"
+        )
+    if path is not None:
+        InputLimits.from_env().check_file(path, shown)
 
 
 def _get_or_create_video(
@@ -316,8 +344,9 @@ def submit_file(
         raise InputError(f"{original_name or Path(path).name}: {problem}; expected a video or image file")
     cfg = normalize_settings(settings)
     name = original_name or src.name
+    check_submission(src, name)
     if copy:
-        stored, sha, size = storage.store_copy(src, reg.uploads_dir, reg.tmp_dir, name)
+        stored, sha, size = storage.store_copy(src, reg.uploads_dir, name)
     else:
         stored, sha, size = src, storage.sha256_file(src), src.stat().st_size
     video_id = _get_or_create_video(
@@ -334,16 +363,27 @@ def submit_upload(
 ) -> JobView:
     """Queue a job for an uploaded stream (``fileobj.read(n)`` gives bytes).
 
-    The stream is written to a temporary file while being hashed, then moved to
-    ``uploads/<sha[:2]>/<sha><ext>``; bytes already stored are not stored again.
-    ``actor`` needs the ``user`` role and is recorded as the job's owner.
+    The stream is written to a temporary file beside the uploads while being hashed, checked
+    (:func:`check_submission`), then moved to ``uploads/<sha[:2]>/<sha><ext>``; bytes already
+    stored (under any extension) are not stored again. ``actor`` needs the ``user`` role and is
+    recorded as the job's owner.
     """
+    from engine.limits import InputLimits
+
     actor.require("submit")
     cfg = normalize_settings(settings)
-    tmp, sha, size = storage.stream_to_temp(fileobj, reg.tmp_dir)
-    dest = storage.upload_path(reg.uploads_dir, sha, original_name)
-    storage.store_temp(tmp, dest)
     name = Path(original_name).name
+    check_submission(None, name)  # the suffix, before reading a byte
+    limit = InputLimits.from_env().max_bytes
+    tmp, sha, size = storage.stream_to_temp(fileobj, reg.uploads_dir, name=name, max_bytes=limit)
+    try:
+        check_submission(tmp, name)
+        dest = storage.find_stored(reg.uploads_dir, sha)
+        if dest is None:
+            dest = storage.upload_path(reg.uploads_dir, sha, name)
+            storage.store_temp(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     video_id = _get_or_create_video(reg, sha=sha, size=size, stored=dest, original_name=name, in_place=False)
     job = _create_job(reg, video_id, cfg, name, actor)
     log.info("queued job %d: upload %s (%s, %d bytes)", job.id, original_name, sha[:12], size)
@@ -358,15 +398,21 @@ def _discover(folder: Path) -> list[Path]:
 
 
 def import_folder(
-    reg: Registry, folder: str | Path, settings: EngineConfig | dict | None = None, *, actor: Actor
+    reg: Registry, folder: str | Path, settings: EngineConfig | dict | None = None,
+    *, actor: Actor, refused: list[str] | None = None,
 ) -> list[JobView]:
     """Queue one job per input found under ``folder`` (registered in place, not copied).
 
     ``actor`` needs the ``admin`` role; the folder, resolved, must lie under one of its
     allowed import roots, and so must every file found (a link pointing out is skipped).
 
+    Args:
+        refused: when given, a file refused at submit time (over a limit, not a regular
+            file) is skipped and its one-line reason appended here; otherwise the first
+            refusal raises.
+
     Raises:
-        InputError: ``folder`` is not a directory.
+        InputError: ``folder`` is not a directory (or a file is refused, without ``refused``).
         PermissionDenied: not an admin, importing is off, or the folder is outside the roots.
     """
     actor.require("import")
@@ -377,9 +423,15 @@ def import_folder(
     found, outside = actor.imports.split(_discover(root))
     for p in outside:
         log.warning("import of %s: skipped %s, it leads outside the allowed import roots", folder, p)
-    return [
-        submit_file(reg, p, cfg, copy=False, original_name=str(p.relative_to(root)), actor=actor) for p in found
-    ]
+    jobs = []
+    for p in found:
+        try:
+            jobs.append(submit_file(reg, p, cfg, copy=False, original_name=str(p.relative_to(root)), actor=actor))
+        except InputError as e:
+            if refused is None:
+                raise
+            refused.append(str(e))
+    return jobs
 
 
 # --------------------------------------------------------------------------------------
@@ -489,11 +541,14 @@ def list_workers(reg: Registry, *, alive_within_s: float = 30) -> list[WorkerVie
 # user actions
 
 
-def _remove_job_files(reg: Registry, job_id: int, *, results: bool = True, state: bool = True) -> None:
+def _remove_job_files(reg: Registry, job_id: int, *, results: bool = True, state: bool = True) -> list[Path]:
+    """Delete a job's result and/or state folder; returns what could not be deleted."""
+    left: list[Path] = []
     if results:
-        storage.remove_tree(reg.result_dir(job_id))
+        left += storage.remove_tree(reg.result_dir(job_id))
     if state:
-        storage.remove_tree(reg.state_dir(job_id))
+        left += storage.remove_tree(reg.state_dir(job_id))
+    return left
 
 
 def cancel_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
@@ -556,8 +611,25 @@ def delete_job(reg: Registry, job_id: int, *, actor: Actor, remove_files: bool =
 
     Raises:
         JobNotFound, JobStateError (the job is running: cancel it first), PermissionDenied.
+        FilesNotRemoved: the files cannot be removed (read-only or not writable folder):
+            nothing was deleted; or some could not be removed after the job was deleted
+            (the message names them).
     """
     actor.require("delete")
+    if remove_files:  # refuse up front rather than delete the rows and silently keep the files
+        with reg.session() as s:
+            _, video = _load(s, job_id)
+            upload = Path(video.stored_path) if not video.in_place else None
+        candidates = [reg.result_dir(job_id), reg.state_dir(job_id)]
+        if upload is not None and reg.uploads_dir in upload.parents:
+            candidates.append(upload)
+        for path in candidates:
+            problem = storage.removal_problem(path)
+            if problem:
+                raise FilesNotRemoved(
+                    f"job {job_id} was not deleted: its files cannot be removed ({problem}); "
+                    "make the folder writable, then delete it again"
+                )
     orphan_upload: Path | None = None
     with reg.write() as s:
         job, video = _load(s, job_id)
@@ -573,9 +645,15 @@ def delete_job(reg: Registry, job_id: int, *, actor: Actor, remove_files: bool =
                 orphan_upload = Path(video.stored_path)
             s.delete(video)
     if remove_files:
-        _remove_job_files(reg, job_id)
+        left = _remove_job_files(reg, job_id)
         if orphan_upload is not None and reg.uploads_dir in orphan_upload.parents:
-            orphan_upload.unlink(missing_ok=True)
+            left += storage.remove_tree(orphan_upload)
+        if left:
+            names = ", ".join("/".join(p.parts[-3:]) for p in left[:3]) + (" …" if len(left) > 3 else "")
+            raise FilesNotRemoved(
+                f"job {job_id} was deleted, but {len(left)} of its files could not be removed "
+                f"({names}): remove them by hand"
+            )
     log.info("deleted job %d", job_id)
 
 
@@ -602,22 +680,25 @@ def register_worker(
             w = WorkerRow(worker_id=worker_id, hostname=hostname, pid=pid, device=device)
         w.hostname, w.pid, w.device, w.device_name = hostname, pid, device, device_name
         w.status, w.current_job_id, w.started_at, w.heartbeat_at, w.stopped_at = "idle", None, now, now, None
+        w.message = None
         s.add(w)
         s.flush()
         return _worker_view(w, now, float("inf"))
 
 
 def worker_heartbeat(
-    reg: Registry, worker_id: str, *, status: str | None = None, current_job_id: int | None = None
+    reg: Registry, worker_id: str, *, status: str | None = None, current_job_id: int | None = None,
+    message: str | None = None,
 ) -> None:
-    """Refresh a worker's heartbeat (and optionally its status and current job)."""
+    """Refresh a worker's heartbeat (and optionally its status, current job and message:
+    a new status replaces the message, e.g. ``"paused"`` with why, ``"idle"`` with None)."""
     with reg.write() as s:
         w = s.get(WorkerRow, worker_id)
         if w is None:
             return
         w.heartbeat_at = utcnow()
         if status is not None:
-            w.status, w.current_job_id = status, current_job_id
+            w.status, w.current_job_id, w.message = status, current_job_id, message
         s.add(w)
 
 
@@ -812,7 +893,7 @@ def read_control(reg: Registry, job_id: int, worker_id: str) -> JobControl:
 def _bump_worker(s: Session, worker_id: str, *, failed: bool) -> None:
     w = s.get(WorkerRow, worker_id)
     if w is not None:
-        w.status, w.current_job_id, w.heartbeat_at = "idle", None, utcnow()
+        w.status, w.current_job_id, w.heartbeat_at, w.message = "idle", None, utcnow(), None
         if failed:
             w.jobs_failed += 1
         else:
@@ -876,10 +957,11 @@ def fail_job(
 
 
 def requeue_job(
-    reg: Registry, job_id: int, worker_id: str, *, reason: str, penalty: bool = False
+    reg: Registry, job_id: int, worker_id: str, *, reason: str, penalty: bool = False, code: str = "requeued"
 ) -> JobView | None:
-    """Put a running job back in the queue (a worker shutting down). Without ``penalty`` the
-    attempt is not counted. Returns None if the job was taken away meanwhile."""
+    """Put a running job back in the queue (a worker shutting down, or a full or read-only
+    disk: ``code`` ``disk_full``/``read_only``). Without ``penalty`` the attempt is not
+    counted. Returns None if the job was taken away meanwhile."""
     with reg.write() as s:
         job = _owned(s, job_id, worker_id)
         if job is None:
@@ -887,7 +969,7 @@ def requeue_job(
         attempts = job.attempts if penalty else max(0, job.attempts - 1)
         transition(
             s, job, JobStatus.QUEUED, attempts=attempts, worker_id=None, heartbeat_at=None, stage=None,
-            fps=0.0, error=reason, error_code="requeued",
+            fps=0.0, error=reason[:2000], error_code=code,
         )
         w = s.get(WorkerRow, worker_id)
         if w is not None:

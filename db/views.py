@@ -113,7 +113,8 @@ class QualityView:
 
 @dataclass(frozen=True)
 class WorkerView:
-    """A worker process; ``alive`` means its heartbeat is recent and it has not stopped."""
+    """A worker process; ``alive`` means its heartbeat is recent and it has not stopped.
+    ``status`` is ``idle``, ``busy``, ``paused`` (see ``message``), ``stopped`` or ``lost``."""
 
     worker_id: str
     hostname: str
@@ -128,6 +129,8 @@ class WorkerView:
     started_at: datetime
     stopped_at: datetime | None
     alive: bool
+    #: Why the worker is ``paused`` (a full or read-only disk) and when it tries again; None otherwise.
+    message: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ what was expected and what was found, never a tensor.
 
 from __future__ import annotations
 
+import errno
+
 
 class StudioError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -72,3 +74,59 @@ class Cancelled(StudioError):
     """The run was cancelled by its caller (``should_stop`` returned True)."""
 
     code = "cancelled"
+
+
+class InputTooLarge(InputError):
+    """The input exceeds a configured limit (bytes, pixels per frame, duration); see :mod:`engine.limits`."""
+
+    code = "too_large"
+
+
+class InputTooSmall(InputError):
+    """The frames are too small to hold a detectable face; see :mod:`engine.limits`."""
+
+    code = "too_small"
+
+
+class DiskFullError(OutputError):
+    """A write failed because the file system is full (``ENOSPC``, ``EDQUOT``, ``EFBIG``).
+
+    A fault of the machine, not of the job: a worker requeues the job and pauses.
+    """
+
+    code = "disk_full"
+
+
+class ReadOnlyError(OutputError):
+    """A write failed because the folder is read-only or not writable (``EROFS``, ``EACCES``, ``EPERM``).
+
+    A fault of the machine, not of the job: a worker requeues the job and pauses.
+    """
+
+    code = "read_only"
+
+
+#: Error codes that describe the machine (its disks), not the job: the job is requeued, not failed.
+ENVIRONMENT_CODES = frozenset({DiskFullError.code, ReadOnlyError.code})
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_error(e: OSError, what: str) -> OutputError:
+    """The worded :class:`OutputError` for an ``OSError`` raised while writing ``what``.
+
+    ``what`` names the file or folder for the message (e.g. ``"results/12/clip.npz"``).
+
+    >>> import errno
+    >>> storage_error(OSError(errno.ENOSPC, "No space left on device"), "out/a.npz").code
+    'disk_full'
+    >>> str(storage_error(OSError(errno.EROFS, "Read-only file system"), "out"))
+    'cannot write out: the folder is read-only (Read-only file system)'
+    """
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in _DISK_FULL_ERRNOS:
+        return DiskFullError(f"cannot write {what}: the disk is full ({reason})")
+    if e.errno in _READ_ONLY_ERRNOS:
+        return ReadOnlyError(f"cannot write {what}: the folder is read-only ({reason})")
+    return OutputError(f"cannot write {what}: {reason}")

@@ -26,7 +26,8 @@ import numpy as np
 
 from engine import __version__
 from engine.config import EngineConfig, LandmarkBackend, NoFacePolicy, OutputFormat
-from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, WeightsMissingError
+from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, WeightsMissingError, storage_error
+from engine.limits import InputLimits
 from engine.sources import InputItem, iter_frames, prefetch, probe
 from engine.structures import FrameBatch, Landmarks, MediaInfo, VideoResult
 from engine.writers import output_paths, write_outputs
@@ -151,24 +152,30 @@ class _ResumeState:
         return last_lm
 
     def save(self, acc: _Accumulator, last_lm: np.ndarray | None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         i = len(acc.chunks) - 1
         arrays = dict(acc.chunks[-1])
         if last_lm is not None:
             arrays["last_lm"] = last_lm
         chunk_path = self.dir / f"chunk-{i:06d}.npz"
         tmp = chunk_path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, chunk_path)
         meta = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "chunks": i + 1, "frames": acc.frames}
         tmp_meta = self.dir / "state.json.tmp"
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, self.dir / "state.json")
+        try:  # a full or read-only disk leaves no partial file, and says so in words
+            self.dir.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, **arrays)
+            os.replace(tmp, chunk_path)
+            tmp_meta.write_text(json.dumps(meta))
+            os.replace(tmp_meta, self.dir / "state.json")
+        except OSError as e:
+            for p in (tmp, tmp_meta):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise storage_error(e, f"the resume state {self.dir.parent.name}/{self.dir.name}/") from e
 
     def clear(self) -> None:
         if self.dir.is_dir():
             for p in self.dir.iterdir():
-                if p.name == "state.json" or p.name.startswith("chunk-"):
+                if p.name.startswith(("state.json", "chunk-")):
                     with contextlib.suppress(OSError):
                         p.unlink()
 
@@ -183,10 +190,13 @@ class Engine:
         config: the settings (see :class:`~engine.config.EngineConfig`).
         regressor: an already-loaded :class:`~engine.regressor.Regressor` to reuse.
         landmarker: an already-built landmark backend to reuse (not for ``"file"``).
+        limits: what an input may be (default: :meth:`~engine.limits.InputLimits.from_env`).
     """
 
-    def __init__(self, config: EngineConfig | None = None, *, regressor=None, landmarker=None) -> None:
+    def __init__(self, config: EngineConfig | None = None, *, regressor=None, landmarker=None,
+                 limits: InputLimits | None = None) -> None:
         self.config = config or EngineConfig()
+        self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
         self._regressor = regressor
         self._landmarker = landmarker
         self._executor: ThreadPoolExecutor | None = None
@@ -292,7 +302,9 @@ class Engine:
         # 1. Check inputs before any model work.
         if not source.exists():
             raise InputError(f"{source}: no such file")
+        self.limits.check_file(source)
         info = probe(source)
+        self.limits.check_media(source.name, info)
         paths = output_paths(out_base, cfg.formats, info.kind)
         wants_overlay = OutputFormat.OVERLAY in cfg.formats
         if wants_overlay:

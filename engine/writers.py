@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -39,7 +40,7 @@ import numpy as np
 
 from engine import layout
 from engine.config import OutputFormat
-from engine.errors import OutputError
+from engine.errors import OutputError, storage_error
 from engine.structures import VideoResult
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,54 @@ SUFFIXES: dict[str, str] = {
 IMAGE_SUFFIXES: dict[str, str] = {OutputFormat.OVERLAY.value: ".overlay.png"}
 
 
+#: Longest file name (bytes, UTF-8) common file systems accept (ext4, XFS, tmpfs, NTFS in UTF-16 units).
+NAME_MAX = 255
+
+
 def output_paths(out_base: str | Path, formats, kind: str = "video") -> dict[str, Path]:
-    """Map each format to its file: ``f"{out_base}{suffix}"`` (``kind`` is ``"video"`` or ``"image"``)."""
+    """Map each format to its file: ``f"{out_base}{suffix}"`` (``kind`` is ``"video"`` or ``"image"``).
+
+    Raises:
+        OutputError: a file name would exceed :data:`NAME_MAX` bytes (checked here, before
+            any work, rather than when the finished results are written).
+    """
     out_base = Path(out_base)
     out = {}
     for f in formats:
         name = OutputFormat(f).value
         suffix = IMAGE_SUFFIXES.get(name, SUFFIXES[name]) if kind == "image" else SUFFIXES[name]
         out[name] = out_base.with_name(out_base.name + suffix)
+        size = len(out[name].name.encode("utf-8", "surrogateescape"))
+        if size > NAME_MAX:
+            raise OutputError(
+                f"output name {out[name].name[:40]}…{suffix} is {size} bytes long, over the {NAME_MAX}-byte "
+                "limit of file names: give the input a shorter name"
+            )
     return out
+
+
+def temp_name(path: str | Path, tag: str = "part", *, keep_suffix: bool = False) -> Path:
+    """A temporary name for ``path`` in the same folder (so the final rename never crosses
+    file systems): ``.<name>.<tag>-<pid>``, or ``.<stem>.<tag>-<pid><suffix>`` with
+    ``keep_suffix`` (for writers that pick the format from the suffix). The name is
+    shortened (a hash of it kept) when the result would exceed :data:`NAME_MAX` bytes.
+
+    >>> temp_name("out/clip.npz").name.startswith(".clip.npz.part-")
+    True
+    >>> temp_name("out/a.overlay.mp4", "partial", keep_suffix=True).suffix
+    '.mp4'
+    >>> len(temp_name("out/" + "x" * 250 + ".sadtalker.mat").name.encode()) <= NAME_MAX
+    True
+    """
+    path = Path(path)
+    base, suffix = (path.stem, path.suffix) if keep_suffix else (path.name, "")
+    tail = f".{tag}-{os.getpid()}{suffix}"
+    name = f".{base}{tail}"
+    if len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
+        return path.with_name(name)
+    digest = hashlib.sha256(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    keep = base.encode("utf-8", "surrogateescape")[:100].decode("utf-8", "ignore")
+    return path.with_name(f".{keep}~{digest}{tail}")
 
 
 # --------------------------------------------------------------------------- arrays per format
@@ -196,17 +236,19 @@ ENCODERS: dict[str, Callable[[VideoResult], bytes]] = {
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.part-{os.getpid()}")
+def _short(path: Path) -> str:
+    """``results/12/clip.npz``: enough of a path to say where, without the server's folders."""
+    return "/".join(path.parts[-3:])
 
 
 def _write_tmp(path: Path, data: bytes) -> Path:
     """Write ``data`` next to ``path`` under a temporary name, fsynced; returns that name.
 
     Raises:
-        OutputError: the write failed (the temporary file is removed).
+        OutputError: the write failed (the temporary file is removed); ``DiskFullError``
+            or ``ReadOnlyError`` when the disk is full or the folder not writable.
     """
-    tmp = _tmp_name(path)
+    tmp = temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
@@ -216,7 +258,7 @@ def _write_tmp(path: Path, data: bytes) -> Path:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        raise storage_error(e, _short(path)) from e
     return tmp
 
 
@@ -251,7 +293,7 @@ def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[st
             try:
                 os.replace(tmp, path)
             except OSError as e:
-                raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+                raise storage_error(e, _short(path)) from e
     except BaseException:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):

@@ -93,7 +93,7 @@ def _apply(action: str, jobs: list[JobView]) -> None:
             elif action == "delete":
                 service.delete_job(reg, j.id, actor=actor, remove_files=True)
             done.append(j.name)
-        except (JobStateError, JobNotFound, PermissionDenied) as e:
+        except (JobStateError, JobNotFound, PermissionDenied, service.FilesNotRemoved) as e:
             problems.append(str(e))
     verbs = {"cancel": "Cancel requested for", "retry": "Queued again:", "delete": "Deleted"}
     if done:

@@ -34,6 +34,11 @@ def _workers(reg) -> None:
         )
         return
     for w in workers:
+        if w.status == "paused":
+            st.warning(f"Worker **{md_escape(w.worker_id)}** on {md_escape(w.device)} is "
+                       f"{md_escape(w.message or 'paused')}. Its job went back to the queue without counting "
+                       "an attempt; it resumes by itself once the disk is fixed.", icon=":material/pause_circle:")
+            continue
         job = ""
         if w.current_job_id is not None:
             try:

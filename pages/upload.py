@@ -152,12 +152,16 @@ def _submit_folder(folder: str, config: EngineConfig) -> None:
     if not path.is_dir():
         st.error(f"{md_escape(path)} is not a folder on this server (give an absolute path to a folder of videos).")
         return
+    refused: list[str] = []
     with st.spinner(f"Registering the videos under {path} (hashing each file once)…"):
         try:
-            jobs = service.import_folder(reg, path, config, actor=actor)
+            jobs = service.import_folder(reg, path, config, actor=actor, refused=refused)
         except (StudioError, ValueError, OSError, PermissionDenied) as e:
             st.error(md_escape(f"The folder could not be imported: {relative_text(str(e), reg.data_dir)}"))
             return
+    if refused:
+        _finish(len(jobs), refused)
+        return
     if not jobs:
         st.warning(f"No video or image found under {md_escape(path)} ({', '.join(UPLOAD_TYPES)}).")
         return

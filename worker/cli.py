@@ -2,6 +2,8 @@
 
 They call :mod:`db.service`, exactly as the dashboard does. Each command function returns
 the process exit code. ``python -m worker.cli ...`` runs them without the engine's CLI.
+A database that is locked, full, read-only or unreachable gives one worded line on stderr
+(exit code 1), never a traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +29,27 @@ def _registry(args: argparse.Namespace):
     return Registry(url=args.db_url, data_dir=args.data_dir)
 
 
+def _registry_errors() -> tuple[type[BaseException], ...]:
+    """What a registry command turns into one line: database errors, a bad schema, OS errors."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db import SchemaError
+
+    return (SQLAlchemyError, SchemaError, OSError)
+
+
+def _worded(e: BaseException, reg=None) -> str:
+    """One line for a database or file-system error (see :func:`db.faults.describe`)."""
+    from db import SchemaError, faults
+
+    if isinstance(e, SchemaError):
+        return str(e)
+    if isinstance(e, OSError):  # reading an input, or making the data folder
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    log.debug("registry error", exc_info=e)
+    return faults.describe(e, busy_timeout_s=getattr(reg, "busy_timeout_s", None))
+
+
 def register(subparsers) -> None:
     """Add the registry subcommands to an ``argparse`` subparsers object."""
     from engine.cli import add_engine_options
@@ -45,6 +68,10 @@ def register(subparsers) -> None:
     p.add_argument("--stale-after", type=float, default=30.0, metavar="S",
                    help="requeue running jobs whose heartbeat is older than S seconds (default: 30)")
     p.add_argument("--worker-id", help="name of this worker (default: <host>-<pid>-<device>)")
+    p.add_argument("--pause", type=float, default=10.0, metavar="S",
+                   help="first pause after a full or read-only disk, seconds; doubles while it lasts (default: 10)")
+    p.add_argument("--max-pause", type=float, default=300.0, metavar="S",
+                   help="longest such pause, seconds (default: 300)")
     _add_registry_options(p)
     from worker.ray_executor import add_arguments as add_ray_arguments
 
@@ -128,12 +155,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         options = WorkerOptions(
             device=device, poll_s=args.poll, heartbeat_s=args.heartbeat, stale_after_s=args.stale_after,
-            burst=args.burst, max_jobs=args.max_jobs,
+            burst=args.burst, max_jobs=args.max_jobs, pause_s=args.pause, max_pause_s=args.max_pause,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return Worker(_registry(args), options, worker_id=worker_id).work()
+    try:
+        from engine.limits import InputLimits
+
+        InputLimits.from_env()  # a bad STUDIO_MAX_* variable: say so now, not on every job
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reg = None
+    try:
+        reg = _registry(args)
+        return Worker(reg, options, worker_id=worker_id).work()
+    except _registry_errors() as e:  # the registry cannot be opened or written: say so in one line
+        print(f"error: the worker cannot run: {_worded(e, reg)}", file=sys.stderr)
+        return 1
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -141,21 +181,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from engine.cli import config_from_args
     from engine.errors import StudioError
 
-    reg = _registry(args)
     try:
         cfg = config_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        reg = _registry(args)
+    except _registry_errors() as e:
+        print(f"error: cannot open the job database: {_worded(e)}", file=sys.stderr)
+        return 1
     failures = 0
     for path in args.inputs:
+        refused: list[str] = []
         try:
-            jobs = (service.import_folder(reg, path, cfg, actor=LOCAL) if path.is_dir()
+            jobs = (service.import_folder(reg, path, cfg, actor=LOCAL, refused=refused) if path.is_dir()
                     else [service.submit_file(reg, path, cfg, copy=not args.in_place)])
-        except (StudioError, OSError, ValueError) as e:
+        except (StudioError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             failures += 1
             continue
+        except _registry_errors() as e:
+            print(f"error: {path}: not queued: {_worded(e, reg)}", file=sys.stderr)
+            failures += 1
+            continue
+        for reason in refused:
+            print(f"error: {reason}", file=sys.stderr)
+        failures += len(refused)
         for job in jobs:
             print(f"queued job {job.id}: {job.name}")
     return 1 if failures else 0
@@ -194,25 +246,42 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}; known: {', '.join(s.value for s in JobStatus)}", file=sys.stderr)
             return 2
-    reg = _registry(args)
-    jobs = service.list_jobs(reg, statuses=statuses, search=args.search, limit=args.limit)
-    total = service.count_jobs(reg, statuses=statuses, search=args.search)
+    reg = None
+    try:
+        reg = _registry(args)
+        jobs = service.list_jobs(reg, statuses=statuses, search=args.search, limit=args.limit)
+        total = service.count_jobs(reg, statuses=statuses, search=args.search)
+        paused = [w for w in service.list_workers(reg) if w.alive and w.status == "paused"]
+    except _registry_errors() as e:
+        print(f"error: cannot read the job database: {_worded(e, reg)}", file=sys.stderr)
+        return 1
     print(format_table(jobs))
     if total > len(jobs):
         print(f"({len(jobs)} of {total} jobs shown; use --limit)")
+    for w in paused:
+        print(f"worker {w.worker_id} is {w.message or 'paused'}")
     return 0
 
 
 def _each_job(args: argparse.Namespace, action, verb: str) -> int:
     from db import LOCAL, JobNotFound, JobStateError
 
-    reg = _registry(args)
+    reg = None
+    try:
+        reg = _registry(args)
+    except _registry_errors() as e:
+        print(f"error: cannot open the job database: {_worded(e)}", file=sys.stderr)
+        return 1
     failures = 0
     for job_id in args.job_ids:
         try:
             job = action(reg, job_id, actor=LOCAL)  # the shell user owns the registry's files anyway
         except (JobNotFound, JobStateError) as e:
             print(f"error: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        except _registry_errors() as e:
+            print(f"error: job {job_id}: {_worded(e, reg)}", file=sys.stderr)
             failures += 1
             continue
         print(f"job {job.id}: {verb} ({job.status.value})")

@@ -12,9 +12,13 @@ One job (:meth:`Worker.perform`):
 2. run the engine with a :class:`~worker.monitor.JobMonitor` beside it (heartbeat,
    progress, cancel flag); CUDA out-of-memory halves the batch size down to 1;
 3. on success hash the outputs and register artifacts + quality + ``succeeded`` in one
-   transaction; on a user cancel remove the partial files and mark it ``cancelled``; on
-   SIGTERM requeue it (no attempt counted) and leave; on any other error mark it
-   ``failed`` with a one-line reason and carry on with the next job.
+   transaction, retried with back-off while the database is locked or unreachable (a
+   finished job's results are never thrown away because of a lock); on a user cancel
+   remove the partial files and mark it ``cancelled``; on SIGTERM requeue it (no attempt
+   counted) and leave; on a full or read-only disk (``disk_full``, ``read_only``) requeue
+   it (no attempt counted) and *pause* the worker (status ``paused`` with the reason,
+   exponential back-off, a write test before it claims again) instead of failing the whole
+   queue; on any other error mark it ``failed`` with a one-line reason and carry on.
 
 Signals: the first SIGTERM/SIGINT is a warm shutdown (finish the current batch, requeue,
 exit 0); a second one exits at once (the janitor of another worker requeues the job).
@@ -23,6 +27,7 @@ exit 0); a second one exits at once (the janitor of another worker requeues the 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -31,15 +36,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path, PurePath
 
-from db import service, storage
+from db import faults, service, storage
 from db.access import user_message
+from db.models import utcnow
 from db.registry import Registry
 from db.views import ArtifactFile, JobView, QualitySummary
 from engine.config import EngineConfig
-from engine.errors import Cancelled, StudioError
+from engine.errors import ENVIRONMENT_CODES, Cancelled, StudioError, storage_error
 from engine.sources import InputItem
 from worker.monitor import JobMonitor
 
@@ -47,6 +54,9 @@ log = logging.getLogger("worker")
 
 #: Settings that decide which models an Engine holds; a change means building a new one.
 MODEL_KEYS = ("checkpoint", "landmarks", "device")
+
+#: Seconds between two sweeps for temporary files left by killed processes (see ``storage.sweep_temp``).
+TEMP_SWEEP_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,10 @@ class WorkerOptions:
         max_jobs: exit after this many jobs (None: no limit).
         progress_s: shortest gap between two progress writes.
         cancel_poll_s: how often the cancel flag of the running job is read.
+        pause_s: first pause after a full or read-only disk; doubles with each fault in a row.
+        max_pause_s: longest pause.
+        register_retry: how long the final registration of a finished job is retried while
+            the database is locked or unreachable.
     """
 
     device: str = "cpu"
@@ -73,6 +87,9 @@ class WorkerOptions:
     max_jobs: int | None = None
     progress_s: float = 0.5
     cancel_poll_s: float = 0.25
+    pause_s: float = 10.0
+    max_pause_s: float = 300.0
+    register_retry: faults.RetryPolicy = field(default_factory=faults.RetryPolicy)
 
     def __post_init__(self) -> None:
         if self.stale_after_s <= 2 * self.heartbeat_s:
@@ -141,14 +158,31 @@ class EngineCache:
         self._engine, self._cfg = None, None
 
 
-def _input_item(job: JobView) -> InputItem:
+def _input_item(job: JobView, state_dir: Path | None = None) -> InputItem:
     """The job's input as the engine's :class:`~engine.sources.InputItem`: named by the name it was
     submitted under (an upload's file name, or the path inside an imported folder), so
-    ``--landmarks file`` finds ``<keypoints>/<that name>.txt`` even for uploads stored by hash."""
+    ``--landmarks file`` finds ``<keypoints>/<that name>.txt`` even for uploads stored by hash.
+
+    The same bytes are stored once whatever extension they came with, but the engine decides
+    between video and image by the extension. When the job was submitted as the other kind
+    (``photo.png`` holding the bytes of a stored ``<sha>.mp4``), the engine gets
+    ``state_dir/input.png``, a symlink to the stored copy, so the job ends exactly as
+    ``python -m engine extract photo.png`` would.
+    """
+    from engine.sources import media_kind
+
     name = PurePath(job.name or Path(job.input_path).name)
     parts = [p for p in name.with_suffix("").parts if p not in ("..", name.anchor)]
     rel_stem = Path(*parts) if parts else Path(name.stem)
-    return InputItem(Path(job.input_path), None, rel_stem)
+    path = Path(job.input_path)
+    wanted = storage.safe_suffix(name.name)
+    if state_dir is not None and wanted and media_kind(name.name) != media_kind(path):
+        link = state_dir / f"input{wanted}"
+        if not (link.is_symlink() and os.readlink(link) == str(path)):
+            link.unlink(missing_ok=True)
+            link.symlink_to(path)
+        path = link
+    return InputItem(path, None, rel_stem)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -173,12 +207,46 @@ def _checkpoint_name(explicit: str | None) -> str | None:
         return find_checkpoint(explicit).name
     except StudioError:
         return Path(explicit).name if explicit else None
+#: Longest output stem (bytes): with the longest suffix (``.sadtalker.mat``) and the writers'
+#: temporary names every name stays within the file systems' 255 bytes.
+MAX_STEM = 200
 
 
 def output_stem(name: str) -> str:
-    """File-name stem for a job's outputs: the input's stem with unsafe characters replaced."""
+    """File-name stem for a job's outputs: the input's stem with unsafe characters replaced,
+    shortened to :data:`MAX_STEM` characters (ASCII) with a hash of the full stem kept.
+
+    >>> output_stem("talk 1.mp4"), len(output_stem("x" * 300 + ".mp4"))
+    ('talk_1', 200)
+    """
     stem = Path(name).stem or "output"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "output"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "output"
+    if len(safe) > MAX_STEM:
+        import hashlib
+
+        safe = f"{safe[:MAX_STEM - 17]}~{hashlib.sha256(stem.encode()).hexdigest()[:16]}"
+    return safe
+
+
+def environment_fault(e: BaseException, data_dir: Path) -> StudioError | None:
+    """The worded ``disk_full``/``read_only`` error behind ``e``, when ``e`` (or its cause) is a
+    full or read-only disk rather than a fault of the job; else None.
+
+    A permission error counts only for a path under ``data_dir`` (an unreadable input file
+    is the job's own problem).
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, StudioError) and e.code in ENVIRONMENT_CODES:
+            return e
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            return storage_error(e, Path(e.filename).name if e.filename else "the data folder")
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM) and e.filename \
+                and data_dir in Path(os.path.abspath(e.filename)).parents:
+            return storage_error(e, Path(e.filename).name)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class Worker:
@@ -207,6 +275,11 @@ class Worker:
         self.engines = EngineCache(engine_factory)
         self.jobs_seen = 0
         self._signals = 0
+        self._fault: StudioError | None = None  # set by perform(): a full or read-only disk
+        self._faults_in_a_row = 0
+        self._db_failures = 0
+        self._janitor_quiet_until = 0.0  # monotonic s: no requeueing right after a database outage
+        self._next_sweep = 0.0  # monotonic s: next look for stale temporary files
 
     # ------------------------------------------------------------------ the loop
 
@@ -223,9 +296,14 @@ class Worker:
                 self.janitor()
                 try:
                     job = service.claim_next(self.reg, self.worker_id, device=opts.device)
-                except Exception as e:  # database unreachable for a moment: try again later
-                    log.warning("could not claim a job: %s: %s", type(e).__name__, e)
-                    self.stop_event.wait(opts.poll_s)
+                    self._db_failures = 0
+                except Exception as e:  # database locked, full or unreachable: try again later
+                    self._db_trouble(e)
+                    self._db_failures += 1
+                    wait = min(opts.max_pause_s, opts.poll_s * 2 ** min(self._db_failures, 16))
+                    log.warning("could not claim a job: %s; trying again in %.0f s",
+                                faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s), wait)
+                    self.stop_event.wait(wait)
                     continue
                 if job is None:
                     if opts.burst:
@@ -235,6 +313,9 @@ class Worker:
                     continue
                 self.perform(job)
                 self.jobs_seen += 1
+                if self._fault is not None:
+                    fault, self._fault = self._fault, None
+                    self._pause(fault)
                 if opts.max_jobs is not None and self.jobs_seen >= opts.max_jobs:
                     log.info("did %d job(s): exiting (max jobs)", self.jobs_seen)
                     break
@@ -259,18 +340,62 @@ class Worker:
         log.info("worker stopped after %d job(s)", self.jobs_seen)
 
     def janitor(self) -> None:
-        """Requeue (or fail) jobs whose worker stopped sending heartbeats."""
+        """Requeue (or fail) jobs whose worker stopped sending heartbeats.
+
+        Skipped for ``stale_after_s`` seconds after this worker saw the database locked or
+        unreachable: nobody could write a heartbeat meanwhile, so old heartbeats then say
+        nothing about whether a worker is alive.
+        """
+        if time.monotonic() < self._janitor_quiet_until:
+            return
+        if time.monotonic() >= self._next_sweep:  # temp files of killed uploads and bundle builds
+            self._next_sweep = time.monotonic() + TEMP_SWEEP_S
+            for folder in (self.reg.uploads_dir, self.reg.results_dir):
+                for p in storage.sweep_temp(folder):
+                    log.info("removed %s, left half-written by a killed process", "/".join(p.parts[-3:]))
         try:
             service.requeue_stale(self.reg, stale_after_s=self.options.stale_after_s)
         except Exception as e:  # never let housekeeping kill the worker
-            log.warning("janitor failed: %s: %s", type(e).__name__, e)
+            self._db_trouble(e)
+            log.warning("janitor failed: %s", faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s))
 
-    def _idle(self, seconds: float) -> None:
+    def _db_trouble(self, e: BaseException | None = None, _delay: float = 0.0) -> None:
+        """Note a failed database call (``faults.retry``'s ``on_retry`` hook too): quiet the janitor."""
+        if e is None or faults.is_db_fault(e) or faults.fault_code(e):
+            self._janitor_quiet_until = time.monotonic() + self.options.stale_after_s
+
+    def _idle(self, seconds: float, *, status: str = "idle", message: str | None = None) -> None:
         try:
-            service.worker_heartbeat(self.reg, self.worker_id, status="idle", current_job_id=None)
+            service.worker_heartbeat(self.reg, self.worker_id, status=status, current_job_id=None, message=message)
         except Exception as e:
-            log.warning("worker heartbeat failed: %s", e)
+            self._db_trouble(e)
+            log.warning("worker heartbeat failed: %s", faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s))
         self.stop_event.wait(seconds)
+
+    def _pause(self, fault: StudioError) -> None:
+        """Stop claiming jobs while a disk is full or read-only: status ``paused`` with the reason,
+        back-off doubling from ``pause_s`` to ``max_pause_s``, then a write test of
+        ``results/`` and ``work/``; claims resume once it passes."""
+        opts = self.options
+        while not self.stop_event.is_set():
+            self._faults_in_a_row += 1
+            delay = min(opts.max_pause_s, opts.pause_s * 2 ** min(self._faults_in_a_row - 1, 16))
+            until = utcnow() + timedelta(seconds=delay)
+            message = f"paused: {fault}; trying again at {until:%H:%M:%S} UTC"
+            log.warning("%s", message)
+            end = time.monotonic() + delay
+            while not self.stop_event.is_set() and time.monotonic() < end:
+                self._idle(min(opts.heartbeat_s, max(0.0, end - time.monotonic())), status="paused", message=message)
+            if self.stop_event.is_set():
+                return
+            problem = next(
+                (p for d in (self.reg.results_dir, self.reg.work_dir) if (p := storage.probe_writable(d))), None
+            )
+            if problem is None:
+                log.info("the data folder is writable again: resuming")
+                self._idle(0.0)
+                return
+            fault = problem
 
     # ------------------------------------------------------------------ one job
 
@@ -286,23 +411,35 @@ class Worker:
         try:
             try:
                 # 1. Fresh result folder; keep the resumable state of an earlier attempt.
-                storage.remove_tree(result_dir)
-                result_dir.mkdir(parents=True, exist_ok=True)
-                state_dir.mkdir(parents=True, exist_ok=True)
+                for folder in (result_dir, state_dir):
+                    try:
+                        if folder == result_dir:
+                            storage.remove_tree(result_dir)
+                        folder.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise storage_error(e, f"{folder.parent.name}/{folder.name}/") from e
                 # 2. Run the engine.
                 cfg = self._config(job)
                 report = self._run(job, cfg, monitor, result_dir / output_stem(job.name), state_dir)
+                # 3. Register the outputs (the monitor keeps the heartbeat going meanwhile).
+                monitor.update(stage="register")
+                monitor.registering()
+                self._succeed(job, report)
             finally:
                 monitor.stop()
-            # 3. Register the outputs.
-            self._succeed(job, report)
         except Cancelled:
             self._stopped(job, monitor)
         except BaseException as e:
             if not isinstance(e, Exception):  # SystemExit/KeyboardInterrupt: give the job back, then leave
                 service.requeue_job(reg, job.id, wid, reason=f"worker {wid} was interrupted")
                 raise
-            self._fail(job, e)
+            fault = environment_fault(e, reg.data_dir)
+            if fault is not None:
+                self._requeue_for_fault(job, fault)
+            else:
+                self._fail(job, e)
+        else:
+            self._faults_in_a_row = 0
 
     def _config(self, job: JobView) -> EngineConfig:
         try:
@@ -321,12 +458,20 @@ class Worker:
                 log.info("job %d: first batch done at frame %d/%d", job.id, p.frames_done, p.frames_total)
             monitor.update(frames_done=p.frames_done, frames_total=p.frames_total, fps=p.fps, stage=p.stage)
 
+        item = _input_item(job, state_dir)
+        try:
+            return self._run_item(job, item, cfg, monitor, out_base, state_dir, on_progress)
+        finally:
+            if item.path.is_symlink():  # the job's own view of a stored copy (see _input_item)
+                item.path.unlink(missing_ok=True)
+
+    def _run_item(self, job, item, cfg, monitor, out_base, state_dir, on_progress):
         while True:
             engine = self.engines.get(cfg)
             monitor.update(stage="extract")
             try:
                 return engine.run(
-                    _input_item(job), out_base, progress=on_progress, should_stop=monitor.should_stop,
+                    item, out_base, progress=on_progress, should_stop=monitor.should_stop,
                     state_dir=state_dir,
                 )
             except Exception as e:
@@ -364,14 +509,29 @@ class Worker:
             "config": report.config,
             "checkpoint_name": _checkpoint_name(report.config.get("checkpoint")),
         }
-        try:
-            service.complete_job(
+
+        def register():
+            return service.complete_job(
                 self.reg, job.id, self.worker_id, artifacts=artifacts, quality=quality,
                 engine_version=report.engine_version, checkpoint_sha256=report.checkpoint_sha256,
                 report=summary,
             )
+
+        try:
+            faults.retry(register, self.options.register_retry, what=f"job {job.id}: registering the results",
+                         on_retry=self._db_trouble)
         except service.LostJob:
             log.warning("job %d finished but was taken from this worker meanwhile: result dropped", job.id)
+            return
+        except Exception as e:
+            if not faults.is_db_fault(e):
+                raise
+            # Never delete finished results because the database was unavailable: leave them; the
+            # job stays running until a janitor requeues it.
+            self._db_trouble(e)
+            log.error("job %d: finished, but its results could not be registered (%s); they stay in "
+                      "results/%d/ and the job will be requeued once its heartbeat is stale", job.id,
+                      faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s), job.id)
             return
         log.info("job %d: succeeded (%d frames, %d valid, %.1f s)", job.id, report.num_frames,
                  report.num_valid, report.seconds)
@@ -387,6 +547,25 @@ class Worker:
                                 reason=f"worker {self.worker_id} shut down; requeued to resume")
             done = monitor.progress.get("frames_done", 0)
             log.info("job %d: requeued at frame %s (shutdown)", job.id, done)
+
+    def _requeue_for_fault(self, job: JobView, fault: StudioError) -> None:
+        """A full or read-only disk: give the job back without counting the attempt (its saved
+        state in ``work/<id>/`` is kept to resume) and pause before the next claim."""
+        left = storage.remove_tree(self.reg.result_dir(job.id))  # nothing in it is registered
+        reason = f"{fault} (requeued: the worker paused until the disk is fixed)"
+        try:
+            back = service.requeue_job(self.reg, job.id, self.worker_id, reason=reason, penalty=False,
+                                       code=fault.code)
+        except Exception as db_error:
+            self._db_trouble(db_error)
+            log.error("job %d: could not requeue it after %s: %s", job.id, fault.code,
+                      faults.describe(db_error, busy_timeout_s=self.reg.busy_timeout_s))
+            back = None
+        log.warning("job %d: %s; %s", job.id, fault,
+                    "requeued without counting the attempt" if back is not None else "left to the janitor")
+        if left:
+            log.warning("job %d: %d partial file(s) could not be removed from results/%d/", job.id, len(left), job.id)
+        self._fault = fault
 
     def _fail(self, job: JobView, e: Exception) -> None:
         if isinstance(e, StudioError):

@@ -7,7 +7,9 @@ with its own database sessions:
 - it writes the latest progress at most every ``progress_s`` seconds when it changed,
   and a heartbeat at least every ``heartbeat_s`` seconds regardless.
 
-The engine polls :meth:`JobMonitor.should_stop` before every batch.
+The engine polls :meth:`JobMonitor.should_stop` before every batch. While the worker
+registers the finished job (:meth:`JobMonitor.registering`) the heartbeat goes on, so a
+registration that waits out a database lock does not make the job look abandoned.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class JobMonitor:
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
         self._done = threading.Event()
+        self._registering = threading.Event()
         self._lock = threading.Lock()
         self._progress: dict = {}
         self._dirty = False
@@ -65,6 +68,11 @@ class JobMonitor:
     def start(self) -> JobMonitor:
         self._thread.start()
         return self
+
+    def registering(self) -> None:
+        """The job is being registered as finished: keep the heartbeat, but once the job is
+        no longer running under this worker (it succeeded) stop quietly, without a last write."""
+        self._registering.set()
 
     def stop(self) -> None:
         """Stop the thread (after one last progress write, if any is pending)."""
@@ -96,6 +104,8 @@ class JobMonitor:
         last_write = time.monotonic()
         while True:
             finishing = self._done.wait(self.poll_s)
+            if finishing and self._registering.is_set():
+                return
             now = time.monotonic()
             with self._lock:
                 dirty, progress = self._dirty, dict(self._progress)
@@ -115,6 +125,8 @@ class JobMonitor:
                 if finishing:
                     return
                 continue
+            if not ctrl.owned and self._registering.is_set():
+                return  # registered meanwhile (or taken away: the registration says which)
             if not ctrl.owned and not self.lost.is_set():
                 log.warning("job %d is no longer ours (requeued or deleted elsewhere): stopping", self.job_id)
                 self.lost.set()

@@ -456,6 +456,7 @@ def write_overlay_video(
     from engine.avcompat import fraction, open_container
     from engine.errors import Cancelled
     from engine.sources import iter_frames, media_kind, probe
+    from engine.writers import temp_name
 
     source, out_path = Path(source), Path(out_path)
     res = result if isinstance(result, ResultArrays) else load_result(result)
@@ -463,7 +464,7 @@ def write_overlay_video(
     renderer = renderer or FaceRenderer(face_model.device)
     info = probe(source)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
+    tmp = temp_name(out_path, "partial", keep_suffix=True)  # beside the target, short enough
 
     def visual(frames: np.ndarray, index: np.ndarray) -> list[np.ndarray]:
         rows = index[index < len(res)]
