@@ -1,11 +1,10 @@
-"""Sinks: one function per output format, all written atomically.
+"""The coefficient-file sinks: one small class per format, each file encoded once per input.
 
-Every file is first written under a temporary name in the destination folder and then
-renamed over the final name (``os.replace``), so an interrupted run never leaves a file
-that looks complete. :func:`write_outputs` writes all requested formats of one input:
-either every file lands or none does.
-
-Formats and their suffixes (``<out_base><suffix>``):
+What a format is (suffix, label, help) lives in :data:`engine.formats.FORMATS`; this module
+holds how each coefficient file is laid out and encoded. Every file is written under a
+temporary name in the destination folder and renamed over the final name once every file
+of the input is complete (:mod:`engine.stages.sink`), so an interrupted run never leaves a
+file that looks complete.
 
 =============  ===================  =====================================================
 format         suffix               content
@@ -21,52 +20,31 @@ csv            ``.csv``             one row per frame, named columns, angles in 
 landmarks      ``.txt``             PIRender keypoint file: N·K·2 values, one per line
 overlay        ``.overlay.mp4``     review video [original | reconstruction + landmarks]
                                     (``.overlay.png`` for an image); needs the face model,
-                                    written by :mod:`engine.face3d.overlay`
+                                    written by :class:`engine.face3d.overlay.OverlaySink`
 =============  ===================  =====================================================
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from engine import layout
-from engine.config import OutputFormat
-from engine.errors import OutputError
-from engine.structures import VideoResult
+from engine.formats import FORMATS, format_spec, output_paths
+from engine.stages.sink import SinkContext, SinkHooks, commit, discard, stage_bytes
+from engine.structures import FrameResults, MediaInfo, VideoResult
 
 log = logging.getLogger(__name__)
 
-SUFFIXES: dict[str, str] = {
-    OutputFormat.PIRENDER.value: ".mat",
-    OutputFormat.SADTALKER.value: ".sadtalker.mat",
-    OutputFormat.DEEP3D.value: ".deep3d.mat",
-    OutputFormat.NPZ.value: ".npz",
-    OutputFormat.CSV.value: ".csv",
-    OutputFormat.LANDMARKS.value: ".txt",
-    OutputFormat.OVERLAY.value: ".overlay.mp4",
-}
+#: Format name → suffix of the built-in formats (a view of :data:`engine.formats.FORMATS`).
+SUFFIXES: dict[str, str] = {name: spec.suffix for name, spec in FORMATS.items()}
 
 #: Suffix overrides for image inputs.
-IMAGE_SUFFIXES: dict[str, str] = {OutputFormat.OVERLAY.value: ".overlay.png"}
-
-
-def output_paths(out_base: str | Path, formats, kind: str = "video") -> dict[str, Path]:
-    """Map each format to its file: ``f"{out_base}{suffix}"`` (``kind`` is ``"video"`` or ``"image"``)."""
-    out_base = Path(out_base)
-    out = {}
-    for f in formats:
-        name = OutputFormat(f).value
-        suffix = IMAGE_SUFFIXES.get(name, SUFFIXES[name]) if kind == "image" else SUFFIXES[name]
-        out[name] = out_base.with_name(out_base.name + suffix)
-    return out
+IMAGE_SUFFIXES: dict[str, str] = {name: spec.image_suffix for name, spec in FORMATS.items() if spec.image_suffix}
 
 
 # --------------------------------------------------------------------------- arrays per format
@@ -108,8 +86,9 @@ def npz_arrays(r: VideoResult) -> dict[str, np.ndarray]:
     Arrays: ``coeff`` (N,257) f32; ``id exp tex angle gamma trans`` f32 views of it;
     ``transform_params`` (N,5) f32; ``landmarks`` (N,K,2) f32 image px **y-down** as used
     for alignment (-1 where none); ``valid`` (N,) bool; ``reason`` (N,) str; ``timestamps``
-    (N,) f64 seconds; ``fps``, ``width``, ``height`` scalars; plus any extras
-    (``lm68`` (N,68,2) reprojected landmarks in image px y-down when the face model is set up).
+    (N,) f64 seconds; ``fps``, ``width``, ``height`` scalars; ``crop_box`` (N,4) int32
+    ``[left, up, w, h]`` of each crop as cut (when known); plus any extras (``lm68`` (N,68,2)
+    reprojected landmarks in image px y-down when the face model is set up).
     """
     out: dict[str, np.ndarray] = {"coeff": r.coeff.astype(np.float32)}
     out.update({name: np.ascontiguousarray(g, dtype=np.float32) for name, g in layout.split(r.coeff).items()})
@@ -123,6 +102,8 @@ def npz_arrays(r: VideoResult) -> dict[str, np.ndarray]:
         width=np.int64(r.info.width),
         height=np.int64(r.info.height),
     )
+    if r.crop_box is not None:
+        out["crop_box"] = r.crop_box.astype(np.int32)
     for name, arr in r.extras.items():
         out[name] = arr
     return out
@@ -183,52 +164,100 @@ def _landmarks_bytes(r: VideoResult) -> bytes:
     return buf.getvalue().encode()
 
 
-ENCODERS: dict[str, Callable[[VideoResult], bytes]] = {
-    OutputFormat.PIRENDER.value: lambda r: _mat_bytes(pirender_arrays(r)),
-    OutputFormat.SADTALKER.value: lambda r: _mat_bytes(sadtalker_arrays(r)),
-    OutputFormat.DEEP3D.value: lambda r: _mat_bytes(deep3d_arrays(r)),
-    OutputFormat.NPZ.value: lambda r: _npz_bytes(npz_arrays(r)),
-    OutputFormat.CSV.value: _csv_bytes,
-    OutputFormat.LANDMARKS.value: _landmarks_bytes,
-}
+# --------------------------------------------------------------------------- sinks
 
 
-# --------------------------------------------------------------------------- atomic writes
+class EncodedFileSink:
+    """A sink writing one file per input, encoded once from all its batches (:meth:`encode`).
 
+    Subclasses set :attr:`format` and implement :meth:`encode`; the file goes to the format's
+    path in :data:`engine.formats.FORMATS`.
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.part-{os.getpid()}")
-
-
-def _write_tmp(path: Path, data: bytes) -> Path:
-    """Write ``data`` next to ``path`` under a temporary name, fsynced; returns that name.
-
-    Raises:
-        OutputError: the write failed (the temporary file is removed).
+    Args:
+        context: from the engine (unused by the coefficient files; any sink factory takes it).
     """
-    tmp = _tmp_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
-    return tmp
+
+    format: str = ""
+
+    def __init__(self, context: SinkContext | None = None) -> None:
+        if context is not None:
+            self.format = context.format
+        self._info: MediaInfo | None = None
+        self._path: Path | None = None
+        self._parts: list[FrameResults] = []
+        self._staged: Path | None = None
+
+    def encode(self, result: VideoResult) -> bytes:
+        """The whole file's content."""
+        raise NotImplementedError
+
+    def start(self, info: MediaInfo, out_base: Path) -> dict[str, Path]:
+        self.abort()
+        self._info, self._path = info, format_spec(self.format).path(out_base, info.kind)
+        return {self.format: self._path}
+
+    def add(self, results: FrameResults) -> None:
+        self._parts.append(results)
+
+    def finish(self, hooks: SinkHooks) -> dict[str, Path]:
+        data = self.encode(VideoResult.from_batches(self._info, self._parts))
+        self._staged = stage_bytes(self._path, data)
+        return {self.format: self._staged}
+
+    def abort(self) -> None:
+        discard(self._staged)
+        self._staged, self._parts = None, []
+
+
+class PirenderSink(EncodedFileSink):
+    format = "pirender"
+
+    def encode(self, result: VideoResult) -> bytes:
+        return _mat_bytes(pirender_arrays(result))
+
+
+class SadTalkerSink(EncodedFileSink):
+    format = "sadtalker"
+
+    def encode(self, result: VideoResult) -> bytes:
+        return _mat_bytes(sadtalker_arrays(result))
+
+
+class Deep3dSink(EncodedFileSink):
+    format = "deep3d"
+
+    def encode(self, result: VideoResult) -> bytes:
+        return _mat_bytes(deep3d_arrays(result))
+
+
+class NpzSink(EncodedFileSink):
+    format = "npz"
+
+    def encode(self, result: VideoResult) -> bytes:
+        return _npz_bytes(npz_arrays(result))
+
+
+class CsvSink(EncodedFileSink):
+    format = "csv"
+
+    def encode(self, result: VideoResult) -> bytes:
+        return _csv_bytes(result)
+
+
+class LandmarksSink(EncodedFileSink):
+    format = "landmarks"
+
+    def encode(self, result: VideoResult) -> bytes:
+        return _landmarks_bytes(result)
 
 
 def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[str, Path]:
-    """Encode and write every requested coefficient format of one input.
+    """Write every requested coefficient format of one finished result (a convenience for
+    results made outside :class:`~engine.pipeline.Engine`, e.g. test fixtures).
 
-    Every file is complete before any is renamed into place, so a failure while encoding or
-    writing (the usual case: a full disk) leaves none of them; only a failing rename after
-    the first succeeded can leave a subset.
-
-    The ``overlay`` format is not a coefficient file: it is skipped here (see
-    :meth:`engine.pipeline.Engine.run`).
+    Every file is complete before any is renamed, so a failure while encoding or writing
+    (the usual case: a full disk) leaves none of them. Formats that are not files of the
+    result alone (``overlay``) are skipped.
 
     Args:
         result: the finished per-frame results.
@@ -239,23 +268,42 @@ def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[st
         format name → written path.
 
     Raises:
-        OutputError: a file could not be written (full disk, permissions); no output of
-            this input is left behind.
+        OutputError: a file could not be written; no output of this input is left behind.
     """
-    paths = output_paths(out_base, [f for f in formats if OutputFormat(f).value in ENCODERS])
+    paths: dict[str, Path] = {}
     staged: list[tuple[Path, Path]] = []
     try:
-        for fmt, path in paths.items():
-            staged.append((_write_tmp(path, ENCODERS[fmt](result)), path))
-        for tmp, path in staged:
-            try:
-                os.replace(tmp, path)
-            except OSError as e:
-                raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        for f in formats:
+            spec = format_spec(f)
+            factory = spec.sink_factory()
+            if not (isinstance(factory, type) and issubclass(factory, EncodedFileSink)):
+                continue
+            paths[factory.format] = spec.path(out_base, result.info.kind)
+            staged.append((stage_bytes(paths[factory.format], factory().encode(result)), paths[factory.format]))
+        commit(dict(staged))
     except BaseException:
         for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            discard(tmp)
         raise
     log.debug("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
+
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "SUFFIXES",
+    "CsvSink",
+    "Deep3dSink",
+    "EncodedFileSink",
+    "LandmarksSink",
+    "NpzSink",
+    "PirenderSink",
+    "SadTalkerSink",
+    "csv_header",
+    "deep3d_arrays",
+    "npz_arrays",
+    "output_paths",
+    "pirender_arrays",
+    "sadtalker_arrays",
+    "write_outputs",
+]
