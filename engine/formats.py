@@ -63,31 +63,31 @@ FORMATS: dict[str, FormatSpec] = {
     "pirender": FormatSpec(
         ".mat", "PIRender .mat", "coeff (N×257) + transform_params (N×5)",
         'PIRender layout: "coeff" (N, 257) and "transform_params" (N, 5)',
-        "engine.writers:PirenderSink"),
+        "engine.writers:EncodedFileSink"),
     "sadtalker": FormatSpec(
         ".sadtalker.mat", "SadTalker .mat", "coeff_3dmm (N×73)",
         'SadTalker layout: "coeff_3dmm" (N, 73) holding exp (64), angle (3), trans (3) and then the '
         'three crop columns s, tx, ty from transform_params; "full_3dmm" holds the full 257 coefficients',
-        "engine.writers:SadTalkerSink"),
+        "engine.writers:EncodedFileSink"),
     "deep3d": FormatSpec(
         ".deep3d.mat", "Deep3D .mat", "one array per coefficient group",
         "Deep3DFaceRecon's own per-group layout (id, exp, tex, angle, gamma, trans)",
-        "engine.writers:Deep3dSink"),
+        "engine.writers:EncodedFileSink"),
     "npz": FormatSpec(
         ".npz", "NumPy .npz", "everything, needed for the charts",
         "named arrays: coeff and each group, transform_params, landmarks (N, K, 2) in image pixels "
         "with y pointing down, valid (N,), reason (N,), timestamps (N,) in seconds, fps, crop_box "
         "(N, 4) [left, up, w, h] of each 224x224 crop in the frame resized to w x h",
-        "engine.writers:NpzSink"),
+        "engine.writers:EncodedFileSink"),
     "csv": FormatSpec(
         ".csv", "CSV", "one row per frame",
         "one line per frame with named columns",
-        "engine.writers:CsvSink", mime="text/csv"),
+        "engine.writers:EncodedFileSink", mime="text/csv"),
     "landmarks": FormatSpec(
         ".txt", "Landmarks .txt", "PIRender's keypoint file",
         "the landmarks used for alignment (PIRender keypoint format: N x K x 2 values, one per line; "
         "-1 where no face had been seen yet)",
-        "engine.writers:LandmarksSink", mime="text/plain"),
+        "engine.writers:EncodedFileSink", mime="text/plain"),
     "overlay": FormatSpec(
         ".overlay.mp4", "Overlay video", "the reconstruction drawn over every frame, for review (needs the face model)",
         "review video: each frame beside the reconstructed face drawn over it, with the audio",

@@ -44,7 +44,7 @@ from engine.stages.landmark import Landmarker
 from engine.stages.regress import Regressor, load_regressor
 from engine.stages.sink import Sink, SinkContext, SinkHooks, commit, create_sinks
 from engine.stages.source import MediaSource, Source
-from engine.stages.temporal import NoFacePolicyStage, TemporalPolicy
+from engine.stages.temporal import NoFacePolicyStage, PolicyState, TemporalPolicy
 from engine.stages.track import DetectEveryFrame, Tracker, TrackerState
 from engine.structures import (
     AlignedBatch,
@@ -172,9 +172,9 @@ class _ResumeState:
 
     Layout: ``state_dir/state.json`` (fingerprint, frames done, chunk count) and one
     ``chunk-NNNNNN.npz`` per batch: its :class:`~engine.structures.FrameResults` and the
-    state the temporal policy and the tracker had after it.
-    ``state.json`` is replaced atomically after the chunk
-    it counts is on disk, so a crash at any point leaves a consistent state.
+    state the temporal policy and the tracker had after it. ``state.json`` is replaced
+    atomically after the chunk it counts is on disk, so a crash at any point leaves a
+    consistent state.
     """
 
     def __init__(self, state_dir: Path, fingerprint: str) -> None:
@@ -265,10 +265,9 @@ class _InputRun:
     thread, the temporal policy's state, the accumulated results and the resume state."""
 
     def __init__(self, engine: Engine, info: MediaInfo, acc: _Accumulator, resume: _ResumeState | None,
-                 policy: TemporalPolicy, policy_state, reporter: ProgressReporter,
-                 should_stop: Callable[[], bool]) -> None:
-        self.engine, self.info, self.acc, self.resume = engine, info, acc, resume
-        self.policy, self.policy_state = policy, policy_state
+                 policy_state: PolicyState, reporter: ProgressReporter, should_stop: Callable[[], bool]) -> None:
+        self.info, self.acc, self.resume = info, acc, resume
+        self.policy, self.policy_state = engine.temporal_policy, policy_state
         self.reporter, self.should_stop = reporter, should_stop
         self.aligner, self.regressor = engine.aligner, engine.regressor
         self.slice_frames = engine.slice_frames
@@ -495,8 +494,7 @@ class Engine:
         track = {k[len(_TRACK_PREFIX):]: v for k, v in carry.items() if k.startswith(_TRACK_PREFIX)}
         faces = _FaceStages(self.detector_for(landmarker), self.tracker, landmarker,
                             self.tracker.initial_state(track or None), self.slice_frames, stop)
-        run = _InputRun(self, info, acc, resume, self.temporal_policy,
-                        self.temporal_policy.initial_state(carry or None), reporter, stop)
+        run = _InputRun(self, info, acc, resume, self.temporal_policy.initial_state(carry or None), reporter, stop)
         resumed_from = acc.frames
         reporter.begin(acc.frames, info.frame_count)
 
@@ -562,7 +560,9 @@ class Engine:
             with _closing(batches), run.regressor.numerics():
                 for batch in batches:
                     if run.should_stop():
-                        while inflight:  # finish the batch in flight, so a resume starts after it
+                        # Finish the batch in flight, so a resume starts after it (its slow stages
+                        # give up at their next slice boundary if the request still stands).
+                        while inflight:
                             finish_oldest()
                         raise Cancelled(f"{path.name}: cancelled at frame {run.acc.frames}")
                     inflight.append((batch, lm_thread.submit(faces, batch)))

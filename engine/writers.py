@@ -1,4 +1,4 @@
-"""The coefficient-file sinks: one small class per format, each file encoded once per input.
+"""The coefficient files: how each is laid out and encoded, and the sink that writes them.
 
 What a format is (suffix, label, help) lives in :data:`engine.formats.FORMATS`; this module
 holds how each coefficient file is laid out and encoded. Every file is written under a
@@ -29,11 +29,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from engine import layout
+from engine.config import OutputFormat, name_of
 from engine.formats import FORMATS, format_spec, output_paths
 from engine.stages.sink import SinkContext, SinkHooks, commit, discard, stage_bytes
 from engine.structures import FrameResults, MediaInfo, VideoResult
@@ -164,24 +166,32 @@ def _landmarks_bytes(r: VideoResult) -> bytes:
     return buf.getvalue().encode()
 
 
-# --------------------------------------------------------------------------- sinks
+ENCODERS: dict[str, Callable[[VideoResult], bytes]] = {
+    OutputFormat.PIRENDER.value: lambda r: _mat_bytes(pirender_arrays(r)),
+    OutputFormat.SADTALKER.value: lambda r: _mat_bytes(sadtalker_arrays(r)),
+    OutputFormat.DEEP3D.value: lambda r: _mat_bytes(deep3d_arrays(r)),
+    OutputFormat.NPZ.value: lambda r: _npz_bytes(npz_arrays(r)),
+    OutputFormat.CSV.value: _csv_bytes,
+    OutputFormat.LANDMARKS.value: _landmarks_bytes,
+}
+
+
+# --------------------------------------------------------------------------- the sink
 
 
 class EncodedFileSink:
-    """A sink writing one file per input, encoded once from all its batches (:meth:`encode`).
+    """A sink writing one file per input, encoded once from all its batches.
 
-    Subclasses set :attr:`format` and implement :meth:`encode`; the file goes to the format's
-    path in :data:`engine.formats.FORMATS`.
+    The registry's sink for every format in :data:`ENCODERS`; a format of another module can
+    subclass it and override :meth:`encode`. The file goes to the format's path in
+    :data:`engine.formats.FORMATS`.
 
     Args:
-        context: from the engine (unused by the coefficient files; any sink factory takes it).
+        context: from the engine; ``context.format`` names the format.
     """
 
-    format: str = ""
-
-    def __init__(self, context: SinkContext | None = None) -> None:
-        if context is not None:
-            self.format = context.format
+    def __init__(self, context: SinkContext) -> None:
+        self.format = context.format
         self._info: MediaInfo | None = None
         self._path: Path | None = None
         self._parts: list[FrameResults] = []
@@ -189,7 +199,7 @@ class EncodedFileSink:
 
     def encode(self, result: VideoResult) -> bytes:
         """The whole file's content."""
-        raise NotImplementedError
+        return ENCODERS[self.format](result)
 
     def start(self, info: MediaInfo, out_base: Path) -> dict[str, Path]:
         self.abort()
@@ -201,6 +211,7 @@ class EncodedFileSink:
 
     def finish(self, hooks: SinkHooks) -> dict[str, Path]:
         data = self.encode(VideoResult.from_batches(self._info, self._parts))
+        self._parts = []
         self._staged = stage_bytes(self._path, data)
         return {self.format: self._staged}
 
@@ -209,51 +220,9 @@ class EncodedFileSink:
         self._staged, self._parts = None, []
 
 
-class PirenderSink(EncodedFileSink):
-    format = "pirender"
-
-    def encode(self, result: VideoResult) -> bytes:
-        return _mat_bytes(pirender_arrays(result))
-
-
-class SadTalkerSink(EncodedFileSink):
-    format = "sadtalker"
-
-    def encode(self, result: VideoResult) -> bytes:
-        return _mat_bytes(sadtalker_arrays(result))
-
-
-class Deep3dSink(EncodedFileSink):
-    format = "deep3d"
-
-    def encode(self, result: VideoResult) -> bytes:
-        return _mat_bytes(deep3d_arrays(result))
-
-
-class NpzSink(EncodedFileSink):
-    format = "npz"
-
-    def encode(self, result: VideoResult) -> bytes:
-        return _npz_bytes(npz_arrays(result))
-
-
-class CsvSink(EncodedFileSink):
-    format = "csv"
-
-    def encode(self, result: VideoResult) -> bytes:
-        return _csv_bytes(result)
-
-
-class LandmarksSink(EncodedFileSink):
-    format = "landmarks"
-
-    def encode(self, result: VideoResult) -> bytes:
-        return _landmarks_bytes(result)
-
-
 def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[str, Path]:
-    """Write every requested coefficient format of one finished result (a convenience for
-    results made outside :class:`~engine.pipeline.Engine`, e.g. test fixtures).
+    """Encode and write every requested coefficient format of one finished result (for results
+    made outside :class:`~engine.pipeline.Engine`, e.g. test fixtures).
 
     Every file is complete before any is renamed, so a failure while encoding or writing
     (the usual case: a full disk) leaves none of them. Formats that are not files of the
@@ -270,19 +239,14 @@ def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[st
     Raises:
         OutputError: a file could not be written; no output of this input is left behind.
     """
-    paths: dict[str, Path] = {}
-    staged: list[tuple[Path, Path]] = []
+    paths = output_paths(out_base, [f for f in formats if name_of(f) in ENCODERS], result.info.kind)
+    staged: dict[Path, Path] = {}
     try:
-        for f in formats:
-            spec = format_spec(f)
-            factory = spec.sink_factory()
-            if not (isinstance(factory, type) and issubclass(factory, EncodedFileSink)):
-                continue
-            paths[factory.format] = spec.path(out_base, result.info.kind)
-            staged.append((stage_bytes(paths[factory.format], factory().encode(result)), paths[factory.format]))
-        commit(dict(staged))
+        for fmt, path in paths.items():
+            staged[stage_bytes(path, ENCODERS[fmt](result))] = path
+        commit(staged)
     except BaseException:
-        for tmp, _ in staged:
+        for tmp in staged:
             discard(tmp)
         raise
     log.debug("wrote %s", ", ".join(str(p) for p in paths.values()))
@@ -290,15 +254,10 @@ def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[st
 
 
 __all__ = [
+    "ENCODERS",
     "IMAGE_SUFFIXES",
     "SUFFIXES",
-    "CsvSink",
-    "Deep3dSink",
     "EncodedFileSink",
-    "LandmarksSink",
-    "NpzSink",
-    "PirenderSink",
-    "SadTalkerSink",
     "csv_header",
     "deep3d_arrays",
     "npz_arrays",

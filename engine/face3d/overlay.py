@@ -18,7 +18,6 @@ model landmarks (red) and the detector landmarks used for alignment (blue), as D
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -452,12 +451,11 @@ def _video_encoder(output, rate: Fraction, width: int, height: int):
     raise OutputError("no H.264 or MPEG-4 encoder in this PyAV build")
 
 
-def render_overlay(
+def write_overlay_video(
     source: str | Path,
     result: str | Path | ResultArrays,
-    dest: str | Path,
+    out_path: str | Path,
     *,
-    final: str | Path | None = None,
     face_model: ParametricFaceModel | None = None,
     renderer: FaceRenderer | None = None,
     bfm_dir: str | Path | None = None,
@@ -465,22 +463,35 @@ def render_overlay(
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    staged: str | Path | None = None,
 ) -> OverlayReport:
-    """Write the review video of ``source`` to ``dest`` itself (see :func:`write_overlay_video`,
-    which renames it into place; :class:`OverlaySink` lets the engine do that).
+    """Write the side-by-side review video of ``source`` with its reconstruction.
+
+    Frames keep their presentation times (same frame count and average rate as the input),
+    the audio stream is copied (re-encoded to AAC only when the container cannot hold it),
+    and the file is written under a temporary name and renamed at the end. An image input
+    gives an image (format from ``out_path``'s suffix).
 
     Args:
-        dest: the file to write; on any failure it is removed.
-        final: the name the file will have, for messages (default ``dest``).
-        Others: as :func:`write_overlay_video`.
+        source: the video or image the result was extracted from.
+        result: its engine ``.npz`` (or loaded :class:`ResultArrays`); row i ↔ frame i.
+        out_path: ``.mp4`` (H.264) or another FFmpeg container; an image suffix for images.
+        progress: called with (frames done, frames expected) after every batch.
+        should_stop: polled before every batch; True raises :class:`engine.Cancelled`.
+        staged: write the file there instead and leave the rename to the caller (the engine's
+            :class:`OverlaySink` renames all files of an input together); removed on failure.
+
+    Raises:
+        InputError, DecodeError: unreadable source or result. OutputError: cannot write.
+        Cancelled: ``should_stop`` returned True (the partial file is removed).
     """
     import av
 
     from engine.errors import Cancelled
     from engine.sources import iter_frames, media_kind, probe
 
-    source, tmp = Path(source), Path(dest)
-    out_path = Path(final) if final is not None else tmp
+    source, out_path = Path(source), Path(out_path)
+    tmp = Path(staged) if staged is not None else out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
     res = result if isinstance(result, ResultArrays) else load_result(result)
     face_model = face_model or ParametricFaceModel.from_dir(bfm_dir, device)
     renderer = renderer or FaceRenderer(face_model.device)
@@ -507,10 +518,12 @@ def render_overlay(
         img = visual(batch.images, batch.index)[0]
         try:
             Image.fromarray(img).save(tmp, format=None if tmp.suffix else "PNG")
+            if staged is None:
+                tmp.replace(out_path)
         except (OSError, ValueError) as e:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"{out_path}: cannot write the overlay image ({e})") from None
-        return OverlayReport(tmp, 1, 0.0, "none", renderer.backend_name, int(len(res) < 1))
+        return OverlayReport(out_path, 1, 0.0, "none", renderer.backend_name, int(len(res) < 1))
 
     with av.open(str(source)) as probe_c:
         vin = probe_c.streams.video[0]
@@ -551,6 +564,8 @@ def render_overlay(
         output.mux(stream.encode(None))
         audio.pump(float("inf"))
         output.close()
+        if staged is None:
+            tmp.replace(out_path)
     except BaseException:
         with contextlib.suppress(Exception):  # closing a half-written file can fail too
             output.close()
@@ -562,52 +577,8 @@ def render_overlay(
     if unmatched:
         log.warning("%s: %d frames have no row in the result; shown without overlay", source, unmatched)
     return OverlayReport(
-        tmp, written, float(rate), audio.mode if audio else "none", renderer.backend_name, unmatched
+        out_path, written, float(rate), audio.mode if audio else "none", renderer.backend_name, unmatched
     )
-
-
-def write_overlay_video(
-    source: str | Path,
-    result: str | Path | ResultArrays,
-    out_path: str | Path,
-    *,
-    face_model: ParametricFaceModel | None = None,
-    renderer: FaceRenderer | None = None,
-    bfm_dir: str | Path | None = None,
-    device: str = "cpu",
-    batch_size: int = 8,
-    progress: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> OverlayReport:
-    """Write the side-by-side review video of ``source`` with its reconstruction.
-
-    Frames keep their presentation times (same frame count and average rate as the input),
-    the audio stream is copied (re-encoded to AAC only when the container cannot hold it),
-    and the file is written under a temporary name and renamed at the end. An image input
-    gives an image (format from ``out_path``'s suffix).
-
-    Args:
-        source: the video or image the result was extracted from.
-        result: its engine ``.npz`` (or loaded :class:`ResultArrays`); row i ↔ frame i.
-        out_path: ``.mp4`` (H.264) or another FFmpeg container; an image suffix for images.
-        progress: called with (frames done, frames expected) after every batch.
-        should_stop: polled before every batch; True raises :class:`engine.Cancelled`.
-
-    Raises:
-        InputError, DecodeError: unreadable source or result. OutputError: cannot write.
-        Cancelled: ``should_stop`` returned True (the partial file is removed).
-    """
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
-    report = render_overlay(source, result, tmp, final=out_path, face_model=face_model, renderer=renderer,
-                            bfm_dir=bfm_dir, device=device, batch_size=batch_size, progress=progress,
-                            should_stop=should_stop)
-    try:
-        tmp.replace(out_path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{out_path}: cannot write the overlay ({e})") from None
-    return dataclasses.replace(report, path=out_path)
 
 
 class OverlaySink:
@@ -648,8 +619,8 @@ class OverlaySink:
         self._parts = []
         arrays = ResultArrays(r.coeff, r.trans_params, r.valid, r.landmarks_img_ydown, r.crop_box)
         self._staged = staging_path(self._path)
-        render_overlay(self._source, arrays, self._staged, final=self._path, face_model=self._face_model(),
-                       progress=hooks.report, should_stop=hooks.should_stop)
+        write_overlay_video(self._source, arrays, self._path, face_model=self._face_model(), progress=hooks.report,
+                            should_stop=hooks.should_stop, staged=self._staged)
         return {self.format: self._staged}
 
     def abort(self) -> None:
