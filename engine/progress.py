@@ -30,12 +30,15 @@ class Progress:
         fps: frames per second processed in this run (not counting restored frames).
         stage: ``"extract"`` while running, ``"write"`` while writing outputs, ``"overlay"``
             while rendering the review video.
+        frames_new: frames this run has finished itself (``frames_done`` less the frames
+            restored from a resumed state): 0 until its first batch is done.
     """
 
     frames_done: int
     frames_total: int
     fps: float
     stage: str = "extract"
+    frames_new: int = 0
 
 
 class ProgressReporter:
@@ -77,8 +80,9 @@ class ProgressReporter:
             s = self._state
             done = s.frames_done if frames_done is None else frames_done
             total = s.frames_total if frames_total is None else frames_total
-            self._state = replace(s, frames_done=done, frames_total=max(total, done),
-                                  stage=s.stage if stage is None else stage)
+            stage = s.stage if stage is None else stage
+            new = max(done - self._counted_from[0], 0) if stage == "extract" else s.frames_new
+            self._state = replace(s, frames_done=done, frames_total=max(total, done), stage=stage, frames_new=new)
 
     def report(self) -> None:
         """Call the callback now with the current counters (and the frame rate so far)."""
@@ -97,8 +101,7 @@ class ProgressReporter:
         s = self._state
         if s.stage != "extract":
             return replace(s, fps=0.0)
-        start_done, t0 = self._counted_from
-        return replace(s, fps=(s.frames_done - start_done) / max(self.clock() - t0, 1e-9))
+        return replace(s, fps=s.frames_new / max(self.clock() - self._counted_from[1], 1e-9))
 
     def __enter__(self) -> ProgressReporter:
         if self.callback is not None and self._thread is None:

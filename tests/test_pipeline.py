@@ -393,4 +393,4 @@ def test_progress_reporter_frame_rate_from_an_injected_clock():
     reporter.report()
     reporter.update(stage="write")
     reporter.report()
-    assert seen == [Progress(12, 20, 2.0, "extract"), Progress(12, 20, 0.0, "write")]
+    assert seen == [Progress(12, 20, 2.0, "extract", frames_new=4), Progress(12, 20, 0.0, "write", frames_new=4)]
