@@ -174,9 +174,9 @@ class AlignedBatch:
     crops: np.ndarray
     trans_params: np.ndarray
     lm5_img_ydown: np.ndarray
-    crop_box: np.ndarray | None = None
-    used_template: np.ndarray | None = None
-    reason: tuple[str, ...] = ()
+    crop_box: np.ndarray
+    used_template: np.ndarray
+    reason: tuple[str, ...]
 
 
 @dataclass(frozen=True)
