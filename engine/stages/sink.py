@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, name_of
 from engine.errors import OutputError
 from engine.formats import format_spec
 from engine.structures import FrameResults, MediaInfo
@@ -99,11 +99,7 @@ class Sink(Protocol):
 
 def create_sinks(formats: Iterable, context_for: Callable[[str], SinkContext]) -> list[Sink]:
     """One sink per format, from :data:`engine.formats.FORMATS` (imports each sink's module)."""
-    sinks = []
-    for f in formats:
-        name = str(getattr(f, "value", f))
-        sinks.append(format_spec(name).sink_factory()(context_for(name)))
-    return sinks
+    return [format_spec(f).sink_factory()(context_for(name_of(f))) for f in formats]
 
 
 # ------------------------------------------------------------------ staging
