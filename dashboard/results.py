@@ -42,6 +42,8 @@ class ResultData:
         transform_params: float32 (N, 5) ``[w0, h0, s, tx, ty_yup]`` per frame.
         fps: average frame rate (frames/s), 0 for an image.
         width, height: frame size in pixels.
+        crop_box: int32 (N, 4) ``[left, up, w, h]`` of each crop as cut, or ``None`` (older
+            results: recomputed from ``transform_params`` where needed).
     """
 
     df: pd.DataFrame
@@ -52,6 +54,7 @@ class ResultData:
     fps: float
     width: int
     height: int
+    crop_box: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -145,6 +148,7 @@ def load_result(path: str | Path) -> ResultData:
         fps=float(arrays.get("fps", 0.0)),
         width=width,
         height=height,
+        crop_box=np.asarray(arrays["crop_box"], dtype=np.int32) if "crop_box" in arrays else None,
     )
 
 

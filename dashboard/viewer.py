@@ -103,6 +103,7 @@ def overlay_image(
             renderer,
             valid=bool(data.df["valid"].iloc[index]),
             detector_landmarks_img_ydown=lm_img_ydown if has_points(lm_img_ydown) else None,
+            exact_box=None if data.crop_box is None else data.crop_box[index],
         )
     except Exception as e:
         log.exception("overlay of frame %d failed", index)

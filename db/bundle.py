@@ -32,6 +32,7 @@ from db.models import JobStatus, utcnow
 from db.registry import Registry
 from db.views import ArtifactView
 from engine.checks import regular_file_problem
+from engine.formats import readme_file_list
 
 README = """\
 3DMM Studio results
@@ -66,18 +67,7 @@ The crop's top-left corner in the scaled frame is roughly
 
 Files
 -----
-  *.mat             PIRender layout: "coeff" (N, 257) and "transform_params" (N, 5)
-  *.sadtalker.mat   SadTalker layout: "coeff_3dmm" (N, 73) holding exp (64), angle (3),
-                    trans (3) and then the three crop columns s, tx, ty from
-                    transform_params; "full_3dmm" holds the full 257 coefficients
-  *.deep3d.mat      Deep3DFaceRecon's own per-group layout (id, exp, tex, angle, gamma,
-                    trans)
-  *.npz             named arrays: coeff and each group, transform_params, landmarks
-                    (N, K, 2) in image pixels with y pointing down, valid (N,), reason
-                    (N,), timestamps (N,) in seconds, fps
-  *.csv             one line per frame with named columns
-  *.txt             the landmarks used for alignment (PIRender keypoint format: N x K x 2
-                    values, one per line; -1 where no face had been seen yet)
+""" + readme_file_list() + """
 
 manifest.json lists the input (name, SHA-256), the frame count and rate, the settings,
 the engine version, the checkpoint used (file name and SHA-256) and the size and SHA-256 of

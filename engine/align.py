@@ -13,6 +13,7 @@ landmarks live in y-up frames (``img_yup``, ``224_yup``), see :mod:`engine.conve
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from engine.checks import check_shape
 from engine.conventions import CROP_SIZE, img_ydown_to_yup, img_yup_to_ydown
 from engine.errors import StudioError
 from engine.structures import AlignedBatch
+
+log = logging.getLogger(__name__)
 
 #: Deep3D's 5-point 3D template (x, y, z; face-model units, y up): left eye, right eye,
 #: nose tip, left mouth corner, right mouth corner. ``load_lm3d`` applied to
@@ -53,6 +56,10 @@ _NOSE, _EYE_L, _EYE_R, _MOUTH_L, _MOUTH_R = 30, (36, 39), (42, 45), 48, 54
 # uint8 value → value / 255. computed in float64 then cast to float32 (spec §1.2).
 _UINT8_TO_UNIT = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
 _UINT8_TO_UNIT.flags.writeable = False
+
+
+#: Reason of a frame whose landmarks admitted no fit (aligned with the template instead).
+BAD_LANDMARKS = "bad_landmarks"
 
 
 class AlignmentError(StudioError, ValueError):
@@ -262,6 +269,8 @@ def align_batch(
     lm_img_ydown: np.ndarray,
     use_fallback: np.ndarray | Sequence[bool],
     executor: Executor | None = None,
+    *,
+    bad_landmarks: str = "raise",
 ) -> AlignedBatch:
     """Align a batch of frames; frames flagged ``use_fallback`` get the template fallback.
 
@@ -272,12 +281,21 @@ def align_batch(
         use_fallback: bool (B,) align with :func:`template_fallback_img_yup` instead.
         executor: optional thread pool to align frames in parallel (Pillow releases the
             GIL while resizing); results do not depend on it.
+        bad_landmarks: what a frame whose landmarks admit no fit (not finite, degenerate)
+            gets: ``"raise"`` an :class:`AlignmentError`, or ``"template"``: the template
+            fallback and reason ``"bad_landmarks"`` in the result.
 
     Returns:
         :class:`~engine.structures.AlignedBatch` with float32 ``trans_params`` (what every
-        reference writes) and the 5 points used for each fit, y down (for fallback frames:
-        the template points flipped to y down).
+        reference writes), the 5 points used for each fit, y down (for fallback frames:
+        the template points flipped to y down), the exact crop boxes, which frames used the
+        template and the reason of those that fell back on their own.
+
+    Raises:
+        AlignmentError: a frame's landmarks admit no fit and ``bad_landmarks="raise"``.
     """
+    if bad_landmarks not in ("raise", "template"):
+        raise ValueError(f"bad_landmarks must be 'raise' or 'template', got {bad_landmarks!r}")
     images = np.asarray(images)
     check_shape(images, ("B", "H", "W", "3"), "images")
     lm_img_ydown = np.asarray(lm_img_ydown)
@@ -288,22 +306,38 @@ def align_batch(
 
     fallback_img_yup = template_fallback_img_yup(width, height)
 
-    def one(i: int) -> AlignedFace:
+    def one(i: int) -> tuple[AlignedFace, str]:
         if use_fallback[i]:
-            return align_image(images[i], lm_img_yup=fallback_img_yup)
-        return align_image(images[i], lm_img_ydown[i])
+            return align_image(images[i], lm_img_yup=fallback_img_yup), ""
+        try:
+            return align_image(images[i], lm_img_ydown[i]), ""
+        except AlignmentError as e:
+            if bad_landmarks == "raise":
+                raise
+            log.info("frame %d of the batch: %s; using the template fallback", i, e)
+            return align_image(images[i], lm_img_yup=fallback_img_yup), BAD_LANDMARKS
 
     faces = list(executor.map(one, range(n))) if executor is not None else [one(i) for i in range(n)]
 
     crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
     trans_params = np.empty((n, 5), dtype=np.float32)
     lm5_img_ydown = np.empty((n, 5, 2), dtype=np.float32)
+    crop_box = np.empty((n, 4), dtype=np.int32)
+    used_template = use_fallback | np.array([bool(reason) for _, reason in faces], dtype=bool).reshape(n)
     fallback_img_ydown = img_yup_to_ydown(fallback_img_yup, height)
-    for i, face in enumerate(faces):
+    for i, (face, _) in enumerate(faces):
         crops[i] = face.crop
         trans_params[i] = face.trans_params.astype(np.float32)
-        lm5_img_ydown[i] = fallback_img_ydown if use_fallback[i] else lm68_to_lm5(lm_img_ydown[i])
-    return AlignedBatch(crops=crops, trans_params=trans_params, lm5_img_ydown=lm5_img_ydown)
+        crop_box[i] = face.crop_box
+        lm5_img_ydown[i] = fallback_img_ydown if used_template[i] else lm68_to_lm5(lm_img_ydown[i])
+    return AlignedBatch(
+        crops=crops,
+        trans_params=trans_params,
+        lm5_img_ydown=lm5_img_ydown,
+        crop_box=crop_box,
+        used_template=used_template,
+        reason=tuple(reason for _, reason in faces),
+    )
 
 
 def crops_to_tensor_input(crops: np.ndarray) -> np.ndarray:

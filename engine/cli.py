@@ -14,8 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.config import DEFAULT_FORMATS, EngineConfig, LandmarkBackend, OutputFormat
+from engine.config import DEFAULT_FORMATS, EngineConfig, LandmarkBackend, OutputFormat, output_format
 from engine.errors import StudioError
+from engine.formats import FORMATS
 
 log = logging.getLogger("engine")
 
@@ -23,23 +24,27 @@ log = logging.getLogger("engine")
 PLUGINS = ("worker.cli", "engine.face3d.cli")
 
 
-def _formats(text: str) -> tuple[OutputFormat, ...]:
+def _formats(text: str) -> tuple[OutputFormat | str, ...]:
     try:
-        return tuple(OutputFormat(f.strip()) for f in text.split(",") if f.strip())
+        return tuple(output_format(f) for f in text.split(",") if f.strip())
     except ValueError as e:
-        known = ",".join(f.value for f in OutputFormat)
-        raise argparse.ArgumentTypeError(f"{e}; known formats: {known}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """The settings shared by ``extract`` and ``submit``."""
+    """The settings shared by ``extract`` and ``submit`` (choices and help from the registries)."""
+    from engine.landmarks import BACKENDS
+
     p.add_argument("--checkpoint", type=Path, help="reconstruction weights (default: the one under checkpoints/)")
-    p.add_argument("--landmarks", choices=[b.value for b in LandmarkBackend], default="fan",
-                   help="landmark backend (default: fan)")
+    p.add_argument("--landmarks", choices=list(BACKENDS), default=LandmarkBackend.FAN.value,
+                   help="landmark backend (default: fan): "
+                   + "; ".join(f"{name}: {spec.label}" for name, spec in BACKENDS.items()))
     p.add_argument("--keypoints", type=Path,
                    help="for --landmarks file: a keypoint .txt, or a folder mirroring the input tree")
     p.add_argument("--formats", type=_formats, default=DEFAULT_FORMATS,
-                   help="comma list of " + ",".join(f.value for f in OutputFormat) + " (default: pirender,npz)")
+                   help="comma list of " + ",".join(FORMATS) + " (default: "
+                   + ",".join(f.value for f in DEFAULT_FORMATS) + "): "
+                   + "; ".join(f"{name}: {spec.help} ({spec.suffix})" for name, spec in FORMATS.items()))
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=32, help="frames per batch (default: 32)")
 

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from engine.formats import format_spec
+
 
 class LandmarkBackend(str, Enum):
-    """Where the facial landmarks come from."""
+    """The built-in landmark backends (:data:`engine.landmarks.BACKENDS` may hold more; a config
+    accepts any name there)."""
 
     FAN = "fan"  #: face_alignment SFD + 2D-FAN-4, 68 points (PIRender's recipe)
     MTCNN = "mtcnn"  #: facenet-pytorch MTCNN, 5 points (Deep3DFaceRecon's test recipe)
@@ -22,7 +25,8 @@ class LandmarkBackend(str, Enum):
 
 
 class OutputFormat(str, Enum):
-    """Files written per input. Suffix in :data:`engine.writers.SUFFIXES`."""
+    """The built-in output formats. What each one is (suffix, label, help, sink) is in
+    :data:`engine.formats.FORMATS`, which may hold more (a config accepts any name there)."""
 
     PIRENDER = "pirender"
     SADTALKER = "sadtalker"
@@ -34,7 +38,7 @@ class OutputFormat(str, Enum):
 
     @property
     def needs_face_model(self) -> bool:
-        return self is OutputFormat.OVERLAY
+        return format_spec(self.value).needs_face_model
 
 
 class NoFacePolicy(str, Enum):
@@ -53,6 +57,37 @@ class NoFacePolicy(str, Enum):
 DEFAULT_FORMATS = (OutputFormat.PIRENDER, OutputFormat.NPZ)
 
 
+def output_format(name) -> OutputFormat | str:
+    """A built-in format as its enum member, another registered one as its name.
+
+    Raises:
+        ValueError: not in :data:`engine.formats.FORMATS`.
+    """
+    name = name_of(name).strip()
+    format_spec(name)
+    return OutputFormat(name) if name in {f.value for f in OutputFormat} else name
+
+
+def landmark_backend(name) -> LandmarkBackend | str:
+    """A built-in backend as its enum member, another registered one as its name.
+
+    Raises:
+        ValueError: not in :data:`engine.landmarks.BACKENDS`.
+    """
+    name = name_of(name).strip()
+    if name in {b.value for b in LandmarkBackend}:
+        return LandmarkBackend(name)
+    from engine.landmarks import backend_spec  # imports this module: not at the top
+
+    backend_spec(name)
+    return name
+
+
+def name_of(value: Enum | str) -> str:
+    """The plain name of an enum member or a name: ``name_of(LandmarkBackend.FAN) == "fan"``."""
+    return str(getattr(value, "value", value))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of one extraction.
@@ -60,10 +95,12 @@ class EngineConfig:
     Attributes:
         checkpoint: reconstruction weights (``epoch_20.pth`` or SadTalker safetensors);
             ``None`` means "the single checkpoint found under ``checkpoints/``".
-        landmarks: landmark backend.
+        landmarks: landmark backend: a :class:`LandmarkBackend`, or the name of another backend
+            registered in :data:`engine.landmarks.BACKENDS` (kept as a plain ``str``).
         keypoints: for ``landmarks="file"``: a PIRender keypoint ``.txt`` for a single
             video, or a folder mirroring the input tree; ``None`` means next to the input.
-        formats: output formats to write.
+        formats: output formats to write: :class:`OutputFormat` members, or names of other
+            formats registered in :data:`engine.formats.FORMATS` (kept as plain ``str``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``None`` picks ``cuda`` when available.
         batch_size: frames per network batch and per decoding chunk (speed and memory
             only; results do not depend on it).
@@ -75,9 +112,9 @@ class EngineConfig:
     """
 
     checkpoint: Path | None = None
-    landmarks: LandmarkBackend = LandmarkBackend.FAN
+    landmarks: LandmarkBackend | str = LandmarkBackend.FAN
     keypoints: Path | None = None
-    formats: tuple[OutputFormat, ...] = DEFAULT_FORMATS
+    formats: tuple[OutputFormat | str, ...] = DEFAULT_FORMATS
     device: str | None = None
     batch_size: int = 32
     no_face: NoFacePolicy = NoFacePolicy.REFERENCE
@@ -87,13 +124,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         # Accept plain strings (from JSON or the CLI) and normalise them to enums/paths.
-        object.__setattr__(self, "landmarks", LandmarkBackend(self.landmarks))
+        object.__setattr__(self, "landmarks", landmark_backend(self.landmarks))
         object.__setattr__(self, "no_face", NoFacePolicy(self.no_face))
         fmts = self.formats
         if isinstance(fmts, str):
             fmts = [f for f in fmts.split(",") if f.strip()]
-        object.__setattr__(self, "formats", tuple(OutputFormat(f if isinstance(f, OutputFormat) else str(f).strip())
-                                                    for f in fmts))
+        object.__setattr__(self, "formats", tuple(output_format(f) for f in fmts))
         for name in ("checkpoint", "keypoints"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):

@@ -56,23 +56,32 @@ def crop_yup_to_ydown(points_224_yup: np.ndarray) -> np.ndarray:
     return flip_y(points_224_yup, CROP_SIZE)
 
 
-def crop_to_img_yup(points_224_yup: np.ndarray, trans_params: np.ndarray) -> np.ndarray:
+def crop_to_img_yup(
+    points_224_yup: np.ndarray, trans_params: np.ndarray, crop_box: np.ndarray | None = None
+) -> np.ndarray:
     """Map points from the 224 crop back to the original image, both y-up.
 
     Inverts the landmark transform of ``align_img`` (spec §2.5):
-    ``p_224 = (p_img - t + (w0/2, h0/2)) * s - (w/2 - 112, h/2 - 112)`` with
-    ``w = int(w0 * s)``, ``h = int(h0 * s)``.
+    ``p_224 = (p_img - t + (w0/2, h0/2)) * s - (w/2 - 112, h/2 - 112)`` with ``(w, h)`` the
+    size of the resized frame the crop was cut from.
 
     Args:
         points_224_yup: (..., K, 2) crop pixels, y up.
         trans_params: (5,) ``[w0, h0, s, tx, ty_yup]`` of that frame.
+        crop_box: (4,) ``[left, up, w, h]`` as the aligner cut it
+            (:attr:`engine.structures.AlignedBatch.crop_box`); None: ``w = int(w0 * s)``,
+            ``h = int(h0 * s)`` recomputed from ``trans_params``, which from float32 values can
+            be one pixel off the size used at extraction.
 
     Returns:
         (..., K, 2) float64 original-image pixels, y up.
     """
     w0, h0, s, tx, ty = (float(v) for v in np.asarray(trans_params, dtype=np.float64))
-    w = float(np.int32(w0 * s))
-    h = float(np.int32(h0 * s))
+    if crop_box is None:
+        w = float(np.int32(w0 * s))
+        h = float(np.int32(h0 * s))
+    else:
+        w, h = (float(v) for v in np.asarray(crop_box)[2:4])
     p = np.asarray(points_224_yup, dtype=np.float64)
     out = np.empty_like(p)
     out[..., 0] = (p[..., 0] + (w / 2 - CROP_SIZE / 2)) / s + tx - w0 / 2

@@ -1,64 +1,75 @@
-"""The extraction pipeline: source → frames → landmarks → aligned crops → coefficients → sinks.
+"""The extraction pipeline: :class:`Engine` composes the stages, one batch of frames at a time.
 
-:class:`Engine` composes the stages (diffusers-style): a frame source
-(:mod:`engine.sources`), a landmark backend (:mod:`engine.landmarks`), the aligner
-(:mod:`engine.align`), the regressor (:mod:`engine.regressor`) and the writers
-(:mod:`engine.writers`). Memory is O(batch): frames are decoded, aligned and regressed
-one batch at a time and only the small per-frame results (≈2 KB a frame) are kept.
+::
+
+    source ─frames─▶ detector ─Detections─▶ tracker ─faces─▶ landmarker ─Landmarks─▶
+    temporal policy ─AlignPlan─▶ aligner ─AlignedBatch─▶ regressor ─coeff─▶ FrameResults ─▶ sinks
+
+Every stage is a small protocol in :mod:`engine.stages` and can be handed to :class:`Engine`;
+the defaults are built from :class:`~engine.config.EngineConfig` (see
+``docs/architecture.md``). Memory is O(batch): frames are decoded, aligned and regressed one
+batch at a time and only the small per-frame results (≈2 KB a frame) are kept.
+
+Threads: decoding runs ahead in its own thread; detector, tracker and landmarker run in the
+landmark thread on batch k+1 while batch k is aligned and regressed in the caller's thread;
+a timer thread reports progress (:mod:`engine.progress`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from engine import __version__
-from engine.config import EngineConfig, LandmarkBackend, NoFacePolicy, OutputFormat
-from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, WeightsMissingError, storage_error
+from engine.config import EngineConfig, name_of
+from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, storage_error
 from engine.limits import InputLimits
-from engine.sources import InputItem, iter_frames, prefetch, probe
-from engine.structures import FrameBatch, Landmarks, MediaInfo, VideoResult
-from engine.writers import output_paths, write_outputs
+from engine.progress import PROGRESS_INTERVAL_S, Progress, ProgressReporter
+from engine.sources import InputItem
+from engine.stages.align import Aligner, Deep3DAligner
+from engine.stages.detect import Detector
+from engine.stages.landmark import Landmarker
+from engine.stages.regress import Regressor, load_regressor
+from engine.stages.sink import Sink, SinkContext, SinkHooks, commit, create_sinks
+from engine.stages.source import MediaSource, Source
+from engine.stages.temporal import NoFacePolicyStage, PolicyState, TemporalPolicy
+from engine.stages.track import DetectEveryFrame, Tracker, TrackerState
+from engine.structures import (
+    AlignedBatch,
+    AlignPlan,
+    FrameBatch,
+    FrameResults,
+    Landmarks,
+    MediaInfo,
+    concat_rows,
+    rows_of,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
-#: Longest gap between two progress reports while a batch is being processed (seconds).
-PROGRESS_INTERVAL_S = 1.0
+#: On the CPU, the slow stages (detector → tracker → landmarker, aligner, regressor) run a batch
+#: in slices of at least this many frames, and a cancel request is honoured between slices.
+CPU_SLICE_FRAMES = 4
 
-#: Frames per landmark call on the CPU: between slices a cancel request is honoured.
-CPU_LANDMARK_SLICE = 4
+#: Prefix of the tracker's arrays in the resume state.
+_TRACK_PREFIX = "track_"
 
-
-@dataclass(frozen=True)
-class Progress:
-    """Reported after every batch.
-
-    Attributes:
-        frames_done: frames finished so far (including frames restored from a resumed state).
-        frames_total: expected frame count (the container's figure; may be an estimate).
-        fps: frames per second processed in this run (not counting restored frames).
-        stage: ``"extract"`` while running, ``"write"`` while writing outputs, ``"overlay"``
-            while rendering the review video.
-    """
-
-    frames_done: int
-    frames_total: int
-    fps: float
-    stage: str = "extract"
+__all__ = ["PROGRESS_INTERVAL_S", "Engine", "Progress", "RunReport", "extract", "longest_run"]
 
 
 @dataclass(frozen=True)
@@ -98,64 +109,107 @@ def longest_run(mask: np.ndarray) -> int:
     return best
 
 
-class _Accumulator:
-    """Per-frame results of one input, kept as a list of per-batch chunks."""
+def join_results(frames: FrameBatch, landmarks: Landmarks, plan: AlignPlan, aligned: AlignedBatch,
+                 coeff: np.ndarray) -> FrameResults:
+    """One batch's :class:`FrameResults` from what each stage said about it (a pure function).
 
-    KEYS = ("coeff", "trans_params", "landmarks", "valid", "reason", "timestamps")
+    A frame is valid when the landmarker found a face and the aligner could use the points;
+    ``reason`` is the aligner's when it has one, else the landmarker's. ``landmarks_img_ydown``
+    holds the points each frame was aligned with, -1 where the template was used.
+    """
+    rejected = np.array([bool(r) for r in aligned.reason], dtype=bool).reshape(len(frames))
+    reason = [a or lm for a, lm in zip(aligned.reason, landmarks.reason, strict=True)]
+    return FrameResults(
+        index=frames.index.astype(np.int64),
+        timestamps=frames.timestamps.astype(np.float64),
+        coeff=coeff.astype(np.float32),
+        trans_params=aligned.trans_params.astype(np.float32),
+        crop_box=aligned.crop_box.astype(np.int32),
+        landmarks_img_ydown=np.where(aligned.used_template[:, None, None], np.float32(-1),
+                                     plan.lm_img_ydown).astype(np.float32),
+        valid=landmarks.valid.astype(bool) & ~rejected,
+        reason=np.asarray(reason, dtype=object).astype(str).reshape(-1),
+    )
+
+
+def frame_slices(n: int, step: int) -> list[slice]:
+    """``[0, n)`` in slices of ``step``; a trailing single frame joins the slice before it (some
+    CPU kernels take another code path for one frame, with other rounding).
+
+    >>> [(s.start, s.stop) for s in frame_slices(9, 4)]
+    [(0, 4), (4, 9)]
+    """
+    bounds = [*range(0, n, max(step, 1)), n] if n else [0, 0]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def _in_slices(n: int, step: int, should_stop: Callable[[], bool], where: str,
+               work: Callable[[slice], object]) -> list:
+    """``work`` on each of :func:`frame_slices`, polling ``should_stop`` between two slices."""
+    out = []
+    for k, rows in enumerate(frame_slices(n, step)):
+        if k and should_stop():
+            raise Cancelled(f"cancelled at {where}")
+        out.append(work(rows))
+    return out
+
+
+class _Accumulator:
+    """Per-frame results of one input, kept as a list of per-batch :class:`FrameResults`."""
 
     def __init__(self) -> None:
-        self.chunks: list[dict[str, np.ndarray]] = []
+        self.chunks: list[FrameResults] = []
         self.frames = 0
 
-    def add(self, chunk: dict[str, np.ndarray]) -> None:
+    def add(self, chunk: FrameResults) -> None:
         self.chunks.append(chunk)
-        self.frames += int(chunk["valid"].shape[0])
-
-    def concat(self, key: str) -> np.ndarray:
-        return np.concatenate([c[key] for c in self.chunks], axis=0)
+        self.frames += len(chunk)
 
 
 class _ResumeState:
     """Partial results of one input saved after every batch, so a restarted run resumes.
 
     Layout: ``state_dir/state.json`` (fingerprint, frames done, chunk count) and one
-    ``chunk-NNNNNN.npz`` per batch. ``state.json`` is replaced atomically after the chunk
-    it counts is on disk, so a crash at any point leaves a consistent state.
+    ``chunk-NNNNNN.npz`` per batch: its :class:`~engine.structures.FrameResults` and the
+    state the temporal policy and the tracker had after it. ``state.json`` is replaced
+    atomically after the chunk it counts is on disk, so a crash at any point leaves a
+    consistent state.
     """
 
     def __init__(self, state_dir: Path, fingerprint: str) -> None:
         self.dir = Path(state_dir)
         self.fingerprint = fingerprint
 
-    def load(self, acc: _Accumulator) -> np.ndarray | None:
-        """Fill ``acc`` from disk; return the last landmarks used (for the no-face policy)."""
+    def load(self, acc: _Accumulator) -> dict[str, np.ndarray]:
+        """Fill ``acc`` from disk; return the stages' state saved with the last batch
+        (the temporal policy's and the tracker's, see :meth:`save`)."""
         meta_path = self.dir / "state.json"
         if not meta_path.is_file():
-            return None
+            return {}
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             log.warning("ignoring unreadable resume state in %s", self.dir)
-            return None
+            return {}
         if meta.get("version") != STATE_VERSION or meta.get("fingerprint") != self.fingerprint:
             log.info("resume state in %s is for other settings or input; starting from frame 0", self.dir)
             self.clear()
-            return None
-        last_lm = None
+            return {}
+        carry: dict[str, np.ndarray] = {}
         for i in range(int(meta["chunks"])):
             with np.load(self.dir / f"chunk-{i:06d}.npz", allow_pickle=False) as z:
-                chunk = {k: z[k] for k in _Accumulator.KEYS}
-                if "last_lm" in z:
-                    last_lm = z["last_lm"]
+                chunk = FrameResults.from_arrays(z)
+                carry = {k: z[k] for k in z.files if k not in FrameResults.ARRAYS}
             acc.add(chunk)
         log.info("resuming %s at frame %d", self.dir, acc.frames)
-        return last_lm
+        return carry
 
-    def save(self, acc: _Accumulator, last_lm: np.ndarray | None) -> None:
+    def save(self, acc: _Accumulator, carry: dict[str, np.ndarray]) -> None:
+        """Save the last batch of ``acc`` with ``carry``: the stages' state after it."""
         i = len(acc.chunks) - 1
-        arrays = dict(acc.chunks[-1])
-        if last_lm is not None:
-            arrays["last_lm"] = last_lm
+        arrays = {**acc.chunks[-1].to_arrays(), **carry}
         chunk_path = self.dir / f"chunk-{i:06d}.npz"
         tmp = chunk_path.with_suffix(".tmp.npz")
         meta = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "chunks": i + 1, "frames": acc.frames}
@@ -180,26 +234,125 @@ class _ResumeState:
                         p.unlink()
 
 
+@dataclass(frozen=True)
+class _FaceStep:
+    """What the face stages made of one batch: landmarks, and the tracker's state after it."""
+
+    landmarks: Landmarks
+    track_state: TrackerState
+
+
+class _FaceStages:
+    """Detector → tracker → landmarker for one input, batch after batch in the landmark thread.
+
+    The tracker's state goes from one batch to the next here (one thread, in order); each
+    :class:`_FaceStep` carries the state after its batch, for the resume state.
+    """
+
+    def __init__(self, detector: Detector | None, tracker: Tracker, landmarker: Landmarker,
+                 state: TrackerState, slice_frames: int, should_stop: Callable[[], bool]) -> None:
+        self.detector, self.tracker, self.landmarker = detector, tracker, landmarker
+        self.state = state
+        self.slice_frames = slice_frames
+        self.should_stop = should_stop
+
+    def __call__(self, batch: FrameBatch) -> _FaceStep:
+        def one_slice(rows: slice) -> Landmarks:
+            frames = rows_of(batch, rows)
+            faces, self.state = self.tracker(frames, self.detector, self.state)
+            return self.landmarker(frames, faces)
+
+        where = f"frame {int(batch.index[0])}" if len(batch) else "the end"
+        landmarks = concat_rows(_in_slices(len(batch), self.slice_frames, self.should_stop, where, one_slice))
+        return _FaceStep(landmarks, self.state)
+
+
+class _InputRun:
+    """Steps 4 and 5 of :meth:`Engine.run` for one input: the per-batch work in the caller's
+    thread, the temporal policy's state, the accumulated results and the resume state."""
+
+    def __init__(self, engine: Engine, info: MediaInfo, acc: _Accumulator, resume: _ResumeState | None,
+                 policy_state: PolicyState, reporter: ProgressReporter, should_stop: Callable[[], bool]) -> None:
+        self.info, self.acc, self.resume = info, acc, resume
+        self.policy, self.policy_state = engine.temporal_policy, policy_state
+        self.reporter, self.should_stop = reporter, should_stop
+        self.aligner, self.regressor = engine.aligner, engine.regressor
+        self.slice_frames = engine.slice_frames
+        self.frames_new = 0
+
+    def finish(self, batch: FrameBatch, step: _FaceStep) -> None:
+        """Temporal policy → align → regress one batch, keep its results, save the resume state."""
+        plan, self.policy_state = self.policy(step.landmarks, self.policy_state)
+        where = f"frame {int(batch.index[0])}" if len(batch) else "the end"
+        aligned = concat_rows(_in_slices(len(batch), self.slice_frames, self.should_stop, where,
+                                         lambda rows: self.aligner(rows_of(batch, rows), rows_of(plan, rows))))
+        coeff = np.concatenate(_in_slices(len(batch), self.slice_frames, self.should_stop, where,
+                                          lambda rows: self.regressor.predict(aligned.crops[rows])))
+        self.acc.add(join_results(batch, step.landmarks, plan, aligned, coeff))
+        if self.resume is not None:
+            track = {_TRACK_PREFIX + k: v for k, v in step.track_state.to_arrays().items()}
+            self.resume.save(self.acc, {**self.policy_state.to_arrays(), **track})
+        self.frames_new += len(batch)
+        self.reporter.update(frames_done=self.acc.frames, frames_total=max(self.info.frame_count, self.acc.frames))
+        self.reporter.report()
+
+
 class Engine:
     """Extract Deep3DFaceRecon coefficients from videos and images.
 
-    Models load on the first :meth:`run` and are reused for every later input; call
-    :meth:`close` (or use ``with Engine(cfg) as engine``) to free them.
+    Every stage can be handed in; the ones left out are built from ``config`` (models on the
+    first :meth:`run`, then reused for every later input). Call :meth:`close` (or use ``with
+    Engine(cfg) as engine``) to free them.
 
     Args:
         config: the settings (see :class:`~engine.config.EngineConfig`).
-        regressor: an already-loaded :class:`~engine.regressor.Regressor` to reuse.
-        landmarker: an already-built landmark backend to reuse (not for ``"file"``).
+        source: reads inputs (:class:`~engine.stages.source.Source`); default
+            :class:`~engine.stages.source.MediaSource`.
+        detector: finds faces (:class:`~engine.stages.detect.Detector`); default: the one the
+            landmark backend pairs with (``landmarker.detector``).
+        tracker: picks each frame's face (:class:`~engine.stages.track.Tracker`); default
+            :class:`~engine.stages.track.DetectEveryFrame`.
+        landmarker: an already-built landmark backend to reuse (not for ``"file"``); default:
+            ``config.landmarks`` from :data:`engine.landmarks.BACKENDS`.
+        aligner: cuts the crops (:class:`~engine.stages.align.Aligner`); default
+            :class:`~engine.stages.align.Deep3DAligner` with ``config.num_threads``.
+        regressor: an already-loaded :class:`~engine.stages.regress.Regressor` to reuse;
+            default: ``config.checkpoint``.
+        sinks: where results go (:class:`~engine.stages.sink.Sink`), used for every input;
+            default: one per ``config.formats``, from :data:`engine.formats.FORMATS`.
+        temporal_policy: what frames without a face are aligned with
+            (:class:`~engine.stages.temporal.TemporalPolicy`); default
+            :class:`~engine.stages.temporal.NoFacePolicyStage` for ``config.no_face``.
+        progress_interval_s: longest gap between two progress reports (seconds).
         limits: what an input may be (default: :meth:`~engine.limits.InputLimits.from_env`).
     """
 
-    def __init__(self, config: EngineConfig | None = None, *, regressor=None, landmarker=None,
-                 limits: InputLimits | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        source: Source | None = None,
+        detector: Detector | None = None,
+        tracker: Tracker | None = None,
+        landmarker: Landmarker | None = None,
+        aligner: Aligner | None = None,
+        regressor: Regressor | None = None,
+        sinks: Iterable[Sink] | None = None,
+        temporal_policy: TemporalPolicy | None = None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+        limits: InputLimits | None = None,
+    ) -> None:
         self.config = config or EngineConfig()
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
-        self._regressor = regressor
+        self.source: Source = source or MediaSource()
+        self._detector = detector
+        self.tracker: Tracker = tracker or DetectEveryFrame()
         self._landmarker = landmarker
-        self._executor: ThreadPoolExecutor | None = None
+        self.aligner: Aligner = aligner or Deep3DAligner(self.config.num_threads)
+        self._regressor = regressor
+        self._sinks = None if sinks is None else list(sinks)
+        self.temporal_policy: TemporalPolicy = temporal_policy or NoFacePolicyStage.from_config(self.config)
+        self.progress_interval_s = progress_interval_s
         self._lm_thread: ThreadPoolExecutor | None = None
         self._face_model = None  # (key, ParametricFaceModel), loaded on first use
 
@@ -215,36 +368,46 @@ class Engine:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
-    def regressor(self):
+    def slice_frames(self) -> int:
+        """Frames per slice of a slow stage: the whole batch on a GPU, else
+        ``max(CPU_SLICE_FRAMES, num_threads)`` (see :data:`CPU_SLICE_FRAMES`)."""
+        if self.device.startswith("cuda"):
+            return self.config.batch_size
+        return max(CPU_SLICE_FRAMES, self.config.num_threads)
+
+    @property
+    def regressor(self) -> Regressor:
         """The reconstruction network, loaded on first use."""
         if self._regressor is None:
-            from engine.regressor import Regressor
-            from engine.weights import find_checkpoint
-
-            self._regressor = Regressor(find_checkpoint(self.config.checkpoint), device=self.device)
+            self._regressor = load_regressor(self.config.checkpoint, self.device)
         return self._regressor
 
-    def landmarker_for(self, source: Path | InputItem):
+    def landmarker_for(self, source: Path | InputItem) -> Landmarker:
         """The landmark backend for ``source`` (built per input for ``"file"``, else shared)."""
         from engine.landmarks import create_landmarker, needs_source
 
-        if needs_source(self.config):
+        if self._landmarker is None and needs_source(self.config):
             return create_landmarker(self.config, self.device, source)
         if self._landmarker is None:
             self._landmarker = create_landmarker(self.config, self.device, source)
         return self._landmarker
 
+    def detector_for(self, landmarker: Landmarker) -> Detector | None:
+        """The detector handed in, else the one ``landmarker`` pairs with (None: it needs none)."""
+        return self._detector if self._detector is not None else getattr(landmarker, "detector", None)
+
     @property
     def components(self) -> dict:
         """Loaded stages, to share with another :class:`Engine` (``Engine(cfg, **engine.components)``)."""
-        return {"regressor": self._regressor, "landmarker": self._landmarker}
+        return {"regressor": self._regressor, "landmarker": self._landmarker, "detector": self._detector}
 
     def close_threads(self) -> None:
         """Stop this engine's threads but keep its models (to hand them on with :attr:`components`)."""
-        for pool in (self._executor, self._lm_thread):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._executor = self._lm_thread = None
+        if self._lm_thread is not None:
+            self._lm_thread.shutdown(wait=True)
+            self._lm_thread = None
+        if hasattr(self.aligner, "close"):
+            self.aligner.close()
 
     def close(self) -> None:
         """Release models and threads."""
@@ -252,6 +415,7 @@ class Engine:
         if self._landmarker is not None and hasattr(self._landmarker, "close"):
             self._landmarker.close()
         self._landmarker = None
+        self._detector = None
         self._regressor = None
         self._face_model = None
 
@@ -279,10 +443,12 @@ class Engine:
                 :func:`~engine.sources.discover_inputs` (lets ``--landmarks file`` find
                 keypoints in a folder that mirrors the input tree).
             out_base: output path without suffix; files are ``f"{out_base}{suffix}"``.
-            progress: called with a :class:`Progress` after every batch, and at least once a
-                second while a batch is in progress.
-            should_stop: polled before every batch; returning True raises
-                :class:`~engine.errors.Cancelled` (partial state is kept in ``state_dir``).
+            progress: called with a :class:`Progress` after every batch, and at least every
+                ``progress_interval_s`` whatever stage is running (from a timer thread; the
+                calls never overlap).
+            should_stop: polled before every batch and between the slices of a slow stage;
+                returning True raises :class:`~engine.errors.Cancelled` (partial state is kept
+                in ``state_dir``).
             state_dir: folder for resumable partial results (see :class:`_ResumeState`).
 
         Returns:
@@ -293,79 +459,97 @@ class Engine:
             CheckpointError / WeightsMissingError: model files. OutputError: cannot write.
             Cancelled: ``should_stop`` returned True.
         """
-
         t_start = time.perf_counter()
         cfg = self.config
         item = source if isinstance(source, InputItem) else None
         source = item.path if item else Path(source)
+        out_base = Path(out_base)
+        stop = should_stop or _never
 
-        # 1. Check inputs before any model work.
+        # 1. Check inputs before any model work; each sink says where its files go.
         if not source.exists():
             raise InputError(f"{source}: no such file")
         self.limits.check_file(source)
-        info = probe(source)
+        info = self.source.probe(source)
         self.limits.check_media(source.name, info)
-        paths = output_paths(out_base, cfg.formats, info.kind)
-        wants_overlay = OutputFormat.OVERLAY in cfg.formats
-        if wants_overlay:
-            self._check_face_model()
-        if not cfg.overwrite and all(p.is_file() for p in paths.values()):
-            log.info("%s: outputs exist, skipping (use overwrite to redo)", source)
-            return RunReport(input=source, outputs=paths, info=info, skipped=True, config=cfg.to_dict())
+        sinks = self._sinks if self._sinks is not None else create_sinks(cfg.formats, self._sink_context)
+        try:
+            paths: dict[str, Path] = {}
+            for sink in sinks:
+                paths.update(sink.start(info, out_base))
+            if not cfg.overwrite and paths and all(p.is_file() for p in paths.values()):
+                log.info("%s: outputs exist, skipping (use overwrite to redo)", source)
+                _abort(sinks)
+                return RunReport(input=source, outputs=paths, info=info, skipped=True, config=cfg.to_dict())
+            with ProgressReporter(progress, self.progress_interval_s) as reporter:
+                report = self._run(item or source, info, sinks, paths, reporter, stop, state_dir)
+        except BaseException:
+            _abort(sinks)
+            raise
+        return dataclasses.replace(report, seconds=time.perf_counter() - t_start)
+
+    def _run(self, source: Path | InputItem, info: MediaInfo, sinks: list[Sink], paths: dict[str, Path],
+             reporter: ProgressReporter, stop: Callable[[], bool], state_dir) -> RunReport:
+        """Steps 2-7 of :meth:`run`."""
+        cfg = self.config
+        path = source.path if isinstance(source, InputItem) else source
+        reporter.begin(0, info.frame_count)
 
         # 2. Load (or reuse) the models.
         regressor = self.regressor
-        landmarker = self.landmarker_for(item or source)
+        landmarker = self.landmarker_for(source)
 
-        # 3. Restore partial results of an interrupted run.
+        # 3. Restore partial results of an interrupted run, and the stages' state with them.
         acc = _Accumulator()
-        resume = _ResumeState(Path(state_dir), self._fingerprint(source)) if state_dir else None
-        last_lm = resume.load(acc) if resume else None
+        resume = _ResumeState(Path(state_dir), self._fingerprint(path)) if state_dir else None
+        carry = resume.load(acc) if resume else {}
+        track = {k[len(_TRACK_PREFIX):]: v for k, v in carry.items() if k.startswith(_TRACK_PREFIX)}
+        faces = _FaceStages(self.detector_for(landmarker), self.tracker, landmarker,
+                            self.tracker.initial_state(track or None), self.slice_frames, stop)
+        run = _InputRun(self, info, acc, resume, self.temporal_policy.initial_state(carry or None), reporter, stop)
         resumed_from = acc.frames
+        reporter.begin(acc.frames, info.frame_count)
 
-        # 4. Stream batches: landmarks → no-face policy → align → regress.
-        frames_new, t_loop = self._stream(source, info, acc, resume, last_lm, landmarker, regressor,
-                                          progress, should_stop)
+        # 4. Stream batches: faces (landmark thread) → temporal policy → align → regress.
+        t_loop = time.perf_counter()
+        self._stream(path, run, faces)
+        fps = run.frames_new / max(time.perf_counter() - t_loop, 1e-9)
 
         # 5. Judge the result.
         if acc.frames == 0:
-            raise DecodeError(f"{source.name}: no frames could be decoded")
+            raise DecodeError(f"{path.name}: no frames could be decoded")
         if hasattr(landmarker, "check_frame_count"):  # precomputed landmarks must cover every frame
             landmarker.check_frame_count(acc.frames)
-        result = self._result(info, acc)
-        num_valid = int(result.valid.sum())
+        valid = np.concatenate([c.valid for c in acc.chunks])
+        reasons = Counter(str(r) for c in acc.chunks for r in c.reason if r)
+        num_valid = int(valid.sum())
         if num_valid == 0:
-            raise NoFaceError(f"{source.name}: no face found in any of its {acc.frames} frames")
+            raise NoFaceError(f"{path.name}: no face found in any of its {acc.frames} frames")
         if num_valid / acc.frames < cfg.min_valid_ratio:
             raise NoFaceError(
-                f"{source.name}: a face was found in only {num_valid}/{acc.frames} frames "
+                f"{path.name}: a face was found in only {num_valid}/{acc.frames} frames "
                 f"(< min_valid_ratio {cfg.min_valid_ratio:.0%})"
             )
 
         # 6. Optional extras from the face model (never needed for coefficients).
-        self._add_face_model_extras(result)
+        batches = self._add_face_model_extras(acc.chunks)
 
-        # 7. Write every format atomically, then drop the partial state.
-        if progress is not None:
-            progress(Progress(acc.frames, acc.frames, 0.0, stage="write"))
-        written = write_outputs(result, out_base, cfg.formats)
-        if wants_overlay:
-            written[OutputFormat.OVERLAY.value] = self._write_overlay(source, result, paths, progress, should_stop)
+        # 7. Every batch to every sink, their files complete, then all renamed; drop the partial state.
+        reporter.update(frames_done=acc.frames, frames_total=acc.frames, stage="write")
+        reporter.report()
+        written = self._write(sinks, batches, paths, reporter, stop, acc.frames)
         if resume is not None:
             resume.clear()
 
-        seconds = time.perf_counter() - t_start
-        reasons = Counter(r for r in result.reason if r)
         return RunReport(
-            input=source,
+            input=path,
             outputs=written,
             info=info,
             num_frames=acc.frames,
             num_valid=num_valid,
             reasons=dict(reasons),
-            longest_invalid_run=longest_run(~result.valid),
-            seconds=seconds,
-            fps=frames_new / max(time.perf_counter() - t_loop, 1e-9),
+            longest_invalid_run=longest_run(~valid),
+            fps=fps,
             resumed_from=resumed_from,
             checkpoint_sha256=getattr(regressor, "checkpoint_sha256", ""),
             config=cfg.to_dict(),
@@ -373,104 +557,62 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _stream(self, source: Path, info: MediaInfo, acc: _Accumulator, resume: _ResumeState | None, last_lm,
-                landmarker, regressor, progress, should_stop) -> tuple[int, float]:
-        """Step 4 of :meth:`run`: decode → landmarks → align → regress, appending to ``acc``.
-
-        The landmarks of batch k+1 run in the landmark thread while batch k is aligned and
-        regressed here; decoding runs ahead in its own thread. Returns (frames processed in
-        this call, start time of the loop).
-        """
-        executor = self._thread_pool()
+    def _stream(self, path: Path, run: _InputRun, faces: _FaceStages) -> None:
+        """Step 4 of :meth:`run`: the face stages of batch k+1 run in the landmark thread while
+        batch k is finished here; decoding runs ahead in its own thread."""
         lm_thread = self._landmark_thread()
-        t0 = time.perf_counter()
-        done = 0
-        inflight: list[tuple[FrameBatch, Future]] = []  # the batch being finished, then the next one
-
-        def report() -> None:
-            if progress is not None:
-                fps = done / max(time.perf_counter() - t0, 1e-9)
-                progress(Progress(acc.frames, max(info.frame_count, acc.frames), fps))
+        inflight: deque[tuple[FrameBatch, Future[_FaceStep]]] = deque()  # the batch being finished, the next
 
         def finish_oldest() -> None:
-            nonlocal last_lm, done
-            batch, landmarks = inflight[0]
-            while True:  # a slow batch (CPU) still reports at least once a second
-                try:
-                    lms = landmarks.result(timeout=PROGRESS_INTERVAL_S)
-                    break
-                except FutureTimeoutError:
-                    report()
-            inflight.pop(0)
-            chunk, last_lm = self._finish_batch(batch, lms, regressor, executor, last_lm)
-            acc.add(chunk)
-            if resume is not None:
-                resume.save(acc, last_lm)
-            done += len(batch)
-            report()
+            batch, step = inflight.popleft()
+            run.finish(batch, step.result())
 
-        batches = prefetch(iter_frames(source, self.config.batch_size, start=acc.frames), depth=2)
+        batches = self.source.frames(path, self.config.batch_size, start=run.acc.frames)
         try:
-            with contextlib.closing(batches), regressor.numerics():
+            with _closing(batches), run.regressor.numerics():
                 for batch in batches:
-                    if should_stop is not None and should_stop():
-                        while inflight:  # finish the batch in flight, so a resume starts after it
+                    if run.should_stop():
+                        # Finish the batch in flight, so a resume starts after it (its slow stages
+                        # give up at their next slice boundary if the request still stands).
+                        while inflight:
                             finish_oldest()
-                        raise Cancelled(f"{source.name}: cancelled at frame {acc.frames}")
-                    inflight.append((batch, lm_thread.submit(self._landmarks, batch, landmarker, should_stop)))
+                        raise Cancelled(f"{path.name}: cancelled at frame {run.acc.frames}")
+                    inflight.append((batch, lm_thread.submit(faces, batch)))
                     if len(inflight) > 1:
                         finish_oldest()
                 while inflight:
                     finish_oldest()
         finally:
             wait([f for _, f in inflight])  # after an error: leave the landmark thread idle
-        return done, t0
 
-    def _landmarks(self, batch: FrameBatch, landmarker, should_stop) -> Landmarks:
-        """Run the landmark backend, in slices on the CPU so a cancel is seen within ~a second."""
-        step = len(batch) if self.device.startswith("cuda") else CPU_LANDMARK_SLICE
-        if step >= len(batch):
-            return landmarker(batch)
-        parts = []
-        for a in range(0, len(batch), step):
-            if a and should_stop is not None and should_stop():
-                raise Cancelled(f"cancelled at frame {int(batch.index[a])}")
-            sl = slice(a, a + step)
-            parts.append(landmarker(FrameBatch(batch.images[sl], batch.index[sl], batch.timestamps[sl])))
-        return Landmarks(
-            points_img_ydown=np.concatenate([p.points_img_ydown for p in parts]),
-            valid=np.concatenate([p.valid for p in parts]),
-            reason=tuple(r for p in parts for r in p.reason),
-        )
+    def _write(self, sinks: list[Sink], batches: list[FrameResults], paths: dict[str, Path],
+               reporter: ProgressReporter, stop: Callable[[], bool], num_frames: int) -> dict[str, Path]:
+        """Step 7 of :meth:`run`: every batch to every sink, every sink's files staged, then all
+        renamed into place (a failure before the renames leaves none; the caller aborts)."""
 
-    def _finish_batch(self, batch: FrameBatch, lms: Landmarks, regressor, executor, last_lm):
-        """No-face policy → align → regress for one batch with its landmarks; returns (chunk, last_lm)."""
-        valid, reason = lms.valid.astype(bool), np.asarray(lms.reason, dtype=object)
-        lm_used, use_fallback, last_lm = self._apply_no_face_policy(lms, last_lm)
-        aligned = _align(batch, lm_used, use_fallback, valid, reason, executor)
-        coeff = regressor.predict(aligned.crops)
-        chunk = {
-            "coeff": coeff.astype(np.float32),
-            "trans_params": aligned.trans_params.astype(np.float32),
-            "landmarks": np.where(use_fallback[:, None, None], np.float32(-1), lm_used).astype(np.float32),
-            "valid": valid,
-            "reason": reason.astype(str).reshape(-1),
-            "timestamps": batch.timestamps.astype(np.float64),
-        }
-        return chunk, last_lm
+        def sink_progress(done: int, total: int) -> None:
+            reporter.update(frames_done=done, frames_total=max(total, num_frames), stage="overlay")
+            reporter.report()
+
+        hooks = SinkHooks(report=sink_progress, should_stop=stop)
+        staged: dict[Path, Path] = {}
+        for sink in sinks:
+            for results in batches:
+                sink.add(results)
+            for fmt, tmp in sink.finish(hooks).items():
+                staged[tmp] = paths[fmt]
+        commit(staged)
+        log.debug("wrote %s", ", ".join(str(p) for p in paths.values()))
+        return paths
 
     def _landmark_thread(self) -> ThreadPoolExecutor:
-        """One thread that runs the landmark backend (always the same thread, one call at a time)."""
+        """One thread that runs the face stages (always the same thread, one call at a time)."""
         if self._lm_thread is None:
             self._lm_thread = ThreadPoolExecutor(1, thread_name_prefix="landmarks")
         return self._lm_thread
 
-    def _thread_pool(self) -> ThreadPoolExecutor | None:
-        if self.config.num_threads <= 1:
-            return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.config.num_threads, thread_name_prefix="align")
-        return self._executor
+    def _sink_context(self, fmt: str) -> SinkContext:
+        return SinkContext(format=fmt, config=self.config, face_model=self.face_model)
 
     def _fingerprint(self, source: Path) -> str:
         """Identity of (input file, settings that change results) for resuming."""
@@ -481,76 +623,12 @@ class Engine:
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
             "checkpoint": _file_identity(self.regressor.checkpoint_path),
-            "landmarks": cfg.landmarks.value,
+            "landmarks": name_of(cfg.landmarks),
             "keypoints": _file_identity(cfg.keypoints) if cfg.keypoints else None,
             "no_face": cfg.no_face.value,
             "engine": __version__,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-    def _apply_no_face_policy(
-        self, lms: Landmarks, last_lm: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Choose the landmarks each frame is aligned with.
-
-        Returns:
-            lm_used_img_ydown: float32 (B, K, 2); rows of fallback frames are unused.
-            use_fallback: bool (B,) align this frame with the centred 5-point template.
-            last_lm: float32 (K, 2) the last landmarks used, carried to the next batch.
-        """
-        pts = lms.points_img_ydown.astype(np.float32, copy=True)
-        use_fallback = np.zeros(len(lms.valid), dtype=bool)
-        # PIRender's detector script (extract_kp_videos.py) reuses the previous frame's landmarks;
-        # its reconstruction script gives any -1 row of a keypoint file the template.
-        carry = self.config.no_face == NoFacePolicy.REFERENCE and self.config.landmarks != LandmarkBackend.FILE
-        for i, ok in enumerate(lms.valid):
-            if ok:
-                last_lm = pts[i].copy()
-            elif carry and last_lm is not None:
-                pts[i] = last_lm
-            else:
-                use_fallback[i] = True
-                pts[i] = 0.0
-        return pts, use_fallback, last_lm
-
-    def _check_face_model(self) -> None:
-        """The overlay format needs the face model: fail before any work if it is not set up."""
-        from engine.face3d import face_model_available
-        from engine.weights import bfm_dir
-
-        if not face_model_available(bfm_dir()):
-            raise WeightsMissingError(
-                f"the overlay format needs the face model {bfm_dir() / 'BFM_model_front.mat'}; "
-                f"set it up with 'python -m engine bfm convert --from {bfm_dir()}' (see 'python -m engine doctor')"
-            )
-
-    def _write_overlay(self, source: Path, result: VideoResult, paths: dict[str, Path], progress, should_stop) -> Path:
-        """Render the review video (or image) of ``source``; written atomically by the face3d package."""
-        from engine.face3d.overlay import ResultArrays, write_overlay_video
-
-        out = paths[OutputFormat.OVERLAY.value]
-        arrays = ResultArrays(result.coeff, result.trans_params, result.valid, result.landmarks_img_ydown)
-        n = result.num_frames
-
-        def report(done: int, total: int) -> None:
-            if progress is not None:
-                progress(Progress(done, max(total, n), 0.0, stage="overlay"))
-
-        write_overlay_video(source, arrays, out, face_model=self.face_model(), device=self.device,
-                            progress=report, should_stop=should_stop)
-        return out
-
-    @staticmethod
-    def _result(info: MediaInfo, acc: _Accumulator) -> VideoResult:
-        return VideoResult(
-            info=info,
-            coeff=acc.concat("coeff"),
-            trans_params=acc.concat("trans_params"),
-            landmarks_img_ydown=acc.concat("landmarks"),
-            valid=acc.concat("valid"),
-            reason=[str(r) for r in acc.concat("reason")],
-            timestamps=acc.concat("timestamps"),
-        )
 
     def face_model(self):
         """The face model of ``BFM/`` on this engine's device, loaded once (visuals only)."""
@@ -563,21 +641,53 @@ class Engine:
             self._face_model = (key, ParametricFaceModel.from_dir(path.parent, self.device))
         return self._face_model[1]
 
-    def _add_face_model_extras(self, result: VideoResult) -> None:
-        """Add reprojected 68 landmarks when ``BFM/BFM_model_front.mat`` is set up.
+    def _add_face_model_extras(self, batches: list[FrameResults]) -> list[FrameResults]:
+        """The batches with reprojected 68 landmarks when ``BFM/BFM_model_front.mat`` is set up,
+        computed over the whole input at once.
 
         Optional: any failure here is logged and the coefficients are written without them.
         """
         from engine.weights import bfm_dir
 
         if not (bfm_dir() / "BFM_model_front.mat").is_file():
-            return
+            return batches
         try:
             from engine.face3d import lm68_extras
 
-            result.extras.update(lm68_extras(result.coeff, result.trans_params, self.face_model()))
+            whole = FrameResults.concat(batches)
+            extras = lm68_extras(whole.coeff, whole.trans_params, self.face_model(), crop_box=whole.crop_box)
         except Exception as e:  # an optional extra must not fail the input
             log.warning("face model present but unusable, lm68 not added: %s: %s", type(e).__name__, e)
+            return batches
+        cuts = np.cumsum([len(b) for b in batches])[:-1]
+        per_batch = {name: np.split(arr, cuts) for name, arr in extras.items()}
+        return [dataclasses.replace(b, extras={**b.extras, **{k: v[i] for k, v in per_batch.items()}})
+                for i, b in enumerate(batches)]
+
+
+def _never() -> bool:
+    return False
+
+
+def _abort(sinks: list[Sink]) -> None:
+    """Abort every sink; one failing to clean up does not stop the others."""
+    for sink in sinks:
+        try:
+            sink.abort()
+        except Exception as e:  # cleanup after a failure must not hide that failure
+            log.warning("sink %s did not clean up: %s: %s", type(sink).__name__, type(e).__name__, e)
+
+
+@contextlib.contextmanager
+def _closing(items: Iterator) -> Iterator[Iterator]:
+    """Close ``items`` on the way out when it can be closed (a generator stops its thread)."""
+    try:
+        yield items
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
 
 def _file_identity(path: Path) -> list:
     """(resolved path, size, mtime) of a file, for fingerprints; a folder gives only its path."""
@@ -588,26 +698,7 @@ def _file_identity(path: Path) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _align(batch: FrameBatch, lm_img_ydown: np.ndarray, use_fallback: np.ndarray, valid: np.ndarray,
-           reason: np.ndarray, executor):
-    """Align a batch; a frame whose landmarks admit no fit (degenerate, non-finite) is
-    re-aligned with the template fallback and flagged ``bad_landmarks`` (arrays updated in place)."""
-    from engine.align import AlignmentError, align_batch, align_image
-
-    try:
-        return align_batch(batch.images, lm_img_ydown, use_fallback, executor=executor)
-    except AlignmentError:
-        for i in np.flatnonzero(~use_fallback):
-            try:
-                align_image(batch.images[i], lm_img_ydown[i])
-            except AlignmentError as e:
-                log.info("frame %d: %s; using the template fallback", batch.index[i], e)
-                use_fallback[i], valid[i], reason[i] = True, False, "bad_landmarks"
-        return align_batch(batch.images, lm_img_ydown, use_fallback, executor=executor)
-
-
 def extract(source: str | Path, out_base: str | Path, config: EngineConfig | None = None, **kwargs) -> RunReport:
     """One-shot helper: ``Engine(config).run(source, out_base, **kwargs)`` and close."""
     with Engine(config) as engine:
         return engine.run(source, out_base, **kwargs)
-

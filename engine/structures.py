@@ -1,13 +1,19 @@
-"""The dataclasses stages hand each other: source → frames → landmarks → crops → coefficients.
+"""The dataclasses stages hand each other (see ``docs/architecture.md``).
+
+source → :class:`FrameBatch` → detector → :class:`Detections` → tracker → :class:`Detections`
+(at most one face a frame) → landmarker → :class:`Landmarks` → temporal policy →
+:class:`AlignPlan` → aligner → :class:`AlignedBatch` → regressor → coefficients, joined into
+one :class:`FrameResults` per batch for the sinks.
 
 All arrays are numpy. Batches are *packed*: one row per frame, ``index`` gives the
 frame number inside its input. Invalid rows are kept (never dropped) so every output
-stays frame-aligned with the video.
+stays frame-aligned with the video. Validity flows one way: each stage reports its own
+``reason`` per frame and never edits another stage's arrays; :class:`FrameResults` joins them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +68,57 @@ class FrameBatch:
 
 
 @dataclass(frozen=True)
+class Detections:
+    """Faces found in a batch of frames, *packed*: one row per face, ``frame_rows`` says whose.
+
+    Attributes:
+        boxes_img_ydown: float64 (N, 4) ``x1, y1, x2, y2`` in pixels of the original frame,
+            y down (top-left to bottom-right corner), exactly as the detector gave them.
+        scores: float64 (N,) the detector's confidence, higher is better (NaN: none given).
+        frame_rows: int64 (N,) the row of the :class:`FrameBatch` each face belongs to
+            (``0 <= row < num_frames``), non-decreasing; within a frame, the detector's order.
+        num_frames: B, rows of the batch (a frame may have no face, or several).
+        points_img_ydown: float32 (N, P, 2) landmarks the detector found with each box
+            (MTCNN: its 5 points, Deep3D order), pixels, y down; None when it gives none.
+    """
+
+    boxes_img_ydown: np.ndarray
+    scores: np.ndarray
+    frame_rows: np.ndarray
+    num_frames: int
+    points_img_ydown: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.frame_rows.shape[0])
+
+    @classmethod
+    def empty(cls, num_frames: int) -> Detections:
+        """No face in any of ``num_frames`` frames.
+
+        >>> len(Detections.empty(3)), Detections.empty(3).num_frames
+        (0, 3)
+        """
+        return cls(np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64), num_frames)
+
+    def take(self, rows: np.ndarray) -> Detections:
+        """The faces at packed positions ``rows`` (int (M,)), same batch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        points = None if self.points_img_ydown is None else self.points_img_ydown[rows]
+        return Detections(self.boxes_img_ydown[rows], self.scores[rows], self.frame_rows[rows], self.num_frames,
+                          points)
+
+    def face_of_frame(self) -> np.ndarray:
+        """int64 (num_frames,): packed position of each frame's face, -1 for none.
+
+        Only meaningful when a frame has at most one face (a tracker's output).
+        """
+        where = np.full(self.num_frames, -1, dtype=np.int64)
+        rows, first = np.unique(self.frame_rows, return_index=True)  # first face of each frame
+        where[rows] = first
+        return where
+
+
+@dataclass(frozen=True)
 class Landmarks:
     """Facial landmarks for a batch of frames, one face per frame.
 
@@ -83,6 +140,21 @@ class Landmarks:
 
 
 @dataclass(frozen=True)
+class AlignPlan:
+    """What the temporal (no-face) policy decided for a batch: the points each frame is aligned with.
+
+    Attributes:
+        lm_img_ydown: float32 (B, K, 2) pixels of the original frame, y down; rows where
+            ``use_template`` are 0 and unused.
+        use_template: bool (B,) align this frame with the centred 5-point template instead
+            (:func:`engine.align.template_fallback_img_yup`).
+    """
+
+    lm_img_ydown: np.ndarray
+    use_template: np.ndarray
+
+
+@dataclass(frozen=True)
 class AlignedBatch:
     """Output of the aligner for a batch.
 
@@ -90,11 +162,106 @@ class AlignedBatch:
         crops: uint8 (B, 224, 224, 3) RGB aligned crops (Pillow bicubic, zero padded).
         trans_params: float32 (B, 5) ``[w0, h0, s, tx, ty_yup]`` (spec §2.5).
         lm5_img_ydown: float32 (B, 5, 2) the 5 points used for the fit, y down.
+        crop_box: int32 (B, 4) ``[left, up, w, h]``: the frame was resized to ``(w, h)`` pixels
+            and the crop is the 224×224 box whose top-left corner is ``(left, up)`` in it (may be
+            negative), exactly as cut (the int32 truncations of the float64 fit).
+        used_template: bool (B,) the frame was aligned with the template: planned so, or its
+            landmarks admitted no fit.
+        reason: (B,) ``"bad_landmarks"`` where the aligner had to fall back to the template on
+            its own, else ``""`` (the aligner's verdict only; see :class:`FrameResults`).
     """
 
     crops: np.ndarray
     trans_params: np.ndarray
     lm5_img_ydown: np.ndarray
+    crop_box: np.ndarray
+    used_template: np.ndarray
+    reason: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FrameResults:
+    """Everything known about one batch of frames after regression: what every sink receives.
+
+    A frame is valid when the landmarker found a face and the aligner could use its points;
+    ``reason`` names the last stage that rejected it (``"bad_landmarks"`` from the aligner over
+    the landmarker's ``"no_face"``).
+
+    Attributes:
+        index: int64 (B,) frame numbers in the input, 0-based.
+        timestamps: float64 (B,) presentation times, seconds.
+        coeff: float32 (B, 257) ``[id 80 | exp 64 | tex 80 | angle 3 | gamma 27 | trans 3]``.
+        trans_params: float32 (B, 5) ``[w0, h0, s, tx, ty_yup]``.
+        crop_box: int32 (B, 4) ``[left, up, w, h]`` of the crop (see :class:`AlignedBatch`).
+        landmarks_img_ydown: float32 (B, K, 2) the landmarks each frame was aligned with (after
+            the no-face policy), pixels y down; -1 rows where the template was used.
+        valid: bool (B,). reason: str (B,) ``""`` where valid.
+        extras: optional per-frame arrays (e.g. ``lm68`` from the face model), B rows each.
+    """
+
+    index: np.ndarray
+    timestamps: np.ndarray
+    coeff: np.ndarray
+    trans_params: np.ndarray
+    crop_box: np.ndarray
+    landmarks_img_ydown: np.ndarray
+    valid: np.ndarray
+    reason: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    #: Array names of :meth:`to_arrays` (resume files); extras are not saved.
+    ARRAYS = ("index", "timestamps", "coeff", "trans_params", "crop_box", "landmarks_img_ydown", "valid", "reason")
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain named arrays (for ``np.savez``); :meth:`from_arrays` is the inverse."""
+        return {name: getattr(self, name) for name in self.ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> FrameResults:
+        return cls(**{name: np.asarray(arrays[name]) for name in cls.ARRAYS})
+
+    @classmethod
+    def concat(cls, parts) -> FrameResults:
+        """One :class:`FrameResults` of consecutive batches (extras every part has, too)."""
+        return concat_rows(list(parts))
+
+
+def rows_of(batch, rows: slice):
+    """The frames ``rows`` of a per-frame dataclass (:class:`FrameBatch`, :class:`AlignPlan` ...):
+    every array and tuple field sliced along its first axis."""
+    values = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        values[f.name] = v[rows] if isinstance(v, (np.ndarray, tuple)) else v
+    return type(batch)(**values)
+
+
+def concat_rows(parts: list):
+    """Join per-frame dataclasses of consecutive frames (the inverse of :func:`rows_of`).
+
+    Arrays are concatenated along their first axis, tuples joined, dicts of arrays joined key
+    by key (keys every part has), None stays None. A single part is returned as it is.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    values = {}
+    for f in fields(parts[0]):
+        vs = [getattr(p, f.name) for p in parts]
+        if vs[0] is None:
+            values[f.name] = None
+        elif isinstance(vs[0], np.ndarray):
+            values[f.name] = np.concatenate(vs, axis=0)
+        elif isinstance(vs[0], tuple):
+            values[f.name] = sum(vs, ())
+        elif isinstance(vs[0], dict):
+            keys = [k for k in vs[0] if all(k in v for v in vs)]
+            values[f.name] = {k: np.concatenate([v[k] for v in vs], axis=0) for k in keys}
+        else:
+            raise TypeError(f"{type(parts[0]).__name__}.{f.name}: cannot join values of type {type(vs[0]).__name__}")
+    return type(parts[0])(**values)
 
 
 @dataclass
@@ -110,6 +277,8 @@ class VideoResult:
         valid: bool (N,) a face was detected in that frame.
         reason: (N,) why a frame is invalid, "" when valid.
         timestamps: float64 (N,) seconds.
+        crop_box: int32 (N, 4) ``[left, up, w, h]`` of each crop as cut (see
+            :class:`AlignedBatch`); None when unknown (results made elsewhere).
         extras: optional additional per-frame arrays (e.g. ``lm68`` from the face model).
     """
 
@@ -120,8 +289,25 @@ class VideoResult:
     valid: np.ndarray
     reason: list[str]
     timestamps: np.ndarray
+    crop_box: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
         return int(self.coeff.shape[0])
+
+    @classmethod
+    def from_batches(cls, info: MediaInfo, batches) -> VideoResult:
+        """Join the :class:`FrameResults` of an input's batches, in order."""
+        r = FrameResults.concat(batches)
+        return cls(
+            info=info,
+            coeff=r.coeff,
+            trans_params=r.trans_params,
+            landmarks_img_ydown=r.landmarks_img_ydown,
+            valid=r.valid,
+            reason=[str(x) for x in r.reason],
+            timestamps=r.timestamps,
+            crop_box=r.crop_box,
+            extras=dict(r.extras),
+        )

@@ -1,11 +1,10 @@
-"""Sinks: one function per output format, all written atomically.
+"""The coefficient files: how each is laid out and encoded, and the sink that writes them.
 
-Every file is first written under a temporary name in the destination folder and then
-renamed over the final name (``os.replace``), so an interrupted run never leaves a file
-that looks complete. :func:`write_outputs` writes all requested formats of one input:
-either every file lands or none does.
-
-Formats and their suffixes (``<out_base><suffix>``):
+What a format is (suffix, label, help) lives in :data:`engine.formats.FORMATS`; this module
+holds how each coefficient file is laid out and encoded. Every file is written under a
+temporary name in the destination folder and renamed over the final name once every file
+of the input is complete (:mod:`engine.stages.sink`), so an interrupted run never leaves a
+file that looks complete.
 
 =============  ===================  =====================================================
 format         suffix               content
@@ -21,92 +20,33 @@ csv            ``.csv``             one row per frame, named columns, angles in 
 landmarks      ``.txt``             PIRender keypoint file: N·K·2 values, one per line
 overlay        ``.overlay.mp4``     review video [original | reconstruction + landmarks]
                                     (``.overlay.png`` for an image); needs the face model,
-                                    written by :mod:`engine.face3d.overlay`
+                                    written by :class:`engine.face3d.overlay.OverlaySink`
 =============  ===================  =====================================================
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
 import io
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from engine import layout
-from engine.config import OutputFormat
-from engine.errors import OutputError, storage_error
-from engine.structures import VideoResult
+from engine.config import OutputFormat, name_of
+from engine.formats import FORMATS, format_spec, output_paths
+from engine.stages.sink import SinkContext, SinkHooks, commit, discard, stage_bytes
+from engine.structures import FrameResults, MediaInfo, VideoResult
 
 log = logging.getLogger(__name__)
 
-SUFFIXES: dict[str, str] = {
-    OutputFormat.PIRENDER.value: ".mat",
-    OutputFormat.SADTALKER.value: ".sadtalker.mat",
-    OutputFormat.DEEP3D.value: ".deep3d.mat",
-    OutputFormat.NPZ.value: ".npz",
-    OutputFormat.CSV.value: ".csv",
-    OutputFormat.LANDMARKS.value: ".txt",
-    OutputFormat.OVERLAY.value: ".overlay.mp4",
-}
+#: Format name → suffix of the built-in formats (a view of :data:`engine.formats.FORMATS`).
+SUFFIXES: dict[str, str] = {name: spec.suffix for name, spec in FORMATS.items()}
 
 #: Suffix overrides for image inputs.
-IMAGE_SUFFIXES: dict[str, str] = {OutputFormat.OVERLAY.value: ".overlay.png"}
-
-
-#: Longest file name (bytes, UTF-8) common file systems accept (ext4, XFS, tmpfs, NTFS in UTF-16 units).
-NAME_MAX = 255
-
-
-def output_paths(out_base: str | Path, formats, kind: str = "video") -> dict[str, Path]:
-    """Map each format to its file: ``f"{out_base}{suffix}"`` (``kind`` is ``"video"`` or ``"image"``).
-
-    Raises:
-        OutputError: a file name would exceed :data:`NAME_MAX` bytes (checked here, before
-            any work, rather than when the finished results are written).
-    """
-    out_base = Path(out_base)
-    out = {}
-    for f in formats:
-        name = OutputFormat(f).value
-        suffix = IMAGE_SUFFIXES.get(name, SUFFIXES[name]) if kind == "image" else SUFFIXES[name]
-        out[name] = out_base.with_name(out_base.name + suffix)
-        size = len(out[name].name.encode("utf-8", "surrogateescape"))
-        if size > NAME_MAX:
-            raise OutputError(
-                f"output name {out[name].name[:40]}…{suffix} is {size} bytes long, over the {NAME_MAX}-byte "
-                "limit of file names: give the input a shorter name"
-            )
-    return out
-
-
-def temp_name(path: str | Path, tag: str = "part", *, keep_suffix: bool = False) -> Path:
-    """A temporary name for ``path`` in the same folder (so the final rename never crosses
-    file systems): ``.<name>.<tag>-<pid>``, or ``.<stem>.<tag>-<pid><suffix>`` with
-    ``keep_suffix`` (for writers that pick the format from the suffix). The name is
-    shortened (a hash of it kept) when the result would exceed :data:`NAME_MAX` bytes.
-
-    >>> temp_name("out/clip.npz").name.startswith(".clip.npz.part-")
-    True
-    >>> temp_name("out/a.overlay.mp4", "partial", keep_suffix=True).suffix
-    '.mp4'
-    >>> len(temp_name("out/" + "x" * 250 + ".sadtalker.mat").name.encode()) <= NAME_MAX
-    True
-    """
-    path = Path(path)
-    base, suffix = (path.stem, path.suffix) if keep_suffix else (path.name, "")
-    tail = f".{tag}-{os.getpid()}{suffix}"
-    name = f".{base}{tail}"
-    if len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
-        return path.with_name(name)
-    digest = hashlib.sha256(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    keep = base.encode("utf-8", "surrogateescape")[:100].decode("utf-8", "ignore")
-    return path.with_name(f".{keep}~{digest}{tail}")
+IMAGE_SUFFIXES: dict[str, str] = {name: spec.image_suffix for name, spec in FORMATS.items() if spec.image_suffix}
 
 
 # --------------------------------------------------------------------------- arrays per format
@@ -148,8 +88,9 @@ def npz_arrays(r: VideoResult) -> dict[str, np.ndarray]:
     Arrays: ``coeff`` (N,257) f32; ``id exp tex angle gamma trans`` f32 views of it;
     ``transform_params`` (N,5) f32; ``landmarks`` (N,K,2) f32 image px **y-down** as used
     for alignment (-1 where none); ``valid`` (N,) bool; ``reason`` (N,) str; ``timestamps``
-    (N,) f64 seconds; ``fps``, ``width``, ``height`` scalars; plus any extras
-    (``lm68`` (N,68,2) reprojected landmarks in image px y-down when the face model is set up).
+    (N,) f64 seconds; ``fps``, ``width``, ``height`` scalars; ``crop_box`` (N,4) int32
+    ``[left, up, w, h]`` of each crop as cut (when known); plus any extras (``lm68`` (N,68,2)
+    reprojected landmarks in image px y-down when the face model is set up).
     """
     out: dict[str, np.ndarray] = {"coeff": r.coeff.astype(np.float32)}
     out.update({name: np.ascontiguousarray(g, dtype=np.float32) for name, g in layout.split(r.coeff).items()})
@@ -163,6 +104,8 @@ def npz_arrays(r: VideoResult) -> dict[str, np.ndarray]:
         width=np.int64(r.info.width),
         height=np.int64(r.info.height),
     )
+    if r.crop_box is not None:
+        out["crop_box"] = r.crop_box.astype(np.int32)
     for name, arr in r.extras.items():
         out[name] = arr
     return out
@@ -233,44 +176,57 @@ ENCODERS: dict[str, Callable[[VideoResult], bytes]] = {
 }
 
 
-# --------------------------------------------------------------------------- atomic writes
+# --------------------------------------------------------------------------- the sink
 
 
-def _short(path: Path) -> str:
-    """``results/12/clip.npz``: enough of a path to say where, without the server's folders."""
-    return "/".join(path.parts[-3:])
+class EncodedFileSink:
+    """A sink writing one file per input, encoded once from all its batches.
 
+    The registry's sink for every format in :data:`ENCODERS`; a format of another module can
+    subclass it and override :meth:`encode`. The file goes to the format's path in
+    :data:`engine.formats.FORMATS`.
 
-def _write_tmp(path: Path, data: bytes) -> Path:
-    """Write ``data`` next to ``path`` under a temporary name, fsynced; returns that name.
-
-    Raises:
-        OutputError: the write failed (the temporary file is removed); ``DiskFullError``
-            or ``ReadOnlyError`` when the disk is full or the folder not writable.
+    Args:
+        context: from the engine; ``context.format`` names the format.
     """
-    tmp = temp_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise storage_error(e, _short(path)) from e
-    return tmp
+
+    def __init__(self, context: SinkContext) -> None:
+        self.format = context.format
+        self._info: MediaInfo | None = None
+        self._path: Path | None = None
+        self._parts: list[FrameResults] = []
+        self._staged: Path | None = None
+
+    def encode(self, result: VideoResult) -> bytes:
+        """The whole file's content."""
+        return ENCODERS[self.format](result)
+
+    def start(self, info: MediaInfo, out_base: Path) -> dict[str, Path]:
+        self.abort()
+        self._info, self._path = info, format_spec(self.format).path(out_base, info.kind)
+        return {self.format: self._path}
+
+    def add(self, results: FrameResults) -> None:
+        self._parts.append(results)
+
+    def finish(self, hooks: SinkHooks) -> dict[str, Path]:
+        data = self.encode(VideoResult.from_batches(self._info, self._parts))
+        self._parts = []
+        self._staged = stage_bytes(self._path, data)
+        return {self.format: self._staged}
+
+    def abort(self) -> None:
+        discard(self._staged)
+        self._staged, self._parts = None, []
 
 
 def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[str, Path]:
-    """Encode and write every requested coefficient format of one input.
+    """Encode and write every requested coefficient format of one finished result (for results
+    made outside :class:`~engine.pipeline.Engine`, e.g. test fixtures).
 
-    Every file is complete before any is renamed into place, so a failure while encoding or
-    writing (the usual case: a full disk) leaves none of them; only a failing rename after
-    the first succeeded can leave a subset.
-
-    The ``overlay`` format is not a coefficient file: it is skipped here (see
-    :meth:`engine.pipeline.Engine.run`).
+    Every file is complete before any is renamed, so a failure while encoding or writing
+    (the usual case: a full disk) leaves none of them. Formats that are not files of the
+    result alone (``overlay``) are skipped.
 
     Args:
         result: the finished per-frame results.
@@ -281,23 +237,32 @@ def write_outputs(result: VideoResult, out_base: str | Path, formats) -> dict[st
         format name → written path.
 
     Raises:
-        OutputError: a file could not be written (full disk, permissions); no output of
-            this input is left behind.
+        OutputError: a file could not be written; no output of this input is left behind.
     """
-    paths = output_paths(out_base, [f for f in formats if OutputFormat(f).value in ENCODERS])
-    staged: list[tuple[Path, Path]] = []
+    paths = output_paths(out_base, [f for f in formats if name_of(f) in ENCODERS], result.info.kind)
+    staged: dict[Path, Path] = {}
     try:
         for fmt, path in paths.items():
-            staged.append((_write_tmp(path, ENCODERS[fmt](result)), path))
-        for tmp, path in staged:
-            try:
-                os.replace(tmp, path)
-            except OSError as e:
-                raise storage_error(e, _short(path)) from e
+            staged[stage_bytes(path, ENCODERS[fmt](result))] = path
+        commit(staged)
     except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        for tmp in staged:
+            discard(tmp)
         raise
     log.debug("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
+
+
+__all__ = [
+    "ENCODERS",
+    "IMAGE_SUFFIXES",
+    "SUFFIXES",
+    "EncodedFileSink",
+    "csv_header",
+    "deep3d_arrays",
+    "npz_arrays",
+    "output_paths",
+    "pirender_arrays",
+    "sadtalker_arrays",
+    "write_outputs",
+]

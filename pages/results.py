@@ -19,20 +19,14 @@ from dashboard.results import ResultData, folder_table, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
 from db.access import display_path, may_read, relative_text
 from db.bundle import FileCheck, build_bundle, read_checked
+from engine.formats import FORMATS
 
 route_through_app()
 actor = current_actor()
 
-FORMAT_LABELS = {
-    "pirender": "PIRender .mat",
-    "sadtalker": "SadTalker .mat",
-    "deep3d": "Deep3DFaceRecon .mat",
-    "npz": "NumPy .npz (all arrays)",
-    "csv": "CSV table",
-    "landmarks": "Landmarks .txt",
-    "overlay": "Overlay video",
-}
-FORMAT_MIME = {"csv": "text/csv", "landmarks": "text/plain", "overlay": "video/mp4"}
+def _label(fmt: str) -> str:
+    """The registry's label of an output format (the name itself for an unknown one)."""
+    return FORMATS[fmt].label if fmt in FORMATS else fmt
 
 
 def _pick_job(reg) -> int | None:
@@ -125,10 +119,10 @@ def _downloads(reg, job: JobView, checks: list[FileCheck]) -> None:
         )
         for a in good:
             st.download_button(
-                f"{FORMAT_LABELS.get(a.format, a.format)} · {fmt_bytes(a.bytes)}",
+                f"{_label(a.format)} · {fmt_bytes(a.bytes)}",
                 data=lambda a=a: read_checked(reg, a),
                 file_name=a.path.name,
-                mime=FORMAT_MIME.get(a.format, "application/octet-stream"),
+                mime=FORMATS[a.format].mime if a.format in FORMATS else "application/octet-stream",
                 key=f"res_dl_{a.format}",
                 icon=":material/download:",
             )

@@ -13,35 +13,15 @@ from dashboard.install import weight_statuses
 from dashboard.navigation import route_through_app
 from db import PermissionDenied, service
 from db.access import relative_text
-from engine.config import EngineConfig, LandmarkBackend, OutputFormat
+from engine.config import DEFAULT_FORMATS, EngineConfig
 from engine.errors import StudioError
+from engine.formats import FORMATS, formats_help
+from engine.landmarks import BACKENDS
 from engine.sources import IMAGE_EXTS, VIDEO_EXTS
 
 route_through_app()
 actor = current_actor()
 
-BACKEND_LABELS = {"fan": "FAN (68 points)", "mtcnn": "MTCNN (5 points)", "file": "Precomputed file"}
-BACKEND_HELP = {
-    "fan": "face_alignment's S3FD detector + 2D-FAN-4, 68 landmarks: PIRender's recipe, best on talking-head "
-    "videos; needs its two weight files (Models / setup).",
-    "mtcnn": "facenet-pytorch's MTCNN, 5 landmarks: Deep3DFaceRecon's test recipe; fast, weights included.",
-    "file": "Landmarks computed elsewhere: a PIRender keypoint .txt next to each video (or in the folder given below).",
-}
-FORMAT_LABELS = {
-    "pirender": "PIRender .mat",
-    "sadtalker": "SadTalker .mat",
-    "deep3d": "Deep3D .mat",
-    "npz": "NumPy .npz",
-    "csv": "CSV",
-    "landmarks": "Landmarks .txt",
-    "overlay": "Overlay video",
-}
-FORMAT_HELP = (
-    "PIRender .mat: coeff (N×257) + transform_params (N×5) · SadTalker .mat: coeff_3dmm (N×73) · "
-    "Deep3D .mat: one array per coefficient group · NumPy .npz: everything, needed for the charts · "
-    "CSV: one row per frame · Landmarks .txt: PIRender's keypoint file · Overlay video: the "
-    "reconstruction drawn over every frame, for review (needs the face model)"
-)
 DEVICES = {"auto": None, "GPU (cuda)": "cuda", "CPU": "cpu"}
 UPLOAD_TYPES = sorted(e.lstrip(".") for e in VIDEO_EXTS | IMAGE_EXTS)
 
@@ -53,12 +33,12 @@ def _settings_form() -> EngineConfig | None:
     with c1:
         backend = st.radio(
             "Landmark backend",
-            [b.value for b in LandmarkBackend],
+            list(BACKENDS),
             key="up_backend",
-            format_func=BACKEND_LABELS.__getitem__,
+            format_func=lambda b: BACKENDS[b].label,
             horizontal=True,
         )
-        st.caption(BACKEND_HELP[backend])
+        st.caption(BACKENDS[backend].help)
         if backend == "fan":
             missing = [w.title for w in weight_statuses() if w.key in ("sfd", "fan") and not w.present]
             if missing:
@@ -93,19 +73,21 @@ def _settings_form() -> EngineConfig | None:
         )
     formats = st.pills(
         "Output formats",
-        [f.value for f in OutputFormat],
+        list(FORMATS),
         selection_mode="multi",
         key="up_formats",
-        default=["pirender", "npz"],
-        format_func=lambda f: FORMAT_LABELS.get(f, f),
-        help=FORMAT_HELP,
+        default=[f.value for f in DEFAULT_FORMATS],
+        format_func=lambda f: FORMATS[f].label,
+        help=formats_help(),
         width="stretch",
         wrap=True,
     )
     if not formats:
         st.warning("Choose at least one output format.")
         return None
-    if "overlay" in formats and not any(w.key == "bfm" and w.present for w in weight_statuses()):
+    if any(FORMATS[f].needs_face_model for f in formats) and not any(
+        w.key == "bfm" and w.present for w in weight_statuses()
+    ):
         st.warning(
             "The overlay video needs the face model (BFM), which is not set up: these jobs would fail. "
             "Install it on Models / setup, or leave the overlay out."

@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ import scipy.io as sio
 from engine import Cancelled, Engine, EngineConfig, NoFaceError, OutputFormat
 from engine.errors import OutputError
 from engine.pipeline import longest_run
-from engine.structures import Landmarks
+from engine.progress import Progress, ProgressReporter
+from engine.stages.temporal import NoFacePolicyStage
+from engine.structures import AlignPlan, Landmarks
 from engine.writers import SUFFIXES, csv_header
 from tests.conftest import REPO
 from tests.face3d_helpers import synthetic_bfm  # noqa: F401  (fixture)
@@ -205,12 +208,20 @@ def test_no_face_policy(policy, landmarks, expect_fallback):
     b = a + 100
     lms = Landmarks(np.stack([nan, a, nan, b]), np.array([False, True, False, True]),
                     ("no_face", "", "no_face", ""))
-    engine = Engine(EngineConfig(no_face=policy, landmarks=landmarks))
-    pts, fallback, last = engine._apply_no_face_policy(lms, None)
+    stage = NoFacePolicyStage.from_config(EngineConfig(no_face=policy, landmarks=landmarks))
+    plan, state = stage(lms, stage.initial_state())
+    pts, fallback, last = plan.lm_img_ydown, plan.use_template, state.last_lm
     assert fallback.tolist() == expect_fallback
     if not expect_fallback[2]:
         np.testing.assert_array_equal(pts[2], a)  # previous frame's landmarks reused
     np.testing.assert_array_equal(last, b)
+    # A pure function of (landmarks, state): the input is untouched, and the state survives the resume file.
+    assert np.isnan(lms.points_img_ydown[2]).all() and lms.valid.tolist() == [False, True, False, True]
+    restored = stage.initial_state(state.to_arrays())
+    np.testing.assert_array_equal(restored.last_lm, b)
+    again, _ = stage(lms, restored)
+    carries = policy == "reference" and landmarks == "mtcnn"
+    assert bool(again.use_template[0]) is not carries  # frame 0 now has a previous face to carry
 
 
 def test_longest_run():
@@ -229,18 +240,23 @@ def test_config_round_trip():
 
 
 def test_degenerate_landmarks_become_an_invalid_frame(short_clip):
-    from engine.pipeline import _align
+    from engine.pipeline import join_results
     from engine.sources import iter_frames
+    from engine.stages.align import Deep3DAligner
 
     batch = next(iter_frames(short_clip, 3))
     lm = np.tile(np.array([[[200, 200], [300, 200], [250, 260], [210, 320], [290, 320]]], np.float32), (3, 1, 1))
     lm[1] = 250.0  # all five points on one spot: no fit possible
-    fallback = np.zeros(3, bool)
-    valid = np.ones(3, bool)
-    reason = np.array(["", "", ""], dtype=object)
-    aligned = _align(batch, lm, fallback, valid, reason, None)
-    assert valid.tolist() == [True, False, True] and reason[1] == "bad_landmarks"
+    plan = AlignPlan(lm, np.zeros(3, bool))
+    lms = Landmarks(lm, np.ones(3, bool), ("", "", ""))
+    aligned = Deep3DAligner()(batch, plan)
+    results = join_results(batch, lms, plan, aligned, np.zeros((3, 257), np.float32))
+    assert results.valid.tolist() == [True, False, True] and results.reason[1] == "bad_landmarks"
     assert aligned.crops.shape == (3, 224, 224, 3) and np.isfinite(aligned.trans_params).all()
+    # Validity flows one way: the aligner says why in its own output and touches nobody's arrays.
+    assert aligned.reason == ("", "bad_landmarks", "") and aligned.used_template.tolist() == [False, True, False]
+    assert not plan.use_template.any() and lms.valid.all() and lms.reason == ("", "", "")
+    assert (results.landmarks_img_ydown[1] == -1).all() and (results.landmarks_img_ydown[0] == lm[0]).all()
 
 
 def test_overlay_format_needs_the_face_model(tmp_path, short_clip, recon_checkpoint, monkeypatch):
@@ -272,21 +288,109 @@ def test_overlay_format_and_lm68_with_a_face_model(
     assert mat_keys(report.outputs["deep3d"])["lm68"] == (12, 68, 2)
 
 
-def test_progress_is_reported_at_least_once_a_second(tmp_path, short_clip, recon_checkpoint):
-    """Even when one batch takes several seconds (CPU), the caller hears from the engine every second."""
-    import time as _time
+class _Blocking:
+    """Wraps a stage: its first call blocks until ``release`` is set (60 s at most, as a failure guard)."""
 
+    def __init__(self, real, blocked: threading.Event, release: threading.Event) -> None:
+        self.real, self.blocked, self.release = real, blocked, release
+
+    def wait_once(self) -> None:
+        if not self.blocked.is_set():
+            self.blocked.set()
+            assert self.release.wait(60), "no three progress reports while the stage was blocked"
+
+
+class _BlockingRegressor(_Blocking):
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def predict(self, crops):
+        self.wait_once()
+        return self.real.predict(crops)
+
+
+class _BlockingLandmarker(_Blocking):
+    name, num_points = "blocking", 5
+
+    @property
+    def detector(self):
+        return self.real.detector
+
+    def __call__(self, frames, faces=None):
+        self.wait_once()
+        return self.real(frames, faces)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.mark.parametrize("stage", ["landmarker", "regressor"])
+def test_progress_is_reported_while_any_stage_blocks(tmp_path, short_clip, recon_checkpoint, stage):
+    """The timer reports whatever stage is running: a stand-in stage blocks until the progress
+    callback has been called three times while it waits; the reports never overlap."""
     from engine.landmarks import create_landmarker
+    from engine.regressor import Regressor
 
-    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", batch_size=12, formats=("npz",))
-    real = create_landmarker(cfg, "cpu")
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", batch_size=4, formats=("npz",))
+    blocked, release = threading.Event(), threading.Event()
+    if stage == "landmarker":
+        stages = {"landmarker": _BlockingLandmarker(create_landmarker(cfg, "cpu"), blocked, release)}
+    else:
+        stages = {"regressor": _BlockingRegressor(Regressor(recon_checkpoint, device="cpu"), blocked, release)}
+    while_blocked, overlapping = [], []
+    in_callback = threading.Lock()
 
-    def slow(batch):
-        _time.sleep(0.6)  # per 4-frame slice: 1.8 s for the one batch
-        return real(batch)
+    def on_progress(p) -> None:
+        if not in_callback.acquire(blocking=False):
+            overlapping.append(p)
+            return
+        try:
+            if blocked.is_set() and not release.is_set():
+                while_blocked.append(p)
+                if len(while_blocked) >= 3:
+                    release.set()
+        finally:
+            in_callback.release()
 
-    stamps = []
-    with Engine(cfg, landmarker=slow) as engine:
-        engine.run(short_clip, tmp_path / "clip", progress=lambda p: stamps.append(_time.monotonic()))
-    gaps = np.diff(stamps)
-    assert len(stamps) >= 3 and gaps.max() < 1.5, gaps
+    with Engine(cfg, progress_interval_s=0.01, **stages) as engine:
+        report = engine.run(short_clip, tmp_path / "clip", progress=on_progress)
+    assert report.num_frames == 12 and len(while_blocked) >= 3 and not overlapping
+    assert all(p.stage == "extract" and p.frames_total == 12 for p in while_blocked)
+
+
+def test_cancel_is_seen_between_slices_of_a_slow_stage(tmp_path, short_clip, recon_checkpoint):
+    """One 12-frame batch on the CPU is regressed in slices of 4: a cancel after the first slice stops there."""
+    from engine.regressor import Regressor
+
+    real = Regressor(recon_checkpoint, device="cpu")
+    calls: list[int] = []
+
+    class Counting:
+        checkpoint_path, checkpoint_sha256 = real.checkpoint_path, ""
+
+        def numerics(self):
+            return real.numerics()
+
+        def predict(self, crops):
+            calls.append(len(crops))
+            return real.predict(crops)
+
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", batch_size=12, num_threads=1,
+                       formats=("npz",))
+    with Engine(cfg, regressor=Counting()) as engine, pytest.raises(Cancelled):
+        engine.run(short_clip, tmp_path / "clip", should_stop=lambda: bool(calls))
+    assert calls == [4]
+    assert not (tmp_path / "clip.npz").exists()
+
+
+def test_progress_reporter_frame_rate_from_an_injected_clock():
+    now = [100.0]
+    seen: list[Progress] = []
+    reporter = ProgressReporter(seen.append, clock=lambda: now[0])
+    reporter.begin(8, 20)  # 8 frames restored from a resume state: not counted in the rate
+    now[0] = 102.0
+    reporter.update(frames_done=12)
+    reporter.report()
+    reporter.update(stage="write")
+    reporter.report()
+    assert seen == [Progress(12, 20, 2.0, "extract", frames_new=4), Progress(12, 20, 0.0, "write", frames_new=4)]

@@ -453,7 +453,7 @@ class Worker:
         first_progress: list[int] = []
 
         def on_progress(p) -> None:
-            if not first_progress:
+            if not first_progress and p.frames_new > 0:  # reports also come while a batch is under way
                 first_progress.append(p.frames_done)
                 log.info("job %d: first batch done at frame %d/%d", job.id, p.frames_done, p.frames_total)
             monitor.update(frames_done=p.frames_done, frames_total=p.frames_total, fps=p.fps, stage=p.stage)

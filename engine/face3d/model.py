@@ -240,6 +240,7 @@ def reproject_landmarks(
     *,
     space: str = "img",
     chunk: int = 8192,
+    crop_box: np.ndarray | None = None,
 ) -> np.ndarray:
     """The 68 model landmarks of every frame, projected and mapped back to image pixels.
 
@@ -252,6 +253,8 @@ def reproject_landmarks(
         face_model: the loaded model.
         coeff: float (N, 257) coefficients.
         trans_params: float (N, 5) ``[w0, h0, s, tx, ty_yup]`` of each frame.
+        crop_box: int (N, 4) ``[left, up, w, h]`` of each crop as cut, or None (recomputed
+            from ``trans_params``; see :func:`engine.conventions.crop_to_img_yup`).
 
     Returns:
         float32 (N, 68, 2); rows whose ``trans_params`` are not usable (non-finite, s ≤ 0)
@@ -275,20 +278,23 @@ def reproject_landmarks(
     ok = _params_ok(trans_params)
     for i in np.flatnonzero(ok):
         tp = trans_params[i]
-        lm_img_yup = crop_to_img_yup(lm_224_yup[i], tp)
+        lm_img_yup = crop_to_img_yup(lm_224_yup[i], tp, None if crop_box is None else crop_box[i])
         out[i] = img_yup_to_ydown(lm_img_yup, float(tp[1]))
     return out
 
 
-def lm68_extras(coeff: np.ndarray, trans_params: np.ndarray, face_model: ParametricFaceModel) -> dict[str, np.ndarray]:
-    """Per-frame arrays the writers add when the face model is set up.
+def lm68_extras(
+    coeff: np.ndarray, trans_params: np.ndarray, face_model: ParametricFaceModel, crop_box: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Per-frame arrays the writers add when the face model is set up (``crop_box``: see
+    :func:`reproject_landmarks`).
 
     Returns:
         ``{"lm68": float32 (N, 68, 2) image px y-down, "lm68_224_ydown": float32 (N, 68, 2)
         crop px y-down (the reference's ``lm68``)}``.
     """
     return {
-        "lm68": reproject_landmarks(face_model, coeff, trans_params, space="img"),
+        "lm68": reproject_landmarks(face_model, coeff, trans_params, space="img", crop_box=crop_box),
         "lm68_224_ydown": reproject_landmarks(face_model, coeff, trans_params, space="crop"),
     }
 

@@ -4,7 +4,11 @@ For each frame the face is rendered in its 224 crop (Deep3D's camera), then the 
 back where ``align_img`` took it from: the crop is the box ``(left, up, 224, 224)`` of the
 frame resized to ``(w, h) = int32((w0, h0)·s)``, so every frame pixel x maps to crop column
 ``(x + 0.5)·w/w0 − 0.5 − left`` (Pillow's resize maps pixel centres this way) and likewise for
-rows; the render is sampled there (bilinear) and composited with its coverage mask.
+rows; the render is sampled there (bilinear) and composited with its coverage mask. The box is
+the one the aligner cut (``crop_box`` of the engine's results) where known, else recomputed
+from ``trans_params``.
+
+:class:`OverlaySink` makes the review video one of the engine's output formats.
 
 The visual is side by side: ``[original | overlay]``, the overlay carrying the 68 reprojected
 model landmarks (red) and the detector landmarks used for alignment (blue), as Deep3D's
@@ -50,19 +54,23 @@ class ResultArrays:
     Attributes:
         coeff: float32 (N, 257). trans_params: float32 (N, 5) ``[w0, h0, s, tx, ty_yup]``.
         valid: bool (N,). landmarks_img_ydown: float32 (N, K, 2) detector landmarks, or None.
+        crop_box: int32 (N, 4) ``[left, up, w, h]`` of each crop as cut, or None (older files:
+            recomputed from ``trans_params``).
     """
 
     coeff: np.ndarray
     trans_params: np.ndarray
     valid: np.ndarray
     landmarks_img_ydown: np.ndarray | None
+    crop_box: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.coeff.shape[0])
 
 
 def load_result(path: str | Path) -> ResultArrays:
-    """Read an engine ``.npz`` (keys ``coeff``, ``transform_params``, ``valid``, ``landmarks``).
+    """Read an engine ``.npz`` (keys ``coeff``, ``transform_params``, ``valid``, ``landmarks``,
+    ``crop_box``; the last three optional).
 
     Raises:
         InputError: not an npz, or ``coeff``/``transform_params`` missing or mis-shaped.
@@ -70,7 +78,8 @@ def load_result(path: str | Path) -> ResultArrays:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("coeff", "transform_params", "valid", "landmarks") if k in z.files}
+            arrays = {k: z[k] for k in ("coeff", "transform_params", "valid", "landmarks", "crop_box")
+                      if k in z.files}
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable .npz result ({e})") from None
     for key in ("coeff", "transform_params"):
@@ -87,7 +96,11 @@ def load_result(path: str | Path) -> ResultArrays:
     lms = arrays.get("landmarks")
     if lms is not None and (lms.ndim != 3 or lms.shape[0] != n or lms.shape[2] != 2):
         lms = None
-    return ResultArrays(coeff, tp, valid, None if lms is None else lms.astype(np.float32))
+    box = arrays.get("crop_box")
+    if box is not None and box.shape != (n, 4):
+        box = None
+    return ResultArrays(coeff, tp, valid, None if lms is None else lms.astype(np.float32),
+                        None if box is None else box.astype(np.int32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,16 +119,23 @@ class CropBox:
     up: int
 
 
-def crop_box(trans_params: np.ndarray) -> CropBox:
-    """Recompute ``align_img``'s resize and crop corner from ``[w0, h0, s, tx, ty_yup]`` (spec §2.5).
+def crop_box(trans_params: np.ndarray, exact: np.ndarray | None = None) -> CropBox:
+    """``align_img``'s resize and crop corner for ``[w0, h0, s, tx, ty_yup]`` (spec §2.5).
 
-    The int32 truncations are the reference's; from float32 ``trans_params`` the result can
-    differ by one pixel from the float64 values used at extraction time.
+    Args:
+        trans_params: (5,) of the frame.
+        exact: (4,) ``[left, up, w, h]`` as the aligner cut it (the engine's ``crop_box``);
+            None: recomputed from ``trans_params`` with the reference's int32 truncations,
+            which from float32 ``trans_params`` can differ by one pixel from the float64
+            values used at extraction time.
 
     >>> crop_box(np.array([512, 512, 0.5, 256, 256]))
     CropBox(w0=512, h0=512, w=256, h=256, left=16, up=16)
     """
     w0, h0, s, tx, ty = (float(v) for v in np.asarray(trans_params, dtype=np.float64))
+    if exact is not None:
+        left, up, w, h = (int(v) for v in np.asarray(exact))
+        return CropBox(round(w0), round(h0), w, h, left, up)
     w = int(np.int32(w0 * s))
     h = int(np.int32(h0 * s))
     half = CROP_SIZE / 2
@@ -153,7 +173,11 @@ def render_crops(face_model: ParametricFaceModel, renderer: FaceRenderer, coeff:
 
 
 def paste_into_frame(
-    frame: np.ndarray, rgb_224: np.ndarray, mask_224: np.ndarray, trans_params: np.ndarray
+    frame: np.ndarray,
+    rgb_224: np.ndarray,
+    mask_224: np.ndarray,
+    trans_params: np.ndarray,
+    exact_box: np.ndarray | None = None,
 ) -> np.ndarray:
     """Composite a rendered 224 crop back onto its frame, inverting the alignment crop.
 
@@ -162,13 +186,14 @@ def paste_into_frame(
         rgb_224: float32 (224, 224, 3) premultiplied colour in [0, 1], rows top-down.
         mask_224: float32 (224, 224) coverage in [0, 1].
         trans_params: (5,) ``[w0, h0, s, tx, ty_yup]`` of that frame.
+        exact_box: (4,) ``[left, up, w, h]`` of the crop as cut, or None (see :func:`crop_box`).
 
     Returns:
         uint8 (H, W, 3): the frame with the face drawn over it.
     """
     check_shape(frame, ("H", "W", "3"), "frame")
     height, width = frame.shape[:2]
-    box = crop_box(trans_params)
+    box = crop_box(trans_params, exact_box)
     out = frame.copy()
     if box.w < 1 or box.h < 1 or box.w0 < 1 or box.h0 < 1:
         return out
@@ -226,9 +251,11 @@ def draw_points(
     return image
 
 
-def landmarks_to_image(lm68_224_yup: np.ndarray, trans_params: np.ndarray) -> np.ndarray:
+def landmarks_to_image(
+    lm68_224_yup: np.ndarray, trans_params: np.ndarray, exact_box: np.ndarray | None = None
+) -> np.ndarray:
     """(68, 2) crop pixels y-up → (68, 2) float32 original-image pixels y-down."""
-    lm_img_yup = crop_to_img_yup(lm68_224_yup, trans_params)
+    lm_img_yup = crop_to_img_yup(lm68_224_yup, trans_params, exact_box)
     return img_yup_to_ydown(lm_img_yup, float(trans_params[1])).astype(np.float32)
 
 
@@ -239,13 +266,14 @@ def compose_frame(
     trans_params: np.ndarray,
     valid: bool = True,
     detector_landmarks_img_ydown: np.ndarray | None = None,
+    exact_box: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 (H, 2W', 3) ``[original | overlay + landmarks]`` for item ``i`` of ``renders`` (W' = W
-    rounded up to even, H too, for video encoders)."""
-    over = paste_into_frame(frame, renders.rgb[i], renders.mask[i], trans_params)
+    rounded up to even, H too, for video encoders); ``exact_box`` as in :func:`paste_into_frame`."""
+    over = paste_into_frame(frame, renders.rgb[i], renders.mask[i], trans_params, exact_box)
     if detector_landmarks_img_ydown is not None:
         draw_points(over, detector_landmarks_img_ydown, BLUE)
-    draw_points(over, landmarks_to_image(renders.lm68_224_yup[i], trans_params), RED)
+    draw_points(over, landmarks_to_image(renders.lm68_224_yup[i], trans_params, exact_box), RED)
     if not valid:
         b = max(2, min(over.shape[:2]) // 100)
         over[:b], over[-b:], over[:, :b], over[:, -b:] = RED, RED, RED, RED
@@ -269,6 +297,7 @@ def overlay_image(
     *,
     valid: bool = True,
     detector_landmarks_img_ydown: np.ndarray | None = None,
+    exact_box: np.ndarray | None = None,
 ) -> np.ndarray:
     """The review visual of one frame: uint8 (H, 2W, 3) ``[original | overlay]``.
 
@@ -276,11 +305,12 @@ def overlay_image(
         frame: uint8 (H, W, 3) RGB frame, y down. coeff: (257,). trans_params: (5,).
         face_model, renderer: reuse loaded ones (a viewer should cache them); ``None`` loads
             the model from :func:`engine.weights.bfm_dir` on the CPU (about half a second).
+        exact_box: (4,) ``[left, up, w, h]`` of the crop as cut, or None (see :func:`crop_box`).
     """
     face_model = face_model or ParametricFaceModel.from_dir(None, "cpu")
     renderer = renderer or FaceRenderer(face_model.device)
     renders = render_crops(face_model, renderer, np.asarray(coeff, dtype=np.float32)[None])
-    return compose_frame(frame, renders, 0, np.asarray(trans_params), valid, detector_landmarks_img_ydown)
+    return compose_frame(frame, renders, 0, np.asarray(trans_params), valid, detector_landmarks_img_ydown, exact_box)
 
 
 def overlay_frame(
@@ -320,6 +350,7 @@ def overlay_frame(
         renderer,
         valid=bool(res.valid[index]),
         detector_landmarks_img_ydown=lms,
+        exact_box=None if res.crop_box is None else res.crop_box[index],
     )
 
 
@@ -432,6 +463,7 @@ def write_overlay_video(
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    staged: str | Path | None = None,
 ) -> OverlayReport:
     """Write the side-by-side review video of ``source`` with its reconstruction.
 
@@ -446,6 +478,8 @@ def write_overlay_video(
         out_path: ``.mp4`` (H.264) or another FFmpeg container; an image suffix for images.
         progress: called with (frames done, frames expected) after every batch.
         should_stop: polled before every batch; True raises :class:`engine.Cancelled`.
+        staged: write the file there instead and leave the rename to the caller (the engine's
+            :class:`OverlaySink` renames all files of an input together); removed on failure.
 
     Raises:
         InputError, DecodeError: unreadable source or result. OutputError: cannot write.
@@ -456,15 +490,15 @@ def write_overlay_video(
     from engine.avcompat import fraction, open_container
     from engine.errors import Cancelled
     from engine.sources import iter_frames, media_kind, probe
-    from engine.writers import temp_name
+    from engine.stages.sink import temp_name
 
     source, out_path = Path(source), Path(out_path)
+    tmp = Path(staged) if staged is not None else temp_name(out_path, "partial", keep_suffix=True)
     res = result if isinstance(result, ResultArrays) else load_result(result)
     face_model = face_model or ParametricFaceModel.from_dir(bfm_dir, device)
     renderer = renderer or FaceRenderer(face_model.device)
     info = probe(source)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(out_path, "partial", keep_suffix=True)  # beside the target, short enough
+    tmp.parent.mkdir(parents=True, exist_ok=True)
 
     def visual(frames: np.ndarray, index: np.ndarray) -> list[np.ndarray]:
         rows = index[index < len(res)]
@@ -475,7 +509,8 @@ def write_overlay_video(
                 out.append(np.concatenate([frame, frame], axis=1))
                 continue
             lms = None if res.landmarks_img_ydown is None else res.landmarks_img_ydown[i]
-            out.append(compose_frame(frame, renders, j, res.trans_params[i], bool(res.valid[i]), lms))
+            box = None if res.crop_box is None else res.crop_box[i]
+            out.append(compose_frame(frame, renders, j, res.trans_params[i], bool(res.valid[i]), lms, box))
         return out
 
     if media_kind(source) == "image":
@@ -485,7 +520,8 @@ def write_overlay_video(
         img = visual(batch.images, batch.index)[0]
         try:
             Image.fromarray(img).save(tmp, format=None if tmp.suffix else "PNG")
-            tmp.replace(out_path)
+            if staged is None:
+                tmp.replace(out_path)
         except (OSError, ValueError) as e:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"{out_path}: cannot write the overlay image ({e})") from None
@@ -530,7 +566,8 @@ def write_overlay_video(
         output.mux(stream.encode(None))
         audio.pump(float("inf"))
         output.close()
-        tmp.replace(out_path)
+        if staged is None:
+            tmp.replace(out_path)
     except BaseException:
         with contextlib.suppress(Exception):  # closing a half-written file can fail too
             output.close()
@@ -544,3 +581,64 @@ def write_overlay_video(
     return OverlayReport(
         out_path, written, float(rate), audio.mode if audio else "none", renderer.backend_name, unmatched
     )
+
+
+class OverlaySink:
+    """The ``overlay`` format: the review video (an image for an image input) as a sink.
+
+    It keeps the batches' results and renders the whole input at :meth:`finish` (the input is
+    decoded a second time), reporting progress and polling for cancel between batches.
+
+    Args:
+        context: from the engine: the format name and the face model loader.
+    """
+
+    def __init__(self, context) -> None:
+        self.format = context.format
+        self._face_model = context.face_model
+        self._source: Path | None = None
+        self._path: Path | None = None
+        self._parts: list = []
+        self._staged: Path | None = None
+
+    def start(self, info, out_base: Path) -> dict[str, Path]:
+        """Fails before any work when the face model is not set up."""
+        from engine.formats import format_spec
+
+        _check_face_model()
+        self.abort()
+        self._source, self._path = Path(info.path), format_spec(self.format).path(out_base, info.kind)
+        return {self.format: self._path}
+
+    def add(self, results) -> None:
+        self._parts.append(results)
+
+    def finish(self, hooks) -> dict[str, Path]:
+        from engine.stages.sink import staging_path
+        from engine.structures import FrameResults
+
+        r = FrameResults.concat(self._parts)
+        self._parts = []
+        arrays = ResultArrays(r.coeff, r.trans_params, r.valid, r.landmarks_img_ydown, r.crop_box)
+        self._staged = staging_path(self._path)
+        write_overlay_video(self._source, arrays, self._path, face_model=self._face_model(), progress=hooks.report,
+                            should_stop=hooks.should_stop, staged=self._staged)
+        return {self.format: self._staged}
+
+    def abort(self) -> None:
+        if self._staged is not None:
+            self._staged.unlink(missing_ok=True)
+        self._staged, self._parts = None, []
+
+
+def _check_face_model() -> None:
+    """The overlay needs the face model: raise :class:`~engine.errors.WeightsMissingError` if it is not set up."""
+    from engine.errors import WeightsMissingError
+    from engine.face3d import face_model_available
+    from engine.weights import bfm_dir
+
+    if not face_model_available(bfm_dir()):
+        raise WeightsMissingError(
+            f"the overlay format needs the face model {bfm_dir() / 'BFM_model_front.mat'}; "
+            f"set it up with 'python -m engine bfm convert --from {bfm_dir()}' (see 'python -m engine doctor')"
+        )

@@ -1,6 +1,7 @@
 """The landmark-backend contract and helpers shared by the backends.
 
-A backend turns a :class:`~engine.structures.FrameBatch` into
+A backend (:class:`~engine.stages.landmark.Landmarker`) turns a
+:class:`~engine.structures.FrameBatch` and the face the tracker chose in each frame into
 :class:`~engine.structures.Landmarks`, one row per frame, always frame-aligned:
 
 * points are float32 (B, K, 2) pixel ``x, y`` of the original frame, **y down**
@@ -8,41 +9,48 @@ A backend turns a :class:`~engine.structures.FrameBatch` into
   nose, left mouth corner, right mouth corner, "left" meaning smaller x in the image);
 * a frame without a face gets a NaN row, ``valid=False`` and reason ``"no_face"``; a
   faceless frame never raises and never yields ``None``.
+
+A backend that works from boxes exposes the detector it pairs with as ``detector`` (a
+:class:`BoundDetector` over its own networks); called without faces it runs that detector and
+marks the most confident face of each frame.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engine.structures import FrameBatch, Landmarks
+from engine.stages.detect import best_face_per_frame
+from engine.stages.landmark import Landmarker
+from engine.structures import Detections, FrameBatch, Landmarks
 
 #: Reason stored for a frame in which the backend found no face.
 NO_FACE = "no_face"
 
 
-@runtime_checkable
-class Landmarker(Protocol):
-    """A landmark backend.
+@dataclass(frozen=True)
+class BoundDetector:
+    """A backend's detection method as a :class:`~engine.stages.detect.Detector` (same networks).
 
     Attributes:
-        name: backend name (``"fan"``, ``"mtcnn"``, ``"file"``).
-        num_points: K, points per face: 68 or 5.
+        name: detector name (``"s3fd"``, ``"mtcnn"``).
+        detect: ``detect(frames) -> Detections``.
     """
 
     name: str
-    num_points: int
+    detect: Callable[[FrameBatch], Detections]
 
-    def __call__(self, frames: FrameBatch) -> Landmarks:
-        """Landmarks of the most confident face of each frame (see module docstring)."""
-        ...
+    def __call__(self, frames: FrameBatch) -> Detections:
+        return self.detect(frames)
 
-    def close(self) -> None:
-        """Release models/files. Idempotent; the bundled backends all implement it."""
-        ...
+
+def faces_to_mark(landmarker: Landmarker, frames: FrameBatch, faces: Detections | None) -> Detections:
+    """``faces``, or, when None, the most confident face of each frame by the backend's detector."""
+    if faces is not None:
+        return faces
+    return best_face_per_frame(landmarker.detector(frames))
 
 
 @dataclass(frozen=True)

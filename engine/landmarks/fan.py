@@ -2,7 +2,9 @@
 
 Per frame: ``FaceAlignment(TWO_D, flip_input=False, face_detector="sfd")
 .get_landmarks_from_image(rgb_frame)[0]`` — the RGB full frame, the highest-scoring face
-(S3FD: NMS 0.3, score > 0.5), (68, 2) float32 pixel x, y, y down. The device is passed
+(S3FD: NMS 0.3, score > 0.5), (68, 2) float32 pixel x, y, y down. Split in two stages with
+the same numbers: S3FD's boxes (:meth:`FanLandmarker.detect`, the engine's detector), then
+2D-FAN-4 on the box the tracker chose (``get_landmarks_from_image(frame, detected_faces=[box])``). The device is passed
 explicitly (face_alignment defaults to ``cuda``) and ``compile=False`` where the
 constructor has it (compiling costs over a minute on CPU for no speed-up).
 
@@ -24,16 +26,15 @@ import logging
 import pickle
 import socket
 import threading
-import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 
 from engine.errors import WeightsError, WeightsMissingError
-from engine.landmarks.base import BackendStatus, landmarks_from_list
+from engine.landmarks.base import BackendStatus, BoundDetector, faces_to_mark, landmarks_from_list
 from engine.safe_load import refusal, unsafe_global
-from engine.structures import FrameBatch, Landmarks
+from engine.structures import Detections, FrameBatch, Landmarks
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +198,48 @@ class FanLandmarker:
             ) from None
         self.device = device
 
-    def __call__(self, frames: FrameBatch) -> Landmarks:
-        per_frame = [self._one(image) for image in frames.images]
+    @property
+    def detector(self) -> BoundDetector:
+        """face_alignment's S3FD (shares this backend's networks)."""
+        return BoundDetector("s3fd", self.detect)
+
+    def detect(self, frames: FrameBatch) -> Detections:
+        """Every face S3FD keeps in each frame (NMS 0.3, score > 0.5), best first."""
+        per_frame = [self._fa.face_detector.detect_from_image(image.copy()) for image in frames.images]
+        rows = [(i, np.asarray(box, dtype=np.float64)) for i, boxes in enumerate(per_frame) for box in boxes]
+        if not rows:
+            return Detections.empty(len(frames))
+        return Detections(
+            boxes_img_ydown=np.stack([box[:4] for _, box in rows]),
+            scores=np.array([box[4] for _, box in rows]),
+            frame_rows=np.array([i for i, _ in rows], dtype=np.int64),
+            num_frames=len(frames),
+        )
+
+    def __call__(self, frames: FrameBatch, faces: Detections | None = None) -> Landmarks:
+        faces = faces_to_mark(self, frames, faces)
+        where = faces.face_of_frame()
+        per_frame = [
+            None if j < 0 else self._one(image, faces.boxes_img_ydown[j], faces.scores[j])
+            for image, j in zip(frames.images, where, strict=True)
+        ]
         return landmarks_from_list(per_frame, self.num_points)
 
-    def _one(self, image_rgb: np.ndarray) -> np.ndarray | None:
-        """(68, 2) float32 y-down points of the best face in one uint8 (H, W, 3) RGB frame."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="No faces were detected")
-            found = self._fa.get_landmarks_from_image(image_rgb)
+    def _one(self, image_rgb: np.ndarray, box_img_ydown: np.ndarray, score: float) -> np.ndarray | None:
+        """(68, 2) float32 y-down points of the face in ``box`` of one uint8 (H, W, 3) RGB frame.
+
+        face_alignment crops around the box and runs 2D-FAN-4 once (``get_landmarks_from_image``
+        with ``detected_faces``: the same crop and numbers as when it detects the box itself).
+        """
+        found = self._fa.get_landmarks_from_image(image_rgb, detected_faces=[np.append(box_img_ydown, score)])
         if not found:
             return None
         return np.asarray(found[0], dtype=np.float32)[:, :2]
 
     def close(self) -> None:
         self._fa = None
+
+
+def create(config, device: str, source=None) -> FanLandmarker:
+    """The backend factory of :data:`engine.landmarks.BACKENDS`."""
+    return FanLandmarker(device=device)

@@ -31,7 +31,7 @@ import numpy as np
 
 from engine.errors import InputError
 from engine.landmarks.base import NO_FACE, BackendStatus
-from engine.structures import FrameBatch, Landmarks
+from engine.structures import Detections, FrameBatch, Landmarks
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ class FileLandmarker:
     """
 
     name = NAME
+    #: Needs no boxes: landmarks are looked up by frame number.
+    detector = None
 
     def __init__(self, points_img_ydown: np.ndarray, source_file: Path, media: Path | None = None):
         points = np.asarray(points_img_ydown, dtype=np.float32)
@@ -180,7 +182,8 @@ class FileLandmarker:
         log.info("%s: landmarks from %s (%d frames × %d points)", item.path, found, *points.shape[:2])
         return cls(points, found, item.path)
 
-    def __call__(self, frames: FrameBatch) -> Landmarks:
+    def __call__(self, frames: FrameBatch, faces: Detections | None = None) -> Landmarks:
+        """The file's landmarks of these frames, by frame number (``faces`` is ignored)."""
         index = np.asarray(frames.index, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= self.num_frames):
             raise InputError(
@@ -207,3 +210,10 @@ class FileLandmarker:
 
     def close(self) -> None:
         pass
+
+
+def create(config, device: str, source=None) -> FileLandmarker:
+    """The backend factory of :data:`engine.landmarks.BACKENDS`: the file of ``source``."""
+    if source is None:
+        raise ValueError("the 'file' landmark backend reads one file per input: pass source=")
+    return FileLandmarker.for_input(source, config.keypoints)

@@ -14,8 +14,8 @@ import logging
 
 import numpy as np
 
-from engine.landmarks.base import BackendStatus, landmarks_from_list
-from engine.structures import FrameBatch, Landmarks
+from engine.landmarks.base import BackendStatus, BoundDetector, faces_to_mark, landmarks_from_list
+from engine.structures import Detections, FrameBatch, Landmarks
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ def status() -> BackendStatus:
 class MtcnnLandmarker:
     """5-point landmarks with facenet-pytorch's MTCNN.
 
+    MTCNN finds the points together with the box (its O-Net), so the detector
+    (:attr:`detector`) reports them in :attr:`Detections.points_img_ydown` and the landmarker
+    hands on the points of the face the tracker chose. A face without points (a box a tracker
+    made up) is treated as no face.
+
     Args:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         batch_frames: detect a whole batch in one call (fast on a GPU). Batched and
@@ -68,36 +73,66 @@ class MtcnnLandmarker:
         self.max_pixels = max_pixels
         self._net = MTCNN(device=self.device, select_largest=False, keep_all=True)
 
-    def __call__(self, frames: FrameBatch) -> Landmarks:
+    @property
+    def detector(self) -> BoundDetector:
+        """MTCNN's detection, boxes with their 5 points (shares this backend's networks)."""
+        return BoundDetector(NAME, self.detect)
+
+    def detect(self, frames: FrameBatch) -> Detections:
+        """Every face MTCNN finds in each frame: box, probability and 5 points."""
         images = frames.images
         n = len(images)
         if n == 0:
-            return landmarks_from_list([], self.num_points)
+            return Detections.empty(0)
         if self.batch_frames:
             h, w = images.shape[1:3]
             step = max(1, self.max_pixels // max(1, h * w))
         else:
             step = 1
-        per_frame: list[np.ndarray | None] = []
+        per_frame = []
         for lo in range(0, n, step):
-            _, probs, points = self._net.detect(images[lo : lo + step], landmarks=True)
-            per_frame.extend(_best_face(probs[i], points[i]) for i in range(len(probs)))
+            boxes, probs, points = self._net.detect(images[lo : lo + step], landmarks=True)
+            per_frame.extend(_faces(boxes[i], probs[i], points[i]) for i in range(len(probs)))
+        return _pack(per_frame)
+
+    def __call__(self, frames: FrameBatch, faces: Detections | None = None) -> Landmarks:
+        faces = faces_to_mark(self, frames, faces)
+        where = faces.face_of_frame()
+        points = faces.points_img_ydown
+        per_frame = [None if j < 0 or points is None else points[j] for j in where]
         return landmarks_from_list(per_frame, self.num_points)
 
     def close(self) -> None:
         self._net = None
 
 
-def _best_face(probs, points) -> np.ndarray | None:
-    """(5, 2) float32 points of the most probable face of one frame, or None.
+def create(config, device: str, source=None) -> MtcnnLandmarker:
+    """The backend factory of :data:`engine.landmarks.BACKENDS`."""
+    return MtcnnLandmarker(device=device)
+
+
+def _faces(boxes, probs, points) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(boxes float64 (F, 4), probabilities float64 (F,), points float32 (F, 5, 2)) of one frame.
 
     facenet-pytorch returns object arrays: ``points`` is None (no face) or (F, 5, 2),
-    ``probs`` is ``[None]`` or (F,).
+    ``probs`` is ``[None]`` or (F,). A missing probability becomes NaN (never chosen).
     """
     if points is None:
         return None
     p = np.asarray([np.nan if v is None else float(v) for v in np.ravel(probs)], dtype=np.float64)
-    if p.size == 0 or not np.isfinite(p).any():
-        return None
-    best = int(np.nanargmax(p))
-    return np.asarray(np.asarray(points)[best], dtype=np.float32).reshape(5, 2)
+    pts = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2)
+    b = np.full((len(p), 4), np.nan) if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return b, p, pts
+
+
+def _pack(per_frame: list) -> Detections:
+    rows = [(i, f) for i, f in enumerate(per_frame) if f is not None and len(f[1])]
+    if not rows:
+        return Detections.empty(len(per_frame))
+    return Detections(
+        boxes_img_ydown=np.concatenate([f[0] for _, f in rows]),
+        scores=np.concatenate([f[1] for _, f in rows]),
+        frame_rows=np.concatenate([np.full(len(f[1]), i, dtype=np.int64) for i, f in rows]),
+        num_frames=len(per_frame),
+        points_img_ydown=np.concatenate([f[2] for _, f in rows]),
+    )
