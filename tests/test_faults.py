@@ -455,18 +455,22 @@ def test_a_full_disk_pauses_the_worker_requeues_without_penalty_and_leaves_no_pa
 
 def test_resume_state_on_a_full_disk_leaves_no_chunk_behind(tmp_path, mounts, monkeypatch):
     from engine.pipeline import _Accumulator, _ResumeState
+    from engine.structures import FrameResults
 
     folder = tmp_path / "work"
     full = FullFolder(folder, mounts, monkeypatch)
     acc = _Accumulator()
     state = _ResumeState(folder / "7", "fingerprint")
     rows = 20_000 if CAN_MOUNT else 4  # large enough not to fit in the tmpfs
-    acc.add({"coeff": np.zeros((rows, 257), np.float32), "trans_params": np.zeros((rows, 5), np.float32),
-             "landmarks": np.zeros((rows, 5, 2), np.float32), "valid": np.ones(rows, bool),
-             "reason": np.array([""] * rows), "timestamps": np.zeros(rows)})
+    acc.add(FrameResults(
+        index=np.arange(rows), timestamps=np.zeros(rows), coeff=np.zeros((rows, 257), np.float32),
+        trans_params=np.zeros((rows, 5), np.float32), crop_box=np.zeros((rows, 4), np.int32),
+        landmarks_img_ydown=np.zeros((rows, 5, 2), np.float32), valid=np.ones(rows, bool),
+        reason=np.array([""] * rows),
+    ))
     full.make_full()
     with pytest.raises(DiskFullError, match=r"cannot write the resume state work/7/: the disk is full"):
-        state.save(acc, None)
+        state.save(acc, {})
     full.free()
     assert partial_files(folder) == [] and not list((folder / "7").glob("chunk-*"))
 
