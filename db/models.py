@@ -135,17 +135,6 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"  #: an unexpected exception in the worker (a bug)
 
 
-def stored(value: str | Enum | None) -> str | None:
-    """The plain text stored for an enum member (its value) or a string (itself).
-
-    >>> stored(ErrorCode.ABANDONED), stored("no_face"), stored(None)
-    ('abandoned', 'no_face', None)
-    """
-    if value is None:
-        return None
-    return str(value.value) if isinstance(value, Enum) else str(value)
-
-
 class Meta(SQLModel, table=True):
     """Key/value facts about the database itself (``schema_version``)."""
 
