@@ -1,4 +1,4 @@
-"""Job registry: SQLModel tables, the database engine and the service functions.
+"""Job registry: SQLModel tables, the database engine and the service functions (:mod:`db.service`).
 
 ``import db`` never imports torch: the dashboard uses it to queue jobs and read status.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from db import service
 from db.access import LOCAL, Actor, ImportPolicy, PermissionDenied
-from db.models import SCHEMA_VERSION, TRANSITIONS, JobStatus
+from db.models import SCHEMA_VERSION, TRANSITIONS, ErrorCode, JobStatus, WorkerStatus
 from db.registry import Registry, SchemaError
 from db.service import (
     JobNotFound,
@@ -43,6 +43,7 @@ __all__ = [
     "TRANSITIONS",
     "Actor",
     "ArtifactView",
+    "ErrorCode",
     "ImportPolicy",
     "JobNotFound",
     "JobStateError",
@@ -54,6 +55,7 @@ __all__ = [
     "Registry",
     "SchemaError",
     "VideoView",
+    "WorkerStatus",
     "WorkerView",
     "build_bundle",
     "cancel_job",

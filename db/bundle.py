@@ -1,7 +1,7 @@
 """Checked results: every result file is verified against its registered SHA-256 before it is served.
 
 A job's result files are registered with their size and SHA-256 when the job succeeds
-(:func:`db.service.complete_job`). Nothing is handed out without checking them again:
+(:func:`db.lease.complete_job`). Nothing is handed out without checking them again:
 
 * :func:`check_artifact` / :func:`check_artifacts` say, per file, whether it still holds
   the registered bytes, and if not, in words (``results/12/clip.npz changed on disk since
@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from db import storage
-from db.models import JobStatus, utcnow
+from db.models import Job, JobStatus, utcnow
+from db.queries import get_job, get_quality, list_artifacts
 from db.registry import Registry
+from db.states import JobStateError
 from db.views import ArtifactView
 from engine.checks import regular_file_problem
 from engine.formats import readme_file_list
@@ -134,9 +136,7 @@ def check_artifact(reg: Registry, a: ArtifactView, digest=storage.sha256_file) -
 
 def check_artifacts(reg: Registry, job_id: int, digest=storage.sha256_file) -> list[FileCheck]:
     """:func:`check_artifact` for every registered result file of a job."""
-    from db import service  # circular at import time
-
-    return [check_artifact(reg, a, digest) for a in service.list_artifacts(reg, job_id)]
+    return [check_artifact(reg, a, digest) for a in list_artifacts(reg, job_id)]
 
 
 def read_checked(reg: Registry, a: ArtifactView) -> bytes:
@@ -160,10 +160,7 @@ def read_checked(reg: Registry, a: ArtifactView) -> bytes:
 
 def _manifest(reg: Registry, job, artifacts: list[ArtifactView]) -> dict:
     """manifest.json of a bundle (without its creation time); no absolute server path in it."""
-    from db import service
-    from db.models import Job
-
-    quality = service.get_quality(reg, job.id)
+    quality = get_quality(reg, job.id)
     with reg.session() as s:
         report = dict(s.get(Job, job.id).report or {})
     settings = dict(job.settings)
@@ -244,14 +241,12 @@ def build_bundle(reg: Registry, job_id: int) -> Path:
         JobStateError: the job has not succeeded.
         ResultFileError: a result file is missing or changed (every bad file is named).
     """
-    from db import service  # circular at import time
-
-    job = service.get_job(reg, job_id)
+    job = get_job(reg, job_id)
     if job.status != JobStatus.SUCCEEDED:
-        raise service.JobStateError(f"job {job_id} is {job.status.value}: only succeeded jobs have a bundle")
+        raise JobStateError(f"job {job_id} is {job.status.value}: only succeeded jobs have a bundle")
     out_dir = reg.result_dir(job.id)
     dest = out_dir / f"bundle-{job.id}.zip"
-    artifacts = service.list_artifacts(reg, job.id)
+    artifacts = list_artifacts(reg, job.id)
     bad = [c.problem for c in (check_artifact(reg, a) for a in artifacts) if c.problem]
     if bad:
         raise ResultFileError("; ".join(bad))

@@ -16,16 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from db.models import ErrorCode
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Codes of :func:`fault_code`.
-DB_BUSY = "db_busy"
-DISK_FULL = "disk_full"
-READ_ONLY = "read_only"
-DISK_IO = "disk_io"
-DB_UNAVAILABLE = "db_unavailable"
+#: Codes of :func:`fault_code` (plain strings, the values of these :class:`~db.models.ErrorCode` members).
+DB_BUSY = ErrorCode.DB_BUSY.value
+DISK_FULL = ErrorCode.DISK_FULL.value
+READ_ONLY = ErrorCode.READ_ONLY.value
+DISK_IO = ErrorCode.DISK_IO.value
+DB_UNAVAILABLE = ErrorCode.DB_UNAVAILABLE.value
 
 # Lower-case message fragments of SQLite and PostgreSQL errors → code (first match wins).
 _PATTERNS: tuple[tuple[str, str], ...] = (

@@ -5,7 +5,9 @@ All times are timezone-aware UTC ``datetime``s. SQLite has no time zone type, so
 correctly) and re-attaches UTC on the way out; PostgreSQL gets ``timestamptz``.
 
 Status is stored as plain text (``JobStatus.value``) and only changes through
-:func:`db.service.transition`, which checks :data:`TRANSITIONS`.
+:func:`db.states.transition`, which checks :data:`TRANSITIONS`. Worker statuses
+(:class:`WorkerStatus`) and job error codes (:class:`ErrorCode`) are stored as plain text
+too: the enums name every value the project writes, so existing databases read as before.
 """
 
 from __future__ import annotations
@@ -82,6 +84,57 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+class WorkerStatus(str, Enum):
+    """What a worker process is doing, as stored in ``workers.status``.
+
+    ``lost`` is never stored: :class:`~db.views.WorkerView` shows it for a worker that has
+    not sent a heartbeat within ``alive_within_s`` and did not stop cleanly.
+    """
+
+    IDLE = "idle"  #: waiting for a job
+    BUSY = "busy"  #: running a job (``current_job_id``)
+    PAUSED = "paused"  #: waiting for a full or read-only disk to be fixed (``message`` says which)
+    STOPPED = "stopped"  #: exited cleanly
+    LOST = "lost"  #: (views only) silent for too long
+
+
+class ErrorCode(str, Enum):
+    """Every short code stored in ``jobs.error_code``: why a job failed, or why it went back
+    to the queue.
+
+    The engine's codes are the ``code`` attributes of :class:`engine.errors.StudioError` and
+    its subclasses (a test checks each one is a member here); :mod:`db.faults` sorts database
+    and disk faults into the ``db_*``/``disk_*`` codes; the rest are the registry's and the
+    worker's own (``abandoned``, ``requeued``, ``internal``).
+    """
+
+    # the engine (engine.errors and the modules that define their own StudioError)
+    ERROR = "error"  #: a StudioError without a more precise code
+    INPUT = "input"
+    DECODE = "decode"
+    NO_FACE = "no_face"
+    WEIGHTS = "weights"
+    CHECKPOINT = "checkpoint"
+    WEIGHTS_MISSING = "weights_missing"
+    SHAPE = "shape"
+    OUTPUT = "output"
+    CANCELLED = "cancelled"
+    TOO_LARGE = "too_large"
+    TOO_SMALL = "too_small"
+    DISK_FULL = "disk_full"
+    READ_ONLY = "read_only"
+    ALIGN = "align"
+    RENDERER = "renderer"
+    # faults of the database and its disk (db.faults)
+    DB_BUSY = "db_busy"
+    DISK_IO = "disk_io"
+    DB_UNAVAILABLE = "db_unavailable"
+    # the registry and the worker
+    ABANDONED = "abandoned"  #: the job's worker was lost (requeued), or every attempt was (failed)
+    REQUEUED = "requeued"  #: the worker shut down and gave the job back
+    INTERNAL = "internal"  #: an unexpected exception in the worker (a bug)
+
+
 class Meta(SQLModel, table=True):
     """Key/value facts about the database itself (``schema_version``)."""
 
@@ -151,7 +204,7 @@ class Job(SQLModel, table=True):
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     error: str | None = Field(default=None, sa_column=Column(Text))
-    error_code: str | None = None
+    error_code: str | None = None  #: an :class:`ErrorCode` value
     cancel_requested: bool = False
     cancel_requested_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     engine_version: str | None = None
@@ -202,7 +255,7 @@ class WorkerRow(SQLModel, table=True):
     pid: int
     device: str
     device_name: str | None = None
-    status: str = "idle"  #: idle | busy | paused | stopped
+    status: str = WorkerStatus.IDLE.value  #: a :class:`WorkerStatus` value (never ``lost``)
     #: Why the worker is paused (a full or read-only disk), and until when; None otherwise.
     message: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     current_job_id: int | None = None

@@ -114,7 +114,8 @@ class QualityView:
 @dataclass(frozen=True)
 class WorkerView:
     """A worker process; ``alive`` means its heartbeat is recent and it has not stopped.
-    ``status`` is ``idle``, ``busy``, ``paused`` (see ``message``), ``stopped`` or ``lost``."""
+    ``status`` is a :class:`~db.models.WorkerStatus` value: ``idle``, ``busy``, ``paused``
+    (see ``message``), ``stopped`` or ``lost``."""
 
     worker_id: str
     hostname: str
@@ -163,3 +164,26 @@ class JobControl:
 
     cancel_requested: bool
     owned: bool
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """A job handed by a dispatcher (the Ray driver) to the process that runs it
+    (:func:`db.lease.adopt_job`).
+
+    Attributes:
+        job: the job, now running under the adopting process's worker id.
+        retried_from: when the job was still held by another process of the dispatcher, that
+            process's worker id: it was lost mid-job and Ray retried the job here (one more
+            attempt was counted). None for a first hand-over or a re-adoption by the same process.
+        note: the retry in words (``"<id> was lost mid-job (attempt 1 of 3)"``); None unless retried.
+    """
+
+    job: JobView
+    retried_from: str | None = None
+    note: str | None = None
+
+    @property
+    def retried(self) -> bool:
+        """Whether this hand-over is a Ray retry of a lost process's attempt."""
+        return self.retried_from is not None

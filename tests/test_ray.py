@@ -55,17 +55,25 @@ def test_adopt_job_hands_over_counts_ray_retries_and_fences_the_lost_process(reg
     assert claim.id == job_id
 
     first = service.adopt_job(reg, job_id, f"{driver}/a-1-gpu0", dispatcher=driver, device="cuda:0",
-                              claimed_at=claim.started_at)
+                              claimed_at=claim.started_at).job
     assert (first.worker_id, first.device, first.attempts, first.stage) == (f"{driver}/a-1-gpu0", "cuda:0", 1,
                                                                               "starting")
     again = service.adopt_job(reg, job_id, f"{driver}/a-1-gpu0", dispatcher=driver)
-    assert again.attempts == 1, "re-adopting by the same process is not a retry"
+    assert again.job.attempts == 1, "re-adopting by the same process is not a retry"
+    assert not again.retried and again.retried_from is None and again.note is None
     assert service.report_progress(reg, job_id, f"{driver}/a-1-gpu0", frames_done=4).owned
 
     # a-1 died; Ray retried the video on b-2: one more attempt, a-1 is fenced out.
-    retried = service.adopt_job(reg, job_id, f"{driver}/b-2-gpu1", dispatcher=driver, device="cuda:1")
+    adoption = service.adopt_job(reg, job_id, f"{driver}/b-2-gpu1", dispatcher=driver, device="cuda:1")
+    retried = adoption.job
     assert (retried.worker_id, retried.attempts) == (f"{driver}/b-2-gpu1", 2)
     assert retried.error.startswith(f"retried: {driver}/a-1-gpu0 was lost mid-job (attempt 1 of 3)")
+    # The retry is data for the caller; the job's error keeps the words for the dashboard.
+    assert adoption.retried and adoption.retried_from == f"{driver}/a-1-gpu0"
+    assert adoption.note == f"{driver}/a-1-gpu0 was lost mid-job (attempt 1 of 3)"
+    assert retried.error_code == "abandoned"
+    readopted = service.adopt_job(reg, job_id, f"{driver}/b-2-gpu1", dispatcher=driver, device="cuda:1")
+    assert readopted.job.error == retried.error and not readopted.retried, "the words are not parsed back"
     assert not service.report_progress(reg, job_id, f"{driver}/a-1-gpu0", frames_done=5).owned
     with pytest.raises(service.LostJob):
         from db.views import QualitySummary
@@ -83,7 +91,7 @@ def test_adopt_job_hands_over_counts_ray_retries_and_fences_the_lost_process(reg
     assert service.get_job(reg, job_id).worker_id == f"{driver}/b-2-gpu1"
 
     # The last allowed attempt was lost too: the job fails instead of a 4th attempt.
-    assert service.adopt_job(reg, job_id, f"{driver}/c-3-gpu0", dispatcher=driver).attempts == 3
+    assert service.adopt_job(reg, job_id, f"{driver}/c-3-gpu0", dispatcher=driver).job.attempts == 3
     reg.state_dir(job_id).mkdir(parents=True)
     assert service.adopt_job(reg, job_id, f"{driver}/d-4-gpu0", dispatcher=driver) is None
     failed = service.get_job(reg, job_id)

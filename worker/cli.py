@@ -237,7 +237,7 @@ def format_table(jobs) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from db import JobStatus, service
+    from db import JobStatus, WorkerStatus, service
 
     statuses = None
     if args.status:
@@ -251,7 +251,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         reg = _registry(args)
         jobs = service.list_jobs(reg, statuses=statuses, search=args.search, limit=args.limit)
         total = service.count_jobs(reg, statuses=statuses, search=args.search)
-        paused = [w for w in service.list_workers(reg) if w.alive and w.status == "paused"]
+        paused = [w for w in service.list_workers(reg) if w.alive and w.status == WorkerStatus.PAUSED]
     except _registry_errors() as e:
         print(f"error: cannot read the job database: {_worded(e, reg)}", file=sys.stderr)
         return 1

@@ -42,7 +42,7 @@ from pathlib import Path, PurePath
 
 from db import faults, service, storage
 from db.access import user_message
-from db.models import utcnow
+from db.models import ErrorCode, WorkerStatus, utcnow
 from db.registry import Registry
 from db.views import ArtifactFile, JobView, QualitySummary
 from engine.config import EngineConfig
@@ -364,7 +364,7 @@ class Worker:
         if e is None or faults.is_db_fault(e) or faults.fault_code(e):
             self._janitor_quiet_until = time.monotonic() + self.options.stale_after_s
 
-    def _idle(self, seconds: float, *, status: str = "idle", message: str | None = None) -> None:
+    def _idle(self, seconds: float, *, status: WorkerStatus = WorkerStatus.IDLE, message: str | None = None) -> None:
         try:
             service.worker_heartbeat(self.reg, self.worker_id, status=status, current_job_id=None, message=message)
         except Exception as e:
@@ -385,7 +385,8 @@ class Worker:
             log.warning("%s", message)
             end = time.monotonic() + delay
             while not self.stop_event.is_set() and time.monotonic() < end:
-                self._idle(min(opts.heartbeat_s, max(0.0, end - time.monotonic())), status="paused", message=message)
+                self._idle(min(opts.heartbeat_s, max(0.0, end - time.monotonic())), status=WorkerStatus.PAUSED,
+                           message=message)
             if self.stop_event.is_set():
                 return
             problem = next(
@@ -572,7 +573,7 @@ class Worker:
             message, code = str(e), e.code
             log.error("job %d failed: %s", job.id, message)
         else:
-            message, code = f"{type(e).__name__}: {e}", "internal"
+            message, code = f"{type(e).__name__}: {e}", ErrorCode.INTERNAL
             log.exception("job %d failed with an unexpected error", job.id)
         message = message.splitlines()[0] if message.strip() else type(e).__name__
         message = user_message(message, job.input_path, job.name, self.reg.data_dir)  # the user's file name

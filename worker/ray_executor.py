@@ -46,7 +46,7 @@ from datetime import datetime
 from pathlib import Path
 
 from db import service
-from db.models import JobStatus
+from db.models import ErrorCode, JobStatus, WorkerStatus
 from db.registry import Registry
 from worker.loop import Worker, WorkerOptions, device_name, install_stop_handlers
 
@@ -193,16 +193,17 @@ class GpuWorker:
         are recorded on the job, never raised (so Ray never retries them).
         """
         wid = self.worker.worker_id
-        job = service.adopt_job(self.reg, job_id, wid, dispatcher=self.dispatcher, device=self.worker.label,
-                                claimed_at=claimed_at)
-        if job is None:
+        adoption = service.adopt_job(self.reg, job_id, wid, dispatcher=self.dispatcher, device=self.worker.label,
+                                     claimed_at=claimed_at)
+        if adoption is None:
             log.warning("job %d no longer runs for this driver (requeued, cancelled or given up): skipped", job_id)
             view = service.get_job(self.reg, job_id)
             return {"job_id": job_id, "worker_id": wid, "adopted": False, "status": view.status.value,
                     "attempts": view.attempts}
-        if (job.error or "").startswith("retried: "):
+        job = adoption.job
+        if adoption.retried:
             log.warning("job %d: retried by Ray, attempt %d of %d (%s)", job_id, job.attempts, job.max_attempts,
-                        job.error.removeprefix("retried: "))
+                        adoption.note)
         self.worker.perform(job)
         self.worker.jobs_seen += 1
         view = service.get_job(self.reg, job_id)
@@ -435,8 +436,8 @@ class RayDriver:
             return
         self._last_beat = now
         busy = any(s.state == "busy" for s in self.slots)
-        ids = [(self.driver_id, "busy" if busy else "idle")]
-        ids += [(s.worker_id, "idle") for s in self.slots if s.state == "idle" and s.worker_id]
+        ids = [(self.driver_id, WorkerStatus.BUSY if busy else WorkerStatus.IDLE)]
+        ids += [(s.worker_id, WorkerStatus.IDLE) for s in self.slots if s.state == "idle" and s.worker_id]
         for wid, status in ids:
             try:
                 service.worker_heartbeat(self.reg, wid, status=status, current_job_id=None)
@@ -513,7 +514,8 @@ class RayDriver:
             return
         if fail or job.attempts >= job.max_attempts:
             message = reason if fail else service.give_up_message(job.attempts, reason)
-            service.fail_job(self.reg, job_id, owner, error=message, code="internal" if fail else "abandoned")
+            code = ErrorCode.INTERNAL if fail else ErrorCode.ABANDONED
+            service.fail_job(self.reg, job_id, owner, error=message, code=code)
             log.error("job %d failed: %s", job_id, message)
         else:
             service.requeue_job(self.reg, job_id, owner, reason=reason, penalty=True)

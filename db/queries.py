@@ -1,0 +1,120 @@
+"""Reading the registry: pages of jobs, counts, one job, its result files and quality, the workers.
+
+Each function opens one read session and returns frozen views (:mod:`db.mappers`), never
+live rows. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import case, func, or_
+from sqlmodel import select
+
+from db.mappers import artifact_view, job_view, quality_view, worker_view
+from db.models import Artifact, Job, JobStatus, Quality, Video, WorkerRow, utcnow
+from db.registry import Registry
+from db.states import load_job
+from db.views import ArtifactView, JobView, QualityView, WorkerView
+
+#: ``order_by`` names of :func:`list_jobs` → the column (or expression) sorted on.
+_ORDER = {
+    "created_at": Job.created_at,
+    "id": Job.id,
+    "status": Job.status,
+    "name": Job.name,
+    "started_at": Job.started_at,
+    "finished_at": Job.finished_at,
+    "fps": Job.fps,
+    "attempts": Job.attempts,
+    "progress": case((Job.frames_total > 0, Job.frames_done * 1.0 / Job.frames_total), else_=0.0),
+}
+
+
+def _filtered(query, statuses, search):
+    """``query`` narrowed to ``statuses`` and to a name substring or job id ``search``."""
+    if statuses:
+        query = query.where(Job.status.in_([JobStatus(st).value for st in statuses]))
+    if search:
+        term = search.strip()
+        escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        cond = Job.name.ilike(f"%{escaped}%", escape="\\")
+        if term.isdigit():
+            cond = or_(cond, Job.id == int(term))
+        query = query.where(cond)
+    return query
+
+
+def list_jobs(
+    reg: Registry,
+    *,
+    statuses: Sequence[JobStatus | str] | None = None,
+    search: str | None = None,
+    order_by: str = "created_at",
+    descending: bool = True,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[JobView]:
+    """One page of jobs (paginated in SQL).
+
+    Args:
+        statuses: keep only these statuses (None: all).
+        search: case-insensitive substring of the video name, or a job id.
+        order_by: one of ``created_at, id, status, name, started_at, finished_at, fps,
+            attempts, progress``; ties are broken by id.
+    """
+    if order_by not in _ORDER:
+        raise ValueError(f"order_by must be one of {sorted(_ORDER)}, got {order_by!r}")
+    col = _ORDER[order_by]
+    q = _filtered(select(Job, Video).join(Video, Job.video_id == Video.id), statuses, search)
+    q = q.order_by(col.desc(), Job.id.desc()) if descending else q.order_by(col.asc(), Job.id.asc())
+    q = q.limit(max(0, int(limit))).offset(max(0, int(offset)))
+    with reg.session() as s:
+        return [job_view(reg, j, v) for j, v in s.exec(q).all()]
+
+
+def count_jobs(
+    reg: Registry, *, statuses: Sequence[JobStatus | str] | None = None, search: str | None = None
+) -> int:
+    """How many jobs :func:`list_jobs` would list without pagination."""
+    q = _filtered(select(func.count(Job.id)).join(Video, Job.video_id == Video.id), statuses, search)
+    with reg.session() as s:
+        return int(s.exec(q).one())
+
+
+def status_counts(reg: Registry) -> dict[JobStatus, int]:
+    """Number of jobs in each status (every status present, zeros included)."""
+    out = {st: 0 for st in JobStatus}
+    with reg.session() as s:
+        for status, n in s.exec(select(Job.status, func.count(Job.id)).group_by(Job.status)).all():
+            out[JobStatus(status)] = int(n)
+    return out
+
+
+def get_job(reg: Registry, job_id: int) -> JobView:
+    """The job with this id. Raises :class:`~db.states.JobNotFound`."""
+    with reg.session() as s:
+        return job_view(reg, *load_job(s, job_id))
+
+
+def list_artifacts(reg: Registry, job_id: int) -> list[ArtifactView]:
+    """The registered result files of a job, ordered by format."""
+    with reg.session() as s:
+        rows = s.exec(select(Artifact).where(Artifact.job_id == int(job_id)).order_by(Artifact.format)).all()
+        return [artifact_view(a) for a in rows]
+
+
+def get_quality(reg: Registry, job_id: int) -> QualityView | None:
+    """The quality summary of a succeeded job (None before it succeeded)."""
+    with reg.session() as s:
+        q = s.get(Quality, int(job_id))
+        return None if q is None else quality_view(q)
+
+
+def list_workers(reg: Registry, *, alive_within_s: float = 30) -> list[WorkerView]:
+    """Every worker that registered, newest first; ``alive`` if seen within ``alive_within_s`` seconds."""
+    now = utcnow()
+    with reg.session() as s:
+        rows = s.exec(select(WorkerRow).order_by(WorkerRow.started_at.desc())).all()
+        return [worker_view(w, now, alive_within_s) for w in rows]
+
