@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, TEST_CLIP, random_checkpoint
-from db import JobStatus, Registry, service
+from db import LOCAL, JobStatus, Registry, service
 
 TARGET_S = 2.0
 
@@ -70,7 +70,7 @@ def main() -> None:
                 job = service.submit_file(reg, args.clip, settings)
                 _wait(lambda j=job: service.get_job(reg, j.id).frames_done >= args.after, 600,
                       f"job {job.id} to reach frame {args.after} (see {log_path})")
-                running = service.cancel_job(reg, job.id)
+                running = service.cancel_job(reg, job.id, actor=LOCAL)
                 _wait(lambda j=job: service.get_job(reg, j.id).status == JobStatus.CANCELLED, 600,
                       f"job {job.id} to be cancelled (see {log_path})")
                 done = service.get_job(reg, job.id)
