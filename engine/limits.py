@@ -175,17 +175,17 @@ class InputLimits:
         self.check_size(name, width, height)
 
     def _check_video_header(self, path: Path, name: str) -> None:
-        try:
-            import av
+        from engine.avcompat import fraction, open_container
 
-            with av.open(str(path), metadata_errors="ignore") as container:
+        try:
+            with open_container(path) as container:
                 if not container.streams.video:
                     return
                 stream = container.streams.video[0]
                 width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
                 seconds = 0.0
                 if stream.duration and stream.time_base:
-                    seconds = float(stream.duration * stream.time_base)
+                    seconds = float(stream.duration * fraction(stream.time_base))
                 elif container.duration:
                     seconds = container.duration / 1_000_000
         except Exception:  # unreadable header: probe gives the reason
