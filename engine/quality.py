@@ -380,22 +380,23 @@ def smooth_coefficients(coeff: np.ndarray, valid: np.ndarray, breaks: np.ndarray
     return out.astype(np.float32)
 
 
-def lag_frames(raw: np.ndarray, smoothed: np.ndarray, max_lag: int = 5) -> float:
-    """Delay of ``smoothed`` behind ``raw`` (1-D, same length) in frames, sub-frame: the peak of
-    their cross-correlation (of first differences, means removed) refined by a parabola.
+def lag_frames(raw: np.ndarray, smoothed: np.ndarray, max_lag: float = 5.0, step: float = 0.01) -> float:
+    """Delay of ``smoothed`` behind ``raw`` (1-D, same length) in frames, to ``step``: the shift
+    ``d`` that best aligns them, i.e. maximises the cross-correlation of ``smoothed(t)`` with
+    ``raw(t - d)`` (means removed; ``raw`` shifted by linear interpolation, compared over the
+    frames both cover for every shift tried) — equivalently, minimises their squared difference.
 
     Positive: ``smoothed`` lags. ``max_lag`` bounds the search (frames).
+
+    >>> t = np.arange(60.0)
+    >>> round(lag_frames(np.sin(t / 6), np.sin((t - 2) / 6)), 2), round(lag_frames(t ** 2, (t + 0.5) ** 2), 2)
+    (2.0, -0.5)
     """
-    a = np.diff(np.asarray(raw, dtype=np.float64))
-    b = np.diff(np.asarray(smoothed, dtype=np.float64))
-    a, b = a - a.mean(), b - b.mean()
-    lags = np.arange(-max_lag, max_lag + 1)
-    n = len(a)
-    cc = np.array([np.dot(a[max(0, -k):n - max(0, k)], b[max(0, k):n - max(0, -k)]) for k in lags])
-    i = int(np.argmax(cc))
-    if 0 < i < len(cc) - 1:
-        den = cc[i - 1] - 2 * cc[i] + cc[i + 1]
-        off = 0.5 * (cc[i - 1] - cc[i + 1]) / den if den else 0.0
-    else:
-        off = 0.0
-    return float(lags[i] + off)
+    a = np.asarray(raw, dtype=np.float64)
+    b = np.asarray(smoothed, dtype=np.float64)
+    t = np.arange(len(a), dtype=np.float64)
+    m = int(np.ceil(max_lag))
+    inner = t[m:len(t) - m]
+    shifts = np.arange(-max_lag, max_lag + step / 2, step)
+    err = [np.mean((b[m:len(t) - m] - np.interp(inner - d, t, a)) ** 2) for d in shifts]
+    return float(shifts[int(np.argmin(err))])

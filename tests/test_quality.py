@@ -120,6 +120,8 @@ def test_smoothing_lowers_jitter_and_follows_a_turn_without_lag():
     lag = q.lag_frames(turn, yaw)
     log.info("synthetic turn: yaw jitter %.3f → %.3f °/frame², lag %.3f frames", before, after, lag)
     assert abs(lag) < 1.0
+    causal = np.convolve(np.degrees(coeff[:, layout.ANGLE.start + 1]), np.ones(7) / 7)[:n]  # a lagging filter
+    assert q.lag_frames(turn, causal) > 2.5  # the measure sees lag where there is some
     assert np.abs(yaw - turn).max() < 2.0  # follows the 45° turn, no overshoot or trailing
 
 
@@ -297,3 +299,31 @@ def test_edited_clip_smoothing_lowers_jitter_and_keeps_the_raw(edited_run):
     for key in ("yaw_deg", "pitch_deg", "roll_deg", "trans", "exp10"):
         assert after[key] < before[key], key
     assert report.quality["smoothing"]["window"] == 7
+
+
+def test_a_rotated_head_turn_is_followed_without_lag(tmp_path, test_video, recon_checkpoint):
+    """Frames of one still turned by a known smooth ramp (0 → 30° in-plane): the smoothed
+    coefficients follow the raw ones with less than one frame of lag (cross-correlation)."""
+    from PIL import Image
+
+    from engine.pipeline import Engine
+    from tests.media import first_frames, make_video
+
+    n = 36
+    still = Image.fromarray(first_frames(test_video, 1, size=(SIDE, SIDE))[0])
+    turn = _smoothstep_turn(n, 6, 24, 30.0)
+    frames = [np.asarray(still.rotate(float(a), resample=Image.BICUBIC, fillcolor=(96, 96, 96))) for a in turn]
+    clip = make_video(tmp_path / "turn.mp4", frames, fps=25)
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", batch_size=12,
+                       formats=("npz",), smooth_window=7, num_threads=2)
+    with Engine(cfg) as engine:
+        report = engine.run(clip, tmp_path / "turn")
+    with np.load(report.outputs["npz"], allow_pickle=False) as z:
+        raw, smoothed, valid = z["coeff_raw"], z["coeff"], z["valid"]
+    assert valid.all()
+    # The columns that follow the turn most: the 8 with the largest raw range over the clip.
+    span = raw.max(axis=0) - raw.min(axis=0)
+    lags = [q.lag_frames(raw[:, k], smoothed[:, k]) for k in np.argsort(span)[-8:]]
+    log.info("rotated turn: lags of the 8 most moving coefficients %s frames", np.round(lags, 3).tolist())
+    assert max(abs(x) for x in lags) < 1.0
+    assert report.quality["flags"]["abrupt_jump"] == 0  # a smooth turn is no jump
