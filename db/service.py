@@ -173,7 +173,8 @@ def _artifact_view(a: Artifact) -> ArtifactView:
     )
 
 
-def _quality_view(q: Quality) -> QualityView:
+def _quality_view(q: Quality, report: dict | None = None) -> QualityView:
+    extra = dict((report or {}).get("quality") or {})  # the engine's quality summary (issue 14)
     return QualityView(
         job_id=q.job_id,
         video_id=q.video_id,
@@ -182,6 +183,9 @@ def _quality_view(q: Quality) -> QualityView:
         valid_ratio=(q.valid_frames / q.frames) if q.frames else 0.0,
         reasons={str(k): int(v) for k, v in (q.reasons or {}).items()},
         longest_invalid_run=q.longest_invalid_run,
+        flags={str(k): int(v) for k, v in (extra.get("flags") or {}).items()},
+        jitter=dict(extra.get("jitter") or {}),
+        jitter_raw=dict(extra.get("jitter_raw") or {}),
     )
 
 
@@ -526,7 +530,10 @@ def get_quality(reg: Registry, job_id: int) -> QualityView | None:
     """The quality summary of a succeeded job (None before it succeeded)."""
     with reg.session() as s:
         q = s.get(Quality, int(job_id))
-        return None if q is None else _quality_view(q)
+        if q is None:
+            return None
+        job = s.get(Job, int(job_id))
+        return _quality_view(q, job.report if job is not None else None)
 
 
 def list_workers(reg: Registry, *, alive_within_s: float = 30) -> list[WorkerView]:

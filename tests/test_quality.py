@@ -327,3 +327,45 @@ def test_a_rotated_head_turn_is_followed_without_lag(tmp_path, test_video, recon
     log.info("rotated turn: lags of the 8 most moving coefficients %s frames", np.round(lags, 3).tolist())
     assert max(abs(x) for x in lags) < 1.0
     assert report.quality["flags"]["abrupt_jump"] == 0  # a smooth turn is no jump
+
+
+# ----------------------------------------------------------------------------- registry and bundle
+
+
+def test_quality_summary_reaches_the_registry_and_the_bundle_manifest(tmp_path):
+    import json
+    import zipfile
+
+    from db import Registry, service
+    from db.storage import sha256_file
+    from db.views import ArtifactFile, QualitySummary
+
+    reg = Registry(url=f"sqlite:///{tmp_path / 'studio.db'}", data_dir=tmp_path / "data")
+    try:
+        src = tmp_path / "clip.mp4"
+        src.write_bytes(b"video")
+        job = service.submit_file(reg, src, {"landmarks": "mtcnn", "formats": ["npz"], "keep_person": "continuity",
+                                             "smooth_window": 7})
+        service.claim_next(reg, "w")
+        out = reg.result_dir(job.id)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "clip.npz").write_bytes(b"npz")
+        coeff, tp = _trajectory(10)
+        valid = np.ones(10, bool)
+        flags = np.zeros(10, np.uint32)
+        flags[4] = q.bit("abrupt_jump")
+        summary = q.video_metrics(valid, flags, coeff, tp, coeff_raw=coeff)
+        service.complete_job(
+            reg, job.id, "w", artifacts=[ArtifactFile("npz", out / "clip.npz", 3, sha256_file(out / "clip.npz"))],
+            quality=QualitySummary(frames=10, valid_frames=10, reasons={}, longest_invalid_run=0),
+            report={"media_fps": 25.0, "quality": summary})
+        view = service.get_quality(reg, job.id)
+        assert view.flags["abrupt_jump"] == 1 and view.flags["no_face"] == 0
+        assert view.jitter["yaw_deg"] == pytest.approx(0.02) and "yaw_deg" in view.jitter_raw
+        with zipfile.ZipFile(service.build_bundle(reg, job.id)) as zf:
+            manifest = json.loads(zf.read("manifest.json"))
+        assert manifest["quality"]["flags"]["abrupt_jump"] == {"frames": 1,
+                                                               "meaning": q.FLAGS["abrupt_jump"].description}
+        assert manifest["settings"]["smooth_window"] == 7 and manifest["settings"]["keep_person"] == "continuity"
+    finally:
+        reg.close()
