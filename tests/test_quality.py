@@ -369,3 +369,85 @@ def test_quality_summary_reaches_the_registry_and_the_bundle_manifest(tmp_path):
         assert manifest["settings"]["smooth_window"] == 7 and manifest["settings"]["keep_person"] == "continuity"
     finally:
         reg.close()
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+from tests.test_dashboard import empty_studio  # noqa: E402, F401  (the dashboard's registry fixture)
+
+
+def _flagged_result(n: int = 60):
+    """A fake result whose npz carries flags and raw + smoothed coefficients."""
+    import dataclasses
+
+    from tests.dashboard_fixtures import fake_result
+
+    r = fake_result(n=n)  # frames 10-14 and 40 have no face
+    flags = np.zeros(n, np.uint32)
+    flags[~r.valid] |= q.bit("no_face")
+    flags[20:26] |= q.bit("several_faces")
+    flags[[30, 50]] |= q.bit("abrupt_jump")
+    raw = r.coeff + np.random.default_rng(3).normal(0, 0.01, r.coeff.shape).astype(np.float32)
+    return dataclasses.replace(r, quality={"flags": flags, "coeff_raw": raw})
+
+
+def test_results_table_lists_flags_and_finds_the_next_flagged_frame(tmp_path):
+    from dashboard.results import flag_table, jitter_table, load_result, next_flagged
+    from engine.writers import write_outputs
+
+    data = load_result(write_outputs(_flagged_result(), tmp_path / "clip", ("npz",))["npz"])
+    table = flag_table(data.df).set_index("flag")
+    assert table.loc["no_face", "frames"] == 6 and table.loc["several_faces", "first"] == 20
+    assert table.loc["abrupt_jump", "frames"] == 2 and table.loc["filled", "frames"] == 0
+    assert next_flagged(data.df, "abrupt_jump", 30) == 50 and next_flagged(data.df, "abrupt_jump", 50) == 30
+    jt = jitter_table(data).set_index("quantity")
+    coeffs = jt.drop(index="crop_scale")  # the crop is never smoothed
+    assert (coeffs["smoothed"] < coeffs["raw"]).all()  # the shown (smoothed) ones are smoother than the raw
+
+
+def test_charts_shade_each_flag_and_break_lines_where_there_is_no_face(tmp_path):
+    from dashboard import charts
+    from dashboard.results import load_result
+    from engine.writers import write_outputs
+
+    df = load_result(write_outputs(_flagged_result(), tmp_path / "clip", ("npz",))["npz"]).df
+    fig = charts.pose_figure(df, frame=3, flags=["several_faces", "abrupt_jump"])
+    yaw = next(t for t in fig.data if t.name == "yaw")
+    y = np.array(yaw.y, dtype=float)
+    assert np.isnan(y[10:15]).all() and np.isnan(y[40]) and np.isfinite(y[:10]).all()  # a gap, not the filler
+    legend = [t.name for t in fig.data if t.name not in ("yaw", "pitch", "roll")]
+    assert legend == ["no face / invalid frame", "Several faces (6)", "Abrupt jump (2)"]
+    rects = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert len(rects) == 2 + 1 + 2  # invalid runs, one several-faces run, two jumps
+    crop = charts.crop_figure(df, flags=["abrupt_jump"])
+    assert any(t.name == "Abrupt jump (2)" for t in crop.data)
+
+
+def test_results_page_lists_flags_and_jumps_to_the_next_flagged_frame(empty_studio):
+    from db import service
+    from db.storage import sha256_file
+    from db.views import ArtifactFile, QualitySummary
+    from engine.writers import write_outputs
+    from tests.dashboard_fixtures import make_clip
+    from tests.test_dashboard import open_page
+
+    reg, tmp_path = empty_studio
+    clip = make_clip(tmp_path / "clip.mp4")
+    job = service.submit_file(reg, clip, {"landmarks": "mtcnn", "formats": ["npz"]}, original_name="flagged.mp4")
+    service.claim_next(reg, "w", device="cpu")
+    result = _flagged_result()
+    paths = write_outputs(result, reg.result_dir(job.id) / "flagged", ("npz",))
+    service.complete_job(
+        reg, job.id, "w", artifacts=[ArtifactFile(f, p, p.stat().st_size, sha256_file(p)) for f, p in paths.items()],
+        quality=QualitySummary(frames=60, valid_frames=54, reasons={"no_face": 6}, longest_invalid_run=5))
+    at = open_page("results", job=job.id)
+    shown = at.dataframe[0].value  # the flag table (the jitter table follows)
+    assert dict(zip(shown["label"], shown["frames"], strict=True)) == {
+        "No face": 6, "Several faces": 6, "Abrupt jump": 2}
+    at.selectbox(key=f"res_flag_pick_{job.id}").set_value("abrupt_jump").run()
+    at.button(key="res_flag_next").click().run()
+    assert at.slider(key=f"res_frame_{job.id}").value == 30
+    at.button(key="res_flag_next").click().run()
+    assert at.slider(key=f"res_frame_{job.id}").value == 50
+    assert at.multiselect(key=f"res_flag_shade_{job.id}").value == ["several_faces", "abrupt_jump"]
+    assert not at.exception
