@@ -423,7 +423,7 @@ def test_charts_shade_each_flag_and_break_lines_where_there_is_no_face(tmp_path)
     assert any(t.name == "Abrupt jump (2)" for t in crop.data)
 
 
-def test_results_page_lists_flags_and_jumps_to_the_next_flagged_frame(empty_studio):
+def test_results_page_lists_flags_and_jumps_to_the_next_flagged_frame(empty_studio):  # noqa: F811 (a fixture)
     from db import service
     from db.storage import sha256_file
     from db.views import ArtifactFile, QualitySummary
