@@ -145,6 +145,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
                     f"{report.fps:.1f} frames/s → {', '.join(str(p) for p in report.outputs.values())}",
                     file=sys.stderr,
                 )
+                flagged = {k: v for k, v in report.quality.get("flags", {}).items() if v}
+                if flagged:
+                    print("   flags: " + ", ".join(f"{k} {v}" for k, v in flagged.items()), file=sys.stderr)
     print(f"{done} done, {skipped} skipped, {failures} failed", file=sys.stderr)
     return 1 if failures else 0
 

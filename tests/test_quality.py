@@ -451,3 +451,15 @@ def test_results_page_lists_flags_and_jumps_to_the_next_flagged_frame(empty_stud
     assert at.slider(key=f"res_frame_{job.id}").value == 50
     assert at.multiselect(key=f"res_flag_shade_{job.id}").value == ["several_faces", "abrupt_jump"]
     assert not at.exception
+
+
+def test_cli_options_reach_the_config():
+    from engine.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["extract", "clip.mp4", "-o", "out", "--keep-person", "continuity",
+                                      "--smooth-window", "9"])
+    cfg = config_from_args(args)
+    assert cfg.keep_person == KeepPerson.CONTINUITY and cfg.smooth_window == 9
+    assert EngineConfig.from_dict(cfg.to_dict()) == cfg
+    default = config_from_args(build_parser().parse_args(["extract", "clip.mp4", "-o", "out"]))
+    assert default.keep_person == KeepPerson.REFERENCE and default.smooth_window == 0
