@@ -2,8 +2,10 @@
 a :class:`plotly.graph_objects.Figure` out. Pure: no Streamlit, no file access.
 
 Every time-series chart has x = time in seconds, shows the frame index on hover (``customdata``),
-shades frames flagged invalid in grey, and can mark the frame shown in the viewer with a
-dashed vertical line. Traces carry markers so a click or box selection returns points.
+shades frames flagged invalid in grey (and the chosen quality flags, one colour and legend entry
+each), breaks its lines where a frame has no usable face (the filler values are not drawn), and
+can mark the frame shown in the viewer with a dashed vertical line. Traces carry markers so a
+click or box selection returns points.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard.results import EXP_COLUMNS, frame_at_time, invalid_runs
+from engine import quality
 
 #: Above this many frames the WebGL scatter is used (the SVG one gets slow).
 WEBGL_FROM = 3000
@@ -40,6 +43,17 @@ SERIES_COLOURS = {
     "centre y (down)": "#16a34a",
 }
 CHART_HEIGHT = 320
+#: One colour per quality flag (``no_face`` is the grey invalid band).
+FLAG_COLOURS = {
+    "several_faces": "rgba(234, 179, 8, 0.25)",
+    "other_face_kept": "rgba(220, 38, 38, 0.25)",
+    "low_confidence": "rgba(147, 51, 234, 0.20)",
+    "crop_outside": "rgba(14, 165, 233, 0.20)",
+    "extreme_pose": "rgba(249, 115, 22, 0.22)",
+    "abrupt_jump": "rgba(190, 18, 60, 0.45)",
+    "filled": "rgba(100, 116, 139, 0.30)",
+    "no_face": INVALID_FILL,
+}
 
 POSE_SERIES = {"yaw_deg": "yaw", "pitch_deg": "pitch", "roll_deg": "roll"}
 TRANSLATION_SERIES = {"tx": "tx (left–right)", "ty": "ty (up–down)", "tz": "tz (depth)"}
@@ -107,6 +121,30 @@ def add_invalid_shading(fig: go.Figure, df: pd.DataFrame, **rect_kwargs) -> go.F
     return fig
 
 
+def add_flag_shading(fig: go.Figure, df: pd.DataFrame, flags: Sequence[str] = (), **rect_kwargs) -> go.Figure:
+    """Shade the frames carrying each of ``flags`` (names of :data:`engine.quality.FLAGS`), one
+    colour per flag, with one legend entry per flag shown (its label and frame count)."""
+    if "flags" not in df or not flags:
+        return fig
+    t = df["t"].to_numpy()
+    half = _frame_duration(df) / 2
+    for name in flags:
+        hit = quality.has_flag(df["flags"].to_numpy(), name)
+        runs = merge_runs(invalid_runs(~hit))
+        if not runs:
+            continue
+        colour = FLAG_COLOURS.get(name, "rgba(0, 0, 0, 0.15)")
+        for first, last in runs:
+            fig.add_vrect(x0=t[first] - half, x1=t[last] + half, fillcolor=colour, line_width=0, layer="below",
+                          **rect_kwargs)
+        fig.add_trace(
+            go.Scatter(x=[None], y=[None], mode="markers", name=f"{quality.FLAGS[name].label} ({int(hit.sum())})",
+                       marker={"symbol": "square", "size": 12, "color": colour}, hoverinfo="skip"),
+            **({"row": 1, "col": 1} if rect_kwargs.get("row") else {}),
+        )
+    return fig
+
+
 def add_frame_marker(fig: go.Figure, df: pd.DataFrame, frame: int | None, **line_kwargs) -> go.Figure:
     """Draw a dashed vertical line at the time of ``frame`` (the one in the frame viewer)."""
     if frame is None or df.empty:
@@ -126,7 +164,7 @@ def _scatter(df: pd.DataFrame, column: str, name: str, y_unit: str, y_format: st
     cls = go.Scattergl if len(df) >= WEBGL_FROM else go.Scatter
     return cls(
         x=df["t"],
-        y=df[column],
+        y=df[column].where(df["valid"]) if "valid" in df else df[column],  # no face: a gap, not the filler
         customdata=df["frame"],
         name=name,
         mode="lines+markers",
@@ -162,22 +200,25 @@ def time_series_figure(
     y_unit: str = "",
     y_format: str = ".3f",
     frame: int | None = None,
+    flags: Sequence[str] = (),
 ) -> go.Figure:
-    """Generic chart: one line per ``series`` column (column → legend name) over time."""
+    """Generic chart: one line per ``series`` column (column → legend name) over time; ``flags``:
+    quality flags to shade (:func:`add_flag_shading`)."""
     fig = go.Figure([_scatter(df, col, name, y_unit, y_format) for col, name in series.items()])
     _layout(fig, title, y_title)
     add_invalid_shading(fig, df)
+    add_flag_shading(fig, df, flags)
     return add_frame_marker(fig, df, frame)
 
 
-def pose_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
+def pose_figure(df: pd.DataFrame, frame: int | None = None, flags: Sequence[str] = ()) -> go.Figure:
     """Head rotation (yaw, pitch, roll) in degrees over time."""
     return time_series_figure(
-        df, POSE_SERIES, "Head pose", "rotation (degrees)", y_unit="°", y_format=".1f", frame=frame
+        df, POSE_SERIES, "Head pose", "rotation (degrees)", y_unit="°", y_format=".1f", frame=frame, flags=flags
     )
 
 
-def translation_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
+def translation_figure(df: pd.DataFrame, frame: int | None = None, flags: Sequence[str] = ()) -> go.Figure:
     """Head translation tx, ty, tz in the face model's units (decimetres) over time."""
     return time_series_figure(
         df,
@@ -187,10 +228,11 @@ def translation_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
         y_unit=" dm",
         y_format=".3f",
         frame=frame,
+        flags=flags,
     )
 
 
-def crop_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
+def crop_figure(df: pd.DataFrame, frame: int | None = None, flags: Sequence[str] = ()) -> go.Figure:
     """Alignment crop: scale (top) and face centre in image pixels, y down (bottom)."""
     fig = make_subplots(
         rows=2,
@@ -209,10 +251,12 @@ def crop_figure(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
     fig.update_yaxes(title_text="pixels", row=2, col=1)
     fig.update_layout(margin={"t": 80})
     add_invalid_shading(fig, df, row="all", col=1)
+    add_flag_shading(fig, df, flags, row="all", col=1)
     return add_frame_marker(fig, df, frame, row="all", col=1)
 
 
-def expression_figure(df: pd.DataFrame, indices: Sequence[int], frame: int | None = None) -> go.Figure:
+def expression_figure(df: pd.DataFrame, indices: Sequence[int], frame: int | None = None,
+                      flags: Sequence[str] = ()) -> go.Figure:
     """The chosen expression coefficients (0-based indices into the 64) over time."""
     series = {EXP_COLUMNS[i]: f"exp[{i}]" for i in indices}
     return time_series_figure(
@@ -222,6 +266,7 @@ def expression_figure(df: pd.DataFrame, indices: Sequence[int], frame: int | Non
         "coefficient (unitless)",
         y_format=".3f",
         frame=frame,
+        flags=flags,
     )
 
 

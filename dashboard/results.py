@@ -10,6 +10,8 @@ Units and frames of the columns of :func:`result_frame`:
 * ``crop_cx``, ``crop_cy_ydown`` — where the face template's origin lands in the original
   image, in pixels, **y down** (the file stores ``ty`` y-up; it is flipped here for display).
 * ``valid`` (bool), ``reason`` (str, "" when valid).
+* ``flags`` — uint32 bitmask of the quality flags, bit ``FLAGS[name].bit`` of
+  :data:`engine.quality.FLAGS` (0 for results written before flags existed).
 * ``exp_00`` … ``exp_63`` — expression coefficients (unitless PCA weights).
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine import layout
+from engine import layout, quality
 from engine.conventions import flip_y
 
 NUM_EXP = layout.EXP.stop - layout.EXP.start  #: 64 expression coefficients
@@ -55,6 +57,8 @@ class ResultData:
     width: int
     height: int
     crop_box: np.ndarray | None = None
+    #: float32 (N, 257) the coefficients before smoothing, or None (smoothing was off).
+    coeff_raw: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -121,8 +125,62 @@ def result_frame(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
             "reason": np.where(valid, "", np.where(reason == "", "invalid", reason)),
         }
     )
+    df["flags"] = registry_flags(arrays, n)
     exp_df = pd.DataFrame(np.asarray(exp, dtype=np.float64), columns=EXP_COLUMNS)
     return pd.concat([df, exp_df], axis=1)
+
+
+def registry_flags(arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """uint32 (n,) the file's ``flags`` with bits as in :data:`engine.quality.FLAGS` (the file's
+    bit ``i`` is ``flag_names[i]``; names the registry does not know are dropped); 0s when absent."""
+    out = np.zeros(n, dtype=np.uint32)
+    if "flags" not in arrays:
+        return out
+    raw = np.asarray(arrays["flags"]).astype(np.uint32).reshape(n)
+    names = [str(x) for x in arrays.get("flag_names", quality.flag_names())]
+    for i, name in enumerate(names):
+        if name in quality.FLAGS:
+            out |= np.where(raw & np.uint32(1 << i), np.uint32(quality.bit(name)), np.uint32(0))
+    return out
+
+
+def flag_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per quality flag: ``flag`` (name), ``label``, ``frames`` (count), ``first`` (first
+    flagged frame, -1 for none), ``meaning``; registry order."""
+    flags = df["flags"].to_numpy() if "flags" in df else np.zeros(len(df), np.uint32)
+    rows = []
+    for name, spec in quality.FLAGS.items():
+        hit = np.flatnonzero(quality.has_flag(flags, name))
+        rows.append({"flag": name, "label": spec.label, "frames": len(hit),
+                     "first": int(hit[0]) if len(hit) else -1, "meaning": spec.description})
+    return pd.DataFrame(rows, columns=["flag", "label", "frames", "first", "meaning"])
+
+
+def next_flagged(df: pd.DataFrame, name: str, after: int) -> int | None:
+    """The first frame after ``after`` carrying flag ``name``, wrapping to the start; None if none.
+
+    >>> df = pd.DataFrame({"flags": np.array([0, 1, 0, 1], np.uint32)})
+    >>> next_flagged(df, "no_face", 1), next_flagged(df, "no_face", 3), next_flagged(df, "filled", 0)
+    (3, 1, None)
+    """
+    hit = np.flatnonzero(quality.has_flag(df["flags"].to_numpy(), name))
+    if not len(hit):
+        return None
+    later = hit[hit > after]
+    return int(later[0] if len(later) else hit[0])
+
+
+def jitter_table(data: ResultData) -> pd.DataFrame:
+    """Jitter (:func:`engine.quality.jitter`) of the shown coefficients, and of the raw ones when
+    the run smoothed them: columns ``quantity``, ``unit``, ``raw``, ``smoothed`` (NaN when off)."""
+    valid = data.df["valid"].to_numpy()
+    shown = quality.jitter(data.coeff, data.transform_params, valid)
+    raw = quality.jitter(data.coeff_raw, data.transform_params, valid) if data.coeff_raw is not None else None
+    units = {"pitch_deg": "°/frame²", "yaw_deg": "°/frame²", "roll_deg": "°/frame²", "trans": "dm/frame²",
+             "crop_scale": "log s/frame²", "exp10": "1/frame²"}
+    return pd.DataFrame([
+        {"quantity": k, "unit": units.get(k, ""), "raw": (raw or shown)[k],
+         "smoothed": shown[k] if raw is not None else float("nan")} for k in shown])
 
 
 def load_result(path: str | Path) -> ResultData:
@@ -149,6 +207,7 @@ def load_result(path: str | Path) -> ResultData:
         width=width,
         height=height,
         crop_box=np.asarray(arrays["crop_box"], dtype=np.int32) if "crop_box" in arrays else None,
+        coeff_raw=np.asarray(arrays["coeff_raw"], dtype=np.float32) if "coeff_raw" in arrays else None,
     )
 
 

@@ -73,7 +73,10 @@ Files
 
 manifest.json lists the input (name, SHA-256), the frame count and rate, the settings,
 the engine version, the checkpoint used (file name and SHA-256) and the size and SHA-256 of
-every file in this bundle.
+every file in this bundle. Its "quality" part counts the frames carrying each quality flag
+(with what the flag means), the jitter of the coefficients (after smoothing, and before it
+as "jitter_raw" when smoothing was on) and the smoothing settings. The npz holds the
+per-frame flags ("flags" bitmask, bit i = "flag_names"[i]); the CSV a "flags" column.
 """
 
 
@@ -180,6 +183,7 @@ def _manifest(reg: Registry, job, artifacts: list[ArtifactView]) -> dict:
         "frames": quality.frames if quality else job.frames_total,
         "valid_frames": quality.valid_frames if quality else None,
         "invalid_reasons": quality.reasons if quality else {},
+        "quality": _quality_manifest(report.get("quality") or {}),
         "fps": report.get("media_fps", job.video.fps),
         "settings": settings,
         "engine_version": job.engine_version,
@@ -190,6 +194,18 @@ def _manifest(reg: Registry, job, artifacts: list[ArtifactView]) -> dict:
         ],
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
     }
+
+
+def _quality_manifest(summary: dict) -> dict:
+    """The quality part of a manifest: flag counts with what each flag means, jitter, smoothing."""
+    from engine.quality import FLAGS
+
+    if not summary:
+        return {}
+    out = {k: v for k, v in summary.items() if k != "flags"}
+    out["flags"] = {name: {"frames": int(summary.get("flags", {}).get(name, 0)), "meaning": spec.description}
+                    for name, spec in FLAGS.items()}
+    return out
 
 
 def _bundle_key(manifest: dict) -> str:

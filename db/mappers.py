@@ -79,8 +79,10 @@ def artifact_view(a: Artifact) -> ArtifactView:
     )
 
 
-def quality_view(q: Quality) -> QualityView:
-    """A quality row as a view, with ``valid_ratio`` in [0, 1]."""
+def quality_view(q: Quality, report: dict | None = None) -> QualityView:
+    """A quality row as a view, with ``valid_ratio`` in [0, 1]; flag counts and jitter come from
+    the engine's quality summary in the job's ``report`` (``report["quality"]``)."""
+    extra = dict((report or {}).get("quality") or {})
     return QualityView(
         job_id=q.job_id,
         video_id=q.video_id,
@@ -89,6 +91,9 @@ def quality_view(q: Quality) -> QualityView:
         valid_ratio=(q.valid_frames / q.frames) if q.frames else 0.0,
         reasons={str(k): int(v) for k, v in (q.reasons or {}).items()},
         longest_invalid_run=q.longest_invalid_run,
+        flags={str(k): int(v) for k, v in (extra.get("flags") or {}).items()},
+        jitter=dict(extra.get("jitter") or {}),
+        jitter_raw=dict(extra.get("jitter_raw") or {}),
     )
 
 

@@ -108,7 +108,10 @@ def get_quality(reg: Registry, job_id: int) -> QualityView | None:
     """The quality summary of a succeeded job (None before it succeeded)."""
     with reg.session() as s:
         q = s.get(Quality, int(job_id))
-        return None if q is None else quality_view(q)
+        if q is None:
+            return None
+        job = s.get(Job, int(job_id))
+        return quality_view(q, job.report if job is not None else None)
 
 
 def list_workers(reg: Registry, *, alive_within_s: float = 30) -> list[WorkerView]:

@@ -6,7 +6,7 @@ threads. Times are timezone-aware UTC datetimes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -100,6 +100,9 @@ class QualityView:
 
     ``reasons`` maps an invalid-frame reason (``"no_face"``...) to its frame count;
     ``longest_invalid_run`` is the longest stretch of consecutive invalid frames.
+    ``flags`` maps each quality flag (:data:`engine.quality.FLAGS`) to its frame count and
+    ``jitter`` / ``jitter_raw`` are the jitter metrics after / before smoothing
+    (:func:`engine.quality.video_metrics`); empty for jobs run before they existed.
     """
 
     job_id: int
@@ -109,6 +112,9 @@ class QualityView:
     valid_ratio: float
     reasons: dict[str, int]
     longest_invalid_run: int
+    flags: dict[str, int] = field(default_factory=dict)
+    jitter: dict[str, float | None] = field(default_factory=dict)
+    jitter_raw: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.config import DEFAULT_FORMATS, EngineConfig, LandmarkBackend, OutputFormat, output_format
+from engine.config import DEFAULT_FORMATS, EngineConfig, KeepPerson, LandmarkBackend, OutputFormat, output_format
 from engine.errors import StudioError
 from engine.formats import FORMATS
 
@@ -47,6 +47,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    + "; ".join(f"{name}: {spec.help} ({spec.suffix})" for name, spec in FORMATS.items()))
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=32, help="frames per batch (default: 32)")
+    p.add_argument("--keep-person", choices=[k.value for k in KeepPerson], default=KeepPerson.REFERENCE.value,
+                   help="with several faces in a frame: reference (default, the exact path) keeps the most "
+                   "confident; continuity keeps the face that continues the previous frame's box")
+    p.add_argument("--smooth-window", type=int, default=0, metavar="N",
+                   help="0 (default): no smoothing; odd N >= 3: smooth the coefficients over time with a "
+                   "centred N-frame Savitzky-Golay window (no lag; raw ones kept in the npz as coeff_raw)")
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -58,6 +64,8 @@ def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
         formats=args.formats,
         device=args.device,
         batch_size=args.batch_size,
+        keep_person=args.keep_person,
+        smooth_window=args.smooth_window,
         **extra,
     )
 
@@ -137,6 +145,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
                     f"{report.fps:.1f} frames/s → {', '.join(str(p) for p in report.outputs.values())}",
                     file=sys.stderr,
                 )
+                flagged = {k: v for k, v in report.quality.get("flags", {}).items() if v}
+                if flagged:
+                    print("   flags: " + ", ".join(f"{k} {v}" for k, v in flagged.items()), file=sys.stderr)
     print(f"{done} done, {skipped} skipped, {failures} failed", file=sys.stderr)
     return 1 if failures else 0
 

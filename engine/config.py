@@ -54,6 +54,19 @@ class NoFacePolicy(str, Enum):
     TEMPLATE = "template"
 
 
+class KeepPerson(str, Enum):
+    """Which face is kept when the detector finds several in a frame (flagged ``several_faces``
+    either way).
+
+    ``REFERENCE`` keeps the most confident face, as the reference does (the exact path).
+    ``CONTINUITY`` keeps the face whose box continues the previous frame's, so one person is
+    followed through the video (frames where that differs are flagged ``other_face_kept``).
+    """
+
+    REFERENCE = "reference"
+    CONTINUITY = "continuity"
+
+
 DEFAULT_FORMATS = (OutputFormat.PIRENDER, OutputFormat.NPZ)
 
 
@@ -109,6 +122,13 @@ class EngineConfig:
             with :class:`~engine.errors.NoFaceError`; 0 means "at least one frame".
         overwrite: rewrite outputs that already exist (otherwise they are skipped).
         num_threads: CPU threads for alignment (speed only); default: the CPU count, at most 8.
+        keep_person: which face to keep when there are several (see :class:`KeepPerson`);
+            changes results (part of the resume fingerprint).
+        smooth_window: 0 (default, the exact path): no smoothing. An odd number >= 3: the
+            coefficients are smoothed over time with a centred Savitzky–Golay window of that
+            many frames (degree 2, no lag) within runs of valid frames, cut at abrupt jumps;
+            every format gets the smoothed ones, the npz keeps the raw ones as ``coeff_raw``.
+            Applied when the input is finished (not part of the resume fingerprint).
     """
 
     checkpoint: Path | None = None
@@ -121,11 +141,16 @@ class EngineConfig:
     min_valid_ratio: float = 0.0
     overwrite: bool = False
     num_threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    keep_person: KeepPerson = KeepPerson.REFERENCE
+    smooth_window: int = 0
 
     def __post_init__(self) -> None:
         # Accept plain strings (from JSON or the CLI) and normalise them to enums/paths.
         object.__setattr__(self, "landmarks", landmark_backend(self.landmarks))
         object.__setattr__(self, "no_face", NoFacePolicy(self.no_face))
+        object.__setattr__(self, "keep_person", KeepPerson(self.keep_person))
+        if self.smooth_window and (self.smooth_window < 3 or self.smooth_window % 2 == 0):
+            raise ValueError(f"smooth_window must be 0 (off) or an odd number >= 3, got {self.smooth_window}")
         fmts = self.formats
         if isinstance(fmts, str):
             fmts = [f for f in fmts.split(",") if f.strip()]

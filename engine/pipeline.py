@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import __version__
+from engine import quality as q
 from engine.config import EngineConfig, name_of
 from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, storage_error
 from engine.limits import InputLimits
@@ -46,10 +47,11 @@ from engine.stages.regress import Regressor, load_regressor
 from engine.stages.sink import Sink, SinkContext, SinkHooks, commit, create_sinks
 from engine.stages.source import MediaSource, Source
 from engine.stages.temporal import NoFacePolicyStage, PolicyState, TemporalPolicy
-from engine.stages.track import DetectEveryFrame, Tracker, TrackerState
+from engine.stages.track import Tracker, TrackerState, tracker_from_config
 from engine.structures import (
     AlignedBatch,
     AlignPlan,
+    FaceChoice,
     FrameBatch,
     FrameResults,
     Landmarks,
@@ -60,7 +62,7 @@ from engine.structures import (
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: quality arrays saved with every chunk
 
 #: On the CPU, the slow stages (detector → tracker → landmarker, aligner, regressor) run a batch
 #: in slices of at least this many frames, and a cancel request is honoured between slices.
@@ -90,35 +92,39 @@ class RunReport:
     checkpoint_sha256: str = ""
     engine_version: str = __version__
     config: dict = field(default_factory=dict)
+    #: The per-video quality summary (:func:`engine.quality.video_metrics`): flag counts, jitter ...
+    quality: dict = field(default_factory=dict)
 
     @property
     def valid_ratio(self) -> float:
         return self.num_valid / self.num_frames if self.num_frames else 0.0
 
 
-def longest_run(mask: np.ndarray) -> int:
-    """Length of the longest run of True in a 1-D bool array.
-
-    >>> longest_run(np.array([True, False, True, True, False]))
-    2
-    """
-    best = cur = 0
-    for v in np.asarray(mask, dtype=bool):
-        cur = cur + 1 if v else 0
-        best = max(best, cur)
-    return best
+longest_run = q.longest_run
 
 
 def join_results(frames: FrameBatch, landmarks: Landmarks, plan: AlignPlan, aligned: AlignedBatch,
-                 coeff: np.ndarray) -> FrameResults:
+                 coeff: np.ndarray, choice: FaceChoice | None = None) -> FrameResults:
     """One batch's :class:`FrameResults` from what each stage said about it (a pure function).
 
     A frame is valid when the landmarker found a face and the aligner could use the points;
     ``reason`` is the aligner's when it has one, else the landmarker's. ``landmarks_img_ydown``
-    holds the points each frame was aligned with, -1 where the template was used.
+    holds the points each frame was aligned with, -1 where the template was used. ``quality``
+    holds the per-frame flags a batch shows on its own (:func:`engine.quality.frame_flags`; the
+    tracker's ``choice`` says how many faces there were and which was kept).
     """
     rejected = np.array([bool(r) for r in aligned.reason], dtype=bool).reshape(len(frames))
     reason = [a or lm for a, lm in zip(aligned.reason, landmarks.reason, strict=True)]
+    if choice is None:
+        choice = FaceChoice.of(None, len(frames))
+    face = landmarks.valid.astype(bool)
+    flags = q.frame_flags(
+        face_found=face, faces_found=choice.faces_found, kept_rank=choice.kept_rank,
+        low_confidence=q.low_confidence(choice.score, choice.detector) & face,
+        crop_box=aligned.crop_box, coeff=coeff, filled=~face & ~plan.use_template,
+    )
+    quality = {"flags": flags, "faces_found": choice.faces_found.astype(np.int16),
+               "kept_rank": choice.kept_rank.astype(np.int16), "score": choice.score.astype(np.float32)}
     return FrameResults(
         index=frames.index.astype(np.int64),
         timestamps=frames.timestamps.astype(np.float64),
@@ -129,6 +135,7 @@ def join_results(frames: FrameBatch, landmarks: Landmarks, plan: AlignPlan, alig
                                      plan.lm_img_ydown).astype(np.float32),
         valid=landmarks.valid.astype(bool) & ~rejected,
         reason=np.asarray(reason, dtype=object).astype(str).reshape(-1),
+        quality=quality,
     )
 
 
@@ -201,7 +208,7 @@ class _ResumeState:
         for i in range(int(meta["chunks"])):
             with np.load(self.dir / f"chunk-{i:06d}.npz", allow_pickle=False) as z:
                 chunk = FrameResults.from_arrays(z)
-                carry = {k: z[k] for k in z.files if k not in FrameResults.ARRAYS}
+                carry = {k: z[k] for k in z.files if not FrameResults.is_saved_array(k)}
             acc.add(chunk)
         log.info("resuming %s at frame %d", self.dir, acc.frames)
         return carry
@@ -236,10 +243,11 @@ class _ResumeState:
 
 @dataclass(frozen=True)
 class _FaceStep:
-    """What the face stages made of one batch: landmarks, and the tracker's state after it."""
+    """What the face stages made of one batch: landmarks, the tracker's choice, and its state after it."""
 
     landmarks: Landmarks
     track_state: TrackerState
+    choice: FaceChoice | None = None
 
 
 class _FaceStages:
@@ -257,14 +265,18 @@ class _FaceStages:
         self.should_stop = should_stop
 
     def __call__(self, batch: FrameBatch) -> _FaceStep:
-        def one_slice(rows: slice) -> Landmarks:
+        detector = "" if self.detector is None else str(getattr(self.detector, "name", ""))
+
+        def one_slice(rows: slice) -> tuple[Landmarks, FaceChoice]:
             frames = rows_of(batch, rows)
             faces, self.state = self.tracker(frames, self.detector, self.state)
-            return self.landmarker(frames, faces)
+            return self.landmarker(frames, faces), FaceChoice.of(faces, len(frames), detector)
 
         where = f"frame {int(batch.index[0])}" if len(batch) else "the end"
-        landmarks = concat_rows(_in_slices(len(batch), self.slice_frames, self.should_stop, where, one_slice))
-        return _FaceStep(landmarks, self.state)
+        parts = _in_slices(len(batch), self.slice_frames, self.should_stop, where, one_slice)
+        landmarks = concat_rows([lm for lm, _ in parts])
+        choice = concat_rows([c for _, c in parts]) if parts else None
+        return _FaceStep(landmarks, self.state, choice)
 
 
 class _InputRun:
@@ -288,7 +300,7 @@ class _InputRun:
                                          lambda rows: self.aligner(rows_of(batch, rows), rows_of(plan, rows))))
         coeff = np.concatenate(_in_slices(len(batch), self.slice_frames, self.should_stop, where,
                                           lambda rows: self.regressor.predict(aligned.crops[rows])))
-        self.acc.add(join_results(batch, step.landmarks, plan, aligned, coeff))
+        self.acc.add(join_results(batch, step.landmarks, plan, aligned, coeff, step.choice))
         if self.resume is not None:
             track = {_TRACK_PREFIX + k: v for k, v in step.track_state.to_arrays().items()}
             self.resume.save(self.acc, {**self.policy_state.to_arrays(), **track})
@@ -346,7 +358,7 @@ class Engine:
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
         self.source: Source = source or MediaSource()
         self._detector = detector
-        self.tracker: Tracker = tracker or DetectEveryFrame()
+        self.tracker: Tracker = tracker or tracker_from_config(self.config)
         self._landmarker = landmarker
         self.aligner: Aligner = aligner or Deep3DAligner(self.config.num_threads)
         self._regressor = regressor
@@ -531,8 +543,10 @@ class Engine:
                 f"(< min_valid_ratio {cfg.min_valid_ratio:.0%})"
             )
 
-        # 6. Optional extras from the face model (never needed for coefficients).
-        batches = self._add_face_model_extras(acc.chunks)
+        # 6. Whole-input flags (abrupt jumps), optional smoothing, the quality summary; then the
+        #    optional extras from the face model (never needed for coefficients).
+        batches, quality = self._finish_quality(acc.chunks)
+        batches = self._add_face_model_extras(batches)
 
         # 7. Every batch to every sink, their files complete, then all renamed; drop the partial state.
         reporter.update(frames_done=acc.frames, frames_total=acc.frames, stage="write")
@@ -553,6 +567,7 @@ class Engine:
             resumed_from=resumed_from,
             checkpoint_sha256=getattr(regressor, "checkpoint_sha256", ""),
             config=cfg.to_dict(),
+            quality=quality,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -626,6 +641,7 @@ class Engine:
             "landmarks": name_of(cfg.landmarks),
             "keypoints": _file_identity(cfg.keypoints) if cfg.keypoints else None,
             "no_face": cfg.no_face.value,
+            "keep_person": cfg.keep_person.value,
             "engine": __version__,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -640,6 +656,34 @@ class Engine:
         if self._face_model is None or self._face_model[0] != key:
             self._face_model = (key, ParametricFaceModel.from_dir(path.parent, self.device))
         return self._face_model[1]
+
+    def _finish_quality(self, batches: list[FrameResults]) -> tuple[list[FrameResults], dict]:
+        """Step 6 of :meth:`run`: the ``abrupt_jump`` flag (it needs the whole input), smoothing
+        when ``config.smooth_window`` is set (``coeff`` replaced, the raw kept as ``coeff_raw``),
+        and the per-video quality summary (:func:`engine.quality.video_metrics`)."""
+        whole = FrameResults.concat(batches)
+        flags = whole.quality.get("flags")
+        if flags is None:  # results made without quality arrays (an injected stage's own join)
+            flags = np.zeros(len(whole), dtype=np.uint32)
+        jumps = q.abrupt_jumps(whole.coeff, whole.trans_params, whole.crop_box, whole.valid)
+        flags = flags | np.where(jumps, np.uint32(q.bit("abrupt_jump")), np.uint32(0))
+        extra: dict[str, np.ndarray] = {"flags": flags}
+        coeff, coeff_raw = whole.coeff, None
+        window = int(self.config.smooth_window)
+        if window:
+            coeff_raw = whole.coeff
+            coeff = q.smooth_coefficients(coeff_raw, whole.valid, jumps, q.Smoothing(window=window))
+            extra["coeff_raw"] = coeff_raw
+        summary = q.video_metrics(whole.valid, flags, coeff, whole.trans_params, coeff_raw)
+        if window:
+            summary["smoothing"] = {"method": "savitzky-golay", "window": window, "polyorder": 2,
+                                    "applied_to": "coeff"}
+        cuts = np.cumsum([len(b) for b in batches])[:-1]
+        split = {k: np.split(v, cuts) for k, v in extra.items()}
+        coeffs = np.split(coeff, cuts)
+        out = [dataclasses.replace(b, coeff=coeffs[i], quality={**b.quality, **{k: v[i] for k, v in split.items()}})
+               for i, b in enumerate(batches)]
+        return out, summary
 
     def _add_face_model_extras(self, batches: list[FrameResults]) -> list[FrameResults]:
         """The batches with reprojected 68 landmarks when ``BFM/BFM_model_front.mat`` is set up,

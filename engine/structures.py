@@ -80,6 +80,10 @@ class Detections:
         num_frames: B, rows of the batch (a frame may have no face, or several).
         points_img_ydown: float32 (N, P, 2) landmarks the detector found with each box
             (MTCNN: its 5 points, Deep3D order), pixels, y down; None when it gives none.
+        faces_found: int64 (N,) set by a tracker: how many faces the detector reported in this
+            face's frame; None before a tracker chose.
+        kept_rank: int64 (N,) set by a tracker: rank of this (kept) face in the reference's
+            order, most confident first (0: the reference's own choice); None before a tracker chose.
     """
 
     boxes_img_ydown: np.ndarray
@@ -87,6 +91,8 @@ class Detections:
     frame_rows: np.ndarray
     num_frames: int
     points_img_ydown: np.ndarray | None = None
+    faces_found: np.ndarray | None = None
+    kept_rank: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.frame_rows.shape[0])
@@ -103,9 +109,11 @@ class Detections:
     def take(self, rows: np.ndarray) -> Detections:
         """The faces at packed positions ``rows`` (int (M,)), same batch."""
         rows = np.asarray(rows, dtype=np.int64)
-        points = None if self.points_img_ydown is None else self.points_img_ydown[rows]
+        def pick(a):
+            return None if a is None else a[rows]
+
         return Detections(self.boxes_img_ydown[rows], self.scores[rows], self.frame_rows[rows], self.num_frames,
-                          points)
+                          pick(self.points_img_ydown), pick(self.faces_found), pick(self.kept_rank))
 
     def face_of_frame(self) -> np.ndarray:
         """int64 (num_frames,): packed position of each frame's face, -1 for none.
@@ -137,6 +145,43 @@ class Landmarks:
     @property
     def num_points(self) -> int:
         return int(self.points_img_ydown.shape[1])
+
+
+@dataclass(frozen=True)
+class FaceChoice:
+    """What the tracker chose in each frame of a batch, for the quality flags.
+
+    Attributes:
+        faces_found: int64 (B,) faces the detector reported (-1: unknown, no detector ran).
+        kept_rank: int64 (B,) rank of the kept face in the reference's order, most confident
+            first (0: the reference's choice; -1: no face kept).
+        score: float64 (B,) the kept face's detector score (NaN: none).
+        detector: the detector's name (``"mtcnn"``, ``"s3fd"`` ...; ``""``: none), which says
+            what ``score`` is.
+    """
+
+    faces_found: np.ndarray
+    kept_rank: np.ndarray
+    score: np.ndarray
+    detector: str = ""
+
+    @classmethod
+    def of(cls, faces: Detections | None, num_frames: int, detector: str = "") -> FaceChoice:
+        """Per-frame arrays from a tracker's output (at most one face a frame; None: no detector)."""
+        found = np.full(num_frames, -1, dtype=np.int64)
+        rank = np.full(num_frames, -1, dtype=np.int64)
+        score = np.full(num_frames, np.nan)
+        if faces is not None:
+            where = faces.face_of_frame()
+            has = where >= 0
+            found[:] = 0
+            if faces.faces_found is not None:
+                found[has] = faces.faces_found[where[has]]
+            else:
+                found[has] = 1
+            rank[has] = 0 if faces.kept_rank is None else faces.kept_rank[where[has]]
+            score[has] = faces.scores[where[has]]
+        return cls(found, rank, score, detector)
 
 
 @dataclass(frozen=True)
@@ -197,6 +242,9 @@ class FrameResults:
             the no-face policy), pixels y down; -1 rows where the template was used.
         valid: bool (B,). reason: str (B,) ``""`` where valid.
         extras: optional per-frame arrays (e.g. ``lm68`` from the face model), B rows each.
+        quality: per-frame quality arrays, B rows each (see :mod:`engine.quality`): ``flags``
+            uint32 bitmask, ``faces_found`` int16, ``kept_rank`` int16, ``score`` float32;
+            ``coeff_raw`` float32 (B, 257) when smoothing replaced ``coeff``.
     """
 
     index: np.ndarray
@@ -208,20 +256,33 @@ class FrameResults:
     valid: np.ndarray
     reason: np.ndarray
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    quality: dict[str, np.ndarray] = field(default_factory=dict)
 
-    #: Array names of :meth:`to_arrays` (resume files); extras are not saved.
+    #: Array names of :meth:`to_arrays` (resume files); extras are not saved, quality arrays are
+    #: (prefixed :data:`QUALITY_PREFIX`).
     ARRAYS = ("index", "timestamps", "coeff", "trans_params", "crop_box", "landmarks_img_ydown", "valid", "reason")
+    QUALITY_PREFIX = "quality_"
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain named arrays (for ``np.savez``); :meth:`from_arrays` is the inverse."""
-        return {name: getattr(self, name) for name in self.ARRAYS}
+        out = {name: getattr(self, name) for name in self.ARRAYS}
+        out.update({self.QUALITY_PREFIX + k: v for k, v in self.quality.items()})
+        return out
 
     @classmethod
     def from_arrays(cls, arrays) -> FrameResults:
-        return cls(**{name: np.asarray(arrays[name]) for name in cls.ARRAYS})
+        names = list(arrays.keys()) if hasattr(arrays, "keys") else list(arrays.files)
+        quality = {k[len(cls.QUALITY_PREFIX):]: np.asarray(arrays[k]) for k in names
+                   if k.startswith(cls.QUALITY_PREFIX)}
+        return cls(**{name: np.asarray(arrays[name]) for name in cls.ARRAYS}, quality=quality)
+
+    @classmethod
+    def is_saved_array(cls, name: str) -> bool:
+        """``name`` is one of :meth:`to_arrays`'s (not a stage's state saved beside them)."""
+        return name in cls.ARRAYS or name.startswith(cls.QUALITY_PREFIX)
 
     @classmethod
     def concat(cls, parts) -> FrameResults:
@@ -259,6 +320,8 @@ def concat_rows(parts: list):
         elif isinstance(vs[0], dict):
             keys = [k for k in vs[0] if all(k in v for v in vs)]
             values[f.name] = {k: np.concatenate([v[k] for v in vs], axis=0) for k in keys}
+        elif all(v == vs[0] for v in vs):  # a per-batch constant (a name)
+            values[f.name] = vs[0]
         else:
             raise TypeError(f"{type(parts[0]).__name__}.{f.name}: cannot join values of type {type(vs[0]).__name__}")
     return type(parts[0])(**values)
@@ -280,6 +343,7 @@ class VideoResult:
         crop_box: int32 (N, 4) ``[left, up, w, h]`` of each crop as cut (see
             :class:`AlignedBatch`); None when unknown (results made elsewhere).
         extras: optional additional per-frame arrays (e.g. ``lm68`` from the face model).
+        quality: per-frame quality arrays (see :class:`FrameResults`); empty when unknown.
     """
 
     info: MediaInfo
@@ -291,6 +355,7 @@ class VideoResult:
     timestamps: np.ndarray
     crop_box: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    quality: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
@@ -310,4 +375,5 @@ class VideoResult:
             timestamps=r.timestamps,
             crop_box=r.crop_box,
             extras=dict(r.extras),
+            quality=dict(r.quality),
         )

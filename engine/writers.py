@@ -37,6 +37,7 @@ import numpy as np
 from engine import layout
 from engine.config import OutputFormat, name_of
 from engine.formats import FORMATS, format_spec, output_paths
+from engine.quality import flags_text
 from engine.stages.sink import SinkContext, SinkHooks, commit, discard, stage_bytes
 from engine.structures import FrameResults, MediaInfo, VideoResult
 
@@ -91,6 +92,13 @@ def npz_arrays(r: VideoResult) -> dict[str, np.ndarray]:
     (N,) f64 seconds; ``fps``, ``width``, ``height`` scalars; ``crop_box`` (N,4) int32
     ``[left, up, w, h]`` of each crop as cut (when known); plus any extras (``lm68`` (N,68,2)
     reprojected landmarks in image px y-down when the face model is set up).
+
+    Quality (when known, see :mod:`engine.quality`): ``flags`` (N,) uint32 bitmask, bit
+    ``i`` = ``flag_names[i]``; ``flag_names`` (F,) str; ``faces_found`` (N,) int16 faces the
+    detector reported (-1: no detector); ``kept_rank`` (N,) int16 the kept face's rank in the
+    reference's order (0: its choice, -1: none); ``score`` (N,) f32 the kept face's detector
+    score; ``coeff_raw`` (N,257) f32 the coefficients before smoothing (only when smoothed:
+    ``coeff`` and its groups are then the smoothed ones).
     """
     out: dict[str, np.ndarray] = {"coeff": r.coeff.astype(np.float32)}
     out.update({name: np.ascontiguousarray(g, dtype=np.float32) for name, g in layout.split(r.coeff).items()})
@@ -108,6 +116,12 @@ def npz_arrays(r: VideoResult) -> dict[str, np.ndarray]:
         out["crop_box"] = r.crop_box.astype(np.int32)
     for name, arr in r.extras.items():
         out[name] = arr
+    if "flags" in r.quality:
+        from engine.quality import flag_names
+
+        out["flag_names"] = np.asarray(flag_names(), dtype=str)
+    for name, arr in r.quality.items():
+        out[name] = arr
     return out
 
 
@@ -120,6 +134,7 @@ def csv_header() -> list[str]:
     cols += ["pitch_deg", "yaw_deg", "roll_deg"]
     cols += [f"gamma_{c}{i}" for c in "rgb" for i in range(9)]
     cols += ["tx", "ty", "tz", "crop_s", "crop_tx", "crop_ty"]
+    cols += ["flags"]  # names joined by "|" (engine.quality.FLAGS), "" for none
     return cols
 
 
@@ -146,6 +161,7 @@ def _csv_bytes(r: VideoResult) -> bytes:
     w.writerow(csv_header())
     c = r.coeff.astype(np.float64)
     angles_deg = np.degrees(c[:, layout.ANGLE])  # columns: x = pitch, y = yaw, z = roll
+    flags = r.quality.get("flags")
     for i in range(r.num_frames):
         row = [i, f"{r.timestamps[i]:.6f}", int(bool(r.valid[i])), r.reason[i]]
         row += [f"{v:.8g}" for v in c[i, layout.ID]]
@@ -155,6 +171,7 @@ def _csv_bytes(r: VideoResult) -> bytes:
         row += [f"{v:.8g}" for v in c[i, layout.GAMMA]]
         row += [f"{v:.8g}" for v in c[i, layout.TRANS]]
         row += [f"{v:.8g}" for v in r.trans_params[i, 2:].astype(np.float64)]
+        row += [flags_text(int(flags[i])) if flags is not None else ""]
         w.writerow(row)
     return buf.getvalue().encode()
 

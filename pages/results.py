@@ -15,7 +15,7 @@ from dashboard.data import checked_results, face_renderer, frame_rgb, get_regist
 from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, md_escape, rows_key, status_markdown
 from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
-from dashboard.results import ResultData, folder_table, quality_summary
+from dashboard.results import ResultData, flag_table, folder_table, jitter_table, next_flagged, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
 from db.access import display_path, may_read, relative_text
 from db.bundle import FileCheck, build_bundle, read_checked
@@ -98,6 +98,40 @@ def _quality(job: JobView, data: ResultData, frame_key: str) -> None:
         )
 
 
+def _flags(job: JobView, data: ResultData, frame_key: str) -> list[str]:
+    """The quality flags with their counts, "next flagged frame", jitter before/after smoothing;
+    returns the flags to shade on the charts."""
+    table = flag_table(data.df)
+    present = table[table["frames"] > 0]
+    st.subheader("Quality flags")
+    if present.empty:
+        st.caption("No frame carries a quality flag (results written before flags existed carry none).")
+        chosen: list[str] = []
+    else:
+        st.dataframe(present[["label", "frames", "first", "meaning"]], hide_index=True, key="res_flag_table",
+                     column_config={"label": "Flag", "frames": "Frames", "first": "First frame",
+                                    "meaning": "What it means"})
+        names = present["flag"].tolist()
+        labels = dict(zip(table["flag"], table["label"], strict=True))
+        with st.container(horizontal=True, vertical_alignment="bottom"):
+            which = st.selectbox("Flag", names, format_func=labels.__getitem__, key=f"res_flag_pick_{job.id}")
+            if st.button("Next flagged frame", icon=":material/skip_next:", key="res_flag_next"):
+                nxt = next_flagged(data.df, which, int(st.session_state[frame_key]))
+                if nxt is not None:
+                    st.session_state[frame_key] = nxt
+        chosen = st.multiselect("Shade on the charts", names, default=[n for n in names if n != "no_face"],
+                                format_func=labels.__getitem__, key=f"res_flag_shade_{job.id}",
+                                help="frames without a face are always shaded grey")
+    with st.expander("Jitter (median absolute second difference over time)", icon=":material/timeline:"):
+        jt = jitter_table(data)
+        smoothed = data.coeff_raw is not None
+        st.dataframe(jt if smoothed else jt.drop(columns=["smoothed"]), hide_index=True, key="res_jitter",
+                     column_config={"raw": "Before smoothing" if smoothed else "Jitter", "smoothed": "After smoothing"})
+        st.caption("Smoothed with a centred Savitzky–Golay window (raw values kept in the npz as coeff_raw)."
+                   if smoothed else "Smoothing was off for this job (Upload page: smoothing window).")
+    return chosen
+
+
 def _downloads(reg, job: JobView, checks: list[FileCheck]) -> None:
     """Bundle and single-file downloads: only for files that still hold their registered bytes,
     and each served file is hashed again when it is fetched (:mod:`db.bundle`)."""
@@ -161,19 +195,20 @@ def _chart(fig, chart_key: str, frame_key: str, selectable: bool = True) -> None
         st.plotly_chart(fig, key=chart_key, config={"displaylogo": False})
 
 
-def _charts(job: JobView, data: ResultData, frame: int, frame_key: str) -> None:
+def _charts(job: JobView, data: ResultData, frame: int, frame_key: str, flags: list[str] = ()) -> None:
     df = data.df
     st.caption(
         "Click a point (or drag a box) on a chart to show that frame below. Grey bands: frames "
-        "without a usable face. The dashed line marks the frame shown in the viewer."
+        "without a usable face (the lines break there). Coloured bands: the quality flags chosen "
+        "above. The dashed line marks the frame shown in the viewer."
     )
     tabs = st.tabs(["Head pose", "Translation", "Crop", "Expression", "Expression heat map"])
     with tabs[0]:
-        _chart(charts.pose_figure(df, frame), "res_chart_pose", frame_key)
+        _chart(charts.pose_figure(df, frame, flags), "res_chart_pose", frame_key)
     with tabs[1]:
-        _chart(charts.translation_figure(df, frame), "res_chart_trans", frame_key)
+        _chart(charts.translation_figure(df, frame, flags), "res_chart_trans", frame_key)
     with tabs[2]:
-        _chart(charts.crop_figure(df, frame), "res_chart_crop", frame_key)
+        _chart(charts.crop_figure(df, frame, flags), "res_chart_crop", frame_key)
         st.caption(
             "Scale s: how much the whole frame was resized before the 224×224 crop was cut. "
             "Centre: where the face template's origin lies in the original frame, rows counted "
@@ -190,7 +225,7 @@ def _charts(job: JobView, data: ResultData, frame: int, frame_key: str) -> None:
             help="the default shows the four that vary most in this video",
         )
         if chosen:
-            _chart(charts.expression_figure(df, chosen, frame), "res_chart_exp", frame_key)
+            _chart(charts.expression_figure(df, chosen, frame, flags), "res_chart_exp", frame_key)
         else:
             st.info("Choose at least one coefficient.")
     with tabs[4]:
@@ -380,8 +415,9 @@ if job_id is not None:
     st.session_state.setdefault(frame_key, 0)
     st.session_state[frame_key] = int(min(max(0, st.session_state[frame_key]), data.num_frames - 1))
     _quality(job, data, frame_key)
+    shaded = _flags(job, data, frame_key) if data.num_frames > 1 else []
     if data.num_frames > 1:
-        _charts(job, data, int(st.session_state[frame_key]), frame_key)
+        _charts(job, data, int(st.session_state[frame_key]), frame_key, shaded)
     _frame_viewer(job, data, frame_key)
     if data.num_frames == 1:
         _image_folder(reg, job)

@@ -71,6 +71,21 @@ def _settings_form() -> EngineConfig | None:
             "of device takes it (make run starts one worker per GPU, or one CPU worker), so a job "
             "asking for a device no worker has stays queued.",
         )
+        keep_person = st.radio(
+            "With several faces in a frame, keep",
+            ["reference", "continuity"],
+            key="up_keep_person",
+            horizontal=True,
+            format_func={"reference": "the most confident (reference)",
+                         "continuity": "the same person (continuity)"}.__getitem__,
+            help="reference: as Deep3D/PIRender do (the exact path). continuity: the face whose box "
+            "continues the previous frame's. Either way such frames are flagged several_faces.",
+        )
+        smooth = st.number_input(
+            "Smoothing window (frames; 0 = off)", min_value=0, max_value=31, value=0, step=2, key="up_smooth",
+            help="0 keeps the reference's coefficients. An odd number smooths them over time with a centred "
+            "Savitzky–Golay window (no lag); the raw ones stay in the npz as coeff_raw.",
+        )
     formats = st.pills(
         "Output formats",
         list(FORMATS),
@@ -101,6 +116,8 @@ def _settings_form() -> EngineConfig | None:
             batch_size=int(batch),
             device=DEVICES[device],
             keypoints=keypoints,
+            keep_person=keep_person,
+            smooth_window=int(smooth),
         )
     except ValueError as e:
         st.error(md_escape(f"These settings are not valid: {e}"))

@@ -509,6 +509,7 @@ class Worker:
                       "frame_count": info.frame_count, "duration": info.duration, "codec": info.codec},
             "config": report.config,
             "checkpoint_name": _checkpoint_name(report.config.get("checkpoint")),
+            "quality": dict(getattr(report, "quality", {}) or {}),  # flags, jitter (engine.quality)
         }
 
         def register():

@@ -8,6 +8,7 @@ detectors come with their landmark backend, which shares their networks
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -42,18 +43,33 @@ def best_face_per_frame(detections: Detections) -> Detections:
         detections: any number of faces per frame.
 
     Returns:
-        :class:`Detections` with at most one face per frame, in frame order.
+        :class:`Detections` with at most one face per frame, in frame order, with
+        ``faces_found`` (faces in that frame) and ``kept_rank`` (0: this is the reference's choice).
 
     >>> d = Detections(np.zeros((3, 4)), np.array([0.5, 0.9, 0.7]), np.array([0, 0, 2]), 3)
     >>> best = best_face_per_frame(d)
     >>> best.frame_rows.tolist(), best.scores.tolist()
     ([0, 2], [0.9, 0.7])
     """
-    chosen = []
+    chosen, found = [], []
     rows = detections.frame_rows
     for row in np.unique(rows):
         members = np.flatnonzero(rows == row)
         scores = detections.scores[members]
         if np.isfinite(scores).any():
             chosen.append(members[int(np.nanargmax(scores))])
-    return detections.take(np.asarray(chosen, dtype=np.int64))
+            found.append(len(members))
+    kept = detections.take(np.asarray(chosen, dtype=np.int64))
+    return dataclasses.replace(kept, faces_found=np.asarray(found, dtype=np.int64),
+                               kept_rank=np.zeros(len(chosen), dtype=np.int64))
+
+
+def reference_order(scores: np.ndarray) -> np.ndarray:
+    """int64 (F,): the faces of one frame in the reference's order, most confident first (the
+    first of equal scores first; NaN scores last).
+
+    >>> reference_order(np.array([0.5, 0.9, np.nan, 0.9])).tolist()
+    [1, 3, 0, 2]
+    """
+    s = np.where(np.isfinite(scores), -np.asarray(scores, dtype=np.float64), np.inf)
+    return np.argsort(s, kind="stable").astype(np.int64)

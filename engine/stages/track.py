@@ -7,19 +7,23 @@ engine passes it in and gets the next one back, and the resume state saves it wi
 batch (:meth:`TrackerState.to_arrays`), so a resumed run continues exactly where it stopped.
 
 The default, :class:`DetectEveryFrame`, runs the detector on every frame and keeps its most
-confident face: today's behaviour, stateless. A tracker that detects every k frames and
-follows the face in between fits the same protocol.
+confident face: today's behaviour (the reference's), stateless. :class:`FollowPerson` keeps the
+face whose box continues the previous frame's (``--keep-person continuity``). Both report
+per kept face how many faces the frame had and the kept face's rank in the reference's order,
+for the quality flags. A tracker that detects every k frames and follows the face in between
+fits the same protocol.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engine.stages.detect import Detector, best_face_per_frame
+from engine.config import EngineConfig, KeepPerson
+from engine.stages.detect import Detector, best_face_per_frame, reference_order
 from engine.structures import Detections, FrameBatch
 
 
@@ -81,3 +85,107 @@ class DetectEveryFrame:
         if detector is None:
             return None, state
         return best_face_per_frame(detector(frames)), state
+
+
+#: :class:`FollowPerson`: a face continues the previous box when their IoU is at least this ...
+CONTINUITY_MIN_IOU = 0.1
+#: ... or, failing that, when its centre is within this many previous-box widths of the old centre.
+CONTINUITY_MAX_SHIFT = 1.0
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """float64 (F,): intersection over union of ``box`` (4,) with each of ``boxes`` (F, 4),
+    all ``x1, y1, x2, y2`` pixels.
+
+    >>> box_iou(np.array([0., 0, 2, 2]), np.array([[0., 0, 2, 2], [1, 0, 3, 2], [5, 5, 6, 6]])).round(3).tolist()
+    [1.0, 0.333, 0.0]
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    ix = np.clip(np.minimum(box[2], b[:, 2]) - np.maximum(box[0], b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], b[:, 3]) - np.maximum(box[1], b[:, 1]), 0, None)
+    inter = ix * iy
+    area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)  # noqa: E731
+    union = area(box) + area(b) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def continuing_face(previous: np.ndarray | None, boxes: np.ndarray, scores: np.ndarray) -> int:
+    """Index of the face (of ``boxes`` (F, 4), ``scores`` (F,)) that continues ``previous`` (4,).
+
+    The face with the largest IoU with the previous box when it reaches
+    :data:`CONTINUITY_MIN_IOU`; else the face whose centre is nearest the previous centre when
+    within :data:`CONTINUITY_MAX_SHIFT` box widths; else (no previous box, or the person is
+    gone: a cut) the reference's choice, the most confident face.
+
+    >>> continuing_face(np.array([0., 0, 10, 10]), np.array([[50., 0, 70, 20], [1, 1, 11, 11]]), np.array([.99, .9]))
+    1
+    """
+    order = reference_order(scores)
+    finite = np.isfinite(scores)
+    if previous is None or not np.all(np.isfinite(previous)):
+        return int(order[0])
+    iou = np.where(finite, box_iou(previous, boxes), -1.0)
+    if iou.max() >= CONTINUITY_MIN_IOU:
+        return int(np.argmax(iou))
+    centre = (previous[:2] + previous[2:]) / 2
+    width = max(previous[2] - previous[0], 1.0)
+    dist = np.hypot(*((boxes[:, :2] + boxes[:, 2:]) / 2 - centre).T) / width
+    dist = np.where(finite, dist, np.inf)
+    if dist.min() <= CONTINUITY_MAX_SHIFT:
+        return int(np.argmin(dist))
+    return int(order[0])
+
+
+@dataclass(frozen=True)
+class LastBox:
+    """The box of the face followed in the last frame that had one: float64 (4,) ``x1, y1, x2, y2``
+    px y-down, or None before the first face."""
+
+    box: np.ndarray | None = None
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {} if self.box is None else {"last_box": self.box}
+
+
+class FollowPerson:
+    """Run the detector on every frame and keep the face whose box continues the previous frame's
+    (:func:`continuing_face`), so one person is followed through the video.
+
+    Where it keeps another face than the reference would (the most confident), the face's
+    ``kept_rank`` is above 0 and the frame is flagged ``other_face_kept``.
+    """
+
+    name = "continuity"
+
+    def initial_state(self, saved: Mapping[str, np.ndarray] | None = None) -> LastBox:
+        if saved is not None and "last_box" in saved:
+            return LastBox(np.asarray(saved["last_box"], dtype=np.float64))
+        return LastBox()
+
+    def __call__(
+        self, frames: FrameBatch, detector: Detector | None, state: LastBox
+    ) -> tuple[Detections | None, LastBox]:
+        if detector is None:
+            return None, state
+        faces = detector(frames)
+        previous = state.box
+        chosen, found, rank = [], [], []
+        for row in np.unique(faces.frame_rows):
+            members = np.flatnonzero(faces.frame_rows == row)
+            scores = faces.scores[members]
+            if not np.isfinite(scores).any():
+                continue
+            j = continuing_face(previous, faces.boxes_img_ydown[members], scores)
+            chosen.append(members[j])
+            found.append(len(members))
+            rank.append(int(np.flatnonzero(reference_order(scores) == j)[0]))
+            previous = faces.boxes_img_ydown[members[j]].astype(np.float64)
+        kept = faces.take(np.asarray(chosen, dtype=np.int64))
+        kept = replace(kept, faces_found=np.asarray(found, dtype=np.int64), kept_rank=np.asarray(rank, dtype=np.int64))
+        return kept, LastBox(None if previous is None else np.array(previous, dtype=np.float64))
+
+
+def tracker_from_config(config: EngineConfig) -> Tracker:
+    """The tracker ``config.keep_person`` names: :class:`DetectEveryFrame` (``reference``) or
+    :class:`FollowPerson` (``continuity``)."""
+    return FollowPerson() if config.keep_person == KeepPerson.CONTINUITY else DetectEveryFrame()
