@@ -522,6 +522,16 @@ def list_artifacts(reg: Registry, job_id: int) -> list[ArtifactView]:
         return [_artifact_view(a) for a in rows]
 
 
+def artifacts_of(reg: Registry, job_ids: Sequence[int], fmt: str) -> dict[int, ArtifactView]:
+    """Job id → its result file of format ``fmt``, for many jobs in one query (dataset views)."""
+    ids = [int(i) for i in job_ids]
+    if not ids:
+        return {}
+    with reg.session() as s:
+        rows = s.exec(select(Artifact).where(Artifact.job_id.in_(ids), Artifact.format == fmt)).all()
+        return {a.job_id: _artifact_view(a) for a in rows}
+
+
 def get_quality(reg: Registry, job_id: int) -> QualityView | None:
     """The quality summary of a succeeded job (None before it succeeded)."""
     with reg.session() as s:
@@ -835,6 +845,25 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
             w.status, w.current_job_id, w.heartbeat_at = "busy", job.id, now
             s.add(w)
         job_id = job.id
+    return get_job(reg, job_id)
+
+
+def claim_job(reg: Registry, job_id: int, worker_id: str, *, device: str | None = None) -> JobView | None:
+    """Take one given queued job (not the oldest) for ``worker_id``; None when it is not queued.
+
+    For producers that made the job themselves and must not take anyone else's (the demo
+    command, :mod:`dashboard.demo`).
+    """
+    now = utcnow()
+    with reg.write() as s:
+        job = s.get(Job, int(job_id))
+        if job is None or job.status != JobStatus.QUEUED.value:
+            return None
+        transition(
+            s, job, JobStatus.RUNNING, worker_id=worker_id, device=device, attempts=job.attempts + 1,
+            started_at=now, heartbeat_at=now, fps=0.0, stage="starting", cancel_requested=False,
+            cancel_requested_at=None,
+        )
     return get_job(reg, job_id)
 
 
