@@ -3,7 +3,8 @@ a :class:`plotly.graph_objects.Figure` out. Pure: no Streamlit, no file access.
 
 Every time-series chart has x = time in seconds, shows the frame index on hover (``customdata``),
 shades frames flagged invalid in grey, and can mark the frame shown in the viewer with a
-dashed vertical line. Traces carry markers so a click or box selection returns points.
+dashed vertical line. Traces carry markers so a click or box selection returns points. Angles
+arrive wrapped to −180…180 (:func:`engine.conventions.wrap_deg`, in ``result_frame``).
 """
 
 from __future__ import annotations
@@ -145,8 +146,10 @@ def _layout(fig: go.Figure, title: str, y_title: str, height: int = CHART_HEIGHT
         margin={"l": 60, "r": 20, "t": 50, "b": 50},
         hovermode="closest",
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1},
-        dragmode="select",
-        clickmode="event+select",
+        # Not "select": Streamlit turns a chart with dragmode select/lasso to clickmode "event",
+        # where a single click selects nothing. With zoom it uses "event+select": a click on a
+        # point selects it (box select stays in the chart's toolbar).
+        dragmode="zoom",
     )
     fig.update_xaxes(title_text="time (s)")
     fig.update_yaxes(title_text=y_title)

@@ -122,10 +122,10 @@ def make_demo_jobs(reg, count: int, *, frames: int = 100, first_seed: int = 0) -
     Each job goes through the real service functions (submit, claim this very job, complete
     with artifacts and quality), so the pages see it exactly like a finished extraction.
     """
+    from dashboard.results import invalid_runs
     from db import service
     from db.storage import sha256_file
     from db.views import ArtifactFile, QualitySummary
-    from dashboard.results import invalid_runs
     from engine.writers import write_outputs
 
     service.register_worker(reg, DEMO_WORKER, hostname="demo", pid=0, device="cpu", device_name="demo")

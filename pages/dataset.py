@@ -7,7 +7,16 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.data import dataset_table, get_registry, result_data
-from dashboard.dataset import ALIGNMENTS, ID_COLUMNS, METRICS, TRAJECTORIES, FilterError, aligned_x, export_csv, filter_mask
+from dashboard.dataset import (
+    ALIGNMENTS,
+    ID_COLUMNS,
+    METRICS,
+    TRAJECTORIES,
+    FilterError,
+    aligned_x,
+    export_csv,
+    filter_mask,
+)
 from dashboard.fmt import md_escape, rows_key
 from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app

@@ -229,7 +229,10 @@ def test_results_page_charts_quality_downloads_and_viewer(studio):
     assert metrics["Longest invalid run (0.20 s)"] == "5 frames"
     assert metrics["Reasons"] == "no_face: 6"
     charts = at.get("plotly_chart")
-    assert len(charts) == 5  # pose, translation, crop, expression, heat map
+    assert [c.key for c in charts] == [
+        "res_chart_pose", "res_chart_trans", "res_chart_crop", "res_chart_exp",
+        "res_chart_heat", "res_chart_heat_change", "res_chart_group",  # absolute + change; id/tex/gamma
+    ]
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels[0] == "Download bundle (.zip)"
     assert any(lbl.startswith("PIRender .mat") for lbl in labels) and any("NumPy .npz" in lbl for lbl in labels)

@@ -140,7 +140,7 @@ def test_demo_jobs_are_real_succeeded_jobs_and_leave_other_jobs_alone(demo_studi
 
 
 def test_dataset_page_lists_filters_and_compares(demo_studio):
-    reg, ids, _ = demo_studio
+    _reg, _ids, _ = demo_studio
     at = open_page("dataset")
     frame = at.dataframe[0].value
     assert len(frame) == 21
