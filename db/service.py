@@ -522,6 +522,20 @@ def list_artifacts(reg: Registry, job_id: int) -> list[ArtifactView]:
         return [_artifact_view(a) for a in rows]
 
 
+def duplicates_of(reg: Registry, job_id: int) -> list[JobView]:
+    """Other jobs with the same input content (same video row, i.e. SHA-256) and the same
+    settings that are queued, running or succeeded: submitting again would redo their work."""
+    live = [JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.SUCCEEDED.value]
+    with reg.session() as s:
+        job, _ = _load(s, job_id)
+        rows = s.exec(
+            select(Job, Video).join(Video, Job.video_id == Video.id).where(
+                Job.video_id == job.video_id, Job.id != job.id, Job.status.in_(live)
+            ).order_by(Job.id)
+        ).all()
+        return [_job_view(reg, j, v) for j, v in rows if (j.settings or {}) == (job.settings or {})]
+
+
 def artifacts_of(reg: Registry, job_ids: Sequence[int], fmt: str) -> dict[int, ArtifactView]:
     """Job id → its result file of format ``fmt``, for many jobs in one query (dataset views)."""
     ids = [int(i) for i in job_ids]
@@ -589,13 +603,22 @@ def cancel_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
     return get_job(reg, job_id)
 
 
-def retry_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
+def retry_job(
+    reg: Registry, job_id: int, *, actor: Actor, settings: EngineConfig | dict | None = None
+) -> JobView:
     """Queue a failed or cancelled job again (attempts reset to 0; a saved engine state is kept
     so a long video resumes). ``actor`` retries their own jobs as ``user``, anyone's as ``admin``.
 
+    Args:
+        settings: new engine settings for the retry (validated like a submission, e.g. another
+            landmark backend); None keeps the job's. Changed settings drop the saved state, whose
+            frames were made with the old ones.
+
     Raises:
-        JobNotFound, JobStateError (the job is queued, running or succeeded), PermissionDenied.
+        JobNotFound, JobStateError (the job is queued, running or succeeded), PermissionDenied,
+        ValueError (invalid settings; nothing changed).
     """
+    new = None if settings is None else normalize_settings(settings)
     with reg.write() as s:
         job, _ = _load(s, job_id)
         actor.require("retry_own" if actor.owns(job.submitted_by) else "retry_any")
@@ -604,13 +627,16 @@ def retry_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
             raise JobStateError(
                 f"job {job_id} is {status.value}: only failed or cancelled jobs can be retried"
             )
+        changed = new is not None and new != (job.settings or {})
+        extra = {"settings": new} if changed else {}
         transition(
             s, job, JobStatus.QUEUED, attempts=0, error=None, error_code=None, cancel_requested=False,
             cancel_requested_at=None,
             worker_id=None, heartbeat_at=None, started_at=None, frames_done=0, fps=0.0, stage=None,
+            **extra,
         )
-    _remove_job_files(reg, job_id, state=False)
-    log.info("job %d queued again", job_id)
+    _remove_job_files(reg, job_id, state=changed)
+    log.info("job %d queued again%s", job_id, " with new settings" if changed else "")
     return get_job(reg, job_id)
 
 

@@ -18,7 +18,7 @@ from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
 from dashboard.results import ResultData, folder_table, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
-from db.access import display_path, may_read, relative_text
+from db.access import display_path, may_read, relative_text, user_message
 from db.bundle import FileCheck, build_bundle, read_checked
 from engine import layout
 from engine.formats import FORMATS
@@ -363,7 +363,8 @@ def _not_ready(job: JobView) -> None:
     st.title(job.name)
     st.info(f"This job is {status_markdown(job.status)}; results appear once it has succeeded.")
     if job.error:
-        st.error(md_escape(relative_text(explain_error(job.error, job.error_code), reg.data_dir)))
+        st.error(md_escape(user_message(explain_error(job.error, job.error_code), job.input_path, job.name,
+                                        reg.data_dir)))
     if job.status == JobStatus.RUNNING:
         st.progress(job.progress, text=f"{job.frames_done} of {job.frames_total or '?'} frames")
     st.page_link("pages/jobs.py", label="Back to Jobs", icon=":material/list:")

@@ -105,7 +105,7 @@ def test_jobs_table_lists_every_state_and_filters(studio):
     assert by_id.loc[ids["running"], "Status"] == "running"
     assert by_id.loc[ids["running"], "Progress"] == pytest.approx(0.5)
     assert by_id.loc[ids["running"], "Speed"] == "12.5 /s"
-    assert by_id.loc[ids["running"], "ETA"] == "2 s"  # 30 frames left at 12.5 frames/s
+    assert by_id.loc[ids["running"], "Time"] == "2 s left"  # 30 frames left at 12.5 frames/s
     assert "no face" in by_id.loc[ids["failed"], "Error"]
     assert by_id.loc[ids["succeeded"], "Progress"] == 1.0
 
