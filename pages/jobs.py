@@ -58,6 +58,10 @@ COLUMNS = {
 }
 
 
+#: Stage of a running job → what the table says while no time left is known yet.
+STAGE_WORDS = {"starting": "starting", "loading": "loading models", "extract": "", "register": "saving"}
+
+
 def run_time(j: JobView) -> tuple[float | None, float | None]:
     """(seconds the last run took, its average frames/s) of a finished job; (None, None) otherwise."""
     if j.started_at is None or j.finished_at is None or j.status == JobStatus.RUNNING:
@@ -76,7 +80,7 @@ def jobs_frame(jobs: list[JobView], data_dir) -> pd.DataFrame:
         took, average = run_time(j)
         if j.status == JobStatus.RUNNING:
             speed = f"{j.fps:.1f} /s" if j.fps > 0 else ""
-            time = f"{fmt_duration(j.eta_s)} left" if j.eta_s is not None else (j.stage or "")
+            time = f"{fmt_duration(j.eta_s)} left" if j.eta_s is not None else STAGE_WORDS.get(j.stage, j.stage or "")
         else:
             speed = f"{average:.1f} /s" if average else ""
             time = fmt_duration(took) if took is not None else ""

@@ -128,3 +128,74 @@ def test_jobs_listing_survives_a_closed_pipe(tmp_path):
     proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert len(proc.stdout.splitlines()) == 2
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------- worker: loading, cancel
+
+
+@pytest.fixture
+def wreg(tmp_path):
+    from db import Registry
+    from tests.test_worker import ScriptedEngine
+
+    ScriptedEngine.built, ScriptedEngine.runs, ScriptedEngine.stops, ScriptedEngine.at_gate = [], [], [], []
+    r = Registry(url=f"sqlite:///{tmp_path / 'studio.db'}", data_dir=tmp_path / "data")
+    yield r
+    r.close()
+
+
+def _run_worker(reg, factory, **opts):
+    import threading
+
+    from tests.test_worker import FAST
+    from worker.loop import Worker, WorkerOptions
+
+    worker = Worker(reg, WorkerOptions(**{**FAST.__dict__, **opts}), worker_id="w-review", engine_factory=factory)
+    thread = threading.Thread(target=worker.work, daemon=True)
+    thread.start()
+    return worker, thread
+
+
+def test_model_loading_is_shown_as_a_stage(wreg, tmp_path):
+    """While the engine (its models) is being built, the job says "loading", not 0 frames and nothing."""
+    import threading
+
+    from tests.test_worker import WAIT_S, ScriptedEngine, _spec, _submit
+    from worker.loop import wait_for
+
+    loaded = threading.Event()
+
+    def slow_to_load(cfg, **components):
+        assert loaded.wait(WAIT_S), "the test never let the models load"
+        return ScriptedEngine(cfg, **components)
+
+    job = _submit(wreg, _spec(tmp_path, "clip.mp4", frames=4))
+    worker, thread = _run_worker(wreg, slow_to_load)
+    assert wait_for(lambda: service.get_job(wreg, job.id).stage == "loading", WAIT_S)
+    assert service.get_job(wreg, job.id).status == JobStatus.RUNNING
+    loaded.set()
+    assert wait_for(lambda: service.get_job(wreg, job.id).status == JobStatus.SUCCEEDED, WAIT_S)
+    worker.request_stop()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+
+
+def test_cancel_of_a_running_cpu_job_is_done_within_2_s_by_the_recorded_times(wreg, tmp_path):
+    """A slow stand-in stage (0.2 s a batch, endless) and the worker's default cancel polling: the
+    registry's own timestamps (cancel asked → job finished) are at most 2 s apart."""
+    from tests.test_worker import WAIT_S, ScriptedEngine, _spec, _submit
+    from worker.loop import WorkerOptions, wait_for
+
+    job = _submit(wreg, _spec(tmp_path, "slow.mp4", frames=100_000, delay=0.2), batch_size=1)
+    worker, thread = _run_worker(wreg, ScriptedEngine, cancel_poll_s=WorkerOptions().cancel_poll_s,
+                                 progress_s=WorkerOptions().progress_s)
+    assert wait_for(lambda: service.get_job(wreg, job.id).frames_done >= 2, WAIT_S)
+    service.cancel_job(wreg, job.id, actor=LOCAL)
+    assert wait_for(lambda: service.get_job(wreg, job.id).status == JobStatus.CANCELLED, WAIT_S)
+    done = service.get_job(wreg, job.id)
+    assert done.cancel_requested_at is not None and done.finished_at is not None
+    assert 0 <= (done.finished_at - done.cancel_requested_at).total_seconds() <= 2.0
+    assert ScriptedEngine.stops and ScriptedEngine.stops[0] < 100_000
+    worker.request_stop()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
