@@ -128,16 +128,18 @@ def make_demo_jobs(reg, count: int, *, frames: int = 100, first_seed: int = 0) -
     from db.views import ArtifactFile, QualitySummary
     from engine.writers import write_outputs
 
-    service.register_worker(reg, DEMO_WORKER, hostname="demo", pid=0, device="cpu", device_name="demo")
+    service.register_worker(reg, DEMO_WORKER, hostname="demo", pid=0, device="demo", device_name="demo")
     ids = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(first_seed, first_seed + count):
             result = demo_trajectory(seed, frames)
             name = f"demo-{seed:02d}.mp4"
             clip = write_clip(Path(tmp) / name, result)
-            job = service.submit_file(reg, clip, {"landmarks": "mtcnn", "formats": ["npz", "csv"]},
+            # device "demo": no real worker accepts it (db.service.device_accepts), so none can take
+            # the job between its submission and the claim below
+            job = service.submit_file(reg, clip, {"landmarks": "mtcnn", "formats": ["npz", "csv"], "device": "demo"},
                                       original_name=name)
-            if service.claim_job(reg, job.id, DEMO_WORKER, device="cpu") is None:
+            if service.claim_job(reg, job.id, DEMO_WORKER, device="demo") is None:
                 continue
             paths = write_outputs(result, reg.result_dir(job.id) / Path(name).stem, ["npz", "csv"])
             files = [ArtifactFile(f, p, p.stat().st_size, sha256_file(p)) for f, p in paths.items()]
