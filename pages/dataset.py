@@ -27,11 +27,11 @@ actor = current_actor()
 
 COLUMNS = {
     "job": st.column_config.NumberColumn("Job", format="%d", width="small"),
-    "name": st.column_config.TextColumn("Name", width="medium"),
+    "name": st.column_config.TextColumn("Name", width=150),
     "input": st.column_config.TextColumn("Input", help="relative to the data folder or import root"),
     "result": st.column_config.TextColumn("Result (.npz)", help="relative to the data folder"),
     "demo": st.column_config.CheckboxColumn("Demo", help="synthetic coefficients from `python -m dashboard.demo`"),
-    **{c: (st.column_config.TextColumn(m.label, help=m.help) if not m.histogram
+    **{c: (st.column_config.TextColumn(m.label, help=m.help, width=140) if not m.histogram
            else st.column_config.NumberColumn(m.label, help=m.help, format=m.fmt)) for c, m in METRICS.items()},
 }
 DEFAULT_QUANTITIES = ["yaw (°)", "pitch (°)", "roll (°)"]

@@ -323,8 +323,8 @@ def test_dataset_compare_click_and_retry_in_a_real_browser(studio_run):
         for j in ids[-3:]:  # newest first: the last three made are compared by default
             expect(compare).to_contain_text(f"(job {j})")
         _shots(page, "06-dataset")
-        page.get_by_label("Filter").fill("valid < 95 %")
-        page.get_by_label("Filter").press("Enter")
+        page.get_by_role("textbox", name="Filter").fill("valid < 95 %")
+        page.get_by_role("textbox", name="Filter").press("Enter")
         expect(page.get_by_text(re.compile(r"^\d+ of 22 finished jobs"))).to_be_visible()
         expect(page.get_by_text("22 of 22 finished jobs")).to_have_count(0)
         _settle(page)
@@ -361,8 +361,8 @@ def test_dataset_compare_click_and_retry_in_a_real_browser(studio_run):
         page.get_by_text("Live updates").click()  # hold the table still while acting on it
         _settle(page)
         _shots(page, "03-jobs")
-        page.get_by_label("Search").fill("Interview")
-        page.get_by_label("Search").press("Enter")
+        page.get_by_role("textbox", name="Search").fill("Interview")
+        page.get_by_role("textbox", name="Search").press("Enter")
         expect(page.get_by_text(re.compile(r"^Jobs 1–1 of 1"))).to_be_visible()
         _settle(page)
         grid = page.get_by_test_id("stDataFrame").first.bounding_box()
