@@ -83,7 +83,7 @@ def jobs_frame(jobs: list[JobView], data_dir) -> pd.DataFrame:
             time = f"{fmt_duration(j.eta_s)} left" if j.eta_s is not None else STAGE_WORDS.get(j.stage, j.stage or "")
         else:
             speed = f"{average:.1f} /s" if average else ""
-            time = fmt_duration(took) if took is not None else ""
+            time = ("< 1 s" if took < 1 else fmt_duration(took)) if took is not None else ""
         rows.append(
             {
                 "ID": j.id,
@@ -251,10 +251,10 @@ def _retry_with(job: JobView) -> None:
 
     current = job.settings.get("landmarks") or "fan"
     with st.container(horizontal=True, vertical_alignment="bottom"):
-        backend = st.selectbox("Landmark backend for the retry", list(BACKENDS),
-                               index=list(BACKENDS).index(current) if current in BACKENDS else 0,
-                               format_func=lambda b: BACKENDS[b].label, key=f"jobs_retry_backend_{job.id}",
-                               width=260)
+        backend = st.radio("Landmark backend for the retry", list(BACKENDS),
+                           index=list(BACKENDS).index(current) if current in BACKENDS else 0,
+                           format_func=lambda b: BACKENDS[b].label, key=f"jobs_retry_backend_{job.id}",
+                           horizontal=True, width="content")
         batch = st.number_input("Batch size", 1, 1024, int(job.settings.get("batch_size") or 32),
                                 key=f"jobs_retry_batch_{job.id}", width=130)
         st.button("Retry with these settings", icon=":material/replay:", key=f"jobs_retry_with_{job.id}",

@@ -50,7 +50,7 @@ def test_jobs_page_retries_with_another_backend_and_shows_uploaded_name(studio):
     assert "My interview.mp4 (stored as uploads/" in at.table[0].value.to_string()
     assert any("My interview.mp4: no face" in e.value for e in at.error)  # the error names the uploaded file
     assert not any(job.video.sha256 in e.value for e in at.error)
-    at.selectbox(key=f"jobs_retry_backend_{ids['failed']}").set_value("fan").run()
+    at.radio(key=f"jobs_retry_backend_{ids['failed']}").set_value("fan").run()
     at.button(key=f"jobs_retry_with_{ids['failed']}").click().run()
     assert not at.exception
     job = service.get_job(reg, ids["failed"])
