@@ -166,3 +166,22 @@ def test_dataset_page_without_jobs(tmp_path, monkeypatch):
     st.cache_data.clear()
     at = open_page("dataset")
     assert "python -m dashboard.demo" in texts(at)
+
+
+def test_each_result_file_is_summarised_once(demo_studio, monkeypatch):
+    """The dataset table's cost stays bounded: a job's .npz is read once per file state, however
+    often the table is rebuilt (new search, expired table cache)."""
+    reads = []
+    real = dashboard_data.load_result
+
+    def counting(path):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(dashboard_data, "load_result", counting)
+    first = dashboard_data.dataset_table(None)
+    assert len(first) == 21 and len(reads) == 21
+    dashboard_data.dataset_table.clear()  # as when its time-to-live has run out
+    again = dashboard_data.dataset_table(None)
+    assert len(again) == 21 and len(reads) == 21
+    assert len(dashboard_data.dataset_table("demo-01")) == 1 and len(reads) == 21
