@@ -27,6 +27,7 @@ PAGES = [
     st.Page("pages/upload.py", title="Upload", icon=":material/upload:", url_path="upload"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/list:", url_path="jobs"),
     st.Page("pages/results.py", title="Results", icon=":material/monitoring:", url_path="results"),
+    st.Page("pages/dataset.py", title="Dataset", icon=":material/table_chart:", url_path="dataset"),
     st.Page("pages/setup.py", title="Models / setup", icon=":material/build:", url_path="setup"),
 ]
 

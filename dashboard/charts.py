@@ -5,7 +5,8 @@ Every time-series chart has x = time in seconds, shows the frame index on hover 
 shades frames flagged invalid in grey (and the chosen quality flags, one colour and legend entry
 each), breaks its lines where a frame has no usable face (the filler values are not drawn), and
 can mark the frame shown in the viewer with a dashed vertical line. Traces carry markers so a
-click or box selection returns points.
+click or box selection returns points. Angles arrive wrapped to −180…180
+(:func:`engine.conventions.wrap_deg`, in ``result_frame``).
 """
 
 from __future__ import annotations
@@ -183,8 +184,10 @@ def _layout(fig: go.Figure, title: str, y_title: str, height: int = CHART_HEIGHT
         margin={"l": 60, "r": 20, "t": 50, "b": 50},
         hovermode="closest",
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1},
-        dragmode="select",
-        clickmode="event+select",
+        # Not "select": Streamlit turns a chart with dragmode select/lasso to clickmode "event",
+        # where a single click selects nothing. With zoom it uses "event+select": a click on a
+        # point selects it (box select stays in the chart's toolbar).
+        dragmode="zoom",
     )
     fig.update_xaxes(title_text="time (s)")
     fig.update_yaxes(title_text=y_title)
@@ -325,3 +328,109 @@ def selected_frame(selection, df: pd.DataFrame) -> int | None:
     if x is None:
         return None
     return frame_at_time(df, float(x))
+
+
+# --------------------------------------------------------------------------- coefficient groups
+
+
+def expression_change_heatmap(df: pd.DataFrame, frame: int | None = None) -> go.Figure:
+    """All 64 expression coefficients as their change from the video's median (per coefficient,
+    over valid frames), so movement over time stands out whatever each coefficient's level."""
+    valid = df["valid"].to_numpy(bool)
+    ref = df.loc[valid if valid.any() else slice(None), EXP_COLUMNS].median()
+    change = df.copy()
+    change[EXP_COLUMNS] = df[EXP_COLUMNS] - ref
+    fig = expression_heatmap(change, frame)
+    title = fig.layout.title.text.replace("All 64 expression coefficients", "Change from the video's median")
+    fig.update_layout(title={"text": title})
+    fig.data[0].colorbar.title.text = "value − median"
+    fig.data[0].hovertemplate = fig.data[0].hovertemplate.replace("= %{z:.3f}", "− median = %{z:.3f}")
+    return fig
+
+
+def coefficient_summary_figure(values: np.ndarray, valid: np.ndarray, group: str) -> go.Figure:
+    """One coefficient group (``id``, ``tex``, ``gamma``…) of one video as a per-coefficient
+    summary: median over valid frames (bar) with the 10th–90th percentile range (error bar).
+
+    Args:
+        values: float (N, K) the group's coefficients per frame (unitless).
+        valid: bool (N,) frames to summarise (all frames when none is valid).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    keep = np.asarray(valid, bool)
+    v = v[keep] if keep.any() else v
+    med = np.median(v, axis=0)
+    lo, hi = np.percentile(v, 10, axis=0), np.percentile(v, 90, axis=0)
+    k = np.arange(v.shape[1])
+    fig = go.Figure(
+        go.Bar(
+            x=k,
+            y=med,
+            error_y={"type": "data", "symmetric": False, "array": hi - med, "arrayminus": med - lo, "width": 0},
+            marker_color="#2563eb",
+            hovertemplate=f"{group}[%{{x}}] median %{{y:.3f}}<extra></extra>",
+        )
+    )
+    _layout(fig, f"{group}: median per coefficient over the video (bars: 10th–90th percentile)", "coefficient")
+    fig.update_xaxes(title_text="coefficient index")
+    fig.update_layout(dragmode="zoom", showlegend=False)
+    return fig
+
+
+# --------------------------------------------------------------------------- dataset view
+
+HIST_COLUMNS_PER_ROW = 3
+
+
+def metric_histograms(table: pd.DataFrame, columns: dict[str, str]) -> go.Figure:
+    """Histograms of dataset metrics, one panel per ``columns`` entry (column → title)."""
+    cols = list(columns)
+    rows = max(1, int(np.ceil(len(cols) / HIST_COLUMNS_PER_ROW)))
+    fig = make_subplots(rows=rows, cols=HIST_COLUMNS_PER_ROW, subplot_titles=[columns[c] for c in cols],
+                        vertical_spacing=0.18 if rows > 1 else 0.1, horizontal_spacing=0.08)
+    for i, c in enumerate(cols):
+        fig.add_trace(
+            go.Histogram(x=table[c], name=columns[c], marker_color="#2563eb", nbinsx=20,
+                         hovertemplate=f"{columns[c]} %{{x}}<br>%{{y}} jobs<extra></extra>"),
+            row=i // HIST_COLUMNS_PER_ROW + 1,
+            col=i % HIST_COLUMNS_PER_ROW + 1,
+        )
+    fig.update_layout(height=220 * rows + 60, showlegend=False, bargap=0.05,
+                      margin={"l": 40, "r": 20, "t": 50, "b": 30})
+    fig.update_yaxes(title_text="jobs", col=1)
+    return fig
+
+
+COMPARE_PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777")
+
+
+def comparison_figure(
+    videos: dict[str, pd.DataFrame], quantities: dict[str, str], x_of, x_title: str
+) -> go.Figure:
+    """Several videos' trajectories on shared axes: one panel per quantity, one colour per video.
+
+    Args:
+        videos: legend name → that video's :func:`~dashboard.results.result_frame`.
+        quantities: panel title → column (e.g. ``{"yaw (°)": "yaw_deg"}``).
+        x_of: ``df → x values`` (time from the start, or normalised position).
+        x_title: the x axis title.
+    """
+    names = list(quantities)
+    fig = make_subplots(rows=len(names), cols=1, shared_xaxes=True, subplot_titles=names,
+                        vertical_spacing=min(0.08, 0.3 / max(1, len(names))))
+    for v, (video, df) in enumerate(videos.items()):
+        colour = COMPARE_PALETTE[v % len(COMPARE_PALETTE)]
+        x = x_of(df)
+        for r, title in enumerate(names, start=1):
+            fig.add_trace(
+                go.Scatter(x=x, y=df[quantities[title]], customdata=df["frame"], name=video, legendgroup=video,
+                           showlegend=r == 1, mode="lines", line={"color": colour, "width": 1.5},
+                           hovertemplate=f"<b>{video}</b><br>{title} %{{y:.3f}}<br>frame %{{customdata}}"
+                           "<extra></extra>"),
+                row=r, col=1,
+            )
+    fig.update_layout(height=180 * len(names) + 120, hovermode="x unified",
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+                      margin={"l": 60, "r": 20, "t": 90, "b": 40})
+    fig.update_xaxes(title_text=x_title, row=len(names), col=1)
+    return fig

@@ -51,7 +51,7 @@ def get_registry():
     return _registry(os.environ.get("STUDIO_DB_URL") or None, os.environ.get("STUDIO_DATA_DIR") or None)
 
 
-@st.cache_data(max_entries=8, show_spinner="Loading results…")
+@st.cache_data(max_entries=16, show_spinner="Loading results…")
 def _load_result(path: str, mtime: float) -> ResultData:
     return load_result(path)
 
@@ -224,3 +224,60 @@ def disk_free(path: str | Path) -> tuple[int, int]:
     """(free bytes, total bytes) of the file system holding ``path``."""
     usage = shutil.disk_usage(Path(path))
     return usage.free, usage.total
+
+
+# --------------------------------------------------------------------------- dataset view
+
+#: At most this many finished jobs are summarised in one dataset table.
+DATASET_LIMIT = 5000
+
+
+@st.cache_data(max_entries=DATASET_LIMIT * 2, show_spinner=False)
+def _job_metrics(path: str, mtime: float) -> dict:
+    from dashboard.dataset import job_metrics
+
+    return job_metrics(load_result(path).df)
+
+
+def job_metrics_cached(path: str | Path) -> dict:
+    """:func:`dashboard.dataset.job_metrics` of one result ``.npz``, computed once per file state."""
+    p = Path(path)
+    return _job_metrics(str(p), p.stat().st_mtime)
+
+
+@st.cache_data(ttl=15, max_entries=16, show_spinner="Summarising the finished jobs…")
+def dataset_table(search: str | None, roots: tuple[str, ...] = ()):
+    """One row per succeeded job matching ``search`` (newest first, at most :data:`DATASET_LIMIT`):
+    id columns (paths relative to the data folder / import roots) and metrics.
+
+    Cost: two queries plus one cached summary per job (each ``.npz`` is read once per change).
+    """
+    from dashboard.dataset import dataset_frame
+    from dashboard.demo import is_demo
+    from db import JobStatus, service
+    from db.access import display_path
+
+    reg = get_registry()
+    jobs = service.list_jobs(reg, statuses=[JobStatus.SUCCEEDED], search=search, order_by="finished_at",
+                             limit=DATASET_LIMIT)
+    npz = service.artifacts_of(reg, [j.id for j in jobs], "npz")
+    root_paths = [Path(r) for r in roots]
+    rows = []
+    for j in jobs:
+        art = npz.get(j.id)
+        if art is None or not art.path.is_file():
+            continue
+        try:
+            metrics = job_metrics_cached(art.path)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("job %d: result not readable for the dataset view: %s", j.id, e)
+            continue
+        rows.append({
+            "job": j.id,
+            "name": j.name,
+            "input": display_path(j.input_path, reg.data_dir, root_paths),
+            "result": display_path(art.path, reg.data_dir, root_paths),
+            "demo": is_demo(j.engine_version),
+            **metrics,
+        })
+    return dataset_frame(rows)

@@ -325,3 +325,19 @@ def install(
         tmp.unlink(missing_ok=True)
     note = f" Previous checkpoint(s) renamed to {', '.join(p.name for p in moved)}." if moved else ""
     return InstallResult(True, f"Installed {dest} ({check.message}).{note}", dest)
+
+
+#: Landmark backend → the weight files (:func:`weight_statuses` keys) it needs to run offline.
+BACKEND_WEIGHTS = {"fan": ("sfd", "fan"), "mtcnn": ("mtcnn",)}
+
+
+def default_backend(statuses: list[WeightStatus], order: list[str]) -> str:
+    """The first backend of ``order`` whose weight files are all present (FAN when its weights
+    are installed, else MTCNN when facenet-pytorch is); ``order[0]`` when none is ready.
+    Backends needing something per input (``file``) are never a default."""
+    present = {s.key for s in statuses if s.present}
+    for name in order:
+        needs = BACKEND_WEIGHTS.get(name)
+        if needs and all(k in present for k in needs):
+            return name
+    return order[0]

@@ -3,8 +3,9 @@
 Units and frames of the columns of :func:`result_frame`:
 
 * ``frame`` — 0-based frame index; ``t`` — presentation time in seconds.
-* ``pitch_deg``, ``yaw_deg``, ``roll_deg`` — head rotation in degrees (Deep3D's angle
-  x = pitch, y = yaw, z = roll, stored in radians).
+* ``pitch_deg``, ``yaw_deg``, ``roll_deg`` — head rotation in degrees, wrapped to −180…180
+  (:func:`engine.conventions.wrap_deg`; Deep3D's angle x = pitch, y = yaw, z = roll, stored in
+  radians without a range).
 * ``tx``, ``ty``, ``tz`` — head translation in the face model's world units (decimetres).
 * ``crop_s`` — alignment scale: crop pixels per original-image pixel (``s = 102 / s_pos``).
 * ``crop_cx``, ``crop_cy_ydown`` — where the face template's origin lands in the original
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from engine import layout, quality
-from engine.conventions import flip_y
+from engine.conventions import flip_y, wrap_deg
 
 NUM_EXP = layout.EXP.stop - layout.EXP.start  #: 64 expression coefficients
 EXP_COLUMNS = [f"exp_{i:02d}" for i in range(NUM_EXP)]
@@ -112,9 +113,9 @@ def result_frame(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
         {
             "frame": np.arange(n, dtype=np.int64),
             "t": timestamps,
-            "pitch_deg": np.degrees(angle[:, 0]),
-            "yaw_deg": np.degrees(angle[:, 1]),
-            "roll_deg": np.degrees(angle[:, 2]),
+            "pitch_deg": wrap_deg(np.degrees(angle[:, 0])),
+            "yaw_deg": wrap_deg(np.degrees(angle[:, 1])),
+            "roll_deg": wrap_deg(np.degrees(angle[:, 2])),
             "tx": trans[:, 0],
             "ty": trans[:, 1],
             "tz": trans[:, 2],

@@ -26,7 +26,8 @@ class FrameViews:
 
     Attributes:
         original: the decoded frame with its detector landmarks (cyan) and, when the face model
-            was set up for the run, the model's 68 re-projected landmarks (magenta).
+            was set up for the run, the model's 68 re-projected landmarks (magenta); no points on
+            a frame flagged invalid (no face), whose landmarks are only filler.
         crop: the aligned 224×224 crop the network saw, with the landmarks mapped into it;
             None when it could not be rebuilt (``crop_note`` says why).
         crop_note: one line about the crop ("" when nothing to say).
@@ -49,8 +50,9 @@ def frame_views(frame_rgb: np.ndarray, data: ResultData, index: int) -> FrameVie
 
     lm_img_ydown = data.landmarks_img_ydown[index] if data.landmarks_img_ydown.size else None
     usable = has_points(lm_img_ydown)
-    original = draw_points(frame_rgb, lm_img_ydown if usable else None)
-    if data.lm68_img_ydown is not None:
+    face_found = bool(data.df["valid"].iloc[index])  # no face: the landmarks are filler, never drawn
+    original = draw_points(frame_rgb, lm_img_ydown if usable and face_found else None)
+    if data.lm68_img_ydown is not None and face_found:
         original = draw_points(original, data.lm68_img_ydown[index], LM68_COLOUR)
 
     height, width = frame_rgb.shape[:2]
@@ -70,8 +72,10 @@ def frame_views(frame_rgb: np.ndarray, data: ResultData, index: int) -> FrameVie
             "(the video may have changed since extraction)."
         )
     crop = Image.fromarray(face.crop)
-    if usable:
+    if usable and face_found:
         crop = draw_points(crop, crop_yup_to_ydown(face.lm_224_yup))
+    if not face_found:
+        note = (note + " " if note else "") + "No face in this frame: no landmarks are drawn."
     return FrameViews(original, crop, note)
 
 

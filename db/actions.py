@@ -16,11 +16,13 @@ from sqlmodel import select
 
 from db import storage
 from db.access import Actor
+from db.intake import normalize_settings
 from db.models import Artifact, Job, JobStatus, Quality, utcnow
 from db.queries import get_job
 from db.registry import Registry
 from db.states import FilesNotRemoved, JobStateError, load_job, transition
 from db.views import JobView
+from engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,22 @@ def cancel_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
     return get_job(reg, job_id)
 
 
-def retry_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
+def retry_job(
+    reg: Registry, job_id: int, *, actor: Actor, settings: EngineConfig | dict | None = None
+) -> JobView:
     """Queue a failed or cancelled job again (attempts reset to 0; a saved engine state is kept
     so a long video resumes). ``actor`` retries their own jobs as ``user``, anyone's as ``admin``.
 
+    Args:
+        settings: new engine settings for the retry (validated like a submission, e.g. another
+            landmark backend); None keeps the job's. Changed settings drop the saved state, whose
+            frames were made with the old ones.
+
     Raises:
-        JobNotFound, JobStateError (the job is queued, running or succeeded), PermissionDenied.
+        JobNotFound, JobStateError (the job is queued, running or succeeded), PermissionDenied,
+        ValueError (invalid settings; nothing changed).
     """
+    new = None if settings is None else normalize_settings(settings)
     with reg.write() as s:
         job, _ = load_job(s, job_id)
         actor.require("retry_own" if actor.owns(job.submitted_by) else "retry_any")
@@ -78,13 +89,16 @@ def retry_job(reg: Registry, job_id: int, *, actor: Actor) -> JobView:
             raise JobStateError(
                 f"job {job_id} is {status.value}: only failed or cancelled jobs can be retried"
             )
+        changed = new is not None and new != (job.settings or {})
+        extra = {"settings": new} if changed else {}
         transition(
             s, job, JobStatus.QUEUED, attempts=0, error=None, error_code=None, cancel_requested=False,
             cancel_requested_at=None,
             worker_id=None, heartbeat_at=None, started_at=None, frames_done=0, fps=0.0, stage=None,
+            **extra,
         )
-    remove_job_files(reg, job_id, state=False)
-    log.info("job %d queued again", job_id)
+    remove_job_files(reg, job_id, state=changed)
+    log.info("job %d queued again%s", job_id, " with new settings" if changed else "")
     return get_job(reg, job_id)
 
 

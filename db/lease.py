@@ -193,17 +193,36 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
         job = next((j for j in s.exec(q) if device_accepts((j.settings or {}).get("device"), device)), None)
         if job is None:
             return None
-        transition(
-            s, job, JobStatus.RUNNING, worker_id=worker_id, device=device, attempts=job.attempts + 1,
-            started_at=now, heartbeat_at=now, fps=0.0, stage="starting", cancel_requested=False,
-            cancel_requested_at=None,
-        )
+        _start(s, job, worker_id, device, now)
         w = s.get(WorkerRow, worker_id)
         if w is not None:
             w.status, w.current_job_id, w.heartbeat_at = WorkerStatus.BUSY.value, job.id, now
             s.add(w)
         job_id = job.id
     return get_job(reg, job_id)
+
+
+def claim_job(reg: Registry, job_id: int, worker_id: str, *, device: str | None = None) -> JobView | None:
+    """Take one given queued job (not the oldest) for ``worker_id``; None when it is not queued.
+
+    For producers that made the job themselves and must not take anyone else's (the demo
+    command, :mod:`dashboard.demo`).
+    """
+    with reg.write() as s:
+        job = s.get(Job, int(job_id))
+        if job is None or job.status != JobStatus.QUEUED.value:
+            return None
+        _start(s, job, worker_id, device, utcnow())
+    return get_job(reg, job_id)
+
+
+def _start(s: Session, job: Job, worker_id: str, device: str | None, now: datetime) -> None:
+    """queued → running for ``worker_id`` (one more attempt, fresh heartbeat and progress)."""
+    transition(
+        s, job, JobStatus.RUNNING, worker_id=worker_id, device=device, attempts=job.attempts + 1,
+        started_at=now, heartbeat_at=now, fps=0.0, stage="starting", cancel_requested=False,
+        cancel_requested_at=None,
+    )
 
 
 def _owned(s: Session, job_id: int, worker_id: str) -> Job | None:

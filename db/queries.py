@@ -104,6 +104,30 @@ def list_artifacts(reg: Registry, job_id: int) -> list[ArtifactView]:
         return [artifact_view(a) for a in rows]
 
 
+def duplicates_of(reg: Registry, job_id: int) -> list[JobView]:
+    """Other jobs with the same input content (same video row, i.e. SHA-256) and the same
+    settings that are queued, running or succeeded: submitting again would redo their work."""
+    live = [JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.SUCCEEDED.value]
+    with reg.session() as s:
+        job, _ = load_job(s, job_id)
+        rows = s.exec(
+            select(Job, Video).join(Video, Job.video_id == Video.id).where(
+                Job.video_id == job.video_id, Job.id != job.id, Job.status.in_(live)
+            ).order_by(Job.id)
+        ).all()
+        return [job_view(reg, j, v) for j, v in rows if (j.settings or {}) == (job.settings or {})]
+
+
+def artifacts_of(reg: Registry, job_ids: Sequence[int], fmt: str) -> dict[int, ArtifactView]:
+    """Job id → its result file of format ``fmt``, for many jobs in one query (dataset views)."""
+    ids = [int(i) for i in job_ids]
+    if not ids:
+        return {}
+    with reg.session() as s:
+        rows = s.exec(select(Artifact).where(Artifact.job_id.in_(ids), Artifact.format == fmt)).all()
+        return {a.job_id: artifact_view(a) for a in rows}
+
+
 def get_quality(reg: Registry, job_id: int) -> QualityView | None:
     """The quality summary of a succeeded job (None before it succeeded)."""
     with reg.session() as s:

@@ -15,12 +15,13 @@ module                        what it holds
 :mod:`db.intake`              :func:`submit_file`, :func:`submit_upload`, :func:`import_folder`,
                               :func:`check_submission`, :func:`normalize_settings`
 :mod:`db.queries`             :func:`list_jobs`, :func:`count_jobs`, :func:`status_counts`,
-                              :func:`get_job`, :func:`list_artifacts`, :func:`get_quality`,
-                              :func:`list_workers`
+                              :func:`get_job`, :func:`list_artifacts`, :func:`artifacts_of`,
+                              :func:`get_quality`, :func:`list_workers`, :func:`duplicates_of`
 :mod:`db.actions`             :func:`cancel_job`, :func:`retry_job`, :func:`delete_job`
 :mod:`db.bundle`              :func:`build_bundle` (and the checked reads of result files)
 :mod:`db.lease`               the worker side: :func:`register_worker`, :func:`worker_heartbeat`,
                               :func:`stop_worker`, :func:`requeue_stale`, :func:`claim_next`,
+                              :func:`claim_job`,
                               :func:`report_progress`, :func:`read_control`,
                               :func:`complete_job`, :func:`fail_job`, :func:`requeue_job`,
                               :func:`finish_cancelled`, :func:`adopt_job`
@@ -40,6 +41,7 @@ from db.lease import (
     StaleAction,
     abandon,
     adopt_job,
+    claim_job,
     claim_next,
     complete_job,
     device_accepts,
@@ -54,7 +56,17 @@ from db.lease import (
     stop_worker,
     worker_heartbeat,
 )
-from db.queries import count_jobs, get_job, get_quality, list_artifacts, list_jobs, list_workers, status_counts
+from db.queries import (
+    artifacts_of,
+    count_jobs,
+    duplicates_of,
+    get_job,
+    get_quality,
+    list_artifacts,
+    list_jobs,
+    list_workers,
+    status_counts,
+)
 from db.states import FilesNotRemoved, JobNotFound, JobStateError, LostJob, transition
 from db.views import Adoption
 
@@ -68,14 +80,17 @@ __all__ = [
     "StaleAction",
     "abandon",
     "adopt_job",
+    "artifacts_of",
     "build_bundle",
     "cancel_job",
     "check_submission",
+    "claim_job",
     "claim_next",
     "complete_job",
     "count_jobs",
     "delete_job",
     "device_accepts",
+    "duplicates_of",
     "fail_job",
     "finish_cancelled",
     "get_job",

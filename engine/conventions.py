@@ -87,3 +87,16 @@ def crop_to_img_yup(
     out[..., 0] = (p[..., 0] + (w / 2 - CROP_SIZE / 2)) / s + tx - w0 / 2
     out[..., 1] = (p[..., 1] + (h / 2 - CROP_SIZE / 2)) / s + ty - h0 / 2
     return out
+
+
+def wrap_deg(angle_deg: np.ndarray | float) -> np.ndarray:
+    """Wrap angles in degrees to [-180, 180): ``((a + 180) mod 360) - 180``. NaN stays NaN.
+
+    Deep3D's stored angles are radians without a range; every display of an angle goes
+    through this (charts, captions, tables, the frame viewer).
+
+    >>> wrap_deg(np.array([346.9, 180.0, -190.0, 45.0])).round(1).tolist()
+    [-13.1, -180.0, 170.0, 45.0]
+    """
+    a = np.asarray(angle_deg, dtype=np.float64)
+    return np.mod(a + 180.0, 360.0) - 180.0

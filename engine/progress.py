@@ -28,8 +28,9 @@ class Progress:
         frames_done: frames finished so far (including frames restored from a resumed state).
         frames_total: expected frame count (the container's figure; may be an estimate).
         fps: frames per second processed in this run (not counting restored frames).
-        stage: ``"extract"`` while running, ``"write"`` while writing outputs, ``"overlay"``
-            while rendering the review video.
+        stage: ``"loading"`` while the worker loads the models (reported by the worker before
+            the engine runs), ``"extract"`` while running, ``"write"`` while writing outputs,
+            ``"overlay"`` while rendering the review video.
         frames_new: frames this run has finished itself (``frames_done`` less the frames
             restored from a resumed state): 0 until its first batch is done.
     """

@@ -21,7 +21,7 @@ from dashboard.fmt import (
 from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
 from db import JobNotFound, JobStateError, JobStatus, JobView, PermissionDenied, service
-from db.access import display_path, relative_text
+from db.access import display_path, user_message
 
 route_through_app()
 actor = current_actor()
@@ -39,18 +39,37 @@ SORTS = {
     "Recently finished": ("finished_at", True),
 }
 
+#: Widths in pixels, chosen so that at 1280 px (sidebar open) ID, name, status (also
+#: "running (cancelling)") and the error are on screen without scrolling; the rest follows.
 COLUMNS = {
-    "ID": st.column_config.NumberColumn("ID", format="%d", width="small"),
-    "Name": st.column_config.TextColumn("Name", width="medium"),
-    "Status": st.column_config.TextColumn("Status", width="small"),
-    "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent"),
-    "Frames": st.column_config.TextColumn("Frames", help="frames done / frames in the video", width=100),
-    "Speed": st.column_config.TextColumn("Speed", help="frames per second while running", width=80),
-    "ETA": st.column_config.TextColumn("ETA", help="estimated time left", width=95),
-    "Attempts": st.column_config.TextColumn("Attempts", help="runs started / allowed"),
-    "Submitted": st.column_config.TextColumn("Submitted", width="small"),
-    "Error": st.column_config.TextColumn("Error", width="large", help="select the row to read it in full"),
+    "ID": st.column_config.NumberColumn("ID", format="%d", width=55),
+    "Name": st.column_config.TextColumn("Name", width=170),
+    "Status": st.column_config.TextColumn("Status", width=165),
+    "Error": st.column_config.TextColumn("Error", width=250, help="select the row to read it in full"),
+    "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent",
+                                                width=100),
+    "Frames": st.column_config.TextColumn("Frames", help="frames done / frames in the video", width=90),
+    "Speed": st.column_config.TextColumn(
+        "Speed", help="frames per second: live while running, the average once finished", width=80),
+    "Time": st.column_config.TextColumn(
+        "Time", help="time left while running (estimate); how long the run took once finished", width=85),
+    "Attempts": st.column_config.TextColumn("Attempts", help="runs started / allowed", width=70),
+    "Submitted": st.column_config.TextColumn("Submitted", width=95),
 }
+
+
+#: Stage of a running job → what the table says while no time left is known yet.
+STAGE_WORDS = {"starting": "starting", "loading": "loading models", "extract": "", "register": "saving"}
+
+
+def run_time(j: JobView) -> tuple[float | None, float | None]:
+    """(seconds the last run took, its average frames/s) of a finished job; (None, None) otherwise."""
+    if j.started_at is None or j.finished_at is None or j.status == JobStatus.RUNNING:
+        return None, None
+    took = (j.finished_at - j.started_at).total_seconds()
+    if took <= 0:
+        return took, None
+    return took, (j.frames_done / took if j.frames_done else None)
 
 
 def jobs_frame(jobs: list[JobView], data_dir) -> pd.DataFrame:
@@ -58,6 +77,13 @@ def jobs_frame(jobs: list[JobView], data_dir) -> pd.DataFrame:
     rows = []
     for j in jobs:
         total = j.frames_total or j.video.frame_count or 0
+        took, average = run_time(j)
+        if j.status == JobStatus.RUNNING:
+            speed = f"{j.fps:.1f} /s" if j.fps > 0 else ""
+            time = f"{fmt_duration(j.eta_s)} left" if j.eta_s is not None else STAGE_WORDS.get(j.stage, j.stage or "")
+        else:
+            speed = f"{average:.1f} /s" if average else ""
+            time = ("< 1 s" if took < 1 else fmt_duration(took)) if took is not None else ""
         rows.append(
             {
                 "ID": j.id,
@@ -66,11 +92,11 @@ def jobs_frame(jobs: list[JobView], data_dir) -> pd.DataFrame:
                 + (" (cancelling)" if j.cancel_requested and j.status == JobStatus.RUNNING else ""),
                 "Progress": j.progress,
                 "Frames": f"{j.frames_done} / {total}" if total else f"{j.frames_done}",
-                "Speed": f"{j.fps:.1f} /s" if j.status == JobStatus.RUNNING and j.fps > 0 else "",
-                "ETA": fmt_duration(j.eta_s) if j.eta_s is not None else "",
+                "Speed": speed,
+                "Time": time,
                 "Attempts": f"{j.attempts} / {j.max_attempts}",
                 "Submitted": fmt_age(j.created_at),
-                "Error": relative_text(j.error, data_dir) if j.error else "",
+                "Error": user_message(j.error, j.input_path, j.name, data_dir) if j.error else "",
             }
         )
     return pd.DataFrame(rows, columns=list(COLUMNS))
@@ -188,22 +214,59 @@ def _details(job: JobView) -> None:
         st.markdown(f"**{md_escape(job.name)}** · job {job.id} · {status_markdown(job.status)}")
         reg = get_registry()
         if job.error:
-            text = md_escape(relative_text(explain_error(job.error, job.error_code), reg.data_dir))
+            # named by the uploaded name, also for errors stored before the worker did so itself
+            text = md_escape(user_message(explain_error(job.error, job.error_code), job.input_path, job.name,
+                                          reg.data_dir))
             if job.status == JobStatus.FAILED:
                 st.error(text)
             else:
                 st.info(text)
+        same = service.duplicates_of(reg, job.id)
+        if same:
+            st.warning(md_escape(
+                f"Job {', '.join(str(j.id) for j in same[:5])} ({same[0].status.value}) has the same video "
+                "content and settings: this job repeats its work."))
+        stored = display_path(job.input_path, reg.data_dir, actor.imports.roots)
+        took, average = run_time(job)
         info = {
-            "Input file": display_path(job.input_path, reg.data_dir, actor.imports.roots),
+            "Input file": job.name if job.video.in_place or stored == job.name else f"{job.name} (stored as {stored})",
             "Submitted by": job.submitted_by or "",
             "Registered in place": "yes (folder import)" if job.video.in_place else "no (uploaded copy)",
             "Stage": job.stage or "",
             "Worker": f"{job.worker_id} ({job.device})" if job.worker_id else "",
             "Started": fmt_age(job.started_at) if job.started_at else "",
             "Finished": fmt_age(job.finished_at) if job.finished_at else "",
+            "Run took": (fmt_duration(took) + (f" · {average:.1f} frames/s on average" if average else ""))
+            if took is not None else "",
             "Settings": ", ".join(f"{k}={v}" for k, v in job.settings.items() if v not in (None, "")),
         }
         st.table(pd.Series(info, name="value"))
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            _retry_with(job)
+
+
+def _retry_with(job: JobView) -> None:
+    """Retry this job with another landmark backend or batch size (the service checks the role)."""
+    from engine.landmarks import BACKENDS
+
+    current = job.settings.get("landmarks") or "fan"
+    with st.container(horizontal=True, vertical_alignment="bottom"):
+        backend = st.radio("Landmark backend for the retry", list(BACKENDS),
+                           index=list(BACKENDS).index(current) if current in BACKENDS else 0,
+                           format_func=lambda b: BACKENDS[b].label, key=f"jobs_retry_backend_{job.id}",
+                           horizontal=True, width="content")
+        batch = st.number_input("Batch size", 1, 1024, int(job.settings.get("batch_size") or 32),
+                                key=f"jobs_retry_batch_{job.id}", width=130)
+        st.button("Retry with these settings", icon=":material/replay:", key=f"jobs_retry_with_{job.id}",
+                  on_click=_retry_changed, args=(job, {"landmarks": backend, "batch_size": int(batch)}))
+
+
+def _retry_changed(job: JobView, changes: dict) -> None:
+    try:
+        service.retry_job(get_registry(), job.id, actor=actor, settings={**job.settings, **changes})
+        _flash("success", f"Queued again with {', '.join(f'{k}={v}' for k, v in changes.items())}: {job.name}")
+    except (JobStateError, JobNotFound, PermissionDenied, ValueError) as e:
+        _flash("warning", str(e))
 
 
 def _table() -> None:
@@ -211,6 +274,9 @@ def _table() -> None:
     flash = st.session_state.pop("jobs_flash", None)
     if flash:
         getattr(st, flash[0])(md_escape(flash[1]))
+    notice = st.session_state.pop("jobs_notice", None)
+    if notice:
+        st.warning(md_escape(notice), icon=":material/content_copy:")
     statuses = st.session_state.get("jobs_status") or None
     search = (st.session_state.get("jobs_search") or "").strip() or None
     order_by, descending = SORTS[st.session_state.get("jobs_sort", "Newest first")]

@@ -12,13 +12,15 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.data import checked_results, face_renderer, frame_rgb, get_registry, result_data, verified_bytes
+from dashboard.demo import is_demo
 from dashboard.fmt import explain_error, fmt_bytes, fmt_duration, md_escape, rows_key, status_markdown
 from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
 from dashboard.results import ResultData, flag_table, folder_table, jitter_table, next_flagged, quality_summary
 from db import JobNotFound, JobStatus, JobView, service
-from db.access import display_path, may_read, relative_text
+from db.access import display_path, may_read, relative_text, user_message
 from db.bundle import FileCheck, build_bundle, read_checked
+from engine import layout
 from engine.formats import FORMATS
 
 route_through_app()
@@ -71,6 +73,9 @@ def _header(job: JobView, data: ResultData | None) -> None:
     if backend:
         facts.append(f"landmarks: {backend}")
     st.caption(" · ".join(facts))
+    if is_demo(job.engine_version):
+        st.caption(":orange-badge[demo] Synthetic coefficients from `python -m dashboard.demo` "
+                   "(a smooth made-up trajectory), not results of the network.")
 
 
 def _quality(job: JobView, data: ResultData, frame_key: str) -> None:
@@ -198,11 +203,13 @@ def _chart(fig, chart_key: str, frame_key: str, selectable: bool = True) -> None
 def _charts(job: JobView, data: ResultData, frame: int, frame_key: str, flags: list[str] = ()) -> None:
     df = data.df
     st.caption(
-        "Click a point (or drag a box) on a chart to show that frame below. Grey bands: frames "
-        "without a usable face (the lines break there). Coloured bands: the quality flags chosen "
-        "above. The dashed line marks the frame shown in the viewer."
+        "Click a point on a chart to show that frame below (drag to zoom; box select is in the "
+        "chart's toolbar). Grey bands: frames without a usable face (the lines break there). "
+        "Coloured bands: the quality flags chosen above. The dashed line marks the frame shown "
+        "in the viewer. Angles in degrees, −180…180."
     )
-    tabs = st.tabs(["Head pose", "Translation", "Crop", "Expression", "Expression heat map"])
+    tabs = st.tabs(["Head pose", "Translation", "Crop", "Expression", "Expression heat maps",
+                    "Identity · texture · lighting"])
     with tabs[0]:
         _chart(charts.pose_figure(df, frame, flags), "res_chart_pose", frame_key)
     with tabs[1]:
@@ -229,7 +236,20 @@ def _charts(job: JobView, data: ResultData, frame: int, frame_key: str, flags: l
         else:
             st.info("Choose at least one coefficient.")
     with tabs[4]:
-        _chart(charts.expression_heatmap(df, frame), "res_chart_heat", frame_key, selectable=False)
+        left, right = st.columns(2)
+        with left:
+            _chart(charts.expression_heatmap(df, frame), "res_chart_heat", frame_key, selectable=False)
+        with right:
+            _chart(charts.expression_change_heatmap(df, frame), "res_chart_heat_change", frame_key,
+                   selectable=False)
+    with tabs[5]:
+        groups = {"id": "identity (80, shape)", "tex": "texture (80, albedo)", "gamma": "lighting (27, SH)"}
+        group = st.segmented_control("Group", list(groups), default="id", key=f"res_group_{job.id}",
+                                     format_func=groups.__getitem__, required=True)
+        st.caption("Deep3D predicts these per frame, but they describe the person and the light, so "
+                   "they should barely change over a video: a wide bar means an unsteady estimate.")
+        _chart(charts.coefficient_summary_figure(data.coeff[:, layout.GROUPS[group]], df["valid"].to_numpy(),
+                                                 groups[group]), "res_chart_group", frame_key, selectable=False)
 
 
 def _frame_viewer(job: JobView, data: ResultData, frame_key: str) -> None:
@@ -378,7 +398,8 @@ def _not_ready(job: JobView) -> None:
     st.title(job.name)
     st.info(f"This job is {status_markdown(job.status)}; results appear once it has succeeded.")
     if job.error:
-        st.error(md_escape(relative_text(explain_error(job.error, job.error_code), reg.data_dir)))
+        st.error(md_escape(user_message(explain_error(job.error, job.error_code), job.input_path, job.name,
+                                        reg.data_dir)))
     if job.status == JobStatus.RUNNING:
         st.progress(job.progress, text=f"{job.frames_done} of {job.frames_total or '?'} frames")
     st.page_link("pages/jobs.py", label="Back to Jobs", icon=":material/list:")

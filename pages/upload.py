@@ -9,7 +9,7 @@ import streamlit as st
 from dashboard.data import get_registry
 from dashboard.fmt import md_escape
 from dashboard.gate import current_actor
-from dashboard.install import weight_statuses
+from dashboard.install import default_backend, weight_statuses
 from dashboard.navigation import route_through_app
 from db import PermissionDenied, service
 from db.access import relative_text
@@ -26,15 +26,59 @@ DEVICES = {"auto": None, "GPU (cuda)": "cuda", "CPU": "cpu"}
 UPLOAD_TYPES = sorted(e.lstrip(".") for e in VIDEO_EXTS | IMAGE_EXTS)
 
 
+#: Widget key → query parameter remembering it in this browser's address (bookmark it).
+REMEMBERED = {"up_backend": "backend", "up_batch": "batch", "up_device": "device", "up_formats": "formats"}
+
+
+def _parse(key: str, text: str):
+    """A remembered value read back from the address (None when it is not a valid choice)."""
+    if key == "up_batch":
+        return int(text) if text.isdigit() and 1 <= int(text) <= 1024 else None
+    if key == "up_formats":
+        chosen = [f for f in text.split(",") if f in FORMATS]
+        return chosen or None
+    options = list(BACKENDS) if key == "up_backend" else list(DEVICES)
+    return text if text in options else None
+
+
+def _restore_settings() -> None:
+    """Settings widgets start from what this browser chose last: this session's choice, else the
+    address's query parameters; otherwise the defaults (the first landmark backend that is ready)."""
+    saved = st.session_state.setdefault("up_prefs", {})
+    for key, param in REMEMBERED.items():
+        if key in st.session_state:
+            continue
+        value = saved.get(key)
+        if value is None and param in st.query_params:
+            value = _parse(key, st.query_params[param])
+        if value is None and key == "up_backend":
+            value = default_backend(weight_statuses(), list(BACKENDS))
+        if value is not None:
+            st.session_state[key] = value
+
+
+def _remember(key: str) -> None:
+    """on_change: keep the choice for this session and in the address (``?backend=mtcnn&…``)."""
+    value = st.session_state[key]
+    st.session_state.setdefault("up_prefs", {})[key] = value
+    st.query_params[REMEMBERED[key]] = ",".join(value) if isinstance(value, list) else str(value)
+
+
 def _settings_form() -> EngineConfig | None:
     """The settings widgets; returns the config, or None (with the reason shown) when invalid."""
     st.subheader("Settings")
+    _restore_settings()
+    for key in REMEMBERED:  # keep the address in step with the widgets
+        if key in st.session_state and REMEMBERED[key] not in st.query_params:
+            _remember(key)
     c1, c2 = st.columns(2)
     with c1:
         backend = st.radio(
             "Landmark backend",
             list(BACKENDS),
             key="up_backend",
+            on_change=_remember,
+            args=("up_backend",),
             format_func=lambda b: BACKENDS[b].label,
             horizontal=True,
         )
@@ -58,15 +102,19 @@ def _settings_form() -> EngineConfig | None:
             "Batch size (frames per network batch)",
             min_value=1,
             max_value=1024,
-            value=32,
+            **({} if "up_batch" in st.session_state else {"value": 32}),
             step=8,
             key="up_batch",
+            on_change=_remember,
+            args=("up_batch",),
             help="speed and memory only: results do not depend on it",
         )
         device = st.selectbox(
             "Device",
             list(DEVICES),
             key="up_device",
+            on_change=_remember,
+            args=("up_device",),
             help="auto: the first free worker takes the job. GPU or CPU: only a worker on that kind "
             "of device takes it (make run starts one worker per GPU, or one CPU worker), so a job "
             "asking for a device no worker has stays queued.",
@@ -91,7 +139,9 @@ def _settings_form() -> EngineConfig | None:
         list(FORMATS),
         selection_mode="multi",
         key="up_formats",
-        default=[f.value for f in DEFAULT_FORMATS],
+        on_change=_remember,
+        args=("up_formats",),
+        **({} if "up_formats" in st.session_state else {"default": [f.value for f in DEFAULT_FORMATS]}),
         format_func=lambda f: FORMATS[f].label,
         help=formats_help(),
         width="stretch",
@@ -126,16 +176,22 @@ def _settings_form() -> EngineConfig | None:
 
 def _submit_uploads(files, config: EngineConfig) -> None:
     reg = get_registry()
-    queued, failed = 0, []
+    queued, failed, repeats = 0, [], []
     bar = st.progress(0.0, text="Storing uploads…")
     for i, f in enumerate(files, start=1):
         try:
             f.seek(0)
-            service.submit_upload(reg, f, f.name, config, actor=actor)
+            job = service.submit_upload(reg, f, f.name, config, actor=actor)
             queued += 1
+            same = service.duplicates_of(reg, job.id)
+            if same:
+                repeats.append(f"{f.name} (same content and settings as job "
+                               f"{', '.join(str(j.id) for j in same[:3])}, {same[0].status.value})")
         except (StudioError, ValueError, OSError, PermissionDenied) as e:
             failed.append(f"{f.name}: {relative_text(str(e), reg.data_dir)}")
         bar.progress(i / len(files), text=f"Stored {i} of {len(files)}")
+    if repeats:
+        st.session_state["jobs_notice"] = "Submitted again: " + "; ".join(repeats) + "."
     _finish(queued, failed)
 
 

@@ -105,7 +105,7 @@ def test_jobs_table_lists_every_state_and_filters(studio):
     assert by_id.loc[ids["running"], "Status"] == "running"
     assert by_id.loc[ids["running"], "Progress"] == pytest.approx(0.5)
     assert by_id.loc[ids["running"], "Speed"] == "12.5 /s"
-    assert by_id.loc[ids["running"], "ETA"] == "2 s"  # 30 frames left at 12.5 frames/s
+    assert by_id.loc[ids["running"], "Time"] == "2 s left"  # 30 frames left at 12.5 frames/s
     assert "no face" in by_id.loc[ids["failed"], "Error"]
     assert by_id.loc[ids["succeeded"], "Progress"] == 1.0
 
@@ -229,7 +229,10 @@ def test_results_page_charts_quality_downloads_and_viewer(studio):
     assert metrics["Longest invalid run (0.20 s)"] == "5 frames"
     assert metrics["Reasons"] == "no_face: 6"
     charts = at.get("plotly_chart")
-    assert len(charts) == 5  # pose, translation, crop, expression, heat map
+    assert [c.key for c in charts] == [
+        "res_chart_pose", "res_chart_trans", "res_chart_crop", "res_chart_exp",
+        "res_chart_heat", "res_chart_heat_change", "res_chart_group",  # absolute + change; id/tex/gamma
+    ]
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels[0] == "Download bundle (.zip)"
     assert any(lbl.startswith("PIRender .mat") for lbl in labels) and any("NumPy .npz" in lbl for lbl in labels)

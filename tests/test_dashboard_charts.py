@@ -178,3 +178,37 @@ def test_face_alignment_weight_checks_accept_the_right_net_and_reject_others(tmp
     assert not ok and "not 2D-FAN-4 weights" in why
     ok, why = _sfd(text)
     assert not ok and why.startswith("not a PyTorch weight file")
+
+
+def test_no_landmarks_drawn_on_a_frame_without_a_face(result):
+    """Filler landmarks of an invalid frame (here: real-looking points, as a no-face policy
+    may carry them over) are never drawn; the note says why."""
+    import dataclasses
+
+    from dashboard.viewer import frame_views
+
+    lm = result.landmarks_img_ydown.copy()
+    lm[12] = lm[5]  # frame 12 is invalid but holds usable-looking points
+    filled = dataclasses.replace(result, landmarks_img_ydown=lm)
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    views = frame_views(frame, filled, 12)
+    assert (np.asarray(views.original) == 128).all()
+    assert "No face in this frame" in views.crop_note
+    assert (np.asarray(frame_views(frame, filled, 5).original) != 128).any()
+
+
+def test_charts_let_a_single_click_select_a_point(result):
+    """Streamlit makes a chart with dragmode select/lasso ignore single clicks (clickmode "event");
+    every selectable chart therefore keeps another drag mode."""
+    for fig in (charts.pose_figure(result.df), charts.translation_figure(result.df),
+                charts.crop_figure(result.df), charts.expression_figure(result.df, [0, 1])):
+        assert fig.layout.dragmode not in ("select", "lasso")
+
+
+def test_pose_is_wrapped_in_the_results_table(tmp_path):
+    res = fake_result(n=10, invalid=())
+    res.coeff[:, 225] += 2 * np.pi  # yaw one full turn off, as an unconstrained network may give
+    res.coeff[:, 224] = np.radians(200.0)
+    df = result_frame({"coeff": res.coeff, "transform_params": res.trans_params})
+    assert df["yaw_deg"].between(-180, 180).all() and abs(df["yaw_deg"].iloc[0]) < 1
+    assert np.allclose(df["pitch_deg"], -160.0)

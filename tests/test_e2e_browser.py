@@ -104,6 +104,13 @@ def _shot(page, name: str) -> Path:
     return path
 
 
+def _click_point(chart, where: float) -> None:
+    """Click (once, no drag) the marker of the first trace at fraction ``where`` of its points."""
+    points = chart.locator(".scatterlayer .trace").first.locator(".point")
+    box = points.nth(int((points.count() - 1) * where)).bounding_box()
+    chart.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+
 @pytest.fixture
 def studio_run(tmp_path):
     """``make run`` with a temporary data folder and checkpoint; stopped (and checked) afterwards."""
@@ -226,13 +233,9 @@ def test_upload_to_bundle_in_a_real_browser(studio_run, test_video):
         expect(pose).to_contain_text("time (s)")
         _settle(page)
 
-        # Drag a box over the middle of the pose chart: the frame viewer jumps to the first frame in it.
+        # A single click on a point of the pose chart: the frame viewer jumps to that frame.
         expect(page.get_by_text("Frame 0 · t = 0.000 s")).to_be_visible()
-        area = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
-        page.mouse.move(area["x"] + area["width"] * 0.45, area["y"] + 2)
-        page.mouse.down()
-        page.mouse.move(area["x"] + area["width"] * 0.55, area["y"] + area["height"] - 2, steps=8)
-        page.mouse.up()
+        _click_point(pose, 0.5)
         expect(page.get_by_text("Frame 0 · t = 0.000 s")).to_have_count(0, timeout=30_000)
         expect(page.get_by_text(re.compile(r"^Frame [1-9]\d* · t = "))).to_be_visible()
         _settle(page)
@@ -263,3 +266,120 @@ def test_upload_to_bundle_in_a_real_browser(studio_run, test_video):
         assert mat["transform_params"].shape == (200, 5)
         npz = np.load(io.BytesIO(zf.read(f"{stem}.npz")))
         assert npz["landmarks"].shape == (200, 5, 2) and npz["valid"].shape == (200,)
+
+
+#: Viewport sizes of the screenshots in docs/screenshots/ (width, height).
+SIZES = ((1280, 800), (1920, 1080))
+
+
+def _shots(page, name: str) -> None:
+    """Screenshots of what a visitor sees at each of :data:`SIZES` (viewport, not the full page)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for w, h in SIZES:
+        page.set_viewport_size({"width": w, "height": h})
+        time.sleep(1.5)
+        _settle(page)
+        page.screenshot(path=str(SHOTS / f"{name}-{w}x{h}.png"))
+    page.set_viewport_size({"width": WIDTH, "height": 1000})
+
+
+def test_dataset_compare_click_and_retry_in_a_real_browser(studio_run):
+    """Demo jobs (no checkpoint involved) in the dataset view: a filter and its CSV export, three
+    videos compared, a click that selects a frame, wrapped angles, an error carrying the uploaded
+    name, and Retry with another landmark backend; screenshots of every page at two sizes."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from dashboard.demo import make_demo_jobs
+    from db import JobStatus, Registry, service
+
+    port, data = studio_run["port"], studio_run["data"]
+    base = f"http://127.0.0.1:{port}"
+    reg = Registry(data_dir=data)
+    ids = make_demo_jobs(reg, 22, frames=100)
+    # A failed job as the worker words it: the engine's message names the stored upload, the
+    # registry's copy names it by the uploaded name (db.access.user_message, used by the worker).
+    from db.access import user_message
+    from tests.dashboard_fixtures import make_clip
+
+    clip = make_clip(studio_run["tmp"] / "upload.mp4", n=10, size=(64, 48))
+    bad = service.submit_file(reg, clip, {"landmarks": "mtcnn", "formats": ["npz"], "device": "cuda:97"},
+                              original_name="Interview 2024.mp4")  # a device no worker here has
+    service.register_worker(reg, "stand-in", hostname="test", pid=1, device="cuda:97")
+    service.claim_job(reg, bad.id, "stand-in", device="cuda:97")
+    message = user_message(f"{bad.input_path}: no face found in any of 10 frames", bad.input_path, bad.name, data)
+    service.fail_job(reg, bad.id, "stand-in", error=message, code="no_face")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": WIDTH, "height": 1000}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+
+        # Dataset view: every demo job, a filter, its export.
+        page.goto(base + "/dataset")
+        expect(page.get_by_text("22 of 22 finished jobs")).to_be_visible()
+        expect(page.get_by_text("Compare videos")).to_be_visible()
+        _settle(page)
+        compare = page.locator(".js-plotly-plot").nth(1)
+        for j in ids[-3:]:  # newest first: the last three made are compared by default
+            expect(compare).to_contain_text(f"(job {j})")
+        _shots(page, "06-dataset")
+        page.get_by_role("textbox", name="Filter").fill("valid < 95 %")
+        page.get_by_role("textbox", name="Filter").press("Enter")
+        expect(page.get_by_text(re.compile(r"^\d+ of 22 finished jobs"))).to_be_visible()
+        expect(page.get_by_text("22 of 22 finished jobs")).to_have_count(0)
+        _settle(page)
+        with page.expect_download(timeout=60_000) as info:
+            page.get_by_role("button", name=re.compile(r"Export these \d+ jobs")).click()
+        csv_path = studio_run["tmp"] / "dataset.csv"
+        info.value.save_as(csv_path)
+        import pandas as pd
+
+        table = pd.read_csv(csv_path)
+        assert 0 < len(table) < 22 and (table["valid_pct"] < 95).all()
+        assert not table["input"].str.startswith("/").any() and not table["result"].str.startswith("/").any()
+        assert table["result"].str.startswith("results/").all()
+
+        # Results of a demo video whose stored yaw is a full turn off: every angle shown is wrapped.
+        page.goto(f"{base}/results?job={ids[0]}")
+        pose = page.locator(".js-plotly-plot").first
+        expect(pose).to_contain_text("Head pose")
+        expect(page.get_by_text("demo", exact=True).first).to_be_visible()
+        _settle(page)
+        expect(page.get_by_text("Frame 0 · t = 0.000 s")).to_be_visible()
+        _click_point(pose, 0.6)  # one click, no drag
+        caption = page.get_by_text(re.compile(r"^Frame [1-9]\d* · t = "))
+        expect(caption).to_be_visible(timeout=30_000)
+        yaw = float(re.search(r"yaw (-?\d+\.\d)°", caption.inner_text()).group(1))
+        assert -180 <= yaw <= 180 and abs(yaw) < 90, caption.inner_text()
+        ticks = pose.locator(".ytick text").all_text_contents()
+        assert ticks and all(abs(float(t.replace("−", "-"))) <= 180 for t in ticks), ticks
+        _shots(page, "04-results")
+
+        # Jobs: the failed upload is named as uploaded; Retry with another backend.
+        page.goto(base + "/jobs")
+        expect(page.get_by_text("Interview 2024.mp4").first).to_be_attached()  # a grid cell (drawn on a canvas)
+        page.get_by_text("Live updates").click()  # hold the table still while acting on it
+        _settle(page)
+        _shots(page, "03-jobs")
+        page.get_by_role("textbox", name="Search").fill("Interview")
+        page.get_by_role("textbox", name="Search").press("Enter")
+        expect(page.get_by_text(re.compile(r"^Jobs 1–1 of 1"))).to_be_visible()
+        _settle(page)
+        grid = page.get_by_test_id("stDataFrame").first.bounding_box()
+        page.mouse.click(grid["x"] + 16, grid["y"] + 35 + 17)  # the tick box of the only row
+        alert = page.get_by_test_id("stAlert").filter(has_text="Interview 2024.mp4: no face found")
+        expect(alert).to_be_visible()  # the selected job's error, named as uploaded
+        expect(alert).not_to_contain_text(bad.video.sha256[:12])  # never the content hash
+        page.get_by_test_id("stRadio").filter(has_text="Landmark backend for the retry").get_by_text(
+            "FAN (68 points)").click()
+        _settle(page)
+        page.get_by_role("button", name="Retry with these settings").click()
+        expect(page.get_by_text(re.compile("Queued again with landmarks=fan"))).to_be_visible()
+        retried = service.get_job(reg, bad.id)
+        assert retried.settings["landmarks"] == "fan" and retried.status == JobStatus.QUEUED
+
+        for path, name in (("/", "01-overview"), ("/upload", "02-upload"), ("/setup", "05-setup")):
+            page.goto(base + path)
+            _settle(page)
+            _shots(page, name)
+        browser.close()

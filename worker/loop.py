@@ -468,6 +468,7 @@ class Worker:
 
     def _run_item(self, job, item, cfg, monitor, out_base, state_dir, on_progress):
         while True:
+            monitor.update(stage="loading")  # model loading can take longer than the first batch
             engine = self.engines.get(cfg)
             monitor.update(stage="extract")
             try:
