@@ -107,7 +107,9 @@ def _shot(page, name: str) -> Path:
 def _click_point(chart, where: float) -> None:
     """Click (once, no drag) the marker of the first trace at fraction ``where`` of its points."""
     points = chart.locator(".scatterlayer .trace").first.locator(".point")
-    box = points.nth(int((points.count() - 1) * where)).bounding_box()
+    point = points.nth(int((points.count() - 1) * where))
+    point.scroll_into_view_if_needed()  # a mouse click outside the viewport reaches nothing
+    box = point.bounding_box()
     chart.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
 
 
