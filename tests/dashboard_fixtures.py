@@ -26,6 +26,26 @@ def served_on(address: str) -> Iterator[None]:
         config.set_option("server.address", old)
 
 
+def dashboard_registry(tmp_path: Path, monkeypatch, doctor=()):
+    """Point the dashboard at ``tmp_path``: its data folder, checkpoint, BFM and torch-hub folders,
+    no registry URL or import roots from the environment, a fixed doctor report (``doctor``,
+    a list of :class:`engine.doctor.Check`), fresh Streamlit caches. Returns a new Registry there."""
+    import streamlit as st
+
+    from dashboard import data as dashboard_data
+    from db import Registry
+
+    monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("STUDIO_DB_URL", raising=False)
+    monkeypatch.delenv("STUDIO_IMPORT_ROOTS", raising=False)
+    monkeypatch.setenv("STUDIO_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("STUDIO_BFM_DIR", str(tmp_path / "BFM"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(dashboard_data, "run_doctor", lambda: list(doctor))
+    st.cache_data.clear()
+    return Registry()
+
+
 def fake_result(
     n: int = 60,
     fps: float = 25.0,

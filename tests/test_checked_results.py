@@ -9,10 +9,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from dashboard import data as dashboard_data
 from dashboard.fmt import explain_error
 from db import LOCAL, JobStatus, Registry, service
 from db.bundle import ResultFileError, build_bundle, check_artifacts, read_checked
@@ -20,7 +18,7 @@ from db.models import Artifact
 from engine.doctor import Check
 from engine.errors import InputError
 from tests.conftest import REPO
-from tests.dashboard_fixtures import populate, served_on
+from tests.dashboard_fixtures import dashboard_registry, populate, served_on
 from tests.media import make_audio_only
 
 APP = REPO / "streamlit_app.py"
@@ -34,14 +32,7 @@ def _served_locally():
 
 @pytest.fixture
 def studio(tmp_path, monkeypatch):
-    monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("STUDIO_DB_URL", raising=False)
-    monkeypatch.delenv("STUDIO_IMPORT_ROOTS", raising=False)
-    monkeypatch.setenv("STUDIO_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(dashboard_data, "run_doctor", lambda: [Check("system", "Python", True, "3.11")])
-    st.cache_data.clear()
-    reg = Registry()
+    reg = dashboard_registry(tmp_path, monkeypatch, [Check("system", "Python", True, "3.11")])
     ids = populate(reg, tmp_path)
     yield reg, ids, tmp_path
     reg.close()

@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from dashboard import data as dashboard_data
 from dashboard.fmt import rows_key
 from db import JobStatus, Registry, service
 from engine.doctor import Check
-from tests.dashboard_fixtures import make_clip, populate, served_on
+from tests.dashboard_fixtures import dashboard_registry, make_clip, populate, served_on
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "streamlit_app.py"
@@ -40,14 +38,7 @@ def _served_locally():
 @pytest.fixture
 def empty_studio(tmp_path, monkeypatch):
     """An empty registry under tmp_path; the dashboard (and the weight folders) point there."""
-    monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("STUDIO_DB_URL", raising=False)
-    monkeypatch.setenv("STUDIO_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("STUDIO_BFM_DIR", str(tmp_path / "BFM"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(dashboard_data, "run_doctor", lambda: list(DOCTOR))
-    st.cache_data.clear()
-    reg = Registry()
+    reg = dashboard_registry(tmp_path, monkeypatch, DOCTOR)
     yield reg, tmp_path
     reg.close()
 

@@ -15,9 +15,9 @@ from dashboard import data as dashboard_data
 from dashboard.dataset import METRICS, FilterError, aligned_x, dataset_frame, export_csv, filter_mask, job_metrics
 from dashboard.demo import demo_trajectory, is_demo, make_demo_jobs
 from dashboard.results import load_result, result_frame
-from db import Registry, service
+from db import service
 from engine.conventions import wrap_deg
-from tests.dashboard_fixtures import served_on
+from tests.dashboard_fixtures import dashboard_registry, served_on
 from tests.test_dashboard import open_page, texts
 
 
@@ -109,11 +109,7 @@ def _served_locally():
 
 @pytest.fixture
 def demo_studio(tmp_path, monkeypatch):
-    monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("STUDIO_DB_URL", raising=False)
-    monkeypatch.setattr(dashboard_data, "run_doctor", lambda: [])
-    st.cache_data.clear()
-    reg = Registry()
+    reg = dashboard_registry(tmp_path, monkeypatch)
     queued = service.submit_file(reg, _clip(tmp_path), {"landmarks": "mtcnn"}, original_name="someone_else.mp4")
     ids = make_demo_jobs(reg, 21, frames=40)
     yield reg, ids, queued

@@ -18,19 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
 from dashboard import auth
-from dashboard import data as dashboard_data
 from db import LOCAL, Actor, ImportPolicy, JobStatus, PermissionDenied, Registry, service
 from db.access import display_path, may_read, relative_text
 from engine.doctor import Check
 from engine.errors import CheckpointError, WeightsError
 from engine.regressor import inspect_checkpoint, load_checkpoint
 from tests.conftest import REPO
-from tests.dashboard_fixtures import make_clip, populate, served_on
+from tests.dashboard_fixtures import dashboard_registry, make_clip, populate, served_on
 from tests.factories import random_state_dict
 
 APP = REPO / "streamlit_app.py"
@@ -147,15 +145,7 @@ def _served_locally():
 @pytest.fixture
 def studio(tmp_path, monkeypatch):
     """A registry with a job in every state; the dashboard and the weight folders point into tmp_path."""
-    monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("STUDIO_DB_URL", raising=False)
-    monkeypatch.delenv("STUDIO_IMPORT_ROOTS", raising=False)
-    monkeypatch.setenv("STUDIO_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("STUDIO_BFM_DIR", str(tmp_path / "BFM"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(dashboard_data, "run_doctor", lambda: [Check("system", "Python", True, "3.11")])
-    st.cache_data.clear()
-    reg = Registry()
+    reg = dashboard_registry(tmp_path, monkeypatch, [Check("system", "Python", True, "3.11")])
     ids = populate(reg, tmp_path)
     yield reg, ids, tmp_path
     reg.close()
