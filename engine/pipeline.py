@@ -120,11 +120,13 @@ def join_results(frames: FrameBatch, landmarks: Landmarks, plan: AlignPlan, alig
     face = landmarks.valid.astype(bool)
     flags = q.frame_flags(
         face_found=face, faces_found=choice.faces_found, kept_rank=choice.kept_rank,
-        low_confidence=q.low_confidence(choice.score, choice.detector) & face,
+        low_confidence=q.low_confidence(choice.score, choice.detector, landmarks.confidence) & face,
         crop_box=aligned.crop_box, coeff=coeff, filled=~face & ~plan.use_template,
     )
     quality = {"flags": flags, "faces_found": choice.faces_found.astype(np.int16),
-               "kept_rank": choice.kept_rank.astype(np.int16), "score": choice.score.astype(np.float32)}
+               "kept_rank": choice.kept_rank.astype(np.int16), "score": choice.score.astype(np.float32),
+               "landmark_confidence": (np.full(len(frames), np.nan, np.float32) if landmarks.confidence is None
+                                       else landmarks.confidence.astype(np.float32))}
     return FrameResults(
         index=frames.index.astype(np.int64),
         timestamps=frames.timestamps.astype(np.float64),

@@ -26,8 +26,12 @@ MTCNN_MIN_PROBABILITY = 0.95
 #: S3FD score (faces are kept above 0.5) under which a FAN face is flagged ``low_confidence``.
 S3FD_MIN_SCORE = 0.9
 #: Detector name → the score under which its kept face is flagged ``low_confidence`` (a detector
-#: not listed never flags it).
+#: not listed never flags it), for landmarkers that report no confidence of their own.
 MIN_SCORE = {"mtcnn": MTCNN_MIN_PROBABILITY, "s3fd": S3FD_MIN_SCORE}
+#: FAN: mean heat-map peak of the 68 points (0…1; a confident point peaks near 1) under which the
+#: landmarks are flagged ``low_confidence``. Provisional: set from how 2D-FAN-4's heat maps are
+#: trained (Gaussian targets of peak 1), not yet calibrated on the released weights.
+FAN_MIN_HEATMAP_PEAK = 0.3
 #: Extreme pose: |yaw| above this many degrees ...
 EXTREME_YAW_DEG = 60.0
 #: ... or |pitch| above this many degrees.
@@ -69,8 +73,8 @@ FLAGS: dict[str, FlagSpec] = {
         "the continuity tracker followed the previous frame's person"),
     "low_confidence": FlagSpec(
         3, "Low confidence",
-        f"the kept face's detector confidence is low (MTCNN probability < {MTCNN_MIN_PROBABILITY}, "
-        f"S3FD score < {S3FD_MIN_SCORE})"),
+        f"the landmarks' confidence is low (FAN: mean heat-map peak < {FAN_MIN_HEATMAP_PEAK}; "
+        f"MTCNN: probability < {MTCNN_MIN_PROBABILITY})"),
     "crop_outside": FlagSpec(
         4, "Crop outside frame", "the 224×224 crop reaches past the frame's edge (padded with black)"),
     "extreme_pose": FlagSpec(
@@ -117,13 +121,20 @@ def flags_text(value: int) -> str:
 # ----------------------------------------------------------------------------- per frame
 
 
-def low_confidence(score: np.ndarray, detector: str) -> np.ndarray:
-    """bool (B,): the kept face's ``score`` is under :data:`MIN_SCORE` of ``detector`` (NaN: no
-    face, never flagged here).
+def low_confidence(score: np.ndarray, detector: str, landmark_confidence: np.ndarray | None = None) -> np.ndarray:
+    """bool (B,): the landmarks are not to be trusted. With ``landmark_confidence`` (the
+    landmarker's own, FAN's mean heat-map peak) it is under :data:`FAN_MIN_HEATMAP_PEAK`;
+    otherwise the kept face's detector ``score`` is under :data:`MIN_SCORE` of ``detector``.
+    NaN (no face) is never flagged here.
 
     >>> low_confidence(np.array([0.99, 0.8, np.nan]), "mtcnn").tolist()
     [False, True, False]
+    >>> low_confidence(np.array([0.99, 0.99]), "s3fd", np.array([0.8, 0.1])).tolist()
+    [False, True]
     """
+    if landmark_confidence is not None:
+        conf = np.asarray(landmark_confidence, dtype=np.float64)
+        return np.isfinite(conf) & (conf < FAN_MIN_HEATMAP_PEAK)
     score = np.asarray(score, dtype=np.float64)
     threshold = MIN_SCORE.get(detector)
     if threshold is None:

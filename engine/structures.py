@@ -136,11 +136,15 @@ class Landmarks:
             left mouth corner, right mouth corner). Rows of invalid frames are NaN.
         valid: bool (B,) a face was found in the frame.
         reason: (B,) empty string for valid frames, else why not (``"no_face"``...).
+        confidence: float32 (B,) the landmarker's own confidence in its points, 0…1 (FAN: the
+            mean heat-map peak of its 68 points), NaN where no face; None for backends that give
+            none (MTCNN, keypoint files): the detector's score stands in for them.
     """
 
     points_img_ydown: np.ndarray
     valid: np.ndarray
     reason: tuple[str, ...]
+    confidence: np.ndarray | None = None
 
     @property
     def num_points(self) -> int:
@@ -243,7 +247,8 @@ class FrameResults:
         valid: bool (B,). reason: str (B,) ``""`` where valid.
         extras: optional per-frame arrays (e.g. ``lm68`` from the face model), B rows each.
         quality: per-frame quality arrays, B rows each (see :mod:`engine.quality`): ``flags``
-            uint32 bitmask, ``faces_found`` int16, ``kept_rank`` int16, ``score`` float32;
+            uint32 bitmask, ``faces_found`` int16, ``kept_rank`` int16, ``score`` float32,
+            ``landmark_confidence`` float32;
             ``coeff_raw`` float32 (B, 257) when smoothing replaced ``coeff``.
     """
 

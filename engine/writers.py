@@ -97,7 +97,8 @@ def npz_arrays(r: VideoResult) -> dict[str, np.ndarray]:
     ``i`` = ``flag_names[i]``; ``flag_names`` (F,) str; ``faces_found`` (N,) int16 faces the
     detector reported (-1: no detector); ``kept_rank`` (N,) int16 the kept face's rank in the
     reference's order (0: its choice, -1: none); ``score`` (N,) f32 the kept face's detector
-    score; ``coeff_raw`` (N,257) f32 the coefficients before smoothing (only when smoothed:
+    score; ``landmark_confidence`` (N,) f32 the landmarker's own confidence (FAN: mean heat-map
+    peak; NaN where none); ``coeff_raw`` (N,257) f32 the coefficients before smoothing (only when smoothed:
     ``coeff`` and its groups are then the smoothed ones).
     """
     out: dict[str, np.ndarray] = {"coeff": r.coeff.astype(np.float32)}

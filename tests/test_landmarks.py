@@ -356,6 +356,7 @@ def test_fan_wiring_with_stand_in_weights(tmp_path, monkeypatch):
     lm = backend(_batch(images))
     _check_contract(lm, 2, 68)
     assert lm.valid.tolist() == [False, False]
+    assert lm.confidence is not None and np.isnan(lm.confidence).all()  # no face: no confidence
 
     # Two faces, best first (as S3FD sorts them): the landmarks must come from the first box.
     boxes = [np.array([10.0, 20.0, 50.0, 60.0, 0.99]), np.array([75.0, 20.0, 115.0, 60.0, 0.90])]
@@ -364,6 +365,8 @@ def test_fan_wiring_with_stand_in_weights(tmp_path, monkeypatch):
     _check_contract(lm, 1, 68)
     assert lm.valid.tolist() == [True]
     assert lm.points_img_ydown[:, :, 0].max() < 50  # left box, not the right one
+    # FAN's own confidence: the mean heat-map peak of its 68 points (0 with these zero weights).
+    assert lm.confidence.dtype == np.float32 and lm.confidence.shape == (1,) and 0.0 <= lm.confidence[0] <= 1.0
     backend.close()
 
 

@@ -82,10 +82,12 @@ def no_face_landmarks(num_frames: int, num_points: int, reason: str = NO_FACE) -
     )
 
 
-def landmarks_from_list(per_frame: Sequence[np.ndarray | None], num_points: int) -> Landmarks:
+def landmarks_from_list(per_frame: Sequence[np.ndarray | None], num_points: int,
+                        confidence: Sequence[float] | None = None) -> Landmarks:
     """Pack one optional (num_points, 2) array per frame into :class:`Landmarks`.
 
     ``None`` (or a row with a non-finite value) becomes a NaN row, invalid, ``"no_face"``.
+    ``confidence``: the backend's own confidence per frame (kept where the frame is valid).
 
     >>> lm = landmarks_from_list([np.ones((5, 2)), None], 5)
     >>> lm.points_img_ydown.dtype, lm.valid.tolist(), lm.reason
@@ -103,4 +105,7 @@ def landmarks_from_list(per_frame: Sequence[np.ndarray | None], num_points: int)
             points[i] = p
             valid[i] = True
     reason = tuple("" if v else NO_FACE for v in valid)
-    return Landmarks(points_img_ydown=points, valid=valid, reason=reason)
+    conf = None
+    if confidence is not None:
+        conf = np.where(valid, np.asarray(confidence, dtype=np.float32), np.float32(np.nan)).astype(np.float32)
+    return Landmarks(points_img_ydown=points, valid=valid, reason=reason, confidence=conf)

@@ -220,21 +220,25 @@ class FanLandmarker:
         faces = faces_to_mark(self, frames, faces)
         where = faces.face_of_frame()
         per_frame = [
-            None if j < 0 else self._one(image, faces.boxes_img_ydown[j], faces.scores[j])
+            (None, np.nan) if j < 0 else self._one(image, faces.boxes_img_ydown[j], faces.scores[j])
             for image, j in zip(frames.images, where, strict=True)
         ]
-        return landmarks_from_list(per_frame, self.num_points)
+        return landmarks_from_list([p for p, _ in per_frame], self.num_points, [c for _, c in per_frame])
 
-    def _one(self, image_rgb: np.ndarray, box_img_ydown: np.ndarray, score: float) -> np.ndarray | None:
-        """(68, 2) float32 y-down points of the face in ``box`` of one uint8 (H, W, 3) RGB frame.
+    def _one(self, image_rgb: np.ndarray, box_img_ydown: np.ndarray, score: float) -> tuple[np.ndarray | None, float]:
+        """(68, 2) float32 y-down points of the face in ``box`` of one uint8 (H, W, 3) RGB frame,
+        and their confidence: the mean over the 68 points of each heat map's peak (0…1).
 
         face_alignment crops around the box and runs 2D-FAN-4 once (``get_landmarks_from_image``
-        with ``detected_faces``: the same crop and numbers as when it detects the box itself).
+        with ``detected_faces``: the same crop and numbers as when it detects the box itself;
+        asking for the scores changes no point).
         """
-        found = self._fa.get_landmarks_from_image(image_rgb, detected_faces=[np.append(box_img_ydown, score)])
+        found, peaks, _ = self._fa.get_landmarks_from_image(
+            image_rgb, detected_faces=[np.append(box_img_ydown, score)], return_landmark_score=True)
         if not found:
-            return None
-        return np.asarray(found[0], dtype=np.float32)[:, :2]
+            return None, np.nan
+        confidence = float(np.mean(peaks[0])) if peaks else np.nan
+        return np.asarray(found[0], dtype=np.float32)[:, :2], confidence
 
     def close(self) -> None:
         self._fa = None
