@@ -113,6 +113,12 @@ def _click_point(chart, where: float) -> None:
     chart.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
 
 
+def _line_segments(chart) -> int:
+    """How many separate pieces the first trace's line is drawn in (SVG move-to commands)."""
+    paths = chart.locator(".scatterlayer .trace").first.locator("path.js-line")
+    return sum(d.count("M") for d in paths.evaluate_all("els => els.map(e => e.getAttribute('d') || '')"))
+
+
 @pytest.fixture
 def studio_run(tmp_path):
     """``make run`` with a temporary data folder and checkpoint; stopped (and checked) afterwards."""
@@ -355,7 +361,16 @@ def test_dataset_compare_click_and_retry_in_a_real_browser(studio_run):
         assert -180 <= yaw <= 180 and abs(yaw) < 90, caption.inner_text()
         ticks = pose.locator(".ytick text").all_text_contents()
         assert ticks and all(abs(float(t.replace("−", "-"))) <= 180 for t in ticks), ticks
+        assert _line_segments(pose) == 1  # a face in every frame: one unbroken line
         _shots(page, "04-results")
+
+        # A video with a stretch of frames without a face (demo seed 3): the lines break there
+        # (the filler values are not drawn) and the grey band says why.
+        page.goto(f"{base}/results?job={ids[3]}")
+        pose = page.locator(".js-plotly-plot").first
+        expect(pose).to_contain_text("no face / invalid frame")
+        _settle(page)
+        assert _line_segments(pose) >= 2, "the line runs through the frames without a face"
 
         # Jobs: the failed upload is named as uploaded; Retry with another backend.
         page.goto(base + "/jobs")
