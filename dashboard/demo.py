@@ -92,9 +92,11 @@ def write_clip(path: Path, result: VideoResult) -> Path:
     import av
     from PIL import Image, ImageDraw
 
+    from engine.avcompat import open_container
+
     w, h = SIZE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
+    with open_container(path, "w") as out:
         stream = out.add_stream("mpeg4", rate=int(FPS))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(result.num_frames):
