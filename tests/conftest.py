@@ -52,3 +52,17 @@ def short_clip(tmp_path_factory, test_video) -> Path:
 
 # A throwaway PostgreSQL server (session) and a fresh database on it per test; skip when unavailable.
 from tests.pg import pg_url, postgres  # noqa: E402, F401
+
+
+@pytest.fixture
+def studio(tmp_path, monkeypatch):
+    """A registry with a job in every state (``tests.dashboard_fixtures.populate``); the dashboard
+    and the weight folders point into tmp_path. Yields ``(registry, {state: job id}, tmp_path)``.
+    (tests/test_dashboard.py has its own ``studio``, built on an empty registry.)"""
+    from engine.doctor import Check
+    from tests.dashboard_fixtures import dashboard_registry, populate
+
+    reg = dashboard_registry(tmp_path, monkeypatch, [Check("system", "Python", True, "3.11")])
+    ids = populate(reg, tmp_path)
+    yield reg, ids, tmp_path
+    reg.close()

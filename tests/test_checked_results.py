@@ -15,10 +15,9 @@ from dashboard.fmt import explain_error
 from db import LOCAL, JobStatus, Registry, service
 from db.bundle import ResultFileError, build_bundle, check_artifacts, read_checked
 from db.models import Artifact
-from engine.doctor import Check
 from engine.errors import InputError
 from tests.conftest import REPO
-from tests.dashboard_fixtures import dashboard_registry, populate, served_on
+from tests.dashboard_fixtures import served_on
 from tests.media import make_audio_only
 
 APP = REPO / "streamlit_app.py"
@@ -28,14 +27,6 @@ APP = REPO / "streamlit_app.py"
 def _served_locally():
     with served_on("127.0.0.1"):
         yield
-
-
-@pytest.fixture
-def studio(tmp_path, monkeypatch):
-    reg = dashboard_registry(tmp_path, monkeypatch, [Check("system", "Python", True, "3.11")])
-    ids = populate(reg, tmp_path)
-    yield reg, ids, tmp_path
-    reg.close()
 
 
 def _artifact(reg, job_id: int, fmt: str):

@@ -24,11 +24,10 @@ from streamlit.testing.v1 import AppTest
 from dashboard import auth
 from db import LOCAL, Actor, ImportPolicy, JobStatus, PermissionDenied, Registry, service
 from db.access import display_path, may_read, relative_text
-from engine.doctor import Check
 from engine.errors import CheckpointError, WeightsError
 from engine.regressor import inspect_checkpoint, load_checkpoint
 from tests.conftest import REPO
-from tests.dashboard_fixtures import dashboard_registry, make_clip, populate, served_on
+from tests.dashboard_fixtures import make_clip, served_on
 from tests.factories import random_state_dict
 
 APP = REPO / "streamlit_app.py"
@@ -140,15 +139,6 @@ def _served_locally():
     """Served on 127.0.0.1 unless a test says otherwise (served_on), whatever the cwd."""
     with served_on("127.0.0.1"):
         yield
-
-
-@pytest.fixture
-def studio(tmp_path, monkeypatch):
-    """A registry with a job in every state; the dashboard and the weight folders point into tmp_path."""
-    reg = dashboard_registry(tmp_path, monkeypatch, [Check("system", "Python", True, "3.11")])
-    ids = populate(reg, tmp_path)
-    yield reg, ids, tmp_path
-    reg.close()
 
 
 def app(secrets: dict | None = None, user: dict | None = None) -> AppTest:
