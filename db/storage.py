@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from engine.errors import InputTooLarge, OutputError, storage_error
+from engine.formats import NAME_MAX  # longest file name (bytes) the common file systems accept
 
 CHUNK = 1 << 20  # bytes read at a time while hashing/copying
-
-#: Longest file name (bytes) the common file systems accept.
-NAME_MAX = 255
 
 #: Prefix of every temporary file this module writes (``.tmp-<uuid>…``).
 TEMP_PREFIX = ".tmp-"
