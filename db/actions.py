@@ -23,6 +23,7 @@ from db.registry import Registry
 from db.states import FilesNotRemoved, JobStateError, load_job, transition
 from db.views import JobView
 from engine.config import EngineConfig
+from engine.errors import short_path
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def delete_job(reg: Registry, job_id: int, *, actor: Actor, remove_files: bool =
         if orphan_upload is not None and reg.uploads_dir in orphan_upload.parents:
             left += storage.remove_tree(orphan_upload)
         if left:
-            names = ", ".join("/".join(p.parts[-3:]) for p in left[:3]) + (" …" if len(left) > 3 else "")
+            names = ", ".join(short_path(p) for p in left[:3]) + (" …" if len(left) > 3 else "")
             raise FilesNotRemoved(
                 f"job {job_id} was deleted, but {len(left)} of its files could not be removed "
                 f"({names}): remove them by hand"

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
-from engine.errors import InputTooLarge, OutputError, storage_error
+from engine.errors import InputTooLarge, OutputError, short_path, storage_error
 from engine.formats import NAME_MAX  # longest file name (bytes) the common file systems accept
 
 CHUNK = 1 << 20  # bytes read at a time while hashing/copying
@@ -121,7 +121,7 @@ def fsync_replace(tmp: Path, dest: Path) -> None:
             raise
         tmp.unlink(missing_ok=True)
     except OSError as e:
-        raise storage_error(e, "/".join(dest.parts[-3:])) from e
+        raise storage_error(e, short_path(dest)) from e
 
 
 def stream_to_temp(

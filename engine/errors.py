@@ -8,6 +8,7 @@ what was expected and what was found, never a tensor.
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 
 class StudioError(Exception):
@@ -111,6 +112,16 @@ ENVIRONMENT_CODES = frozenset({DiskFullError.code, ReadOnlyError.code})
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def short_path(path) -> str:
+    """The last three parts of ``path`` (``results/12/clip.npz``): enough to say where, without
+    the server's folders.
+
+    >>> short_path("/srv/studio/data/results/12/clip.npz")
+    'results/12/clip.npz'
+    """
+    return "/".join(Path(path).parts[-3:])
 
 
 def storage_error(e: OSError, what: str) -> OutputError:

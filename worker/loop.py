@@ -46,7 +46,7 @@ from db.models import ErrorCode, WorkerStatus, utcnow
 from db.registry import Registry
 from db.views import ArtifactFile, JobView, QualitySummary
 from engine.config import EngineConfig
-from engine.errors import ENVIRONMENT_CODES, Cancelled, StudioError, storage_error
+from engine.errors import ENVIRONMENT_CODES, Cancelled, StudioError, short_path, storage_error
 from engine.sources import InputItem
 from worker.monitor import JobMonitor
 
@@ -352,7 +352,7 @@ class Worker:
             self._next_sweep = time.monotonic() + TEMP_SWEEP_S
             for folder in (self.reg.uploads_dir, self.reg.results_dir):
                 for p in storage.sweep_temp(folder):
-                    log.info("removed %s, left half-written by a killed process", "/".join(p.parts[-3:]))
+                    log.info("removed %s, left half-written by a killed process", short_path(p))
         try:
             service.requeue_stale(self.reg, stale_after_s=self.options.stale_after_s)
         except Exception as e:  # never let housekeeping kill the worker

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from engine.config import EngineConfig, name_of
-from engine.errors import storage_error
+from engine.errors import short_path, storage_error
 from engine.formats import NAME_MAX, format_spec
 from engine.structures import FrameResults, MediaInfo
 
@@ -140,11 +140,6 @@ def staging_path(path: Path) -> Path:
     return temp_name(path, "part", keep_suffix=True)
 
 
-def _short(path: Path) -> str:
-    """``results/12/clip.npz``: enough of a path to say where, without the server's folders."""
-    return "/".join(Path(path).parts[-3:])
-
-
 def stage_bytes(path: Path, data: bytes) -> Path:
     """Write ``data`` under :func:`staging_path` of ``path``, fsynced; returns that name.
 
@@ -161,7 +156,7 @@ def stage_bytes(path: Path, data: bytes) -> Path:
             os.fsync(fh.fileno())
     except OSError as e:
         discard(tmp)
-        raise storage_error(e, _short(path)) from e
+        raise storage_error(e, short_path(path)) from e
     return tmp
 
 
@@ -178,7 +173,7 @@ def commit(staged: dict[Path, Path]) -> None:
             try:
                 os.replace(tmp, path)
             except OSError as e:
-                raise storage_error(e, _short(path)) from e
+                raise storage_error(e, short_path(path)) from e
             del pending[tmp]
     finally:
         for tmp in pending:
