@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import layout
+from engine.conventions import wrap_deg
 
 CROP_SIZE = 224
 
@@ -160,8 +161,14 @@ def angles_deg(coeff: np.ndarray) -> np.ndarray:
 
 
 def extreme_pose(coeff: np.ndarray) -> np.ndarray:
-    """bool (N,): |yaw| > :data:`EXTREME_YAW_DEG` or |pitch| > :data:`EXTREME_PITCH_DEG`."""
-    a = angles_deg(coeff)
+    """bool (N,): |yaw| > :data:`EXTREME_YAW_DEG` or |pitch| > :data:`EXTREME_PITCH_DEG`, with the
+    angles wrapped to −180…180 first (the network's radians have no range: 2π + 0.1 is a frontal face).
+
+    >>> c = np.zeros((2, 257)); c[0, 225] = 2 * np.pi + 0.1; c[1, 225] = np.radians(70)
+    >>> extreme_pose(c).tolist()
+    [False, True]
+    """
+    a = wrap_deg(angles_deg(coeff))
     return (np.abs(a[:, 1]) > EXTREME_YAW_DEG) | (np.abs(a[:, 0]) > EXTREME_PITCH_DEG)
 
 
