@@ -204,7 +204,7 @@ def test_box_without_a_face_is_no_face(refiner, video):
     assert empty.points_img_ydown.shape == (0, 5, 2)
 
 
-def test_batch_equals_one_by_one(refiner, video):
+def test_batch_equals_one_by_one(refiner, video, monkeypatch):
     """(d) Refining N frames in one batch gives each frame's result alone (float32 rounding)."""
     batch, full = video
     # boxes of different sizes in one batch: the padded windows differ per face
@@ -218,6 +218,9 @@ def test_batch_equals_one_by_one(refiner, video):
         np.testing.assert_allclose(together.boxes_img_ydown[i], alone.boxes_img_ydown[0], atol=1e-3)
         np.testing.assert_allclose(together.probability[i], alone.probability[0], atol=1e-5)
     assert together.detections().frame_rows.tolist() == list(range(len(batch)))
+    monkeypatch.setattr(mtcnn_gpu, "WINDOW_PIXELS", 1)  # every window uploaded and resampled alone
+    grouped = refiner.refine(batch, faces)
+    np.testing.assert_allclose(grouped.landmarks.points_img_ydown, together.landmarks.points_img_ydown, atol=1e-3)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -14,12 +14,12 @@ and what differs:
   is stretched to the square input), area resampling (``interpolate(mode="area")``), the
   input scaling ``(x - 127.5) / 128``, the box regression (``bbreg``) and the point formula are
   the same; area resampling is computed as two small averaging matrices per face (the same
-  windows as ``adaptive_avg_pool2d``, equal up to float32 rounding) so faces of different
-  sizes go through one batched product;
+  windows as ``adaptive_avg_pool2d``, in float64, so equal up to facenet's float32 rounding
+  and unaffected by TF32) so faces of different sizes go through one batched product;
 * no P-Net, no NMS (one box per frame), and R-Net's probability does not reject the box: only
   O-Net's (below ``thresholds[2]``, 0.7) makes the frame ``no_face``;
-* only the crop window of each face is copied to the device (one padded stack per stage),
-  never a whole frame.
+* only the crop window of each face is copied to the device (one padded stack per stage, in
+  groups of at most :data:`WINDOW_PIXELS` pixels), never a whole frame.
 
 The keyframe detector (:attr:`RefineMtcnn.detector`) is facenet-pytorch's full MTCNN on frames
 shrunk to ``detect_max_side`` (OpenCV area resampling), its boxes and points scaled back to
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 THRESHOLDS = (0.6, 0.7, 0.7)
 #: Side of R-Net's and O-Net's square inputs, pixels.
 RNET_SIZE, ONET_SIZE = 24, 48
+#: At most this many window pixels are resampled at once (float64 on the device: 24 bytes each).
+WINDOW_PIXELS = 8_000_000
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,25 @@ def gather_windows(images: np.ndarray, rows: np.ndarray, regions: np.ndarray) ->
     for k, (row, (x0, y0, x1, y1)) in enumerate(zip(rows, regions, strict=True)):
         stack[k, : y1 - y0, : x1 - x0] = images[row, y0:y1, x0:x1]
     return stack
+
+
+def window_chunks(regions: np.ndarray, budget: int) -> list[slice]:
+    """Consecutive groups of faces whose padded window stack holds at most ``budget`` pixels.
+
+    A group always takes at least one face (a face larger than the budget goes alone).
+
+    >>> window_chunks(np.array([[0, 0, 10, 10]] * 5), 250)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    sizes = regions[:, 2:] - regions[:, :2]
+    out, lo, wmax, hmax = [], 0, 0, 0
+    for k, (w, h) in enumerate(sizes):
+        wmax, hmax = max(wmax, int(w)), max(hmax, int(h))
+        if k > lo and (k - lo + 1) * wmax * hmax > budget:
+            out.append(slice(lo, k))
+            lo, wmax, hmax = k, int(w), int(h)
+    out.append(slice(lo, len(sizes)))
+    return out
 
 
 def scale_back(values: np.ndarray, ratio_x: float, ratio_y: float) -> np.ndarray:
@@ -289,15 +310,18 @@ class RefineMtcnn:
         """
         import torch
 
-        windows = gather_windows(images, rows, regions)
-        lengths = regions[:, 2:] - regions[:, :2]  # (width, height)
-        ay = torch.from_numpy(area_matrix(lengths[:, 1], size, windows.shape[1])).to(self.device)
-        ax = torch.from_numpy(area_matrix(lengths[:, 0], size, windows.shape[2])).to(self.device)
+        parts = []
+        for chunk in window_chunks(regions, WINDOW_PIXELS):
+            windows = gather_windows(images, rows[chunk], regions[chunk])
+            lengths = regions[chunk, 2:] - regions[chunk, :2]  # (width, height)
+            ay = torch.from_numpy(area_matrix(lengths[:, 1], size, windows.shape[1])).to(self.device)
+            ax = torch.from_numpy(area_matrix(lengths[:, 0], size, windows.shape[2])).to(self.device)
+            with torch.inference_mode():  # float64: exact averages whatever the TF32 setting
+                x = torch.from_numpy(windows).to(self.device).permute(0, 3, 1, 2).double()  # (m, 3, H, W)
+                x = torch.matmul(x, ax.double().transpose(1, 2)[:, None])  # (m, 3, H, size)
+                parts.append(torch.matmul(ay.double()[:, None], x).float())  # (m, 3, size, size)
         with torch.inference_mode():
-            x = torch.from_numpy(windows).to(self.device).permute(0, 3, 1, 2).float()  # (M, 3, H, W)
-            x = torch.matmul(x, ax.transpose(1, 2)[:, None])  # (M, 3, H, size)
-            x = torch.matmul(ay[:, None], x)  # (M, 3, size, size)
-            out = net((x - 127.5) * 0.0078125)
+            out = net((torch.cat(parts) - 127.5) * 0.0078125)
         if len(out) == 2:  # R-Net: (regression, softmax)
             return out[0].double().cpu().numpy(), out[1][:, 1].double().cpu().numpy()
         reg, marks, soft = out
