@@ -284,3 +284,20 @@ def test_regressor_takes_device_crops_with_the_same_coefficients(recon_checkpoin
         reg.predict(torch.zeros((1, 224, 224, 3), dtype=torch.float32))
     with pytest.raises(ShapeError):
         reg.predict(torch.zeros((1, 3, 224, 224), dtype=torch.uint8))
+
+
+@pytest.mark.slow
+def test_engine_with_device_crops_writes_the_same_results(tmp_path, short_clip, recon_checkpoint):
+    """The whole engine with TorchAligner(keep_on_device=True) gives the default aligner's outputs."""
+    from engine.config import EngineConfig
+    from engine.pipeline import Engine
+
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", batch_size=4, formats=("npz",))
+    with Engine(cfg) as engine:
+        ref = engine.run(short_clip, tmp_path / "a" / "clip")
+    with Engine(cfg, aligner=TorchAligner("cpu", keep_on_device=True)) as engine:
+        got = engine.run(short_clip, tmp_path / "b" / "clip")
+    a, b = np.load(ref.outputs["npz"]), np.load(got.outputs["npz"])
+    assert set(a.files) == set(b.files) and a["valid"].any()
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
