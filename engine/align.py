@@ -182,33 +182,45 @@ def _as_rgb_image(img: Image.Image | np.ndarray) -> Image.Image:
     return Image.fromarray(arr, mode="RGB")
 
 
-def align_image(
-    img: Image.Image | np.ndarray,
+@dataclass(frozen=True)
+class AlignmentFit:
+    """The geometry of one aligned face, without pixels (see :class:`AlignedFace`).
+
+    Attributes:
+        trans_params: float64 (5,) ``[w0, h0, s, tx, ty_yup]``.
+        lm_224_yup: float64 (K, 2) the input landmarks mapped into the crop, y up.
+        crop_box: ``(left, up, w, h)`` ints: the crop's top-left corner inside the frame
+            resized to ``w × h`` pixels (may be negative).
+    """
+
+    trans_params: np.ndarray
+    lm_224_yup: np.ndarray
+    crop_box: tuple[int, int, int, int]
+
+
+def fit_alignment(
+    width: int,
+    height: int,
     lm_img_ydown: np.ndarray | None = None,
     *,
     lm_img_yup: np.ndarray | None = None,
-) -> AlignedFace:
-    """Deep3D's ``align_img``: fit, resize the whole frame, crop 224×224 (spec §2.5).
-
-    Pass exactly one of ``lm_img_ydown`` (detector output; y is flipped with the image
-    height first, as every reference caller does) or ``lm_img_yup`` (points already y up,
-    e.g. :func:`template_fallback_img_yup`).
+) -> AlignmentFit:
+    """Deep3D's ``align_img`` without the pixels: POS fit, resize size and crop corner (spec §2.5).
 
     Args:
-        img: RGB image, PIL (converted to RGB if needed) or uint8 (H, W, 3), y down.
-        lm_img_ydown: (5, 2) or (68, 2) image pixels, y down; float32 for exact results.
-        lm_img_yup: (5, 2) or (68, 2) image pixels, y up.
+        width, height: the frame's size in pixels (``w0, h0``).
+        lm_img_ydown: (5, 2) or (68, 2) image pixels, y down (flipped with ``height`` first).
+        lm_img_yup: (5, 2) or (68, 2) image pixels, y up. Pass exactly one of the two.
 
     Returns:
-        :class:`AlignedFace`.
+        :class:`AlignmentFit`.
 
     Raises:
         AlignmentError: landmarks not finite, or a fit implying an absurd resize.
     """
     if (lm_img_ydown is None) == (lm_img_yup is None):
-        raise TypeError("align_image: pass exactly one of lm_img_ydown or lm_img_yup")
-    pil = _as_rgb_image(img)
-    w0, h0 = pil.size
+        raise TypeError("fit_alignment: pass exactly one of lm_img_ydown or lm_img_yup")
+    w0, h0 = int(width), int(height)
     if lm_img_yup is None:
         lm_img_ydown = np.asarray(lm_img_ydown)
         check_shape(lm_img_ydown, ("K", "2"), "lm_img_ydown")
@@ -245,23 +257,146 @@ def align_image(
     left = left_f.astype(np.int32)
     up = up_f.astype(np.int32)
 
-    # 3. Pillow bicubic of the whole frame, then a zero-padded 224 crop.
-    resized = pil.resize((int(w), int(h)), resample=Image.Resampling.BICUBIC)
-    box = (int(left), int(up), int(left) + CROP_SIZE, int(up) + CROP_SIZE)
-    crop = np.asarray(resized.crop(box), dtype=np.uint8)
-
-    # 4. Landmarks into the crop (un-truncated offsets, float64).
+    # 3. Landmarks into the crop (un-truncated offsets, float64).
     lm64 = lm_img_yup.astype(np.float64)
     lm_224_yup = np.stack([lm64[:, 0] - t0 + w0 / 2, lm64[:, 1] - t1 + h0 / 2], axis=1) * s
     lm_224_yup = lm_224_yup - np.array([[w / 2 - half, h / 2 - half]])
 
     trans_params = np.array([w0, h0, s, t0, t1], dtype=np.float64)
-    return AlignedFace(
-        crop=crop,
-        trans_params=trans_params,
-        lm_224_yup=lm_224_yup,
-        crop_box=(int(left), int(up), int(w), int(h)),
-    )
+    return AlignmentFit(trans_params=trans_params, lm_224_yup=lm_224_yup,
+                        crop_box=(int(left), int(up), int(w), int(h)))
+
+
+def pillow_crop(img: Image.Image | np.ndarray, crop_box: tuple[int, int, int, int]) -> np.ndarray:
+    """The reference's pixels: Pillow bicubic of the whole frame to ``(w, h)``, then a zero-padded 224 crop.
+
+    Args:
+        img: RGB image, PIL or uint8 (H, W, 3), y down.
+        crop_box: ``(left, up, w, h)`` (:attr:`AlignmentFit.crop_box`).
+
+    Returns:
+        uint8 (224, 224, 3).
+    """
+    left, up, w, h = (int(v) for v in crop_box)
+    resized = _as_rgb_image(img).resize((w, h), resample=Image.Resampling.BICUBIC)
+    return np.asarray(resized.crop((left, up, left + CROP_SIZE, up + CROP_SIZE)), dtype=np.uint8)
+
+
+def align_image(
+    img: Image.Image | np.ndarray,
+    lm_img_ydown: np.ndarray | None = None,
+    *,
+    lm_img_yup: np.ndarray | None = None,
+) -> AlignedFace:
+    """Deep3D's ``align_img``: fit, resize the whole frame, crop 224×224 (spec §2.5).
+
+    :func:`fit_alignment` then :func:`pillow_crop`. Pass exactly one of ``lm_img_ydown``
+    (detector output; y is flipped with the image height first, as every reference caller
+    does) or ``lm_img_yup`` (points already y up, e.g. :func:`template_fallback_img_yup`).
+
+    Args:
+        img: RGB image, PIL (converted to RGB if needed) or uint8 (H, W, 3), y down.
+        lm_img_ydown: (5, 2) or (68, 2) image pixels, y down; float32 for exact results.
+        lm_img_yup: (5, 2) or (68, 2) image pixels, y up.
+
+    Returns:
+        :class:`AlignedFace`.
+
+    Raises:
+        AlignmentError: landmarks not finite, or a fit implying an absurd resize.
+    """
+    if (lm_img_ydown is None) == (lm_img_yup is None):
+        raise TypeError("align_image: pass exactly one of lm_img_ydown or lm_img_yup")
+    pil = _as_rgb_image(img)
+    fit = fit_alignment(*pil.size, lm_img_ydown, lm_img_yup=lm_img_yup)
+    return AlignedFace(crop=pillow_crop(pil, fit.crop_box), trans_params=fit.trans_params,
+                       lm_224_yup=fit.lm_224_yup, crop_box=fit.crop_box)
+
+
+@dataclass(frozen=True)
+class BatchFit:
+    """The geometry of a batch of aligned frames: :class:`~engine.structures.AlignedBatch` less the crops.
+
+    Attributes:
+        trans_params: float32 (B, 5). lm5_img_ydown: float32 (B, 5, 2). crop_box: int32 (B, 4).
+        used_template: bool (B,). reason: (B,) ``"bad_landmarks"`` or ``""``.
+        (All as in :class:`~engine.structures.AlignedBatch`.)
+    """
+
+    trans_params: np.ndarray
+    lm5_img_ydown: np.ndarray
+    crop_box: np.ndarray
+    used_template: np.ndarray
+    reason: tuple[str, ...]
+
+    def with_crops(self, crops) -> AlignedBatch:
+        """The :class:`~engine.structures.AlignedBatch` of these fits and ``crops`` (B, 224, 224, 3)."""
+        return AlignedBatch(crops=crops, trans_params=self.trans_params, lm5_img_ydown=self.lm5_img_ydown,
+                            crop_box=self.crop_box, used_template=self.used_template, reason=self.reason)
+
+
+def fit_batch(
+    width: int,
+    height: int,
+    lm_img_ydown: np.ndarray,
+    use_fallback: np.ndarray | Sequence[bool],
+    *,
+    bad_landmarks: str = "raise",
+) -> BatchFit:
+    """Fit every frame of a batch; frames flagged ``use_fallback`` get the template fallback.
+
+    Args:
+        width, height: the frames' size in pixels.
+        lm_img_ydown: (B, K, 2) landmarks, K = 5 or 68, y down (ignored where
+            ``use_fallback``; those rows may be NaN or -1).
+        use_fallback: bool (B,) align with :func:`template_fallback_img_yup` instead.
+        bad_landmarks: ``"raise"`` an :class:`AlignmentError` for a frame whose landmarks admit
+            no fit, or ``"template"``: the template fallback and reason ``"bad_landmarks"``.
+
+    Returns:
+        :class:`BatchFit` (see :func:`align_batch`).
+
+    Raises:
+        AlignmentError: a frame's landmarks admit no fit and ``bad_landmarks="raise"``.
+    """
+    if bad_landmarks not in ("raise", "template"):
+        raise ValueError(f"bad_landmarks must be 'raise' or 'template', got {bad_landmarks!r}")
+    lm_img_ydown = np.asarray(lm_img_ydown)
+    check_shape(lm_img_ydown, ("B", "K", "2"), "lm_img_ydown")
+    n = lm_img_ydown.shape[0]
+    use_fallback = np.asarray(use_fallback, dtype=bool)
+    check_shape(use_fallback, (n,), "use_fallback")
+
+    fallback_img_yup = template_fallback_img_yup(width, height)
+    fits: list[AlignmentFit] = []
+    reasons: list[str] = []
+    for i in range(n):
+        reason = ""
+        if use_fallback[i]:
+            fit = fit_alignment(width, height, lm_img_yup=fallback_img_yup)
+        else:
+            try:
+                fit = fit_alignment(width, height, lm_img_ydown[i])
+            except AlignmentError as e:
+                if bad_landmarks == "raise":
+                    raise
+                log.info("frame %d of the batch: %s; using the template fallback", i, e)
+                fit = fit_alignment(width, height, lm_img_yup=fallback_img_yup)
+                reason = BAD_LANDMARKS
+        fits.append(fit)
+        reasons.append(reason)
+
+    trans_params = np.empty((n, 5), dtype=np.float32)
+    lm5_img_ydown = np.empty((n, 5, 2), dtype=np.float32)
+    crop_box = np.empty((n, 4), dtype=np.int32)
+    used_template = use_fallback | np.array([bool(r) for r in reasons], dtype=bool).reshape(n)
+    fallback_img_ydown = img_yup_to_ydown(fallback_img_yup, height)
+    for i, fit in enumerate(fits):
+        trans_params[i] = fit.trans_params.astype(np.float32)
+        crop_box[i] = fit.crop_box
+        lm5_img_ydown[i] = fallback_img_ydown if used_template[i] else lm68_to_lm5(lm_img_ydown[i])
+    return BatchFit(trans_params=trans_params, lm5_img_ydown=lm5_img_ydown, crop_box=crop_box,
+                    used_template=used_template, reason=tuple(reasons))
 
 
 def align_batch(
@@ -274,12 +409,14 @@ def align_batch(
 ) -> AlignedBatch:
     """Align a batch of frames; frames flagged ``use_fallback`` get the template fallback.
 
+    :func:`fit_batch` then :func:`pillow_crop` per frame.
+
     Args:
         images: uint8 (B, H, W, 3) RGB frames, y down.
         lm_img_ydown: (B, K, 2) landmarks, K = 5 or 68, y down (ignored where
             ``use_fallback``; those rows may be NaN or -1).
         use_fallback: bool (B,) align with :func:`template_fallback_img_yup` instead.
-        executor: optional thread pool to align frames in parallel (Pillow releases the
+        executor: optional thread pool to crop frames in parallel (Pillow releases the
             GIL while resizing); results do not depend on it.
         bad_landmarks: what a frame whose landmarks admit no fit (not finite, degenerate)
             gets: ``"raise"`` an :class:`AlignmentError`, or ``"template"``: the template
@@ -294,50 +431,20 @@ def align_batch(
     Raises:
         AlignmentError: a frame's landmarks admit no fit and ``bad_landmarks="raise"``.
     """
-    if bad_landmarks not in ("raise", "template"):
-        raise ValueError(f"bad_landmarks must be 'raise' or 'template', got {bad_landmarks!r}")
     images = np.asarray(images)
     check_shape(images, ("B", "H", "W", "3"), "images")
     lm_img_ydown = np.asarray(lm_img_ydown)
     check_shape(lm_img_ydown, (images.shape[0], "K", "2"), "lm_img_ydown")
-    use_fallback = np.asarray(use_fallback, dtype=bool)
-    check_shape(use_fallback, (images.shape[0],), "use_fallback")
     n, height, width = images.shape[:3]
+    fits = fit_batch(width, height, lm_img_ydown, use_fallback, bad_landmarks=bad_landmarks)
 
-    fallback_img_yup = template_fallback_img_yup(width, height)
-
-    def one(i: int) -> tuple[AlignedFace, str]:
-        if use_fallback[i]:
-            return align_image(images[i], lm_img_yup=fallback_img_yup), ""
-        try:
-            return align_image(images[i], lm_img_ydown[i]), ""
-        except AlignmentError as e:
-            if bad_landmarks == "raise":
-                raise
-            log.info("frame %d of the batch: %s; using the template fallback", i, e)
-            return align_image(images[i], lm_img_yup=fallback_img_yup), BAD_LANDMARKS
-
-    faces = list(executor.map(one, range(n))) if executor is not None else [one(i) for i in range(n)]
+    def one(i: int) -> np.ndarray:
+        return pillow_crop(images[i], tuple(int(v) for v in fits.crop_box[i]))
 
     crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
-    trans_params = np.empty((n, 5), dtype=np.float32)
-    lm5_img_ydown = np.empty((n, 5, 2), dtype=np.float32)
-    crop_box = np.empty((n, 4), dtype=np.int32)
-    used_template = use_fallback | np.array([bool(reason) for _, reason in faces], dtype=bool).reshape(n)
-    fallback_img_ydown = img_yup_to_ydown(fallback_img_yup, height)
-    for i, (face, _) in enumerate(faces):
-        crops[i] = face.crop
-        trans_params[i] = face.trans_params.astype(np.float32)
-        crop_box[i] = face.crop_box
-        lm5_img_ydown[i] = fallback_img_ydown if used_template[i] else lm68_to_lm5(lm_img_ydown[i])
-    return AlignedBatch(
-        crops=crops,
-        trans_params=trans_params,
-        lm5_img_ydown=lm5_img_ydown,
-        crop_box=crop_box,
-        used_template=used_template,
-        reason=tuple(reason for _, reason in faces),
-    )
+    for i, crop in enumerate(executor.map(one, range(n)) if executor is not None else map(one, range(n))):
+        crops[i] = crop
+    return fits.with_crops(crops)
 
 
 def crops_to_tensor_input(crops: np.ndarray) -> np.ndarray:

@@ -561,10 +561,16 @@ class Regressor:
             "checkpoint": str(self.checkpoint_path),
         }
 
-    def _input(self, crops: np.ndarray) -> torch.Tensor:
-        """uint8 (B, 224, 224, 3) → float32 (B, 3, 224, 224) on the device, values of spec §1.2."""
+    def _input(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 224, 224, 3) → float32 (B, 3, 224, 224) on the device, values of spec §1.2.
+
+        The same values and memory layout whether the crops come as numpy or as a tensor.
+        """
         if self.device.type == "cpu":
-            return torch.from_numpy(crops_to_tensor_input(crops))
+            host = crops.cpu().numpy() if isinstance(crops, torch.Tensor) else crops
+            return torch.from_numpy(crops_to_tensor_input(host))
+        if isinstance(crops, torch.Tensor):  # already on a device: no host round trip
+            return uint8_nhwc_to_input(crops.to(self.device))
         # Ship uint8 (4× less than float32) and convert on the device.
         return uint8_nhwc_to_input(torch.from_numpy(np.ascontiguousarray(crops)).to(self.device))
 
@@ -579,19 +585,27 @@ class Regressor:
             return _fp32_matmul_precision("ieee" if self.precision == "fp32" else "tf32")
         return contextlib.nullcontext()
 
-    def predict(self, crops: np.ndarray) -> np.ndarray:
+    def predict(self, crops: np.ndarray | torch.Tensor) -> np.ndarray:
         """Coefficients of aligned crops.
 
         Args:
-            crops: uint8 (B, 224, 224, 3) RGB crops from :func:`engine.align.align_batch`.
+            crops: uint8 (B, 224, 224, 3) RGB crops from :func:`engine.align.align_batch`, or
+                the same as a torch uint8 tensor on any device
+                (``engine.stages.align.TorchAligner(keep_on_device=True)``); the coefficients
+                do not depend on which.
 
         Returns:
             float32 (B, 257) coefficients ``[id | exp | tex | angle | gamma | trans]``.
         """
-        crops = np.asarray(crops)
-        check_shape(crops, ("B", "224", "224", "3"), "crops")
-        if crops.dtype != np.uint8:
-            raise ValueError(f"crops: expected dtype uint8, got {crops.dtype}")
+        if isinstance(crops, torch.Tensor):
+            check_shape(crops, ("B", "224", "224", "3"), "crops")
+            if crops.dtype != torch.uint8:
+                raise ValueError(f"crops: expected dtype uint8, got {crops.dtype}")
+        else:
+            crops = np.asarray(crops)
+            check_shape(crops, ("B", "224", "224", "3"), "crops")
+            if crops.dtype != np.uint8:
+                raise ValueError(f"crops: expected dtype uint8, got {crops.dtype}")
         if crops.shape[0] == 0:
             return np.zeros((0, NUM_COEFFS), dtype=np.float32)
         with contextlib.ExitStack() as stack:

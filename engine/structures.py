@@ -13,6 +13,7 @@ stays frame-aligned with the video. Validity flows one way: each stage reports i
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -208,7 +209,9 @@ class AlignedBatch:
     """Output of the aligner for a batch.
 
     Attributes:
-        crops: uint8 (B, 224, 224, 3) RGB aligned crops (Pillow bicubic, zero padded).
+        crops: uint8 (B, 224, 224, 3) RGB aligned crops (Pillow bicubic, zero padded): a numpy
+            array, or a torch uint8 tensor on the aligner's device
+            (``TorchAligner(keep_on_device=True)``).
         trans_params: float32 (B, 5) ``[w0, h0, s, tx, ty_yup]`` (spec §2.5).
         lm5_img_ydown: float32 (B, 5, 2) the 5 points used for the fit, y down.
         crop_box: int32 (B, 4) ``[left, up, w, h]``: the frame was resized to ``(w, h)`` pixels
@@ -297,18 +300,24 @@ class FrameResults:
 
 def rows_of(batch, rows: slice):
     """The frames ``rows`` of a per-frame dataclass (:class:`FrameBatch`, :class:`AlignPlan` ...):
-    every array and tuple field sliced along its first axis."""
+    every array, tensor and tuple field sliced along its first axis."""
     values = {}
     for f in fields(batch):
         v = getattr(batch, f.name)
-        values[f.name] = v[rows] if isinstance(v, (np.ndarray, tuple)) else v
+        values[f.name] = v[rows] if isinstance(v, (np.ndarray, tuple)) or _is_tensor(v) else v
     return type(batch)(**values)
+
+
+def _is_tensor(v) -> bool:
+    """True for a torch tensor (without importing torch where no tensor can exist)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, torch.Tensor)
 
 
 def concat_rows(parts: list):
     """Join per-frame dataclasses of consecutive frames (the inverse of :func:`rows_of`).
 
-    Arrays are concatenated along their first axis, tuples joined, dicts of arrays joined key
+    Arrays and torch tensors are concatenated along their first axis, tuples joined, dicts of arrays joined key
     by key (keys every part has), None stays None. A single part is returned as it is.
     """
     if len(parts) == 1:
@@ -320,6 +329,8 @@ def concat_rows(parts: list):
             values[f.name] = None
         elif isinstance(vs[0], np.ndarray):
             values[f.name] = np.concatenate(vs, axis=0)
+        elif _is_tensor(vs[0]):  # crops kept on a torch device
+            values[f.name] = sys.modules["torch"].cat(vs, dim=0)
         elif isinstance(vs[0], tuple):
             values[f.name] = sum(vs, ())
         elif isinstance(vs[0], dict):

@@ -8,7 +8,7 @@ stage                      in → out                                   default
 :mod:`.track`              FrameBatch, Detector → Detections (≤1)     DetectEveryFrame
 :mod:`.landmark`           FrameBatch, Detections → Landmarks         ``config.landmarks``
 :mod:`.temporal`           Landmarks → AlignPlan                      NoFacePolicyStage
-:mod:`.align`              FrameBatch, AlignPlan → AlignedBatch       Deep3DAligner
+:mod:`.align`              FrameBatch, AlignPlan → AlignedBatch       Deep3DAligner (TorchAligner)
 :mod:`.regress`            crops → coefficients (B, 257)              ResNet-50 of the checkpoint
 :mod:`.sink`               FrameResults per batch → files             ``config.formats``
 =========================  =========================================  ==============================
@@ -19,7 +19,7 @@ where to add a backend, a sink or a setting are in ``docs/architecture.md``.
 
 from __future__ import annotations
 
-from engine.stages.align import Aligner, Deep3DAligner
+from engine.stages.align import Aligner, Deep3DAligner, TorchAligner
 from engine.stages.detect import Detector, best_face_per_frame
 from engine.stages.landmark import Landmarker
 from engine.stages.regress import Regressor
@@ -42,6 +42,7 @@ __all__ = [
     "SinkHooks",
     "Source",
     "TemporalPolicy",
+    "TorchAligner",
     "Tracker",
     "best_face_per_frame",
 ]

@@ -26,7 +26,11 @@ class Regressor(Protocol):
     checkpoint_sha256: str
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
-        """uint8 (B, 224, 224, 3) RGB crops → float32 (B, 257) coefficients."""
+        """uint8 (B, 224, 224, 3) RGB crops → float32 (B, 257) coefficients.
+
+        Crops are numpy, or a torch uint8 tensor when the aligner keeps them on its device
+        (``TorchAligner(keep_on_device=True)``; only pair that with a regressor that takes tensors).
+        """
         ...
 
     def numerics(self) -> contextlib.AbstractContextManager:

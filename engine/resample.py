@@ -1,0 +1,389 @@
+"""Pillow's bicubic ``resize`` + zero-padded crop, computed only for the crop window, in torch.
+
+:func:`engine.align.align_image` resizes the *whole* frame with Pillow
+(``Image.resize((w, h), BICUBIC)``) and then cuts a 224×224 box out of it
+(``crop((left, up, left + 224, up + 224))``, zero outside the resized frame). This module
+gives the same uint8 pixels, bit for bit, while computing only the window, for many frames
+at once, on any torch device.
+
+Pillow's algorithm (libImaging ``Resample.c``, 8-bit images), as reproduced here:
+
+* One axis at a time, per output index ``xx`` of an ``in → out`` resize: ``scale = in/out``,
+  ``filterscale = max(scale, 1)``, ``support = 2 * filterscale``,
+  ``center = (xx + 0.5) * scale``, taps ``x`` in ``[xmin, xmax)`` with
+  ``xmin = max(trunc(center - support + 0.5), 0)`` and
+  ``xmax = min(trunc(center + support + 0.5), in)``; weight of tap ``x`` is the Keys cubic
+  (a = -0.5) at ``(x - center + 0.5) * (1 / filterscale)``, normalised by the taps' sum
+  (summed in tap order), then made a 22-bit fixed-point integer
+  (``trunc(w * 2**22 ± 0.5)``, rounding half away from zero).
+* A horizontal pass (only when the width changes) and a vertical pass (only when the
+  height changes), each ``acc = 2**21 + Σ pixel * weight``, ``out = clip(acc >> 22, 0, 255)``
+  (arithmetic shift: floor), stored as uint8; the second pass reads the first one's uint8
+  output. A skipped pass is the identity, which the tap ``weight = 2**22`` reproduces exactly.
+* Pass order: Pillow ≤ 12 always runs the horizontal pass first; Pillow 13 runs the
+  vertical one first when the height shrinks by more than twice as many pixels as the width
+  (:func:`vertical_first`). The rounding between passes makes the orders differ, so the
+  rule of the installed Pillow is followed by default (:func:`installed_pass_order`).
+
+Exactness: every product ``uint8 × 22-bit int`` and every partial sum over a frame's source
+window stays an integer below 2**53, so float64 matmuls are exact in any summation order
+(also cuBLAS DGEMM, with or without FMA); ``floor(acc / 2**22)`` is exact too. The two passes
+are therefore dense float64 band matrices restricted to the window:
+
+* horizontal: ``(3·Hs, Ws) @ (Ws, 224)`` per frame,
+* vertical: ``(224, Hs) @ (Hs, 224·3)`` per frame (vertical first: ``(224, Hs) @ (Hs, 3·Ws)``
+  then ``(3·224, Ws) @ (Ws, 224)``),
+
+where ``Hs × Ws`` is the frame's *source window* (the source rows/columns the 224 window's
+taps read: about ``224 / s + 4 / min(s, 1)`` per axis for a resize by ``s``).
+
+Cost model (per crop, float64): ``2·3·Hs·Ws·224 + 2·3·224·Hs·224`` FLOPs. A typical face
+(``s ≈ 0.65``, window ≈ 350²) is ≈ 0.27 GFLOP; a 4K close-up (``s = 0.1``, window ≈ 2280²)
+≈ 7.7 GFLOP; an upscale (``s ≥ 1``, window ≤ 228²) ≤ 0.14 GFLOP. Host → device traffic is the
+uint8 source window (``3·Hs·Ws`` bytes, never the whole frame) plus the compact taps
+(``2 · 224 · K`` float64, ``K = 2·ceil(2 / min(s, 1)) + 1``). Device memory per frame is about
+``Hs·Ws·3·(1 + 8 + 8) + Hs·224·3·16 + 224·(Hs + Ws)·8`` bytes; frames are processed in chunks
+that fit ``max_bytes``.
+
+Frames: images are uint8 ``(H, W, 3)`` RGB, y down (rows first); a crop box is
+``(left, up, w, h)``: the frame resized to ``w × h`` pixels, the crop's top-left corner at
+``(left, up)`` in it (may be negative or past the edge), as
+:attr:`engine.structures.AlignedBatch.crop_box`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.checks import check_shape
+from engine.conventions import CROP_SIZE
+
+log = logging.getLogger(__name__)
+
+#: Pillow's fixed-point precision for 8-bit images (``32 - 8 - 2``).
+PRECISION_BITS = 22
+_ONE = float(1 << PRECISION_BITS)
+_HALF = float(1 << (PRECISION_BITS - 1))
+
+#: Support of Pillow's bicubic filter, in source pixels at scale 1.
+BICUBIC_SUPPORT = 2.0
+
+#: Pass-order rules: Pillow ≤ 12 always resizes horizontally first (what Deep3DFaceRecon ran
+#: with); Pillow 13 runs the vertical pass first when the height shrinks by more than twice
+#: as many pixels as the width (``ImagingResampleInner``). The uint8 rounding between the
+#: passes makes the two orders differ.
+HORIZONTAL_FIRST = "horizontal-first"
+PILLOW13 = "pillow13"
+PASS_ORDERS = (HORIZONTAL_FIRST, PILLOW13)
+
+#: Default device memory budget of one chunk of frames (bytes).
+DEFAULT_MAX_BYTES = 512 << 20
+
+
+def bicubic_filter(x: np.ndarray) -> np.ndarray:
+    """Keys cubic with a = -0.5 (Pillow's ``BICUBIC``), float64, Pillow's order of operations.
+
+    ``|x| < 1``: ``((1.5|x| - 2.5)|x|)|x| + 1``; ``1 ≤ |x| < 2``:
+    ``(((|x| - 5)|x| + 8)|x| - 4)(-0.5)``; else 0.
+
+    >>> bicubic_filter(np.array([0.0, 0.5, 1.5, 2.0])).tolist()
+    [1.0, 0.5625, -0.0625, 0.0]
+    """
+    ax = np.abs(np.asarray(x, dtype=np.float64))
+    near = ((1.5 * ax - 2.5) * ax) * ax + 1.0
+    far = (((ax - 5.0) * ax + 8.0) * ax - 4.0) * -0.5
+    return np.where(ax < 1.0, near, np.where(ax < 2.0, far, 0.0))
+
+
+@dataclass(frozen=True)
+class AxisTaps:
+    """The taps of one axis of a resize, for a window of consecutive output indices.
+
+    Attributes:
+        first: int64 (L,) first source index read by each output index of the window (0 where
+            the output index lies outside the resized axis).
+        weights: float64 (L, K) weight of source index ``first + k``: integer-valued 22-bit
+            fixed point (sums ≈ 2**22); 0 past an index's taps and on rows outside the axis
+            (those crop pixels are the zero padding).
+        src_start: first source index the window reads.
+        src_stop: one past the last one (``src_start == src_stop``: the window reads nothing).
+    """
+
+    first: np.ndarray
+    weights: np.ndarray
+    src_start: int
+    src_stop: int
+
+    @property
+    def src_size(self) -> int:
+        """Number of source indices the window reads."""
+        return self.src_stop - self.src_start
+
+
+def _trunc_int(x: np.ndarray) -> np.ndarray:
+    """C's ``(int)`` cast of doubles: truncation toward zero, as int64."""
+    return np.trunc(x).astype(np.int64)
+
+
+def to_fixed_point(w: np.ndarray) -> np.ndarray:
+    """Pillow's ``normalize_coeffs_8bpc``: ``trunc(w·2**22 + 0.5)`` (``- 0.5`` for w < 0), float64.
+
+    >>> to_fixed_point(np.array([0.5, -0.25, 1e-9])).tolist()
+    [2097152.0, -1048576.0, 0.0]
+    """
+    scaled = np.asarray(w, dtype=np.float64) * _ONE
+    return np.trunc(np.where(w < 0, -0.5 + scaled, 0.5 + scaled))
+
+
+def axis_taps(in_size: int, out_size: int, start: int, length: int = CROP_SIZE) -> AxisTaps:
+    """Fixed-point bicubic taps of output indices ``start .. start + length - 1`` of an ``in → out`` resize.
+
+    Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for just those indices. When
+    ``in_size == out_size`` Pillow skips the pass; the taps are then the identity
+    (one tap of weight 2**22), which gives the same uint8 values.
+
+    Args:
+        in_size: source pixels along the axis (≥ 1).
+        out_size: resized pixels along the axis (≥ 1).
+        start: first output index of the window (may be negative or ≥ ``out_size``).
+        length: window length (the crop size).
+
+    Returns:
+        :class:`AxisTaps` with ``L = length``.
+
+    >>> t = axis_taps(4, 2, 0, 3)
+    >>> t.first.tolist(), t.weights.sum(axis=1).tolist(), (t.src_start, t.src_stop)
+    ([0, 0, 0], [4194304.0, 4194304.0, 0.0], (0, 4))
+    """
+    if in_size < 1 or out_size < 1 or length < 1:
+        raise ValueError(f"axis_taps: sizes must be positive, got in={in_size}, out={out_size}, length={length}")
+    xx = np.arange(start, start + length, dtype=np.int64)
+    inside = (xx >= 0) & (xx < out_size)
+    xv = xx[inside]
+    if in_size == out_size:
+        first = np.zeros(length, dtype=np.int64)
+        first[inside] = xv
+        weights = np.zeros((length, 1), dtype=np.float64)
+        weights[inside, 0] = _ONE
+        lo, hi = (int(xv[0]), int(xv[-1]) + 1) if xv.size else (0, 0)
+        return AxisTaps(first, weights, lo, hi)
+
+    scale = float(in_size) / float(out_size)
+    filterscale = max(scale, 1.0)
+    support = BICUBIC_SUPPORT * filterscale
+    ksize = int(np.ceil(support)) * 2 + 1
+    center = (xv.astype(np.float64) + 0.5) * scale
+    xmin = np.maximum(_trunc_int(center - support + 0.5), 0)
+    xmax = np.minimum(_trunc_int(center + support + 0.5), in_size)
+    count = xmax - xmin
+    k = np.arange(ksize, dtype=np.int64)
+    arg = ((k[None, :] + xmin[:, None]).astype(np.float64) - center[:, None] + 0.5) * (1.0 / filterscale)
+    w = np.where(k[None, :] < count[:, None], bicubic_filter(arg), 0.0)
+    total = np.zeros(xv.shape[0], dtype=np.float64)
+    for j in range(ksize):  # Pillow sums the taps in order; keep that order, not a pairwise sum
+        total = total + w[:, j]
+    safe = np.where(total != 0.0, total, 1.0)
+    w = np.where(total[:, None] != 0.0, w / safe[:, None], w)
+
+    first = np.zeros(length, dtype=np.int64)
+    first[inside] = xmin
+    weights = np.zeros((length, ksize), dtype=np.float64)
+    weights[inside] = to_fixed_point(w)
+    lo, hi = (int(xmin.min()), int(xmax.max())) if xv.size else (0, 0)
+    return AxisTaps(first, weights, lo, hi)
+
+
+def installed_pass_order() -> str:
+    """The installed Pillow's pass-order rule: :data:`PILLOW13` from Pillow 13 on, else :data:`HORIZONTAL_FIRST`."""
+    import PIL
+
+    major = int(PIL.__version__.split(".")[0])
+    return PILLOW13 if major >= 13 else HORIZONTAL_FIRST
+
+
+def vertical_first(in_wh: tuple[int, int], out_wh: tuple[int, int], pass_order: str) -> bool:
+    """Whether Pillow runs the vertical pass before the horizontal one for an ``in_wh → out_wh`` resize.
+
+    :data:`HORIZONTAL_FIRST` (Pillow ≤ 12): never. :data:`PILLOW13`: when the height shrinks by
+    more than twice as many pixels as the width (``h0 - h > 0`` and ``h0 - h > 2 (w0 - w)``).
+    Only matters when both passes run (both sizes change).
+
+    >>> vertical_first((100, 300), (90, 200), PILLOW13), vertical_first((100, 300), (90, 200), HORIZONTAL_FIRST)
+    (True, False)
+    """
+    if pass_order not in PASS_ORDERS:
+        raise ValueError(f"pass_order: expected one of {PASS_ORDERS}, got {pass_order!r}")
+    (w0, h0), (w, h) = in_wh, out_wh
+    return pass_order == PILLOW13 and h0 - h > 0 and h0 - h > 2 * (w0 - w)
+
+
+@dataclass(frozen=True)
+class CropTaps:
+    """Everything one frame's crop needs: its taps per axis (y: rows, x: columns) and the pass order."""
+
+    y: AxisTaps
+    x: AxisTaps
+    vertical_first: bool = False
+
+
+def crop_taps(
+    frame_hw: tuple[int, int], crop_box: Sequence[int], size: int = CROP_SIZE, pass_order: str = PILLOW13
+) -> CropTaps:
+    """Taps of the ``size × size`` crop at ``crop_box = (left, up, w, h)`` of an (H, W) frame resized to w × h."""
+    h0, w0 = (int(v) for v in frame_hw)
+    left, up, w, h = (int(v) for v in crop_box)
+    return CropTaps(y=axis_taps(h0, h, up, size), x=axis_taps(w0, w, left, size),
+                    vertical_first=vertical_first((w0, h0), (w, h), pass_order))
+
+
+def _dense_band(first: torch.Tensor, weights: torch.Tensor, src_start: torch.Tensor, width: int) -> torch.Tensor:
+    """float64 (B, L, width) band matrices from compact taps (B, L), (B, L, K), (B,) on one device."""
+    b, length, k = weights.shape
+    dense = torch.zeros((b, length, max(width, 1)), dtype=torch.float64, device=weights.device)
+    idx = first - src_start[:, None]
+    idx = (idx[:, :, None] + torch.arange(k, device=weights.device)).clamp_(0, max(width, 1) - 1)
+    # Taps past an index's count have weight 0 and may be clamped onto a real column: adding 0 is harmless.
+    return dense.scatter_add_(2, idx, weights)
+
+
+def _shift_round(acc: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``clip8``: ``clip((acc + 2**21) >> 22, 0, 255)`` on exact integer-valued float64."""
+    return torch.floor((acc + _HALF) * (1.0 / _ONE)).clamp_(0.0, 255.0)
+
+
+def _frame_bytes(hs: int, ws: int, size: int) -> int:
+    """Estimated device bytes one frame of a chunk needs (uint8 + float64 window, intermediates, bands)."""
+    return hs * ws * 3 * 17 + hs * size * 3 * 16 + size * (hs + ws) * 8 + size * size * 3 * 17
+
+
+def _chunks(areas: list[tuple[int, int]], size: int, max_bytes: int) -> list[list[int]]:
+    """Frame indices grouped so that ``len(group) × bytes(max window of the group)`` ≤ max_bytes (≥ 1 frame)."""
+    order = sorted(range(len(areas)), key=lambda i: areas[i][0] * areas[i][1], reverse=True)
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    hmax = wmax = 0
+    for i in order:
+        hs, ws = areas[i]
+        nh, nw = max(hmax, hs), max(wmax, ws)
+        if cur and (len(cur) + 1) * _frame_bytes(nh, nw, size) > max_bytes:
+            groups.append(cur)
+            cur, nh, nw = [], hs, ws
+        cur.append(i)
+        hmax, wmax = nh, nw
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def crops_from_taps(
+    images: Sequence[np.ndarray],
+    taps: Sequence[CropTaps],
+    *,
+    device: str | torch.device = "cpu",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> torch.Tensor:
+    """Apply per-frame taps: one pass, uint8 rounding, the other pass, uint8 rounding.
+
+    Horizontal first, or vertical first where ``taps[i].vertical_first``.
+
+    Only each frame's source window (``taps.y.src_start:src_stop`` × ``taps.x…``) is copied
+    and uploaded, padded with zeros to the chunk's largest window.
+
+    Args:
+        images: B uint8 (H_i, W_i, 3) RGB frames, y down (sizes may differ).
+        taps: B :class:`CropTaps`, every one with the same window length L.
+        device: where the matmuls run and the result lives.
+        max_bytes: device memory budget of one chunk (a bigger single frame runs alone).
+
+    Returns:
+        uint8 (B, L, L, 3) tensor on ``device``.
+    """
+    if len(images) != len(taps):
+        raise ValueError(f"crops_from_taps: {len(images)} images but {len(taps)} taps")
+    device = torch.device(device)
+    size = taps[0].x.first.shape[0] if taps else CROP_SIZE
+    out = torch.zeros((len(images), size, size, 3), dtype=torch.uint8, device=device)
+    if not taps:
+        return out
+    areas = [(t.y.src_size, t.x.src_size) for t in taps]
+    groups = []
+    for vfirst in (False, True):
+        part = [i for i, t in enumerate(taps) if t.vertical_first == vfirst]
+        groups += [[part[j] for j in g] for g in _chunks([areas[i] for i in part], size, max_bytes)]
+    for group in groups:
+        hs = max(1, max(areas[i][0] for i in group))
+        ws = max(1, max(areas[i][1] for i in group))
+        ky = max(taps[i].y.weights.shape[1] for i in group)
+        kx = max(taps[i].x.weights.shape[1] for i in group)
+        n = len(group)
+        win = np.zeros((n, hs, ws, 3), dtype=np.uint8)
+        first = np.zeros((2, n, size), dtype=np.int64)
+        start = np.zeros((2, n), dtype=np.int64)
+        wy = np.zeros((n, size, ky), dtype=np.float64)
+        wx = np.zeros((n, size, kx), dtype=np.float64)
+        for j, i in enumerate(group):
+            t = taps[i]
+            src = images[i][t.y.src_start:t.y.src_stop, t.x.src_start:t.x.src_stop]
+            win[j, :src.shape[0], :src.shape[1]] = src
+            first[0, j], first[1, j] = t.y.first, t.x.first
+            start[:, j] = (t.y.src_start, t.x.src_start)
+            wy[j, :, :t.y.weights.shape[1]] = t.y.weights
+            wx[j, :, :t.x.weights.shape[1]] = t.x.weights
+        win_d = torch.from_numpy(win).to(device)
+        first_d, start_d = torch.from_numpy(first).to(device), torch.from_numpy(start).to(device)
+        band_y = _dense_band(first_d[0], torch.from_numpy(wy).to(device), start_d[0], hs)  # (n, L, hs)
+        band_x = _dense_band(first_d[1], torch.from_numpy(wx).to(device), start_d[1], ws)  # (n, L, ws)
+        src = win_d.permute(0, 3, 1, 2).to(torch.float64)  # (n, 3, hs, ws)
+        if taps[group[0]].vertical_first:
+            mid = _shift_round(torch.matmul(band_y[:, None], src))  # (n, 3, L, ws)
+            del src
+            res = _shift_round(torch.matmul(mid, band_x.transpose(1, 2)[:, None]))  # (n, 3, L, L)
+        else:
+            mid = _shift_round(torch.matmul(src, band_x.transpose(1, 2)[:, None]))  # (n, 3, hs, L)
+            del src
+            res = _shift_round(torch.matmul(band_y[:, None], mid))  # (n, 3, L, L)
+        out[torch.as_tensor(group, device=device)] = res.permute(0, 2, 3, 1).to(torch.uint8)
+    return out
+
+
+def resized_crops(
+    images: Sequence[np.ndarray] | np.ndarray,
+    crop_boxes: np.ndarray | Sequence[Sequence[int]],
+    *,
+    size: int = CROP_SIZE,
+    device: str | torch.device = "cpu",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    pass_order: str | None = None,
+) -> torch.Tensor:
+    """Pillow's ``img.resize((w, h), BICUBIC).crop((left, up, left + size, up + size))`` for many frames.
+
+    Bit-identical to Pillow for RGB uint8 frames; computes only the crops.
+
+    Args:
+        images: B uint8 (H_i, W_i, 3) RGB frames, y down, or one (B, H, W, 3) array.
+        crop_boxes: int (B, 4) ``[left, up, w, h]`` per frame (``w, h ≥ 1``).
+        size: crop side in pixels.
+        device: torch device of the computation and of the result.
+        max_bytes: device memory budget of one chunk of frames.
+        pass_order: :data:`HORIZONTAL_FIRST` or :data:`PILLOW13`; None: the installed
+            Pillow's rule (:func:`installed_pass_order`), i.e. what ``Image.resize`` does here.
+
+    Returns:
+        uint8 (B, size, size, 3) tensor on ``device``, zero where the crop leaves the resized frame.
+    """
+    order = installed_pass_order() if pass_order is None else pass_order
+    boxes = np.asarray(crop_boxes, dtype=np.int64).reshape(-1, 4)
+    if len(images) != boxes.shape[0]:
+        raise ValueError(f"resized_crops: {len(images)} images but {boxes.shape[0]} crop boxes")
+    taps = []
+    for img, box in zip(images, boxes, strict=True):
+        check_shape(img, ("H", "W", "3"), "image")
+        if img.dtype != np.uint8:
+            raise ValueError(f"image: expected dtype uint8, got {img.dtype}")
+        taps.append(crop_taps(img.shape[:2], box, size, order))
+    return crops_from_taps(images, taps, device=device, max_bytes=max_bytes)
