@@ -360,6 +360,64 @@ def test_media_source_passes_convert_threads(test_video, clip_decoded):
     assert np.array_equal(index, clip_decoded["index"][10:])
 
 
+# --- NVDEC (optional) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix,codec", [(".mp4", "mpeg4"), (".mkv", "mpeg4"), (".mp4", "libx264")])
+def test_nvdec_presentation_times_match_decoded_timestamps(tmp_path, suffix, codec):
+    """The NVDEC source takes its timestamps from the demuxer's packets: the same times as decoding."""
+    from engine.stages.nvdec import presentation_times
+
+    if not media.has_encoder(codec):
+        pytest.skip(f"PyAV build has no {codec} encoder")
+    path = media.make_video(tmp_path / f"vfr{suffix}", 11, codec=codec, vfr=True)
+    _, _, times = _decode_all(path, batch_size=4)
+    np.testing.assert_allclose(presentation_times(path), times, atol=1e-9)
+
+
+def test_nvdec_presentation_times_shared_clip(test_video, clip_decoded):
+    from engine.stages.nvdec import presentation_times
+
+    np.testing.assert_allclose(presentation_times(test_video), clip_decoded["times"], atol=1e-9)
+
+
+def test_nvdec_absent_says_how_to_install(monkeypatch):
+    import sys
+
+    from engine.stages import nvdec
+
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", None)  # import fails as when not installed
+    with pytest.raises(nvdec.NvdecUnavailable) as info:
+        nvdec.NvdecSource()
+    text = str(info.value)
+    assert "pip install pynvvideocodec" in text and "NVIDIA" in text and "\n" not in text
+
+
+def _nvdec_or_skip():
+    from engine.stages import nvdec
+
+    try:
+        return nvdec.NvdecSource(fallback=False)
+    except nvdec.NvdecUnavailable as e:
+        pytest.skip(f"no NVDEC here (needs PyNvVideoCodec and an NVIDIA GPU): {e}")
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_nvdec_frames_match_pyav(tmp_path, test_video, start):
+    """On a GPU machine with PyNvVideoCodec: same frame count, indices and timestamps as PyAV, and
+    pixels within a few levels (NVDEC's colour conversion rounds differently)."""
+    source = _nvdec_or_skip()
+    path = media.make_720p_from_clip(test_video, tmp_path / "hd.mp4", 60)  # H.264 when available
+    ours = list(source.frames(path, 16, start=start))
+    ref = list(iter_frames(path, 16, start=start))
+    assert [len(b) for b in ours] == [len(b) for b in ref]
+    for a, b in zip(ours, ref, strict=True):
+        assert a.images.shape == b.images.shape and a.images.dtype == np.uint8
+        assert np.array_equal(a.index, b.index)
+        np.testing.assert_allclose(a.timestamps, b.timestamps, atol=1e-6)
+        assert np.abs(a.images.astype(int) - b.images.astype(int)).mean() < 3
+
+
 # --- prefetch -------------------------------------------------------------------------------
 
 
