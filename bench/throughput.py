@@ -664,7 +664,8 @@ def parse_args(argv=None):
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--clip", type=Path, default=TEST_CLIP, help="the face video the sets are made from")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--mode", dest="modes", nargs="+", choices=("exact", "fast"), default=["exact", "fast"])
+    ap.add_argument("--mode", dest="modes", nargs="*", choices=("exact", "fast"), default=["exact", "fast"],
+                    help="engine paths to measure (none: only the reference-style pipeline)")
     ap.add_argument("--landmarks", nargs="+", default=["fan", "mtcnn"])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--detect-every", type=int, default=0, help="fast path keyframe interval (0: its default)")
@@ -673,6 +674,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-reference", dest="reference", action="store_false")
     ap.add_argument("--reference-max-frames", type=int, default=1500,
                     help="the reference holds whole videos in RAM: cut longer inputs to this many frames")
+    ap.add_argument("--reference-inputs", type=int, default=0,
+                    help="run the reference-style pipeline on the first N inputs only (0: all)")
     ap.add_argument("--checkpoint", type=Path, help="epoch_20.pth (default: random weights)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-bench")
     ap.add_argument("--out", type=Path, help="also write the Markdown here")
@@ -749,7 +752,10 @@ def main(argv=None) -> int:
     reference = None
     if args.reference:
         print("... reference-style", file=sys.stderr, flush=True)
-        reference = reference_style(inputs, args, ckpt, fixed_box, args.reference_max_frames)
+        ref_inputs = inputs[: args.reference_inputs] if args.reference_inputs > 0 else inputs
+        reference = reference_style(ref_inputs, args, ckpt, fixed_box, args.reference_max_frames)
+        if len(ref_inputs) < len(inputs):
+            reference.note += f"; first {len(ref_inputs)} of {len(inputs)} inputs"
     text = report(rows, reference, header)
     print("\n" + text[len("\n".join(header)):].lstrip("\n"))
     if args.out:

@@ -51,7 +51,7 @@ def test_generated_set_drifts_and_starts_clips_at_different_frames(tmp_path, tes
     assert np.abs(first[0][0].astype(int) - first[1][0].astype(int)).mean() > 1  # other start frame
     x0, y0 = spec.face_origin(0.0)
     assert spec.face_origin(1.0) != (x0, y0)  # the face moves
-    assert 0 <= x0 and x0 + spec.face_size <= spec.width and 0 <= y0 and y0 + spec.face_size <= spec.height
+    assert x0 >= 0 and x0 + spec.face_size <= spec.width and y0 >= 0 and y0 + spec.face_size <= spec.height
 
 
 def test_fast_mode_is_reported_unavailable_or_configured(tmp_path):
