@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything measured on the lent GPU, in one call (see docs/PERFORMANCE.md).
+# Everything measured on the lent GPU (see docs/PERFORMANCE.md); STEPS picks steps, one call each
+# when they would not fit the 10-minute call limit together.
 # Expects: .whl/ (av, facenet-pytorch, diffrp-nvdiffrast, trimesh wheels for the device's Python)
 # and .carry/shared/ (testdata/video + bfm_index, a copy of ../shared that travels with the call).
 set -uo pipefail
@@ -13,7 +14,14 @@ for step in ${STEPS:-equal throughput memory render}; do
   echo "=== $step"
   case $step in
     equal) python3 bench/bench_gpu_equal.py ;;
-    throughput) python3 bench/bench_throughput.py --device cuda --frames 600 --batch-size 64 ;;
+    throughput) python3 bench/throughput.py --device cuda --set clips --clips 8 --landmarks mtcnn fan \
+                  --reference-inputs 4 --out "$OUT/throughput.md" ;;
+    clips-fast) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference \
+                  --out "$OUT/clips_fast.md" ;;
+    long-fast) python3 bench/throughput.py --device cuda --set long --mode fast --no-reference \
+                  --out "$OUT/long_fast.md" ;;
+    nvdec) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --decoder nvdec \
+                  --out "$OUT/clips_fast_nvdec.md" ;;
     memory) python3 bench/bench_memory.py --device cuda --frames 600 2400 --batch-size 64 ;;
     render) python3 bench/gpu_render_compare.py --index .carry/shared/bfm_index --out "$OUT" ;;
   esac 2>&1 | tee "$OUT/$step.log"

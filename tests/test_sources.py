@@ -285,6 +285,139 @@ def test_make_720p_from_clip(tmp_path, test_video):
     assert (info.width, info.height, info.frame_count) == (1280, 720, 6)
 
 
+# --- colour conversion off the decode thread ------------------------------------------------
+
+
+def _decode_with(path, threads, batch_size=7, start=0):
+    batches = list(iter_frames(path, batch_size, start=start, convert_threads=threads))
+    return ([len(b) for b in batches], np.concatenate([b.images for b in batches]),
+            np.concatenate([b.index for b in batches]), np.concatenate([b.timestamps for b in batches]))
+
+
+@pytest.mark.parametrize("start", [0, 150])
+def test_convert_threads_keep_pixels_order_and_timestamps(test_video, clip_decoded, start):
+    """RGB conversion in a pool of threads gives the frames of the decode thread, in order, with the
+    same indices and timestamps, from frame 0 and from a resume start frame."""
+    inline = _decode_with(test_video, 0, start=start)
+    pooled = _decode_with(test_video, 3, start=start)
+    assert pooled[0] == inline[0] == [7] * ((200 - start) // 7) + ([(200 - start) % 7] if (200 - start) % 7 else [])
+    assert np.array_equal(pooled[1], inline[1])
+    assert np.array_equal(pooled[2], np.arange(start, 200)) and np.array_equal(pooled[2], inline[2])
+    np.testing.assert_array_equal(pooled[3], clip_decoded["times"][start:])
+    assert np.array_equal(pooled[1][150 - start], clip_decoded["frame150"])
+
+
+def test_convert_threads_vfr_rotation_and_distinct_frames(tmp_path):
+    """Distinct frames (a counter drawn in each) keep their order through the pool; VFR timestamps
+    and the display rotation are those of the decode thread."""
+    frames = []
+    for i in range(23):
+        f = media.quadrant_frame((64, 32))
+        f[:8, : 2 * (i + 1)] = 0  # a bar whose length is the frame number
+        frames.append(f)
+    path = media.make_video(tmp_path / "vfr_rot.mkv", frames, vfr=True)
+    rotated = media.make_video(tmp_path / "rot.mp4", frames[:5], rotation=90)
+    inline, pooled = _decode_with(path, 1, batch_size=4), _decode_with(path, 4, batch_size=4)
+    assert pooled[0] == inline[0] == [4, 4, 4, 4, 4, 3]
+    assert np.array_equal(pooled[1], inline[1])
+    np.testing.assert_allclose(pooled[3], media.vfr_timestamps(23), atol=1e-3)
+    assert np.array_equal(pooled[3], inline[3])
+    bars = (pooled[1][:, :8, :, :].max(axis=-1) < 40).sum(axis=(1, 2)) / 8
+    assert np.all(np.diff(bars) > 0)  # increasing bar length: frame order kept
+    rot_inline, rot_pooled = _decode_with(rotated, 0), _decode_with(rotated, 2)
+    assert rot_pooled[1].shape == (5, 64, 32, 3) and np.array_equal(rot_pooled[1], rot_inline[1])
+
+
+def test_convert_threads_truncated_file_yields_the_same_frames_then_raises(tmp_path):
+    good = media.make_video(tmp_path / "good.mkv", 50)
+    cut = media.make_truncated_copy(good, tmp_path / "cut.mkv", 0.5)
+    got = {}
+    for threads in (0, 3):
+        got[threads] = []
+        with pytest.raises(TruncatedVideoError) as info:
+            for batch in iter_frames(cut, 8, convert_threads=threads):
+                got[threads].extend(batch.index.tolist())
+        assert info.value.decoded_frames == len(got[threads])
+    assert got[3] == got[0] == list(range(len(got[0])))
+
+
+def test_convert_threads_stop_when_the_consumer_stops(test_video):
+    """Closing the iterator after one batch ends the conversion threads (nothing keeps decoding)."""
+    frames = iter_frames(test_video, 8, convert_threads=3)
+    assert len(next(frames)) == 8
+    assert any(t.name.startswith("rgb") for t in threading.enumerate())
+    frames.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("rgb")]
+    with pytest.raises(ValueError, match="convert_threads"):
+        iter_frames(test_video, 8, convert_threads=-1)
+
+
+def test_media_source_passes_convert_threads(test_video, clip_decoded):
+    from engine.stages.source import MediaSource
+
+    source = MediaSource(convert_threads=2)
+    index = np.concatenate([b.index for b in source.frames(test_video, 64, start=10)])
+    assert np.array_equal(index, clip_decoded["index"][10:])
+
+
+# --- NVDEC (optional) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix,codec", [(".mp4", "mpeg4"), (".mkv", "mpeg4"), (".mp4", "libx264")])
+def test_nvdec_presentation_times_match_decoded_timestamps(tmp_path, suffix, codec):
+    """The NVDEC source takes its timestamps from the demuxer's packets: the same times as decoding."""
+    from engine.stages.nvdec import presentation_times
+
+    if not media.has_encoder(codec):
+        pytest.skip(f"PyAV build has no {codec} encoder")
+    path = media.make_video(tmp_path / f"vfr{suffix}", 11, codec=codec, vfr=True)
+    _, _, times = _decode_all(path, batch_size=4)
+    np.testing.assert_allclose(presentation_times(path), times, atol=1e-9)
+
+
+def test_nvdec_presentation_times_shared_clip(test_video, clip_decoded):
+    from engine.stages.nvdec import presentation_times
+
+    np.testing.assert_allclose(presentation_times(test_video), clip_decoded["times"], atol=1e-9)
+
+
+def test_nvdec_absent_says_how_to_install(monkeypatch):
+    import sys
+
+    from engine.stages import nvdec
+
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", None)  # import fails as when not installed
+    with pytest.raises(nvdec.NvdecUnavailable) as info:
+        nvdec.NvdecSource()
+    text = str(info.value)
+    assert "pip install pynvvideocodec" in text and "NVIDIA" in text and "\n" not in text
+
+
+def _nvdec_or_skip():
+    from engine.stages import nvdec
+
+    try:
+        return nvdec.NvdecSource(fallback=False)
+    except nvdec.NvdecUnavailable as e:
+        pytest.skip(f"no NVDEC here (needs PyNvVideoCodec and an NVIDIA GPU): {e}")
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_nvdec_frames_match_pyav(tmp_path, test_video, start):
+    """On a GPU machine with PyNvVideoCodec: same frame count, indices and timestamps as PyAV, and
+    pixels within a few levels (NVDEC's colour conversion rounds differently)."""
+    source = _nvdec_or_skip()
+    path = media.make_720p_from_clip(test_video, tmp_path / "hd.mp4", 60)  # H.264 when available
+    ours = list(source.frames(path, 16, start=start))
+    ref = list(iter_frames(path, 16, start=start))
+    assert [len(b) for b in ours] == [len(b) for b in ref]
+    for a, b in zip(ours, ref, strict=True):
+        assert a.images.shape == b.images.shape and a.images.dtype == np.uint8
+        assert np.array_equal(a.index, b.index)
+        np.testing.assert_allclose(a.timestamps, b.timestamps, atol=1e-6)
+        assert np.abs(a.images.astype(int) - b.images.astype(int)).mean() < 3
+
+
 # --- prefetch -------------------------------------------------------------------------------
 
 

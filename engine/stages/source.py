@@ -29,13 +29,20 @@ class Source(Protocol):
 
 
 class MediaSource:
-    """Videos (PyAV) and images (Pillow), decoded ``prefetch_depth`` batches ahead in a thread."""
+    """Videos (PyAV) and images (Pillow), decoded ``prefetch_depth`` batches ahead in a thread.
 
-    def __init__(self, prefetch_depth: int = 2) -> None:
+    FFmpeg decodes with one thread per CPU; ``convert_threads`` threads turn the decoded frames
+    into RGB beside it (``None``: :func:`~engine.sources.default_convert_threads`; see
+    :func:`~engine.sources.iter_frames`). Pixels, order and timestamps do not depend on either.
+    """
+
+    def __init__(self, prefetch_depth: int = 2, convert_threads: int | None = None) -> None:
         self.prefetch_depth = prefetch_depth
+        self.convert_threads = convert_threads
 
     def probe(self, path: Path) -> MediaInfo:
         return probe(path)
 
     def frames(self, path: Path, batch_size: int, start: int = 0) -> Iterator[FrameBatch]:
-        return prefetch(iter_frames(path, batch_size, start=start), depth=self.prefetch_depth)
+        frames = iter_frames(path, batch_size, start=start, convert_threads=self.convert_threads)
+        return prefetch(frames, depth=self.prefetch_depth)

@@ -1,0 +1,777 @@
+"""Throughput of the exact and fast paths against the reference-style pipeline, in one process.
+
+Usage (see docs/PERFORMANCE.md)::
+
+    python bench/throughput.py --set clips --device cuda            # 40 clips of 10 s, 1080p
+    python bench/throughput.py --set long --device cuda             # one 10-minute 1080p video
+    python bench/throughput.py --video a.mp4 --video b.mp4 --device cuda
+    python bench/throughput.py --set clips --clips 2 --seconds 1 --height 144 --device cpu  # smoke
+
+For every ``--mode`` (exact, fast) and ``--landmarks`` backend: frames/s of each stage on a
+sample of the inputs' frames (decode, detect on every frame, the mode's tracker (which may
+detect only on keyframes), landmarks, align, regress), then end to end over every input
+(``Engine.run_many`` when the engine has it, else ``Engine.run`` per input), peak host RSS and
+GPU memory and GPU busy % of that phase. Then the reference-style pipeline (PIRender's two
+scripts, spec §5) on the same files, and the ratios. Prints Markdown to paste into
+docs/PERFORMANCE.md. Never asserts anything about time.
+
+Weights: the files found are used; missing ones are replaced by random weights of the same
+architectures (a random Deep3D checkpoint; random S3FD and 2D-FAN-4 files in a temporary
+TORCH_HOME), which the output says. Speed does not depend on the values, except that random
+S3FD finds no face: its classifier bias is set so (forward cost unchanged), and one fixed box
+around the face is handed on instead (``FixedBox``), in every pipeline alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import TEST_CLIP, random_checkpoint
+
+log = logging.getLogger("bench.throughput")
+
+STAGES = ("decode", "detect (every frame)", "detect + track (as the mode runs it)", "landmarks", "align", "regress")
+
+
+# ------------------------------------------------------------------------------------ test media
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaSpec:
+    """Generated 1080p-style media: the shared clip upscaled onto a ``width``×``height`` canvas.
+
+    The face square is ``face_frac`` of the canvas height; it drifts on a slow ellipse
+    (``drift_frac`` of the height, period ``drift_period_s``) so trackers have to follow it.
+    """
+
+    width: int = 1920
+    height: int = 1080
+    fps: int = 25
+    face_frac: float = 0.8
+    drift_frac: float = 0.06
+    drift_period_s: float = 7.0
+
+    @property
+    def face_size(self) -> int:
+        return round(self.height * self.face_frac / 2) * 2
+
+    def face_origin(self, t: float) -> tuple[int, int]:
+        """Top-left (x, y) pixel of the face square at time ``t`` seconds in a clip."""
+        a = self.drift_frac * self.height
+        phase = 2 * math.pi * t / self.drift_period_s
+        x = (self.width - self.face_size) / 2 + a * math.sin(phase)
+        y = (self.height - self.face_size) / 2 + 0.5 * a * math.sin(2 * phase)
+        return round(x), round(y)
+
+    def face_box(self) -> np.ndarray:
+        """float64 (5,) ``x1, y1, x2, y2, score`` of the face at its mean place (the source clip's
+        face sits in the middle ~half of its square)."""
+        x, y = self.face_origin(0.0)
+        s = self.face_size
+        return np.array([x + 0.25 * s, y + 0.18 * s, x + 0.75 * s, y + 0.78 * s, 0.99])
+
+
+def _source_faces(src: Path, size: int) -> list[np.ndarray]:
+    from PIL import Image
+
+    from engine.sources import iter_frames
+
+    frames = [im for b in iter_frames(src, 64) for im in b.images]
+    return [np.asarray(Image.fromarray(f).resize((size, size), Image.Resampling.BILINEAR)) for f in frames]
+
+
+def _open_stream(out, spec: MediaSpec):
+    """An H.264 stream (libx264, CRF 20, veryfast) when PyAV has it, else MPEG-4 Part 2."""
+    import av
+
+    try:
+        stream = out.add_stream("libx264", rate=spec.fps)
+        stream.options = {"crf": "20", "preset": "veryfast"}
+    except (av.error.FFmpegError, ValueError):
+        stream = out.add_stream("mpeg4", rate=spec.fps)
+        stream.bit_rate = 8_000_000
+    stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
+    return stream
+
+
+def make_video(faces: list[np.ndarray], dst: Path, frames: int, start: int, spec: MediaSpec) -> Path:
+    """Write ``frames`` frames: the source faces from frame ``start`` on (ping-pong, so motion stays
+    continuous), each pasted onto a grey canvas at its drifting place. Cached by file name."""
+    import av
+
+    from engine.avcompat import open_container
+
+    if dst.exists():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.stem + ".part" + dst.suffix)
+    n, s = len(faces), spec.face_size
+    with open_container(tmp, "w") as out:
+        stream = _open_stream(out, spec)
+        for i in range(frames):
+            j = (start + i) % (2 * n - 2)
+            j = j if j < n else 2 * n - 2 - j
+            canvas = np.full((spec.height, spec.width, 3), 96, np.uint8)
+            x, y = spec.face_origin(i / spec.fps)
+            canvas[y:y + s, x:x + s] = faces[j]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    tmp.replace(dst)
+    return dst
+
+
+def make_set(kind: str, args, spec: MediaSpec, workdir: Path) -> list[Path]:
+    """The generated inputs: ``long`` = one video of ``--minutes``; ``clips`` = ``--clips`` videos of
+    ``--seconds``, each starting at a different frame of the source clip."""
+    faces = _source_faces(args.clip, spec.face_size)
+    tag = f"{spec.width}x{spec.height}_{spec.fps}"
+    if kind == "long":
+        n = max(1, round(args.minutes * 60 * spec.fps))
+        return [make_video(faces, workdir / f"long_{tag}_{n}.mp4", n, 0, spec)]
+    n = max(1, round(args.seconds * spec.fps))
+    return [make_video(faces, workdir / f"clips_{tag}_{n}" / f"clip_{k:03d}.mp4", n, (37 * k) % len(faces), spec)
+            for k in range(args.clips)]
+
+
+# ------------------------------------------------------------------------------------ weights
+
+
+def _suppress_faces(sd: dict) -> dict:
+    """S3FD state dict whose classifiers say "background" everywhere (the forward cost is unchanged)."""
+    for key, t in sd.items():
+        if "conf" in key:  # zero weights (same FLOPs), bias: background +30, face -30 (the last channel)
+            t.zero_()
+            if key.endswith("bias"):
+                t[-1] = -30.0
+                t[0] = 30.0
+    return sd
+
+
+def prepare_fan_weights(workdir: Path) -> str:
+    """Make face_alignment find S3FD and 2D-FAN-4 files: the real ones when present, else random
+    weights of both architectures in a TORCH_HOME under ``workdir``. Returns what was used."""
+    from engine.landmarks import fan
+
+    if not fan.missing_weights():
+        return f"real S3FD/2D-FAN-4 files in {fan.weights_dir()}"
+    import torch
+    from face_alignment.detection.sfd.net_s3fd import s3fd
+    from face_alignment.models import FAN
+
+    os.environ["TORCH_HOME"] = str(workdir / "torch")
+    folder = fan.weights_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    if not (folder / fan.WEIGHTS[0][0]).exists():
+        torch.save(_suppress_faces(s3fd().state_dict()), folder / fan.WEIGHTS[0][0])
+    if not (folder / fan.WEIGHTS[1][0]).exists():
+        torch.save(FAN(4).state_dict(), folder / fan.WEIGHTS[1][0])
+    return f"RANDOM S3FD/2D-FAN-4 weights (real architectures) in {folder}; S3FD finds no face, a fixed box is used"
+
+
+@dataclasses.dataclass
+class FixedBox:
+    """A detector wrapper: runs ``inner`` (its cost is measured), then reports one fixed face box in
+    each frame where ``inner`` found none (random S3FD weights find none). Detector protocol."""
+
+    inner: Callable
+    box: np.ndarray  # x1, y1, x2, y2, score
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.inner, "name", "detector"))
+
+    def __call__(self, frames):
+        from engine.structures import Detections
+
+        found = self.inner(frames)
+        n = len(frames)
+        missing = np.setdiff1d(np.arange(n), found.frame_rows)
+        if not len(missing):
+            return found
+        boxes = np.concatenate([found.boxes_img_ydown, np.repeat(self.box[None, :4], len(missing), 0)])
+        scores = np.concatenate([found.scores, np.full(len(missing), self.box[4])])
+        rows = np.concatenate([found.frame_rows, missing]).astype(np.int64)
+        order = np.argsort(rows, kind="stable")
+        return Detections(boxes_img_ydown=boxes[order], scores=scores[order], frame_rows=rows[order], num_frames=n)
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+class Monitor:
+    """Peak RSS of this process (psutil, else /proc) and GPU busy % (pynvml, else nvidia-smi),
+    sampled in a thread while a phase runs; peak GPU memory from torch."""
+
+    def __init__(self, device: str, interval_s: float = 0.1) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.peak_rss = 0
+        self.busy: list[float] = []
+        self._stop = threading.Event()
+        self._gpu_index = _gpu_index(device)
+        self._nvml = _nvml_handle(self._gpu_index) if self._gpu_index is not None else None
+        self._smi = self._nvml is None and self._gpu_index is not None and shutil.which("nvidia-smi") is not None
+
+    def __enter__(self) -> Monitor:
+        if self._gpu_index is not None:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._gpu_index is not None:
+            import torch
+
+            torch.cuda.synchronize()
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, _rss())
+
+    def _run(self) -> None:
+        last_gpu = 0.0
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, _rss())
+            now = time.monotonic()
+            if now - last_gpu >= (0.5 if self._smi else self.interval_s) and self._gpu_index is not None:
+                last_gpu = now
+                value = _gpu_busy(self._nvml, self._gpu_index, self._smi)
+                if value is not None:
+                    self.busy.append(value)
+            self._stop.wait(self.interval_s)
+
+    @property
+    def gpu_busy(self) -> str:
+        return f"{np.mean(self.busy):.0f} %" if self.busy else "n/a"
+
+    @property
+    def gpu_peak(self) -> str:
+        if self._gpu_index is None:
+            return "n/a"
+        import torch
+
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+
+
+def _gpu_index(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+
+
+def _nvml_handle(index: int):
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        return None
+
+
+def _gpu_busy(handle, index: int, smi: bool) -> float | None:
+    try:
+        if handle is not None:
+            import pynvml
+
+            return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        if smi:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                  "-i", str(index)], capture_output=True, text=True, timeout=5)
+            return float(out.stdout.strip().splitlines()[0])
+    except Exception:
+        return None
+    return None
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def timed(device: str, out: list) -> Iterator[None]:
+    sync(device)
+    t = time.perf_counter()
+    yield
+    sync(device)
+    out.append(time.perf_counter() - t)
+
+
+# ------------------------------------------------------------------------------------ engine paths
+
+
+@dataclasses.dataclass
+class Row:
+    """One pipeline's figures: stage frames/s, end to end, peaks."""
+
+    name: str
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    fps: float = float("nan")
+    frames: int = 0
+    seconds: float = 0.0
+    peak_rss: str = ""
+    gpu_peak: str = ""
+    gpu_busy: str = ""
+    note: str = ""
+
+
+def make_config(args, mode: str, landmarks: str, ckpt: Path):
+    """EngineConfig for a mode; None (and a reason) when this branch has no such mode."""
+    from engine import EngineConfig
+
+    base = dict(checkpoint=ckpt, landmarks=landmarks, device=args.device, batch_size=args.batch_size,
+                formats=("npz",), overwrite=True)
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    if "mode" not in fields:
+        return (EngineConfig(**base), None) if mode == "exact" else (None, "fast path not available on this branch")
+    extra = {"mode": mode}
+    if mode == "fast" and "detect_every" in fields and args.detect_every:
+        extra["detect_every"] = args.detect_every
+    try:
+        return EngineConfig(**base, **extra), None
+    except (TypeError, ValueError) as e:
+        return None, f"fast path not available ({e})"
+
+
+def build_engine(cfg, args, fixed_box: np.ndarray | None, source):
+    """An Engine for ``cfg``: the fast path's stages from engine.fast when the branch has them; the
+    detector wrapped in :class:`FixedBox` when S3FD has random weights."""
+    from engine import Engine
+    from engine.landmarks import create_landmarker
+
+    device = args.device
+    stages: dict = {}
+    if str(getattr(cfg, "mode", "exact")).endswith("fast"):
+        try:
+            from engine.fast import fast_stages
+        except ImportError:
+            fast_stages = None
+        if fast_stages is not None:
+            stages = {k: v for k, v in fast_stages(cfg, device).items() if v is not None}
+    if "landmarker" not in stages:
+        stages["landmarker"] = create_landmarker(cfg, device)
+    if "detector" not in stages:
+        stages["detector"] = getattr(stages["landmarker"], "detector", None)
+    if fixed_box is not None and stages["detector"] is not None:
+        stages["detector"] = FixedBox(stages["detector"], fixed_box)
+    return Engine(cfg, source=source, **stages)
+
+
+def stage_rates(engine, inputs: list[Path], args) -> dict[str, float]:
+    """Frames/s of each stage of ``engine`` alone, on the first ``--stage-frames`` frames of the
+    inputs in batches of ``--batch-size`` (each stage over every sample batch, after a warm-up
+    call). These hold the sample in RAM; the end-to-end figure does not."""
+    device = args.device
+    batches, t_decode = [], []
+    with timed(device, t_decode):
+        for path in inputs:
+            frames = engine.source.frames(path, args.batch_size)
+            for b in frames:
+                batches.append(b)
+                if sum(len(x) for x in batches) >= args.stage_frames:
+                    break
+            frames.close()
+            if sum(len(x) for x in batches) >= args.stage_frames:
+                break
+    n = sum(len(b) for b in batches)
+
+    def rate(fn, items: list) -> tuple[float, list]:
+        fn(items[0])  # warm-up
+        t: list[float] = []
+        with timed(device, t):
+            out = [fn(x) for x in items]
+        return n / t[0], out
+
+    rates = {"decode": n / t_decode[0]}
+    landmarker = engine.landmarker_for(inputs[0])
+    detector = engine.detector_for(landmarker)
+    if detector is not None:
+        rates["detect (every frame)"], _ = rate(detector, batches)
+    state = [engine.tracker.initial_state()]
+
+    def track(b):
+        faces, state[0] = engine.tracker(b, detector, state[0])
+        return faces
+
+    rates["detect + track (as the mode runs it)"], faces = rate(track, batches)
+    rates["landmarks"], lms = rate(lambda pair: landmarker(*pair), list(zip(batches, faces, strict=True)))
+    plans, pstate = [], engine.temporal_policy.initial_state(None)
+    for lm in lms:
+        plan, pstate = engine.temporal_policy(lm, pstate)
+        plans.append(plan)
+    rates["align"], aligned = rate(lambda pair: engine.aligner(*pair), list(zip(batches, plans, strict=True)))
+    regressor = engine.regressor
+    with regressor.numerics():
+        rates["regress"], _ = rate(lambda a: regressor.predict(a.crops), aligned)
+    return rates
+
+
+def end_to_end(engine, inputs: list[Path], out_dir: Path) -> tuple[int, float, str]:
+    """Every input through ``engine``: (frames, seconds, how). ``run_many`` when the engine has it."""
+    t = time.perf_counter()
+    frames = 0
+    if hasattr(engine, "run_many"):
+        from engine.many import InputJob
+
+        jobs = (InputJob(source=p, out_base=out_dir / p.stem, key=str(i)) for i, p in enumerate(inputs))
+        for outcome in engine.run_many(jobs):
+            if outcome.error is not None:
+                raise RuntimeError(f"{outcome.job.source}: {outcome.error}") from outcome.error
+            frames += outcome.report.num_frames
+        how = "Engine.run_many"
+    else:
+        for p in inputs:
+            frames += engine.run(p, out_dir / p.stem).num_frames
+        how = "Engine.run per input"
+    return frames, time.perf_counter() - t, how
+
+
+def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path, fixed_box, source) -> Row:
+    name = f"{mode}, {landmarks}"
+    cfg, why = make_config(args, mode, landmarks, ckpt)
+    if cfg is None:
+        return Row(name, note=why)
+    row = Row(name)
+    try:
+        engine = build_engine(cfg, args, fixed_box if landmarks == "fan" else None, source)
+        with engine:
+            engine.run(warm, args.workdir / "out" / "warm")  # loads the models, first CUDA kernels
+            if args.stage_frames > 0:
+                row.stages = stage_rates(engine, inputs, args)
+            with Monitor(args.device) as mon:
+                row.frames, row.seconds, how = end_to_end(engine, inputs, args.workdir / "out" / f"{mode}_{landmarks}")
+            row.note = how
+    except Exception as e:  # one pipeline failing must not lose the other rows
+        log.exception("%s failed", name)
+        return dataclasses.replace(row, frames=0, note=f"failed: {type(e).__name__}: {str(e)[:200]}")
+    row.fps = row.frames / row.seconds
+    row.peak_rss, row.gpu_peak, row.gpu_busy = f"{mon.peak_rss / 2**30:.2f} GiB", mon.gpu_peak, mon.gpu_busy
+    return row
+
+
+# ------------------------------------------------------------------------------------ reference style
+
+
+def _read_all_frames(path: Path) -> list:
+    """PIRender's ``read_video``: every frame into RAM as a PIL RGB image (cv2 when installed, as
+    the reference; else PyAV)."""
+    from PIL import Image
+
+    try:
+        import cv2
+    except ImportError:
+        from engine.sources import iter_frames
+
+        return [Image.fromarray(im) for b in iter_frames(path, 64) for im in b.images]
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            frames.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+    finally:
+        capture.release()
+    return frames
+
+
+def reference_style(inputs: list[Path], args, ckpt: Path, fixed_box: np.ndarray | None, max_frames: int) -> Row:
+    """PIRender's two scripts on each input, in this process (spec §5.1, §5.2), without the
+    nvdiffrast rendering the reference also does per batch (so this row is, if anything, fast):
+
+    1. landmarks: a new ``FaceAlignment`` (SFD + 2D-FAN-4) per video, every frame decoded into
+       RAM, ``get_landmarks_from_image`` on each full frame (with random S3FD weights: the SFD
+       forward on the full frame, then 2D-FAN-4 on the fixed box);
+    2. coefficients: every frame decoded again into RAM, Pillow ``align_img`` per frame, float32
+       crops concatenated, the fp32 net in chunks of 100 (PyTorch's default TF32 settings).
+
+    Inputs longer than ``max_frames`` are cut to their first ``max_frames`` frames (the whole
+    video is held in RAM, as the reference does).
+    """
+    import face_alignment
+    import torch
+
+    from engine.align import AlignmentError, align_image, crops_to_tensor_input, lm68_to_lm5, template_fallback_img_yup
+    from engine.regressor import ReconNet, load_checkpoint
+
+    device = args.device
+    net = ReconNet()
+    net.load_state_dict(load_checkpoint(ckpt))
+    net = net.to(device).eval()
+    types = face_alignment.LandmarksType
+    two_d = getattr(types, "TWO_D", None) or types._2D
+    kwargs = {"device": device, "flip_input": False, "face_detector": "sfd"}
+    import inspect
+
+    if "compile" in inspect.signature(face_alignment.FaceAlignment.__init__).parameters:
+        kwargs["compile"] = False
+    from engine.landmarks import fan
+
+    kwargs["face_detector_kwargs"] = {"path_to_detector": str(fan.weights_dir() / fan.WEIGHTS[0][0])}
+    t_lm, t_coeff, frames_total, cut = 0.0, 0.0, 0, False
+    with Monitor(device) as mon:
+        for path in inputs:
+            t = time.perf_counter()
+            fa = face_alignment.FaceAlignment(two_d, **kwargs)  # a new one per video, as the reference
+            frames = _read_all_frames(path)
+            cut = cut or len(frames) > max_frames
+            frames = frames[:max_frames]
+            lms = []
+            for frame in frames:
+                image = np.array(frame)
+                if fixed_box is None:
+                    found = fa.get_landmarks_from_image(image)
+                else:
+                    fa.face_detector.detect_from_image(image.copy())
+                    found = fa.get_landmarks_from_image(image, detected_faces=[fixed_box])
+                lms.append(np.asarray(found[0], np.float32)[:, :2] if found else np.full((68, 2), -1, np.float32))
+            del frames
+            sync(device)
+            t_lm += time.perf_counter() - t
+
+            t = time.perf_counter()
+            frames = _read_all_frames(path)[:max_frames]
+            crops = []
+            for frame, lm in zip(frames, lms, strict=True):
+                try:  # random FAN weights can give points no fit accepts: the template then
+                    if np.mean(lm) == -1:
+                        raise AlignmentError("no face")
+                    face = align_image(frame, lm68_to_lm5(lm))
+                except AlignmentError:
+                    face = align_image(frame, lm_img_yup=template_fallback_img_yup(*frame.size))
+                crops.append(torch.from_numpy(crops_to_tensor_input(face.crop[None])))
+            imgs = torch.cat(crops)
+            with torch.no_grad():
+                for k in range(len(imgs) // 100 + 1):  # the reference's chunking, empty last chunk included
+                    chunk = imgs[k * 100:(k + 1) * 100]
+                    if len(chunk):
+                        net(chunk.to(device)).cpu()
+            sync(device)
+            t_coeff += time.perf_counter() - t
+            frames_total += len(lms)
+            del frames, crops, imgs
+    row = Row("reference-style (PIRender scripts)", frames=frames_total, seconds=t_lm + t_coeff)
+    row.fps = frames_total / row.seconds
+    row.stages = {"landmarks": frames_total / t_lm, "align": float("nan"), "regress": float("nan")}
+    row.stages["decode + align + regress (pass 2)"] = frames_total / t_coeff
+    row.peak_rss, row.gpu_peak, row.gpu_busy = f"{mon.peak_rss / 2**30:.2f} GiB", mon.gpu_peak, mon.gpu_busy
+    row.note = f"first {max_frames} frames of each input" if cut else "whole inputs"
+    return row
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name(_gpu_index(device))} ({device})"
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def versions() -> str:
+    import av
+    import torch
+
+    return (f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+            f"PyAV {av.__version__}")
+
+
+def _f(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def report(rows: list[Row], reference: Row | None, header: list[str]) -> str:
+    lines = [*header, ""]
+    measured = [r for r in rows if r.frames]
+    lines += ["| pipeline | frames | s | frames/s | × reference | peak RSS | peak GPU mem | GPU busy | how |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in ([reference] if reference else []) + rows:
+        if not r.frames:
+            lines.append(f"| {r.name} | – | – | – | – | – | – | – | {r.note} |")
+            continue
+        ratio = f"{r.fps / reference.fps:.2f}×" if reference and reference.frames and r is not reference else "1×"
+        lines.append(f"| {r.name} | {r.frames} | {r.seconds:.1f} | **{r.fps:.1f}** | {ratio} | {r.peak_rss} | "
+                     f"{r.gpu_peak} | {r.gpu_busy} | {r.note} |")
+    if measured:
+        names = list(dict.fromkeys(k for r in measured for k in r.stages))
+        if names:
+            lines += ["", "Stage frames/s (each stage alone on the same sample of frames; the end-to-end rows "
+                          "overlap them):", "",
+                      "| stage | " + " | ".join(r.name for r in measured) + " |",
+                      "|---|" + "---:|" * len(measured)]
+            for name in names:
+                lines.append(f"| {name} | " + " | ".join(_f(r.stages.get(name, float("nan"))) for r in measured) + " |")
+    if reference and reference.frames:
+        lines += ["", f"Reference-style stages: landmarks {_f(reference.stages['landmarks'])} frames/s, "
+                      f"pass 2 (decode + Pillow align + fp32 net) "
+                      f"{_f(reference.stages['decode + align + regress (pass 2)'])} frames/s."]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--video", type=Path, action="append", help="an input video (repeatable)")
+    what.add_argument("--set", choices=("long", "clips"), default=None, help="a generated 1080p set")
+    ap.add_argument("--minutes", type=float, default=10.0, help="--set long: length of the video")
+    ap.add_argument("--clips", type=int, default=40, help="--set clips: number of clips")
+    ap.add_argument("--seconds", type=float, default=10.0, help="--set clips: length of each clip")
+    ap.add_argument("--width", type=int, default=1920)
+    ap.add_argument("--height", type=int, default=1080)
+    ap.add_argument("--fps", type=int, default=25)
+    ap.add_argument("--clip", type=Path, default=TEST_CLIP, help="the face video the sets are made from")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--mode", dest="modes", nargs="*", choices=("exact", "fast"), default=["exact", "fast"],
+                    help="engine paths to measure (none: only the reference-style pipeline)")
+    ap.add_argument("--landmarks", nargs="+", default=["fan", "mtcnn"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--detect-every", type=int, default=0, help="fast path keyframe interval (0: its default)")
+    ap.add_argument("--decoder", choices=("pyav", "nvdec"), default="pyav")
+    ap.add_argument("--stage-frames", type=int, default=512, help="frames per stage timing (0: skip stages)")
+    ap.add_argument("--no-reference", dest="reference", action="store_false")
+    ap.add_argument("--reference-max-frames", type=int, default=1500,
+                    help="the reference holds whole videos in RAM: cut longer inputs to this many frames")
+    ap.add_argument("--reference-inputs", type=int, default=0,
+                    help="run the reference-style pipeline on the first N inputs only (0: all)")
+    ap.add_argument("--checkpoint", type=Path, help="epoch_20.pth (default: random weights)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-bench")
+    ap.add_argument("--out", type=Path, help="also write the Markdown here")
+    args = ap.parse_args(argv)
+    if not args.video and not args.set:
+        args.set = "clips"
+    return args
+
+
+def make_source(args):
+    from engine.stages.source import MediaSource
+
+    if args.decoder == "pyav":
+        return MediaSource(), "PyAV (threaded decode, RGB conversion in a thread pool)"
+    from engine.stages.nvdec import NvdecSource
+
+    gpu = _gpu_index(args.device) or 0
+    return NvdecSource(gpu_id=gpu), "NVDEC (PyNvVideoCodec)"
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: torch sees no CUDA device (use --device cpu)")
+    spec = MediaSpec(args.width, args.height, args.fps)
+    inputs = make_set(args.set, args, spec, args.workdir) if args.set else [p.resolve() for p in args.video]
+    faces = _source_faces(args.clip, spec.face_size)
+    warm = make_video(faces, args.workdir / f"warm_{spec.width}x{spec.height}.mp4", 2 * args.batch_size + 3, 5, spec)
+
+    notes = []
+    ckpt = args.checkpoint
+    if ckpt is None:
+        ckpt = random_checkpoint(args.workdir / "random_epoch_20.pth")
+        notes.append("RANDOM Deep3D checkpoint (ResNet-50, the real architecture)")
+    else:
+        notes.append(f"checkpoint {ckpt}")
+    need_fan = "fan" in args.landmarks or args.reference
+    fixed_box = None
+    if need_fan:
+        used = prepare_fan_weights(args.workdir)
+        notes.append(used)
+        if used.startswith("RANDOM"):
+            fixed_box = spec.face_box() if args.set else _centre_box(inputs[0])
+    if "mtcnn" in args.landmarks:
+        notes.append("MTCNN: the weights facenet-pytorch ships (real)")
+    source, decoder = make_source(args)
+
+    from engine.sources import probe
+
+    infos = [probe(p) for p in inputs]
+    total = sum(i.frame_count for i in infos)
+    command = " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    header = [
+        f"**bench/throughput.py** — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- command: `python {command}`",
+        f"- device: {device_name(args.device)}; host {platform.node()}, {os.cpu_count()} CPUs; {versions()}",
+        f"- inputs: {len(inputs)} × {infos[0].width}×{infos[0].height} {infos[0].codec}, {total} frames "
+        f"({'generated set ' + args.set if args.set else 'given videos'}); decoder {decoder}; batch {args.batch_size}",
+        f"- weights: {'; '.join(notes)}. Speed does not depend on the weights' values.",
+    ]
+    print("\n".join(header), flush=True)
+
+    rows = []
+    for landmarks in args.landmarks:
+        for mode in args.modes:
+            print(f"... {mode}, {landmarks}", file=sys.stderr, flush=True)
+            rows.append(measure_mode(mode, landmarks, args, inputs, warm, ckpt, fixed_box, source))
+    reference = None
+    if args.reference:
+        print("... reference-style", file=sys.stderr, flush=True)
+        ref_inputs = inputs[: args.reference_inputs] if args.reference_inputs > 0 else inputs
+        reference = reference_style(ref_inputs, args, ckpt, fixed_box, args.reference_max_frames)
+        if len(ref_inputs) < len(inputs):
+            reference.note += f"; first {len(ref_inputs)} of {len(inputs)} inputs"
+    text = report(rows, reference, header)
+    print("\n" + text[len("\n".join(header)):].lstrip("\n"))
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def _centre_box(path: Path) -> np.ndarray:
+    """A face box for a given video when S3FD has random weights: a centred square of 60 % of the height."""
+    from engine.sources import probe
+
+    info = probe(path)
+    s = 0.6 * info.height
+    x, y = (info.width - s) / 2, (info.height - s) / 2
+    return np.array([x, y, x + s, y + s, 0.99])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
