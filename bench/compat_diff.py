@@ -147,10 +147,11 @@ def main() -> int:
 
     videos = list(args.videos) or [TEST_CLIP]
     if args.make_1080p:
-        from bench.common import make_clip
+        from bench.throughput import MediaSpec, _source_faces, make_video
 
-        videos.append(make_clip(TEST_CLIP, args.workdir / f"clip1080p-{args.make_1080p}.mp4", args.make_1080p,
-                                size=(1920, 1080)))
+        spec = MediaSpec()
+        videos.append(make_video(_source_faces(TEST_CLIP, spec.face_size),
+                                 args.workdir / f"clip1080p-{args.make_1080p}.mp4", args.make_1080p, 0, spec))
     checkpoint = args.checkpoint or random_checkpoint(args.workdir / "random_epoch_20.pth")
     weights = "real checkpoint" if args.checkpoint else "random-weight checkpoint (real ResNet-50 layout)"
     print(f"# fast vs exact, {datetime.date.today()}, {platform.node()}, device {args.device}, "
