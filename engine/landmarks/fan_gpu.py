@@ -16,9 +16,9 @@ work moved into batched torch on the device:
   Confidence = the mean of the 68 heat-map peaks (as ``fan``).
 * **Detection.** S3FD on frames downscaled on the device (antialiased bilinear) so their
   longest side is at most ``detect_max_side``; boxes are scaled back to full-frame pixels.
-  Candidates scoring > 0.5, NMS at IoU 0.3 (face_alignment's ``+1`` box areas), best first —
-  the boxes face_alignment keeps (its 0.05 pre-filter never changes which boxes over 0.5
-  survive its NMS).
+  Anchors scoring > 0.05, NMS at IoU 0.3 (face_alignment's sort and ``+1`` box areas), the
+  boxes scoring > 0.5 kept, best first: face_alignment's boxes, in its order even among
+  equal scores (its per-image path; NMS stops at the first score <= 0.5).
 * **Precision.** ``"fp32"`` or ``"fp16"`` (weights and activations in half precision; S3FD's
   L2 normalisations are computed in fp32, where fp16 would overflow). Channels-last on CUDA.
 
@@ -56,7 +56,8 @@ CENTRE_Y_SHIFT = 0.12  # face_alignment: the crop centre sits 0.12·box height a
 S3FD_MEAN_BGR = (104.0, 117.0, 123.0)
 S3FD_VARIANCES = (0.1, 0.2)
 NMS_IOU = 0.3
-MIN_SCORE = 0.5
+MIN_SCORE = 0.5  # face_alignment keeps boxes scoring > 0.5 ...
+CANDIDATE_SCORE = 0.05  # ... of the anchors scoring > 0.05, after NMS
 
 
 # --- weights ---------------------------------------------------------------------------------
@@ -281,21 +282,31 @@ def decode_heatmaps(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def heatmap_to_frame(points: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Heat-map points (N, K, 2) → frame pixels, float32 (N, K, 2) y down, truncated towards zero
-    as face_alignment's ``transform_np(..., invert=True)`` (inverse of the 64² crop affine, float64)."""
+    """Heat-map points (N, K, 2) → frame pixels, float32 (N, K, 2) y down, as face_alignment's
+    ``transform_np(point, centre, scale, 64, invert=True)``: the float64 pseudo-inverse of the
+    64² crop affine times ``(x, y, 1)``, truncated towards zero.
+
+    The pseudo-inverse (not the closed-form inverse) keeps its last-bit rounding, which decides
+    the truncation when a point lands on a whole pixel. face_alignment's numba-compiled
+    ``pinv`` rounds differently from numpy's in such ties (1 px, seen only with round-number
+    boxes); this follows numpy's, face_alignment's uncompiled code.
+    """
     t = _frame_to_crop(np.asarray(centre, np.float64), np.asarray(scale, np.float64), float(HEATMAP_SIZE))
-    a = t[:, 0, 0][:, None, None]
-    b = t[:, :2, 2][:, None, :]
-    frame = (np.asarray(points, np.float64) - b) / a
-    return np.trunc(frame).astype(np.float32)
+    inverse = np.linalg.pinv(t)  # (N, 3, 3)
+    p = np.asarray(points, np.float64)
+    homogeneous = np.concatenate([p, np.ones((*p.shape[:-1], 1))], axis=-1)  # (N, K, 3)
+    frame = np.matmul(inverse[:, None], homogeneous[..., None])[..., :2, 0]
+    return frame.astype(np.int32).astype(np.float32)
 
 
 # --- S3FD decoding -----------------------------------------------------------------------------
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> np.ndarray:
-    """Greedy NMS as face_alignment's (box areas with +1, a box is dropped when its overlap with a
-    kept one is > ``iou``); int64 indices of the kept boxes, best first.
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU, stop_at: float = -np.inf) -> np.ndarray:
+    """Greedy NMS as face_alignment's (``argsort()[::-1]`` order, box areas with +1, a box is
+    dropped when its overlap with a kept one is > ``iou``); int64 indices of the kept boxes,
+    best first. ``stop_at``: stop once the best remaining score is <= it (those would be
+    discarded anyway; the boxes kept before are the same).
 
     >>> nms(np.array([[0, 0, 9, 9], [1, 1, 10, 10], [20, 20, 29, 29]], float), np.array([0.9, 0.8, 0.7])).tolist()
     [0, 2]
@@ -304,7 +315,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> np.ndarr
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     order = scores.argsort()[::-1]
     keep = []
-    while order.size:
+    while order.size and scores[order[0]] > stop_at:
         i, rest = order[0], order[1:]
         keep.append(i)
         w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
@@ -315,14 +326,15 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> np.ndarr
 
 
 def s3fd_candidates(outputs: list[torch.Tensor],
-                    min_score: float = MIN_SCORE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    min_score: float = CANDIDATE_SCORE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """S3FD's 12 outputs → every anchor scoring > ``min_score``: (frame row int64 (M,),
-    box float64 (M, 4) x1 y1 x2 y2 in input px, score float64 (M,)), level by level, row-major.
+    box float64 (M, 4) x1 y1 x2 y2 in input px, score float64 (M,)), level by level, row-major
+    (face_alignment's order for one image).
 
     The boxes decode as face_alignment's ``decode`` (variances 0.1, 0.2; anchors of side
     4·stride centred on each cell, strides 4 … 128), with the same float32/float64 steps.
     """
-    rows, locs, priors, scores = [], [], [], []
+    rows, locs, priors, scores, sides = [], [], [], [], []
     for level in range(len(outputs) // 2):
         prob = F.softmax(outputs[2 * level].float(), dim=1)[:, 1]
         b, yy, xx = torch.nonzero(prob > min_score, as_tuple=True)
@@ -332,10 +344,11 @@ def s3fd_candidates(outputs: list[torch.Tensor],
         scores.append(prob[b, yy, xx])
         locs.append(reg[b, :, yy, xx])
         priors.append(torch.stack([stride / 2 + xx * stride, stride / 2 + yy * stride], dim=1))
+        sides.append(torch.full_like(prob[b, yy, xx], 4.0 * stride))
     row = torch.cat(rows).cpu().numpy().astype(np.int64)
     score = torch.cat(scores).cpu().numpy().astype(np.float64)
     loc = torch.cat(locs).cpu().numpy()  # float32, as face_alignment decodes it
-    side = np.concatenate([np.full(len(r), 4.0 * 2 ** (level + 2)) for level, r in enumerate(rows)])[:, None]
+    side = torch.cat(sides).cpu().numpy().astype(np.float64)[:, None]
     prior_xy = torch.cat(priors).cpu().numpy().astype(np.float64)
     v0, v1 = (np.float32(v) for v in S3FD_VARIANCES)
     xy = prior_xy + (loc[:, :2] * v0) * side
@@ -346,11 +359,18 @@ def s3fd_candidates(outputs: list[torch.Tensor],
 
 def detections_from_candidates(rows: np.ndarray, boxes: np.ndarray, scores: np.ndarray, num_frames: int,
                                to_frame: tuple[float, float] = (1.0, 1.0)) -> Detections:
-    """Per-frame NMS of S3FD candidates, best first, boxes scaled by ``to_frame`` = (x, y) factors."""
-    keep = [np.flatnonzero(rows == r)[nms(boxes[rows == r], scores[rows == r])] for r in np.unique(rows)]
-    if not keep:
+    """Per-frame NMS of S3FD candidates, boxes scoring > 0.5 kept, best first, scaled by ``to_frame`` (x, y).
+
+    Candidates down to face_alignment's 0.05 go into the sort, so equal scores come out in its order.
+    """
+    keep = []
+    for r in np.unique(rows):
+        members = np.flatnonzero(rows == r)
+        kept = members[nms(boxes[members], scores[members], stop_at=MIN_SCORE)]
+        keep.append(kept[scores[kept] > MIN_SCORE])
+    kept = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+    if not len(kept):
         return Detections.empty(num_frames)
-    kept = np.concatenate(keep)
     out = boxes[kept] * np.array([to_frame[0], to_frame[1], to_frame[0], to_frame[1]])
     return Detections(boxes_img_ydown=out, scores=scores[kept], frame_rows=rows[kept], num_frames=num_frames)
 
