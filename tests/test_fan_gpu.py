@@ -271,6 +271,13 @@ def test_no_boxes_at_all_is_all_no_face(batched):
     assert np.isnan(lm.confidence).all()
 
 
+def test_degenerate_boxes_mark_nothing(batched):
+    """A NaN, empty or inverted box (a tracker's bad guess) is a no_face row, not a crash."""
+    boxes = np.array([[np.nan, 1.0, 20.0, 20.0], [5.0, 5.0, 5.0, 30.0], [30.0, 30.0, 10.0, 10.0]])
+    lm = batched(_batch(np.zeros((3, 64, 80, 3), np.uint8)), Detections(boxes, np.ones(3), np.arange(3), 3))
+    assert lm.valid.tolist() == [False] * 3 and lm.reason == ("no_face",) * 3
+
+
 # --- S3FD on downscaled frames ---------------------------------------------------------------
 
 

@@ -461,11 +461,14 @@ class BatchedFan:
     def __call__(self, frames: FrameBatch, faces: Detections | None = None) -> Landmarks:
         faces = faces_to_mark(self, frames, faces)
         where = faces.face_of_frame()
-        rows = np.flatnonzero(where >= 0)
+        boxes = faces.boxes_img_ydown[np.maximum(where, 0)] if len(faces) else np.zeros((len(frames), 4))
+        usable = (where >= 0) & np.isfinite(boxes).all(axis=1)
+        usable &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # a degenerate box marks nothing
+        rows = np.flatnonzero(usable)
         per_frame: list[np.ndarray | None] = [None] * len(frames)
         confidence = np.full(len(frames), np.nan)
         if len(rows):
-            points, peaks = self.mark(frames.images, rows, faces.boxes_img_ydown[where[rows]])
+            points, peaks = self.mark(frames.images, rows, boxes[rows])
             for n, row in enumerate(rows):
                 per_frame[row] = points[n]
             confidence[rows] = peaks.mean(axis=1)
