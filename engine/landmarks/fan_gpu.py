@@ -7,12 +7,11 @@ work moved into batched torch on the device:
 * **Landmarks.** For each frame's box: face_alignment's centre/scale rule (centre of the box
   moved up by 0.12·box height, scale = (width + height) / 195), its integer crop window
   (the corners of the 256² input mapped back to the frame and truncated), the zero-padded
-  window resized to 256² *bilinearly* (``grid_sample`` with the same pixel mapping and edge
-  clamping as ``cv2.resize(INTER_LINEAR)``, rounded to whole levels as cv2's uint8 output is;
-  cv2 interpolates in 11-bit fixed point, so a level can differ by one), 2D-FAN-4 on all
-  crops in one forward, then face_alignment's heat-map decoding: arg-max, a quarter pixel
-  towards the larger neighbour, the -0.5 offset, the inverse 64² → frame transform and its
-  truncation to whole pixels. Only each box's window is uploaded, never a whole frame.
+  window resized to 256² in integer torch with ``cv2.resize(INTER_LINEAR)``'s fixed-point
+  weights and rounding (the same bytes), 2D-FAN-4 on all crops in one forward, then
+  face_alignment's heat-map decoding: arg-max, a quarter pixel towards the larger neighbour,
+  the -0.5 offset, the inverse 64² → frame transform and its truncation to whole pixels.
+  Only each box's window is uploaded, never a whole frame.
   Confidence = the mean of the 68 heat-map peaks (as ``fan``).
 * **Detection.** S3FD on frames downscaled on the device (antialiased bilinear) so their
   longest side is at most ``detect_max_side``; boxes are scaled back to full-frame pixels.
@@ -392,7 +391,7 @@ def detect_size(height: int, width: int, max_side: int) -> tuple[int, int]:
 
 class BatchedFan:
     """S3FD + 2D-FAN-4, batched on ``device``: the :class:`~engine.stages.landmark.Landmarker`
-    of the fast path (68 points, the ``fan`` backend's numbers up to the crop's resampling).
+    of the fast path (68 points; on a given box, fp32, the ``fan`` backend's numbers).
 
     Build it once and reuse it (the networks load in the constructor).
 
@@ -425,6 +424,7 @@ class BatchedFan:
         self._sfd, self._fan = load_networks(device, precision, allow_download)
         self._dtype = torch.float16 if precision == "fp16" else torch.float32
         self._cuda = self.device.type == "cuda"
+        log.info("batched S3FD + 2D-FAN-4 on %s (%s, S3FD at <= %d px)", device, precision, detect_max_side)
 
     @property
     def detector(self) -> BoundDetector:
