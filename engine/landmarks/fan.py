@@ -33,7 +33,7 @@ import numpy as np
 
 from engine.errors import WeightsError, WeightsMissingError
 from engine.landmarks.base import BackendStatus, BoundDetector, faces_to_mark, landmarks_from_list
-from engine.safe_load import refusal, unsafe_global
+from engine.safe_load import UnsafeWeightsError, refusal, unsafe_global
 from engine.structures import Detections, FrameBatch, Landmarks
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,23 @@ def _sfd_file() -> Path:
     return path
 
 
+def load_failure(error: BaseException) -> WeightsError:
+    """The :class:`WeightsError` for weight files that are there but do not load.
+
+    A file that asks for a Python object is refused by name; any other failure (damaged or
+    foreign file, wrong layout) names the folder and the files and says to replace them.
+    """
+    unsafe = error.global_name if isinstance(error, UnsafeWeightsError) else unsafe_global(error)
+    if unsafe is not None:
+        return WeightsError(refusal(f"face_alignment weights in {weights_dir()}", unsafe))
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    names = " / ".join(name for name, _ in WEIGHTS)
+    return WeightsError(
+        f"face_alignment weights in {weights_dir()} ({names}) do not load ({first}); "
+        "replace the broken file (delete it to have it downloaded again)"
+    )
+
+
 def status() -> BackendStatus:
     """Whether face_alignment imports and its weights are in the torch hub cache."""
     try:
@@ -187,15 +204,7 @@ class FanLandmarker:
         except OSError as e:  # URLError (failed download) is an OSError
             raise WeightsMissingError(_missing_message(weights_dir(), missing_weights(), str(e))) from None
         except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-            unsafe = unsafe_global(e)
-            if unsafe is not None:
-                raise WeightsError(refusal(f"face_alignment weights in {weights_dir()}", unsafe)) from None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            names = " / ".join(name for name, _ in WEIGHTS)
-            raise WeightsError(
-                f"face_alignment weights in {weights_dir()} ({names}) do not load ({first}); "
-                "replace the broken file (delete it to have it downloaded again)"
-            ) from None
+            raise load_failure(e) from None
         self.device = device
 
     @property
