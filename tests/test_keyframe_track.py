@@ -332,6 +332,31 @@ def test_a_face_that_moves_off_the_interpolated_box_is_re_detected():
     np.testing.assert_allclose(run.boxes, truth(images), atol=1.0)
 
 
+def test_a_box_mostly_outside_the_frame_is_re_detected():
+    """A detector may report a face's box past the frame's edge (S3FD does); where less than half
+    of the tracked box is inside, the frame is detected again."""
+    images = scene(16, [])
+    outside = np.array([-16.0, 40, 8, 64])  # a third inside
+
+    class Edge(SquareDetector):
+        def __call__(self, frames):
+            self.calls.append([int(i) for i in frames.index])
+            n = len(frames)
+            return Detections(np.tile(outside, (n, 1)), np.full(n, 0.99), np.arange(n), n)
+
+    class InBox:
+        name, num_points, detector = "in-box", 5, None
+
+        def __call__(self, frames, faces=None):
+            where = faces.face_of_frame()
+            return landmarks_from_list([None if j < 0 else template_in_box(faces.boxes_img_ydown[j]) for j in where],
+                                       5, np.full(len(where), 0.9))
+
+    det = Edge()
+    track(KeyframeTracker(8), images, det, InBox(), batch=16)
+    assert det.calls == [[0, 8, 15], [*range(1, 8), *range(9, 15)]]
+
+
 # --- (6) resume -----------------------------------------------------------------------------------
 
 

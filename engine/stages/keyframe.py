@@ -215,7 +215,7 @@ class _Plan:
                           None if self.points is None else self.points[has], self.found[has], self.rank[has])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KeyframeState:
     """What :class:`KeyframeTracker` carries from one batch to the next.
 
@@ -229,6 +229,8 @@ class KeyframeState:
         rel: float64 (4,) the landmarks' box relative to ``box`` (:func:`relative`), or None.
         confidence: the landmarker's confidence at the last keyframe (NaN: none).
         plan: the last batch's plan, between ``__call__`` and ``merge`` only (never saved).
+
+    Compared by identity (it holds arrays); compare ``to_arrays()`` for equal contents.
     """
 
     since: int = -1
@@ -240,7 +242,7 @@ class KeyframeState:
     follow: np.ndarray | None = None
     rel: np.ndarray | None = None
     confidence: float = float("nan")
-    plan: _Plan | None = field(default=None, compare=False, repr=False)
+    plan: _Plan | None = field(default=None, repr=False)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"since": np.int64(self.since),
