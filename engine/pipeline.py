@@ -47,7 +47,7 @@ from engine.stages.regress import Regressor, load_regressor
 from engine.stages.sink import Sink, SinkContext, SinkHooks, commit, create_sinks
 from engine.stages.source import MediaSource, Source
 from engine.stages.temporal import NoFacePolicyStage, PolicyState, TemporalPolicy
-from engine.stages.track import Tracker, TrackerState, tracker_from_config
+from engine.stages.track import Tracker, TrackerState, mark_faces, tracker_from_config
 from engine.structures import (
     AlignedBatch,
     AlignPlan,
@@ -253,7 +253,8 @@ class _FaceStep:
 
 
 class _FaceStages:
-    """Detector → tracker → landmarker for one input, batch after batch in the landmark thread.
+    """Detector → tracker → landmarker (→ re-detection where a verifying tracker lost the face:
+    :func:`~engine.stages.track.mark_faces`) for one input, batch after batch in the landmark thread.
 
     The tracker's state goes from one batch to the next here (one thread, in order); each
     :class:`_FaceStep` carries the state after its batch, for the resume state.
@@ -271,8 +272,8 @@ class _FaceStages:
 
         def one_slice(rows: slice) -> tuple[Landmarks, FaceChoice]:
             frames = rows_of(batch, rows)
-            faces, self.state = self.tracker(frames, self.detector, self.state)
-            return self.landmarker(frames, faces), FaceChoice.of(faces, len(frames), detector)
+            faces, landmarks, self.state = mark_faces(self.tracker, frames, self.detector, self.landmarker, self.state)
+            return landmarks, FaceChoice.of(faces, len(frames), detector)
 
         where = f"frame {int(batch.index[0])}" if len(batch) else "the end"
         parts = _in_slices(len(batch), self.slice_frames, self.should_stop, where, one_slice)

@@ -10,8 +10,10 @@ The default, :class:`DetectEveryFrame`, runs the detector on every frame and kee
 confident face: today's behaviour (the reference's), stateless. :class:`FollowPerson` keeps the
 face whose box continues the previous frame's (``--keep-person continuity``). Both report
 per kept face how many faces the frame had and the kept face's rank in the reference's order,
-for the quality flags. A tracker that detects every k frames and follows the face in between
-fits the same protocol.
+for the quality flags. :class:`~engine.stages.keyframe.KeyframeTracker` (the fast path) detects
+only on keyframes and follows the face in between; it is a :class:`VerifyingTracker`, whose boxes
+are checked against the landmarks and re-detected where tracking was lost (:func:`mark_faces`,
+which the engine calls for every tracker).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 
 from engine.config import EngineConfig, KeepPerson
 from engine.stages.detect import Detector, best_face_per_frame, reference_order
-from engine.structures import Detections, FrameBatch
+from engine.stages.landmark import Landmarker
+from engine.structures import Detections, FrameBatch, Landmarks, rows_of
 
 
 class TrackerState(Protocol):
@@ -183,6 +186,81 @@ class FollowPerson:
         kept = faces.take(np.asarray(chosen, dtype=np.int64))
         kept = replace(kept, faces_found=np.asarray(found, dtype=np.int64), kept_rank=np.asarray(rank, dtype=np.int64))
         return kept, LastBox(None if previous is None else np.array(previous, dtype=np.float64))
+
+
+@runtime_checkable
+class VerifyingTracker(Tracker, Protocol):
+    """A tracker that does not detect every frame and checks its boxes once the landmarks are in
+    (:class:`~engine.stages.keyframe.KeyframeTracker`); :func:`mark_faces` drives it.
+
+    The state its ``__call__`` returns may carry what ``verify`` and ``merge`` need about the
+    batch; the one ``merge`` returns is the state after the batch (saved for resume).
+    """
+
+    def verify(self, frames: FrameBatch, faces: Detections, landmarks: Landmarks,
+               state: TrackerState) -> np.ndarray:
+        """int64 (R,) ascending rows of ``frames`` to run the detector on again (tracking lost)."""
+        ...
+
+    def merge(self, frames: FrameBatch, faces: Detections, landmarks: Landmarks, rows: np.ndarray,
+              found: Detections, state: TrackerState) -> tuple[Detections, TrackerState]:
+        """``faces`` with the face chosen among ``found`` (all faces the detector found in
+        ``rows``; its ``frame_rows`` index ``rows``) in each of ``rows``, and the state after
+        the batch. Called with no rows too."""
+        ...
+
+
+def mark_faces(tracker: Tracker, frames: FrameBatch, detector: Detector | None, landmarker: Landmarker,
+               state: TrackerState) -> tuple[Detections | None, Landmarks, TrackerState]:
+    """Tracker → landmarker for one batch; for a :class:`VerifyingTracker` then verify, and run the
+    detector and the landmarker again on the rows it names (one call each, those rows only).
+
+    Returns the faces (None when the backend needs no detector), their landmarks (one row per
+    frame) and the tracker's state after the batch. For the other trackers this is exactly
+    ``tracker(...)`` then ``landmarker(frames, faces)``.
+    """
+    faces, state = tracker(frames, detector, state)
+    landmarks = landmarker(frames, faces)
+    if faces is None or detector is None or not isinstance(tracker, VerifyingTracker):
+        return faces, landmarks, state
+    rows = np.asarray(tracker.verify(frames, faces, landmarks, state), dtype=np.int64)
+    found = detector(rows_of(frames, rows)) if rows.size else Detections.empty(0)
+    faces, state = tracker.merge(frames, faces, landmarks, rows, found, state)
+    if rows.size:
+        again = landmarker(rows_of(frames, rows), faces_in_rows(faces, rows))
+        landmarks = replace_rows(landmarks, rows, again)
+    return faces, landmarks, state
+
+
+def faces_in_rows(faces: Detections, rows: np.ndarray) -> Detections:
+    """The faces of frames ``rows`` (int64 (R,) ascending) as a batch of R frames (``frame_rows``
+    renumbered 0…R-1).
+
+    >>> d = Detections(np.arange(12.).reshape(3, 4), np.ones(3), np.array([0, 2, 3]), 4)
+    >>> sub = faces_in_rows(d, np.array([2, 3]))
+    >>> sub.frame_rows.tolist(), sub.num_frames, sub.boxes_img_ydown[:, 0].tolist()
+    ([0, 1], 2, [4.0, 8.0])
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    packed = np.flatnonzero(np.isin(faces.frame_rows, rows))
+    sub = faces.take(packed)
+    return replace(sub, frame_rows=np.searchsorted(rows, sub.frame_rows).astype(np.int64), num_frames=len(rows))
+
+
+def replace_rows(landmarks: Landmarks, rows: np.ndarray, again: Landmarks) -> Landmarks:
+    """``landmarks`` with frames ``rows`` (int64 (R,)) replaced by the R rows of ``again``."""
+    points = landmarks.points_img_ydown.copy()
+    valid = landmarks.valid.copy()
+    reason = list(landmarks.reason)
+    points[rows], valid[rows] = again.points_img_ydown, again.valid
+    for i, r in enumerate(rows):
+        reason[r] = again.reason[i]
+    confidence = landmarks.confidence
+    if confidence is not None or again.confidence is not None:
+        confidence = (np.full(len(valid), np.nan, np.float32) if confidence is None
+                      else confidence.astype(np.float32, copy=True))
+        confidence[rows] = np.nan if again.confidence is None else again.confidence
+    return Landmarks(points, valid, tuple(reason), confidence)
 
 
 def tracker_from_config(config: EngineConfig) -> Tracker:
