@@ -19,6 +19,7 @@ from engine import Cancelled, Engine, EngineConfig, InputError, InputJob, Mode
 from engine.batching import MergingRegressor
 from engine.cli import build_parser, config_from_args, main
 from engine.many import default_concurrency
+from engine.sources import discover_inputs
 from tests.media import first_frames, make_text_file, make_truncated_copy, make_video
 
 #: Frames of each short clip, cut one after the other from the shared clip (different lengths).
@@ -66,7 +67,8 @@ def assert_same_outputs(a: dict, b: dict) -> None:
 def test_folder_through_run_many_equals_one_by_one(clips, cfg, one_by_one, tmp_path):
     folder, paths = clips
     seen: dict[str, list] = {p.stem: [] for p in paths}
-    jobs = [InputJob(p, tmp_path / p.stem, key=p.stem, progress=seen[p.stem].append) for p in paths]
+    items = discover_inputs([folder])  # InputItems, as the CLI hands them on
+    jobs = [InputJob(i, tmp_path / i.rel_stem, key=i.path.stem, progress=seen[i.path.stem].append) for i in items]
     with Engine(cfg) as engine:
         outcomes = list(engine.run_many(jobs, concurrency=2))
     assert sorted(o.job.key for o in outcomes) == sorted(seen)
@@ -161,7 +163,7 @@ def test_a_failing_jobs_iterable_raises_after_the_started_inputs(test_images, cf
 
 
 def test_cli_extracts_a_folder_with_an_overall_line(clips, cfg, one_by_one, tmp_path, capsys):
-    folder, paths = clips
+    _, paths = clips
     src = tmp_path / "in"
     src.mkdir()
     for p in paths[:3]:
@@ -349,3 +351,36 @@ def test_fingerprint_of_the_exact_path_is_unchanged_and_fast_settings_enter_it(s
 
     assert fp() == old == fp(detect_every=3)  # detect_every means nothing to the exact path
     assert len({old, fp(mode="fast"), fp(mode="fast", detect_every=3)}) == 3
+
+
+def test_registry_carries_the_mode_and_old_rows_still_load(tmp_path):
+    """Jobs store the mode; a row written before it existed (no mode/detect_every keys) loads as
+    the exact path and counts as the same settings as a new default job."""
+    from sqlmodel import select
+
+    from db import LOCAL, JobStatus, Registry, service
+    from db.models import Job
+
+    clip = make_video(tmp_path / "clip.mp4", 4)
+    reg = Registry(url=f"sqlite:///{tmp_path / 'studio.db'}", data_dir=tmp_path / "data")
+    try:
+        fast = service.submit_file(reg, clip, {"landmarks": "mtcnn", "mode": "fast", "detect_every": 4})
+        assert service.get_job(reg, fast.id).settings["mode"] == "fast"
+        assert EngineConfig.from_dict(service.get_job(reg, fast.id).settings).detect_every == 4
+
+        old = service.submit_file(reg, clip, {"landmarks": "mtcnn"})
+        with reg.write() as s:  # as an older version wrote it: without the new keys
+            row = s.exec(select(Job).where(Job.id == old.id)).one()
+            row.settings = {k: v for k, v in row.settings.items() if k not in ("mode", "detect_every")}
+        old_view = service.get_job(reg, old.id)
+        assert "mode" not in old_view.settings
+        assert EngineConfig.from_dict(old_view.settings).mode is Mode.EXACT
+
+        new = service.submit_file(reg, clip, {"landmarks": "mtcnn"}, original_name="again.mp4")
+        assert [j.id for j in service.duplicates_of(reg, new.id)] == [old.id]  # not the fast one
+        service.cancel_job(reg, old.id, actor=LOCAL)
+        service.retry_job(reg, old.id, actor=LOCAL, settings={**old_view.settings, "mode": "exact"})
+        again = service.get_job(reg, old.id)  # the same settings spelled out: not a change
+        assert again.status == JobStatus.QUEUED and "mode" not in again.settings
+    finally:
+        reg.close()
