@@ -130,7 +130,7 @@ def _settings_form() -> EngineConfig | None:
             "continues the previous frame's. Either way such frames are flagged several_faces.",
         )
         mode = st.radio(
-            "Mode", [m.value for m in Mode], key="up_mode", horizontal=True,
+            "Mode", [m.value for m in Mode], key="up_engine_mode", horizontal=True,
             format_func={"exact": "exact (reference)", "fast": "fast (GPU)"}.__getitem__,
             help=MODE_HELP,
         )

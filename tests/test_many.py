@@ -21,6 +21,7 @@ from engine.cli import build_parser, config_from_args, main
 from engine.many import default_concurrency
 from engine.sources import discover_inputs
 from tests.media import first_frames, make_text_file, make_truncated_copy, make_video
+from tests.test_dashboard import empty_studio, studio  # noqa: F401  (fixtures: a registry with a job in every state)
 
 #: Frames of each short clip, cut one after the other from the shared clip (different lengths).
 CLIP_FRAMES = (6, 9, 5, 8)
@@ -384,3 +385,29 @@ def test_registry_carries_the_mode_and_old_rows_still_load(tmp_path):
         assert again.status == JobStatus.QUEUED and "mode" not in again.settings
     finally:
         reg.close()
+
+
+def test_dashboard_upload_and_retry_offer_the_mode(studio):  # noqa: F811
+    from db import JobStatus, service
+    from tests.dashboard_fixtures import make_clip
+    from tests.test_dashboard import _select, open_page
+
+    reg, ids, tmp = studio
+    at = open_page("upload")
+    content = make_clip(tmp / "fast_one.mp4", n=5, size=(64, 48)).read_bytes()
+    at.file_uploader(key="up_files").upload("fast_one.mp4", content, "video/mp4").run()
+    assert at.radio(key="up_engine_mode").value == "exact"  # the default
+    at.radio(key="up_engine_mode").set_value("fast").run()
+    assert any("small measured differences" in c.value for c in at.caption)
+    at.button(key="up_submit").click().run()
+    assert not at.exception
+    job = service.list_jobs(reg, search="fast_one", limit=5)[0]
+    assert job.settings["mode"] == "fast" and job.settings["detect_every"] == 8
+
+    at = open_page("jobs")
+    _select(at, reg, [ids["failed"]])
+    at.radio(key=f"jobs_retry_mode_{ids['failed']}").set_value("fast").run()
+    at.button(key=f"jobs_retry_with_{ids['failed']}").click().run()
+    assert not at.exception
+    job = service.get_job(reg, ids["failed"])
+    assert job.status == JobStatus.QUEUED and job.settings["mode"] == "fast"
