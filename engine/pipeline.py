@@ -319,8 +319,9 @@ class Engine:
     """Extract Deep3DFaceRecon coefficients from videos and images.
 
     Every stage can be handed in; the ones left out are built from ``config`` (models on the
-    first :meth:`run`, then reused for every later input). Call :meth:`close` (or use ``with
-    Engine(cfg) as engine``) to free them.
+    first :meth:`run`, then reused for every later input). With ``config.mode == "fast"`` the
+    ones left out come first from :func:`engine.fast.fast_stages` (the fast path's stages).
+    Call :meth:`close` (or use ``with Engine(cfg) as engine``) to free them.
 
     Args:
         config: the settings (see :class:`~engine.config.EngineConfig`).
