@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from db import storage
 from db.access import Actor
-from db.intake import normalize_settings
+from db.intake import normalize_settings, same_settings
 from db.models import Artifact, Job, JobStatus, Quality, utcnow
 from db.queries import get_job
 from db.registry import Registry
@@ -90,7 +90,7 @@ def retry_job(
             raise JobStateError(
                 f"job {job_id} is {status.value}: only failed or cancelled jobs can be retried"
             )
-        changed = new is not None and new != (job.settings or {})
+        changed = new is not None and not same_settings(new, job.settings)
         extra = {"settings": new} if changed else {}
         transition(
             s, job, JobStatus.QUEUED, attempts=0, error=None, error_code=None, cancel_requested=False,

@@ -47,6 +47,20 @@ def normalize_settings(settings: EngineConfig | dict | None) -> dict:
     return d
 
 
+def same_settings(a: dict | None, b: dict | None) -> bool:
+    """Whether two stored settings dicts mean the same run: compared after
+    :func:`normalize_settings`, so a row written before a setting existed (no ``mode`` key,
+    say) equals one that spells out that setting's default. Invalid settings compare as stored.
+
+    >>> same_settings({"landmarks": "mtcnn"}, {"landmarks": "mtcnn", "mode": "exact", "detect_every": 8})
+    True
+    """
+    try:
+        return normalize_settings(dict(a or {})) == normalize_settings(dict(b or {}))
+    except (ValueError, TypeError):
+        return (a or {}) == (b or {})
+
+
 def _probe(path: Path) -> dict:
     """Probe fields for a Video row; never raises (a bad file is the worker's to report)."""
     try:

@@ -107,6 +107,8 @@ def list_artifacts(reg: Registry, job_id: int) -> list[ArtifactView]:
 def duplicates_of(reg: Registry, job_id: int) -> list[JobView]:
     """Other jobs with the same input content (same video row, i.e. SHA-256) and the same
     settings that are queued, running or succeeded: submitting again would redo their work."""
+    from db.intake import same_settings  # db.intake imports this module
+
     live = [JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.SUCCEEDED.value]
     with reg.session() as s:
         job, _ = load_job(s, job_id)
@@ -115,7 +117,7 @@ def duplicates_of(reg: Registry, job_id: int) -> list[JobView]:
                 Job.video_id == job.video_id, Job.id != job.id, Job.status.in_(live)
             ).order_by(Job.id)
         ).all()
-        return [job_view(reg, j, v) for j, v in rows if (j.settings or {}) == (job.settings or {})]
+        return [job_view(reg, j, v) for j, v in rows if same_settings(j.settings, job.settings)]
 
 
 def artifacts_of(reg: Registry, job_ids: Sequence[int], fmt: str) -> dict[int, ArtifactView]:

@@ -13,7 +13,7 @@ dashboard can use the config, probe and discovery helpers without importing torc
 
 from __future__ import annotations
 
-from engine.config import EngineConfig, LandmarkBackend, NoFacePolicy, OutputFormat
+from engine.config import EngineConfig, LandmarkBackend, Mode, NoFacePolicy, OutputFormat
 from engine.errors import (
     Cancelled,
     CheckpointError,
@@ -34,7 +34,10 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "InputError",
+    "InputJob",
+    "InputOutcome",
     "LandmarkBackend",
+    "Mode",
     "NoFaceError",
     "NoFacePolicy",
     "OutputFormat",
@@ -54,6 +57,8 @@ _LAZY = {
     "Progress": "engine.pipeline",
     "RunReport": "engine.pipeline",
     "extract": "engine.pipeline",
+    "InputJob": "engine.many",
+    "InputOutcome": "engine.many",
     "discover_inputs": "engine.sources",
     "probe": "engine.sources",
 }

@@ -15,7 +15,16 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import DEFAULT_FORMATS, EngineConfig, KeepPerson, LandmarkBackend, OutputFormat, output_format
+from engine.config import (
+    DEFAULT_FORMATS,
+    MODE_HELP,
+    EngineConfig,
+    KeepPerson,
+    LandmarkBackend,
+    Mode,
+    OutputFormat,
+    output_format,
+)
 from engine.errors import StudioError
 from engine.formats import FORMATS
 
@@ -30,6 +39,16 @@ def _formats(text: str) -> tuple[OutputFormat | str, ...]:
         return tuple(output_format(f) for f in text.split(",") if f.strip())
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -54,6 +73,10 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth-window", type=int, default=0, metavar="N",
                    help="0 (default): no smoothing; odd N >= 3: smooth the coefficients over time with a "
                    "centred N-frame Savitzky-Golay window (no lag; raw ones kept in the npz as coeff_raw)")
+    p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.EXACT.value, help=MODE_HELP)
+    p.add_argument("--detect-every", type=_at_least_one, default=8, metavar="N",
+                   help="fast mode: run the face detector every N frames and track the face in between "
+                   "(default: 8)")
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -67,6 +90,8 @@ def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
         batch_size=args.batch_size,
         keep_person=args.keep_person,
         smooth_window=args.smooth_window,
+        mode=getattr(args, "mode", Mode.EXACT.value),
+        detect_every=getattr(args, "detect_every", 8),
         **extra,
     )
 
@@ -82,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(p)
     p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--concurrency", type=_at_least_one, metavar="N",
+                   help="inputs processed at once (default: 4 on a GPU; on the CPU one per 4 cores)")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("doctor", help="check the installation: Python, torch, GPU, FFmpeg, weights, backends")
@@ -99,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    """Run every input; one line per failure; exit 1 if any failed."""
+    """Run every input (several at once, :meth:`Engine.run_many`); one line per input; exit 1 if any failed."""
+    from engine.many import InputJob
     from engine.pipeline import Engine
     from engine.sources import discover_inputs
 
@@ -113,59 +141,188 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print("error: no videos or images found in the given inputs", file=sys.stderr)
         return 2
 
-    failures = 0
-    done = skipped = 0
+    overall = _Overall(len(items))
+    show = None
+    if not args.no_progress:
+        show = _progress_bar(items[0].path.name) if len(items) == 1 else _overall_bar(overall)
+
+    def job(item) -> InputJob:
+        key = str(item.path)
+        return InputJob(item, args.out / item.rel_stem, progress=overall.callback(key, show), key=key)
+
+    failures = done = skipped = 0
     with Engine(cfg) as engine:
-        for item in items:
-            out_base = args.out / item.rel_stem
-            bar = None if args.no_progress else _progress_bar(item.path.name)
-            try:
-                report = engine.run(item, out_base, progress=bar.update if bar else None)
-            except StudioError as e:
-                failures += 1
-                _close(bar)
-                print(f"FAILED {item.path}: {e}", file=sys.stderr)
-                if e.code in ("weights", "checkpoint", "weights_missing"):
-                    print("stopping: the model cannot be loaded", file=sys.stderr)
-                    return 1
-                continue
-            except Exception as e:  # a bug, but the other inputs still run
-                failures += 1
-                _close(bar)
-                log.debug("unexpected error", exc_info=True)
-                print(f"FAILED {item.path}: {type(e).__name__}: {e}", file=sys.stderr)
-                continue
-            _close(bar)
-            if report.skipped:
-                skipped += 1
-                print(f"skipped {item.path} (outputs exist; --overwrite to redo)", file=sys.stderr)
-            else:
-                done += 1
-                print(
-                    f"ok {item.path}: {report.num_frames} frames, {report.num_valid} with a face, "
-                    f"{report.fps:.1f} frames/s → {', '.join(str(p) for p in report.outputs.values())}",
-                    file=sys.stderr,
-                )
-                flagged = {k: v for k, v in report.quality.get("flags", {}).items() if v}
-                if flagged:
-                    print("   flags: " + ", ".join(f"{k} {v}" for k, v in flagged.items()), file=sys.stderr)
+        outcomes = engine.run_many((job(item) for item in items), concurrency=getattr(args, "concurrency", None))
+        try:
+            for outcome in outcomes:
+                path = outcome.job.key
+                overall.finish(path, outcome.report.num_frames if outcome.report else 0)
+                if show is not None:
+                    show.update(overall.current())
+                e = outcome.error
+                if isinstance(e, StudioError):
+                    failures += 1
+                    print(_clear(show) + f"FAILED {path}: {e}", file=sys.stderr)
+                    if e.code in ("weights", "checkpoint", "weights_missing"):
+                        print("stopping: the model cannot be loaded", file=sys.stderr)
+                        return 1
+                    continue
+                if e is not None:  # a bug, but the other inputs still run
+                    failures += 1
+                    log.debug("unexpected error", exc_info=e)
+                    print(_clear(show) + f"FAILED {path}: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                report = outcome.report
+                if report.skipped:
+                    skipped += 1
+                    print(_clear(show) + f"skipped {path} (outputs exist; --overwrite to redo)", file=sys.stderr)
+                else:
+                    done += 1
+                    print(
+                        _clear(show) + f"ok {path}: {report.num_frames} frames, {report.num_valid} with a face, "
+                        f"{report.fps:.1f} frames/s → {', '.join(str(p) for p in report.outputs.values())}",
+                        file=sys.stderr,
+                    )
+                    flagged = {k: v for k, v in report.quality.get("flags", {}).items() if v}
+                    if flagged:
+                        print("   flags: " + ", ".join(f"{k} {v}" for k, v in flagged.items()), file=sys.stderr)
+        finally:
+            outcomes.close()
+            _close(show)
+    if len(items) > 1:
+        print(overall.summary(), file=sys.stderr)
     print(f"{done} done, {skipped} skipped, {failures} failed", file=sys.stderr)
     return 1 if failures else 0
 
 
+class _Overall:
+    """Progress of a whole ``extract`` run over several inputs: inputs ended / total, frames/s
+    over every input, and an ETA (frames left of the open inputs plus, for those not started,
+    the mean frame count of the inputs seen so far). Fed from the inputs' threads (locked).
+
+    Args:
+        total: number of inputs.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, total: int, clock=None) -> None:
+        import threading
+        import time
+
+        self.total = total
+        self.clock = clock or time.perf_counter
+        self.t0 = self.clock()
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple[int, int, int]] = {}  # key → (frames done, frames total, frames new)
+        self._ended = 0
+        self._frames_ended = 0  # frames of the ended inputs (their counts as reported)
+        self._new_ended = 0  # frames the ended inputs processed in this run
+
+    def callback(self, key: str, show):
+        """A per-input progress callback that feeds this counter (and refreshes ``show``)."""
+
+        def on_progress(p) -> None:
+            with self._lock:
+                self._open[key] = (p.frames_done, p.frames_total, p.frames_new)
+            if show is not None:
+                show.update(p if isinstance(show, _progress_bar) else self.current())
+
+        return on_progress
+
+    def finish(self, key: str, frames: int) -> None:
+        with self._lock:
+            done, _, new = self._open.pop(key, (frames, frames, frames))
+            self._ended += 1
+            self._frames_ended += max(frames, done)
+            self._new_ended += new
+
+    def current(self) -> dict:
+        """``{"ended", "total", "fps", "eta_s"}`` now (``eta_s`` None until a rate is known)."""
+        with self._lock:
+            new = self._new_ended + sum(n for _, _, n in self._open.values())
+            seen = self._ended + len(self._open)
+            frames_seen = self._frames_ended + sum(t for _, t, _ in self._open.values())
+            left = sum(max(t - d, 0) for d, t, _ in self._open.values())
+            ended = self._ended
+        fps = new / max(self.clock() - self.t0, 1e-9)
+        if seen:
+            left += (self.total - seen) * frames_seen / seen
+        eta = left / fps if fps > 0 else None
+        return {"ended": ended, "total": self.total, "fps": fps, "eta_s": eta}
+
+    def summary(self) -> str:
+        """The final line: inputs ended, frames processed and the overall rate."""
+        c = self.current()
+        with self._lock:
+            new = self._new_ended
+        return (f"{c['ended']}/{c['total']} inputs ended, {new} frames in {self.clock() - self.t0:.1f} s "
+                f"({c['fps']:.1f} frames/s overall)")
+
+
+class _overall_bar:
+    """A tqdm bar over the inputs of a folder: inputs ended / total, frames/s, ETA."""
+
+    def __init__(self, overall: _Overall) -> None:
+        import threading
+
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc="inputs", total=overall.total, unit="input", dynamic_ncols=True, leave=False,
+                        bar_format="{desc}: {n}/{total} |{bar}| {postfix}")
+        self._lock = threading.Lock()
+
+    def update(self, c: dict) -> None:
+        eta = "?" if c["eta_s"] is None else _duration(c["eta_s"])
+        with self._lock:
+            self.bar.n = c["ended"]
+            self.bar.set_postfix_str(f"{c['fps']:.1f} frames/s, ETA {eta}")
+            self.bar.refresh()
+
+    def clear(self) -> None:
+        with self._lock:
+            self.bar.clear()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    """``3725`` → ``"1:02:05"``; ``65`` → ``"1:05"``.
+
+    >>> _duration(3725), _duration(65.4)
+    ('1:02:05', '1:05')
+    """
+    s = round(seconds)
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+def _clear(bar) -> str:
+    """Clear a bar before a line is printed under it (returns "" to prefix the line)."""
+    if bar is not None and hasattr(bar, "clear"):
+        bar.clear()
+    return ""
+
+
 class _progress_bar:
-    """A tqdm bar fed by :class:`engine.pipeline.Progress` events."""
+    """A tqdm bar fed by :class:`engine.pipeline.Progress` events (one input)."""
 
     def __init__(self, name: str) -> None:
+        import threading
+
         from tqdm import tqdm
 
         self.bar = tqdm(desc=name[:40], unit="frame", dynamic_ncols=True, leave=False)
+        self._lock = threading.Lock()
 
     def update(self, p) -> None:
-        self.bar.total = p.frames_total
-        self.bar.n = p.frames_done
-        self.bar.set_postfix_str(f"{p.fps:.1f} frames/s" if p.stage == "extract" else p.stage)
-        self.bar.refresh()
+        if not hasattr(p, "frames_total"):  # the overall counters: one input has no use for them
+            return
+        with self._lock:
+            self.bar.total = p.frames_total
+            self.bar.n = p.frames_done
+            self.bar.set_postfix_str(f"{p.fps:.1f} frames/s" if p.stage == "extract" else p.stage)
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()

@@ -67,6 +67,23 @@ class KeepPerson(str, Enum):
     CONTINUITY = "continuity"
 
 
+class Mode(str, Enum):
+    """Which pipeline runs.
+
+    ``EXACT`` (default) is today's path, bit-identical to the reference on the CPU. ``FAST`` is
+    the same :class:`~engine.pipeline.Engine` composed of GPU stages (keyframe tracking, batched
+    landmarks, fp16) from :func:`engine.fast.fast_stages`: small measured differences, see
+    ``docs/compatibility.md``.
+    """
+
+    EXACT = "exact"
+    FAST = "fast"
+
+
+#: One line on the modes, for the CLI and the dashboard.
+MODE_HELP = ("exact (default): bit-identical to the reference; fast: GPU tracking and fp16, small measured "
+             "differences, see docs/compatibility.md")
+
 DEFAULT_FORMATS = (OutputFormat.PIRENDER, OutputFormat.NPZ)
 
 
@@ -129,6 +146,11 @@ class EngineConfig:
             many frames (degree 2, no lag) within runs of valid frames, cut at abrupt jumps;
             every format gets the smoothed ones, the npz keeps the raw ones as ``coeff_raw``.
             Applied when the input is finished (not part of the resume fingerprint).
+        mode: :class:`Mode`: ``exact`` (default) or ``fast`` (changes results; part of the
+            resume fingerprint).
+        detect_every: fast path only: run the face detector on every ``detect_every``-th frame
+            (keyframes) and track the face in between; >= 1 (part of the fast path's resume
+            fingerprint; ignored by the exact path).
     """
 
     checkpoint: Path | None = None
@@ -143,12 +165,18 @@ class EngineConfig:
     num_threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     keep_person: KeepPerson = KeepPerson.REFERENCE
     smooth_window: int = 0
+    mode: Mode = Mode.EXACT
+    detect_every: int = 8
 
     def __post_init__(self) -> None:
         # Accept plain strings (from JSON or the CLI) and normalise them to enums/paths.
         object.__setattr__(self, "landmarks", landmark_backend(self.landmarks))
         object.__setattr__(self, "no_face", NoFacePolicy(self.no_face))
         object.__setattr__(self, "keep_person", KeepPerson(self.keep_person))
+        object.__setattr__(self, "mode", Mode(self.mode))
+        if isinstance(self.detect_every, bool) or int(self.detect_every) != self.detect_every or self.detect_every < 1:
+            raise ValueError(f"detect_every must be an integer >= 1, got {self.detect_every!r}")
+        object.__setattr__(self, "detect_every", int(self.detect_every))
         if self.smooth_window and (self.smooth_window < 3 or self.smooth_window % 2 == 0):
             raise ValueError(f"smooth_window must be 0 (off) or an odd number >= 3, got {self.smooth_window}")
         fmts = self.formats

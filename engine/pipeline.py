@@ -30,12 +30,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine import __version__
 from engine import quality as q
-from engine.config import EngineConfig, name_of
+from engine.config import EngineConfig, Mode, name_of
 from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, storage_error
 from engine.limits import InputLimits
 from engine.progress import PROGRESS_INTERVAL_S, Progress, ProgressReporter
@@ -59,6 +60,9 @@ from engine.structures import (
     concat_rows,
     rows_of,
 )
+
+if TYPE_CHECKING:
+    from engine.many import InputJob, InputOutcome
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +320,9 @@ class Engine:
     """Extract Deep3DFaceRecon coefficients from videos and images.
 
     Every stage can be handed in; the ones left out are built from ``config`` (models on the
-    first :meth:`run`, then reused for every later input). Call :meth:`close` (or use ``with
-    Engine(cfg) as engine``) to free them.
+    first :meth:`run`, then reused for every later input). With ``config.mode == "fast"`` the
+    ones left out come first from :func:`engine.fast.fast_stages` (the fast path's stages).
+    Call :meth:`close` (or use ``with Engine(cfg) as engine``) to free them.
 
     Args:
         config: the settings (see :class:`~engine.config.EngineConfig`).
@@ -359,6 +364,11 @@ class Engine:
     ) -> None:
         self.config = config or EngineConfig()
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
+        given = {"detector": detector, "tracker": tracker, "landmarker": landmarker, "aligner": aligner,
+                 "regressor": regressor}
+        self._fast = self._fast_stages(given)
+        detector, tracker, landmarker, aligner, regressor = (
+            given[k] if given[k] is not None else self._fast.get(k) for k in given)
         self.source: Source = source or MediaSource()
         self._detector = detector
         self.tracker: Tracker = tracker or tracker_from_config(self.config)
@@ -372,6 +382,16 @@ class Engine:
         self._face_model = None  # (key, ParametricFaceModel), loaded on first use
 
     # ------------------------------------------------------------------ components
+
+    def _fast_stages(self, given: dict) -> dict:
+        """The stages :func:`engine.fast.fast_stages` supplies for ``config.mode == fast`` when one
+        of ``given`` (``Engine.__init__``'s stage arguments) is None; else nothing."""
+        if self.config.mode != Mode.FAST or all(v is not None for v in given.values()):
+            return {}
+        from engine.fast import fast_stages
+
+        built = dict(fast_stages(self.config, self.device))
+        return {k: v for k, v in built.items() if k in given and given[k] is None and v is not None}
 
     @property
     def device(self) -> str:
@@ -413,8 +433,13 @@ class Engine:
 
     @property
     def components(self) -> dict:
-        """Loaded stages, to share with another :class:`Engine` (``Engine(cfg, **engine.components)``)."""
-        return {"regressor": self._regressor, "landmarker": self._landmarker, "detector": self._detector}
+        """Loaded stages, to share with another :class:`Engine` (``Engine(cfg, **engine.components)``):
+        the models, and the aligner when the fast path built it (its tracker is per config, not
+        shared here)."""
+        shared = {"regressor": self._regressor, "landmarker": self._landmarker, "detector": self._detector}
+        if "aligner" in self._fast:
+            shared["aligner"] = self.aligner
+        return shared
 
     def close_threads(self) -> None:
         """Stop this engine's threads but keep its models (to hand them on with :attr:`components`)."""
@@ -502,6 +527,37 @@ class Engine:
             _abort(sinks)
             raise
         return dataclasses.replace(report, seconds=time.perf_counter() - t_start)
+
+    def run_many(self, jobs: Iterable[InputJob], *, concurrency: int | None = None,
+                 merge_batches: bool | None = None) -> Iterator[InputOutcome]:
+        """Run several inputs at once on this engine's models; yield each one's outcome as it ends.
+
+        Each input runs in its own thread and its own :class:`Engine` sharing this one's loaded
+        stages (:mod:`engine.many`): its own sinks, landmark thread, resume state (``state_dir``),
+        progress and error: an input that fails (``StudioError``, ``Cancelled`` ...) gives an
+        :class:`~engine.many.InputOutcome` with its error and the others go on. Results per input
+        are the same as :meth:`run`'s (on the CPU bit for bit; on CUDA the merged regressor
+        batches may change float rounding, as another ``batch_size`` would).
+
+        Args:
+            jobs: :class:`~engine.many.InputJob` items, consumed lazily: the next item is pulled
+                (in a helper thread, never two at once) only when fewer than ``concurrency``
+                inputs are open, so a worker can feed jobs as it claims them.
+            concurrency: inputs at once; default :func:`engine.many.default_concurrency` (4 on
+                CUDA; on the CPU one per 4 cores, at least 1). 1 with sinks handed to the engine.
+            merge_batches: merge the inputs' regressor calls into one forward
+                (:class:`~engine.batching.MergingRegressor`); default: on CUDA only.
+
+        Yields:
+            one :class:`~engine.many.InputOutcome` per job, in completion order. Closing the
+            generator early cancels the inputs still open (their resume state is kept).
+
+        Raises:
+            whatever iterating ``jobs`` raises, after the inputs already started have ended.
+        """
+        from engine.many import run_many
+
+        return run_many(self, jobs, concurrency=concurrency, merge_batches=merge_batches)
 
     def _run(self, source: Path | InputItem, info: MediaInfo, sinks: list[Sink], paths: dict[str, Path],
              reporter: ProgressReporter, stop: Callable[[], bool], state_dir) -> RunReport:
@@ -647,6 +703,8 @@ class Engine:
             "keep_person": cfg.keep_person.value,
             "engine": __version__,
         }
+        if cfg.mode != Mode.EXACT:  # the exact path's key is as before: its saved states stay valid
+            key.update(mode=cfg.mode.value, detect_every=cfg.detect_every)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def face_model(self):

@@ -247,6 +247,7 @@ def _details(job: JobView) -> None:
 
 def _retry_with(job: JobView) -> None:
     """Retry this job with another landmark backend or batch size (the service checks the role)."""
+    from engine.config import MODE_HELP, Mode
     from engine.landmarks import BACKENDS
 
     current = job.settings.get("landmarks") or "fan"
@@ -257,8 +258,13 @@ def _retry_with(job: JobView) -> None:
                            horizontal=True, width="content")
         batch = st.number_input("Batch size", 1, 1024, int(job.settings.get("batch_size") or 32),
                                 key=f"jobs_retry_batch_{job.id}", width=130)
+        modes = [m.value for m in Mode]
+        mode = st.radio("Mode", modes, index=modes.index(job.settings.get("mode") or "exact")
+                        if (job.settings.get("mode") or "exact") in modes else 0,
+                        key=f"jobs_retry_mode_{job.id}", horizontal=True, width="content", help=MODE_HELP)
         st.button("Retry with these settings", icon=":material/replay:", key=f"jobs_retry_with_{job.id}",
-                  on_click=_retry_changed, args=(job, {"landmarks": backend, "batch_size": int(batch)}))
+                  on_click=_retry_changed,
+                  args=(job, {"landmarks": backend, "batch_size": int(batch), "mode": mode}))
 
 
 def _retry_changed(job: JobView, changes: dict) -> None:

@@ -13,7 +13,7 @@ from dashboard.install import default_backend, weight_statuses
 from dashboard.navigation import route_through_app
 from db import PermissionDenied, service
 from db.access import relative_text
-from engine.config import DEFAULT_FORMATS, EngineConfig
+from engine.config import DEFAULT_FORMATS, MODE_HELP, EngineConfig, Mode
 from engine.errors import StudioError
 from engine.formats import FORMATS, formats_help
 from engine.landmarks import BACKENDS
@@ -129,6 +129,13 @@ def _settings_form() -> EngineConfig | None:
             help="reference: as Deep3D/PIRender do (the exact path). continuity: the face whose box "
             "continues the previous frame's. Either way such frames are flagged several_faces.",
         )
+        mode = st.radio(
+            "Mode", [m.value for m in Mode], key="up_engine_mode", horizontal=True,
+            format_func={"exact": "exact (reference)", "fast": "fast (GPU)"}.__getitem__,
+            help=MODE_HELP,
+        )
+        st.caption("fast: GPU tracking and fp16, small measured differences, see docs/compatibility.md"
+                   if mode == "fast" else "exact: bit-identical to the reference.")
         smooth = st.number_input(
             "Smoothing window (frames; 0 = off)", min_value=0, max_value=31, value=0, step=2, key="up_smooth",
             help="0 keeps the reference's coefficients. An odd number smooths them over time with a centred "
@@ -168,6 +175,7 @@ def _settings_form() -> EngineConfig | None:
             keypoints=keypoints,
             keep_person=keep_person,
             smooth_window=int(smooth),
+            mode=mode,
         )
     except ValueError as e:
         st.error(md_escape(f"These settings are not valid: {e}"))

@@ -53,7 +53,7 @@ from worker.monitor import JobMonitor
 log = logging.getLogger("worker")
 
 #: Settings that decide which models an Engine holds; a change means building a new one.
-MODEL_KEYS = ("checkpoint", "landmarks", "device")
+MODEL_KEYS = ("checkpoint", "landmarks", "device", "mode")  # the fast path loads other models
 
 #: Seconds between two sweeps for temporary files left by killed processes (see ``storage.sweep_temp``).
 TEMP_SWEEP_S = 600.0

@@ -1,0 +1,268 @@
+"""Many inputs through one engine: :meth:`Engine.run_many <engine.pipeline.Engine.run_many>`.
+
+Several inputs run at once, each in its own thread and its own :class:`~engine.pipeline.Engine`
+built on the calling engine's loaded stages (``Engine(cfg, **shared)``): one regressor, one
+landmark backend (``file`` is built per input), one aligner (its thread pool shared), the
+tracker and temporal policy (stateless objects: their state travels per input). What is per
+input: its sinks, its landmark thread, its resume state, its progress reporter, its errors.
+
+::
+
+    jobs ─(feeder thread: one item at a time, only when a slot is free)─▶ input threads (≤ concurrency)
+         ─▶ outcomes, in completion order
+
+On CUDA the shared regressor is wrapped in :class:`~engine.batching.MergingRegressor`, so the
+crops of the inputs running at once go through one forward. Memory is bounded: at most
+``concurrency`` inputs are pulled from ``jobs`` and open at any time, each holding O(batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.progress import Progress
+from engine.sources import InputItem
+
+if TYPE_CHECKING:
+    from engine.pipeline import Engine, RunReport
+
+log = logging.getLogger(__name__)
+
+#: Inputs at once on a GPU by default: enough to keep it busy while others decode and align.
+CUDA_CONCURRENCY = 4
+#: CPU cores per input at once on the CPU by default (each input's stages use several threads).
+CPU_CORES_PER_INPUT = 4
+
+
+@dataclass(frozen=True)
+class InputJob:
+    """One input of :meth:`~engine.pipeline.Engine.run_many`.
+
+    Attributes:
+        source: a video or image, or an :class:`~engine.sources.InputItem`.
+        out_base: output path without suffix (as :meth:`~engine.pipeline.Engine.run`).
+        state_dir: this input's resume state folder (None: no resume).
+        progress: this input's progress callback (:class:`~engine.progress.Progress`).
+        should_stop: polled like :meth:`~engine.pipeline.Engine.run`'s; True cancels this input.
+        key: the caller's id for it (a job id); not used by the engine.
+    """
+
+    source: Path | InputItem
+    out_base: Path
+    state_dir: Path | None = None
+    progress: Callable[[Progress], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class InputOutcome:
+    """What became of one :class:`InputJob`: its report, or its own error."""
+
+    job: InputJob
+    report: RunReport | None  #: None when it failed
+    error: BaseException | None  #: the input's error (StudioError, Cancelled ...), None when it succeeded
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def default_concurrency(device: str, cpu_count: int | None) -> int:
+    """Inputs at once when the caller does not say: :data:`CUDA_CONCURRENCY` on a GPU; on the CPU
+    one per :data:`CPU_CORES_PER_INPUT` cores (at least 1, at most 4).
+
+    >>> default_concurrency("cuda:0", 16), default_concurrency("cpu", 2), default_concurrency("cpu", 16)
+    (4, 1, 4)
+    """
+    if str(device).startswith("cuda"):
+        return CUDA_CONCURRENCY
+    return max(1, min(4, (cpu_count or 1) // CPU_CORES_PER_INPUT))
+
+
+class _SharedStage:
+    """A stage shared by the per-input engines: its first call runs alone (a stage may set itself
+    up lazily, e.g. a thread pool), later calls run concurrently; ``close`` is left to its owner."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._ready = False
+
+    def __call__(self, *args, **kwargs):
+        if not self._ready:
+            with self._lock:
+                if not self._ready:
+                    out = self.inner(*args, **kwargs)
+                    self._ready = True
+                    return out
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def close(self) -> None:
+        """The owner (the engine ``run_many`` was called on) closes the inner stage."""
+
+
+class _Models:
+    """The calling engine's models, loaded once, on the first input's thread (a failure to load
+    is that input's error; the next input tries again, as sequential runs would).
+
+    Loading also enters the regressor's float setting (:meth:`Regressor.numerics`, process-wide)
+    until :meth:`close`, so the per-input engines entering and leaving their own never flip it
+    while another input's forward runs.
+    """
+
+    def __init__(self, engine: Engine, merge: bool) -> None:
+        self.engine = engine
+        self.merge = merge
+        self._lock = threading.Lock()
+        self._face_lock = threading.Lock()
+        self._shared: dict | None = None
+        self._numerics: contextlib.ExitStack = contextlib.ExitStack()
+        self.merger = None
+
+    def shared(self, source: Path | InputItem) -> dict:
+        """``Engine(cfg, **shared)`` keyword arguments: the loaded, shared stages."""
+        with self._lock:
+            if self._shared is None:
+                from engine.landmarks import needs_source
+
+                e = self.engine
+                regressor = e.regressor
+                if not needs_source(e.config):
+                    e.landmarker_for(source)
+                self._numerics.enter_context(regressor.numerics())
+                if self.merge:
+                    from engine.batching import MergingRegressor
+
+                    self.merger = regressor = MergingRegressor(regressor)
+                self._shared = {
+                    **e.components,
+                    "regressor": regressor,
+                    "source": e.source,
+                    "tracker": e.tracker,
+                    "aligner": _SharedStage(e.aligner),
+                    "temporal_policy": e.temporal_policy,
+                    "limits": e.limits,
+                    "progress_interval_s": e.progress_interval_s,
+                }
+            return self._shared
+
+    def face_model(self):
+        """The calling engine's face model (BFM), loaded once for every input."""
+        with self._face_lock:
+            return self.engine.face_model()
+
+    def close(self) -> None:
+        if self.merger is not None:
+            self.merger.close()
+        self._numerics.close()
+
+
+def run_many(engine: Engine, jobs: Iterable[InputJob], *, concurrency: int | None = None,
+             merge_batches: bool | None = None) -> Iterator[InputOutcome]:
+    """See :meth:`engine.pipeline.Engine.run_many`."""
+    if concurrency is None:
+        concurrency = default_concurrency(engine.device, os.cpu_count())
+    concurrency = max(1, int(concurrency))
+    if engine._sinks is not None and concurrency > 1:  # sinks handed in serve one input at a time
+        log.info("run_many: sinks were handed to the engine; running one input at a time")
+        concurrency = 1
+    if merge_batches is None:
+        merge_batches = engine.device.startswith("cuda")
+    models = _Models(engine, merge_batches and concurrency > 1)
+    events: queue.Queue = queue.Queue()  # ("job", InputJob) | ("end", exc | None) | ("done", InputOutcome)
+    slots = threading.Semaphore(concurrency)
+    stop_all = threading.Event()
+
+    def feed() -> None:
+        """Pull ``jobs`` one item at a time, only when an input slot is free."""
+        try:
+            it = iter(jobs)
+            while True:
+                slots.acquire()
+                if stop_all.is_set():
+                    break
+                try:
+                    job = next(it)
+                except StopIteration:
+                    break
+                events.put(("job", job))
+        except BaseException as e:  # the jobs iterable's own error, raised by run_many
+            events.put(("end", e))
+            return
+        events.put(("end", None))
+
+    def one(job: InputJob) -> None:
+        try:
+            outcome = _run_one(models, job, stop_all)
+        except BaseException as e:  # never lose an input's outcome
+            outcome = InputOutcome(job, None, e)
+        slots.release()
+        events.put(("done", outcome))
+
+    feeder = threading.Thread(target=feed, name="run-many-feed", daemon=True)
+    threads: list[threading.Thread] = []
+    running, fed, feed_error = 0, True, None
+    try:
+        feeder.start()
+        while fed or running:
+            kind, item = events.get()
+            if kind == "job":
+                running += 1
+                t = threading.Thread(target=one, args=(item,), name=f"input-{len(threads)}", daemon=True)
+                threads.append(t)
+                t.start()
+            elif kind == "done":
+                running -= 1
+                threads = [t for t in threads if t.is_alive()]
+                yield item
+            else:
+                fed, feed_error = False, item
+    finally:
+        stop_all.set()  # the consumer stopped early (or an error): cancel the inputs still open
+        slots.release()  # let a feeder waiting for a slot see the stop
+        for t in threads:
+            t.join()
+        models.close()
+    if feed_error is not None:
+        raise feed_error
+
+
+def _run_one(models: _Models, job: InputJob, stop_all: threading.Event) -> InputOutcome:
+    """Run ``job`` in a per-input engine on the shared models; its error is its outcome."""
+    from engine.pipeline import Engine
+
+    own_stop = job.should_stop
+
+    def should_stop() -> bool:
+        return stop_all.is_set() or bool(own_stop and own_stop())
+
+    child = None
+    try:
+        shared = models.shared(job.source)
+        child = Engine(models.engine.config, **shared)
+        child.face_model = models.face_model  # one BFM for every input (overlay, lm68 extras)
+        user = models.merger.user() if models.merger is not None else contextlib.nullcontext()
+        with user:
+            report = child.run(job.source, job.out_base, progress=job.progress, should_stop=should_stop,
+                               state_dir=job.state_dir)
+        return InputOutcome(job, report, None)
+    except Exception as e:  # each input fails alone, with its own error
+        log.debug("input %s failed", job.source, exc_info=True)
+        return InputOutcome(job, None, e)
+    finally:
+        if child is not None:
+            child.close_threads()  # its landmark thread; the shared stages stay open
