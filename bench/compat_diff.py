@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import TEST_CLIP, random_checkpoint  # noqa: E402
+from bench.common import TEST_CLIP, random_checkpoint
 
 log = logging.getLogger("compat_diff")
 

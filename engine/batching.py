@@ -37,7 +37,7 @@ MERGE_MAX_ROWS = 256
 class _Request:
     """One caller's crops and, once the forward ran, its rows of the output or its error."""
 
-    crops: np.ndarray
+    crops: np.ndarray  # or a uint8 torch tensor on the regressor's device (the GPU aligner's crops)
     done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: BaseException | None = None
@@ -67,6 +67,21 @@ def split_rows(out: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     """
     cuts = np.cumsum(sizes)[:-1]
     return [np.array(p) for p in np.split(out, cuts)]
+
+
+def _is_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _concat(parts: list):
+    """Rows of numpy arrays or torch tensors joined (tensors stay on their device; numpy parts
+    beside tensors are moved there)."""
+    if not any(_is_tensor(p) for p in parts):
+        return np.concatenate(parts)
+    import torch
+
+    device = next(p.device for p in parts if _is_tensor(p))
+    return torch.cat([p if _is_tensor(p) else torch.from_numpy(p).to(device) for p in parts])
 
 
 class MergingRegressor:
@@ -132,8 +147,10 @@ class MergingRegressor:
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (B, 224, 224, 3) crops → float32 (B, 257), from a merged forward."""
-        crops = np.asarray(crops)
-        if crops.ndim != 4 or crops.shape[1:] != (224, 224, 3) or crops.dtype != np.uint8 or len(crops) == 0:
+        if not _is_tensor(crops):
+            crops = np.asarray(crops)
+        uint8 = str(crops.dtype) in ("uint8", "torch.uint8")
+        if tuple(crops.shape[1:]) != (224, 224, 3) or not uint8 or not len(crops):
             return self.inner.predict(crops)  # the inner regressor's own checks and messages
         req = _Request(crops)
         with self._cv:
@@ -182,7 +199,7 @@ class MergingRegressor:
     def _forward(self, batch: list[_Request]) -> None:
         """One forward for ``batch``; on failure, each request alone (its own error)."""
         try:
-            crops = batch[0].crops if len(batch) == 1 else np.concatenate([r.crops for r in batch])
+            crops = batch[0].crops if len(batch) == 1 else _concat([r.crops for r in batch])
             self.forward_sizes.append(len(crops))
             out = self.inner.predict(crops)
             for r, part in zip(batch, split_rows(out, [len(r.crops) for r in batch]), strict=True):

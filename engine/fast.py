@@ -1,32 +1,84 @@
-"""The fast path's stages: what :class:`~engine.pipeline.Engine` is composed of when
-``config.mode`` is :attr:`~engine.config.Mode.FAST`.
+"""The fast path: which stages :class:`~engine.pipeline.Engine` is composed of when
+``config.mode`` is :attr:`~engine.config.Mode.FAST` (see ``docs/compatibility.md`` for what it
+changes, measured).
 
-The fast path is the same engine with other stages swapped in (a keyframe tracker, batched GPU
-landmarks, GPU crops, an fp16 regressor); a stage handed to ``Engine(...)`` always wins over the
-one built here.
+The fast path is the same engine with other stages swapped in; a stage handed to
+``Engine(...)`` always wins over the one chosen here.
+
+=============  ==========================================  ==========================================
+stage          exact path                                  fast path
+=============  ==========================================  ==========================================
+tracker        detector on every full frame                :class:`~engine.stages.keyframe.KeyframeTracker`:
+                                                           detector on keyframes only, boxes tracked
+detector       S3FD / MTCNN on the full frame              the same, on frames shrunk to 640 px
+landmarker     face_alignment per frame / MTCNN's points   ``fan_gpu.BatchedFan`` (fp16 on CUDA) /
+                                                           ``mtcnn_gpu.RefineMtcnn`` on tracked boxes
+aligner        Pillow on CPU; on CUDA the Pillow-exact     the same (crops are bit-identical either way)
+               :class:`~engine.stages.align.TorchAligner`
+regressor      fp32 (TF32 off)                             fp16 autocast, channels-last, on CUDA
+=============  ==========================================  ==========================================
+
+On the CPU the fast path keeps fp32 everywhere (CPU fp16 convolutions are far slower); it still
+saves the detector's work on every non-keyframe.
 """
 
 from __future__ import annotations
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, Mode, name_of
 
 #: The keys :func:`fast_stages` may return (``Engine.__init__`` keyword names).
 STAGE_KEYS = ("detector", "tracker", "landmarker", "aligner", "regressor")
 
+#: Longest side (pixels) of the frames the fast path's detectors look at.
+DETECT_MAX_SIDE = 640
+
+
+def on_gpu(device: str) -> bool:
+    return str(device).startswith("cuda")
+
 
 def fast_stages(config: EngineConfig, device: str) -> dict:
-    """The fast path's stages for ``config`` on ``device`` (a resolved torch device string).
-
-    Returns:
-        a dict with any of :data:`STAGE_KEYS` (stage objects, as ``Engine`` takes them); the
-        stages it leaves out are the exact path's defaults. ``Engine.__init__`` calls it only when
-        a stage it could supply was not handed in, and hands the result's stages on to the
-        per-input engines of :meth:`~engine.pipeline.Engine.run_many` through
-        :attr:`~engine.pipeline.Engine.components`, so it is called once per engine, not per input.
-
-    TODO(lead): fill in from the helpers' parts (plan: ``fast-path``): the keyframe tracker
-    (``detect_every`` from ``config``), the batched GPU FAN / MTCNN refinement on tracked boxes
-    and their downscaled-keyframe detectors, the Pillow-exact ``TorchAligner``, the fp16
-    channels-last regressor. Until then the fast path runs the exact path's stages.
+    """The fast path's light stages for ``config`` on ``device`` (a resolved torch device string):
+    the keyframe tracker. The models (landmarker with its detector, regressor) are built lazily by
+    :func:`fast_landmarker` and :func:`regressor_precision` on the first input, like the exact
+    path's, so calling this costs nothing (``run_many`` and the worker call it per engine).
     """
-    return {}
+    from engine.stages.keyframe import keyframe_tracker
+
+    return {"tracker": keyframe_tracker(config.detect_every, config.keep_person)}
+
+
+def fast_landmarker(config: EngineConfig, device: str):
+    """The fast path's landmark backend, or None when ``config.landmarks`` has no fast variant
+    (``file`` replays saved points: the exact backend is used).
+
+    ``fan`` → :class:`~engine.landmarks.fan_gpu.BatchedFan` (fp16 on CUDA, fp32 on the CPU);
+    ``mtcnn`` → :class:`~engine.landmarks.mtcnn_gpu.RefineMtcnn`. Both detect on frames shrunk
+    to :data:`DETECT_MAX_SIDE`.
+    """
+    name = name_of(config.landmarks)
+    if name == "fan":
+        from engine.landmarks.fan_gpu import BatchedFan
+
+        return BatchedFan(device, precision="fp16" if on_gpu(device) else "fp32", detect_max_side=DETECT_MAX_SIDE)
+    if name == "mtcnn":
+        from engine.landmarks.mtcnn_gpu import RefineMtcnn
+
+        return RefineMtcnn(device, detect_max_side=DETECT_MAX_SIDE)
+    return None
+
+
+def regressor_precision(config: EngineConfig, device: str) -> str:
+    """``"fp16"`` for the fast path on CUDA, else ``"fp32"`` (the reference's numbers)."""
+    return "fp16" if config.mode == Mode.FAST and on_gpu(device) else "fp32"
+
+
+def default_aligner(config: EngineConfig, device: str):
+    """The aligner both paths use by default: on CUDA the Pillow-exact
+    :class:`~engine.stages.align.TorchAligner` (crops stay on the GPU for the regressor), on the
+    CPU Pillow itself (:class:`~engine.stages.align.Deep3DAligner`), whose crops are the same bits."""
+    from engine.stages.align import Deep3DAligner, TorchAligner
+
+    if on_gpu(device):
+        return TorchAligner(device, keep_on_device=True)
+    return Deep3DAligner(config.num_threads)

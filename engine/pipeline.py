@@ -41,7 +41,7 @@ from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, stora
 from engine.limits import InputLimits
 from engine.progress import PROGRESS_INTERVAL_S, Progress, ProgressReporter
 from engine.sources import InputItem
-from engine.stages.align import Aligner, Deep3DAligner
+from engine.stages.align import Aligner
 from engine.stages.detect import Detector
 from engine.stages.landmark import Landmarker
 from engine.stages.regress import Regressor, load_regressor
@@ -335,7 +335,8 @@ class Engine:
         landmarker: an already-built landmark backend to reuse (not for ``"file"``); default:
             ``config.landmarks`` from :data:`engine.landmarks.BACKENDS`.
         aligner: cuts the crops (:class:`~engine.stages.align.Aligner`); default
-            :class:`~engine.stages.align.Deep3DAligner` with ``config.num_threads``.
+            :func:`engine.fast.default_aligner`: Pillow on the CPU, its bit-identical GPU
+            version (:class:`~engine.stages.align.TorchAligner`) on CUDA.
         regressor: an already-loaded :class:`~engine.stages.regress.Regressor` to reuse;
             default: ``config.checkpoint``.
         sinks: where results go (:class:`~engine.stages.sink.Sink`), used for every input;
@@ -373,7 +374,7 @@ class Engine:
         self._detector = detector
         self.tracker: Tracker = tracker or tracker_from_config(self.config)
         self._landmarker = landmarker
-        self.aligner: Aligner = aligner or Deep3DAligner(self.config.num_threads)
+        self._aligner = aligner
         self._regressor = regressor
         self._sinks = None if sinks is None else list(sinks)
         self.temporal_policy: TemporalPolicy = temporal_policy or NoFacePolicyStage.from_config(self.config)
@@ -405,16 +406,30 @@ class Engine:
     @property
     def slice_frames(self) -> int:
         """Frames per slice of a slow stage: the whole batch on a GPU, else
-        ``max(CPU_SLICE_FRAMES, num_threads)`` (see :data:`CPU_SLICE_FRAMES`)."""
+        ``max(CPU_SLICE_FRAMES, num_threads)`` (see :data:`CPU_SLICE_FRAMES`), and at least
+        ``detect_every`` on the fast path (its tracker makes each slice's last frame a keyframe)."""
         if self.device.startswith("cuda"):
             return self.config.batch_size
-        return max(CPU_SLICE_FRAMES, self.config.num_threads)
+        fast = self.config.detect_every if self.config.mode == Mode.FAST else 1
+        return max(CPU_SLICE_FRAMES, self.config.num_threads, fast)
+
+    @property
+    def aligner(self) -> Aligner:
+        """The aligner handed in, else :func:`engine.fast.default_aligner` (built on first use)."""
+        if self._aligner is None:
+            from engine.fast import default_aligner
+
+            self._aligner = default_aligner(self.config, self.device)
+        return self._aligner
 
     @property
     def regressor(self) -> Regressor:
-        """The reconstruction network, loaded on first use."""
+        """The reconstruction network, loaded on first use (fp16 for the fast path on CUDA)."""
         if self._regressor is None:
-            self._regressor = load_regressor(self.config.checkpoint, self.device)
+            from engine.fast import regressor_precision
+
+            self._regressor = load_regressor(self.config.checkpoint, self.device,
+                                             regressor_precision(self.config, self.device))
         return self._regressor
 
     def landmarker_for(self, source: Path | InputItem) -> Landmarker:
@@ -423,6 +438,10 @@ class Engine:
 
         if self._landmarker is None and needs_source(self.config):
             return create_landmarker(self.config, self.device, source)
+        if self._landmarker is None and self.config.mode == Mode.FAST:
+            from engine.fast import fast_landmarker
+
+            self._landmarker = fast_landmarker(self.config, self.device)
         if self._landmarker is None:
             self._landmarker = create_landmarker(self.config, self.device, source)
         return self._landmarker
@@ -433,21 +452,17 @@ class Engine:
 
     @property
     def components(self) -> dict:
-        """Loaded stages, to share with another :class:`Engine` (``Engine(cfg, **engine.components)``):
-        the models, and the aligner when the fast path built it (its tracker is per config, not
-        shared here)."""
-        shared = {"regressor": self._regressor, "landmarker": self._landmarker, "detector": self._detector}
-        if "aligner" in self._fast:
-            shared["aligner"] = self.aligner
-        return shared
+        """Loaded models, to share with another :class:`Engine` (``Engine(cfg, **engine.components)``);
+        the light stages (tracker, aligner) are built per engine."""
+        return {"regressor": self._regressor, "landmarker": self._landmarker, "detector": self._detector}
 
     def close_threads(self) -> None:
         """Stop this engine's threads but keep its models (to hand them on with :attr:`components`)."""
         if self._lm_thread is not None:
             self._lm_thread.shutdown(wait=True)
             self._lm_thread = None
-        if hasattr(self.aligner, "close"):
-            self.aligner.close()
+        if self._aligner is not None and hasattr(self._aligner, "close"):
+            self._aligner.close()
 
     def close(self) -> None:
         """Release models and threads."""

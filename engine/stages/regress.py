@@ -38,8 +38,9 @@ class Regressor(Protocol):
         ...
 
 
-def load_regressor(checkpoint: Path | None, device: str) -> Regressor:
-    """The default regressor: ``checkpoint`` (None: the one under ``checkpoints/``) on ``device``.
+def load_regressor(checkpoint: Path | None, device: str, precision: str = "fp32") -> Regressor:
+    """The default regressor: ``checkpoint`` (None: the one under ``checkpoints/``) on ``device``,
+    in ``precision`` (see :class:`engine.regressor.Regressor`; only ``fp32`` is the reference's).
 
     Raises:
         WeightsMissingError / CheckpointError: no usable checkpoint.
@@ -47,4 +48,4 @@ def load_regressor(checkpoint: Path | None, device: str) -> Regressor:
     from engine.regressor import Regressor as ResNetRegressor
     from engine.weights import find_checkpoint
 
-    return ResNetRegressor(find_checkpoint(checkpoint), device=device)
+    return ResNetRegressor(find_checkpoint(checkpoint), device=device, precision=precision)
