@@ -148,6 +148,9 @@ def abandon(s: Session, job: Job, note: str) -> str:
     return msg
 
 
+#: Stage of a job its worker claimed ahead, waiting for the engine (it is ``running`` and leased).
+WAITING_STAGE = "waiting"
+
 #: Queued jobs looked at per claim when some ask for a device this worker does not have.
 CLAIM_WINDOW = 64
 

@@ -53,6 +53,7 @@ from pathlib import Path, PurePath
 
 from db import faults, service, storage
 from db.access import user_message
+from db.lease import WAITING_STAGE
 from db.models import ErrorCode, WorkerStatus, utcnow
 from db.registry import Registry
 from db.views import ArtifactFile, JobView, QualitySummary
@@ -66,9 +67,6 @@ log = logging.getLogger("worker")
 
 #: Settings that decide which models an Engine holds; a change means building a new one.
 MODEL_KEYS = ("checkpoint", "landmarks", "device")
-
-#: Stage of a claimed job that waits for the engine (shown on the dashboard and in ``jobs``).
-WAITING_STAGE = "waiting"
 
 #: Seconds between two sweeps for temporary files left by killed processes (see ``storage.sweep_temp``).
 TEMP_SWEEP_S = 600.0
