@@ -263,3 +263,36 @@ def test_a_worker_holding_other_jobs_stays_busy_when_one_ends(tmp_path):
     [w] = service.list_workers(reg)
     assert (w.status, w.current_job_id) == ("idle", None)
     reg.close()
+
+
+def test_workers_of_several_gpus_split_the_cpu_threads(tmp_path, monkeypatch):
+    """``--gpus all`` / ``make run``: each worker child gets ``--threads cores // workers`` and the
+    numeric libraries' thread variables (unless set), and no child is started twice per device."""
+    from worker import launch
+
+    monkeypatch.setattr(launch, "usable_cores", lambda: 32)
+    env = {"PATH": os.environ.get("PATH", ""), "MKL_NUM_THREADS": "3"}
+    children, notes = launch.worker_children(["cuda:0", "cuda:1", "cuda:0"], tmp_path, env)
+    assert [c.name for c in children] == ["worker[cuda:0]", "worker[cuda:1]"] and notes == []
+    for c in children:
+        assert c.cmd[c.cmd.index("--threads") + 1] == "16"
+        assert (c.env["OMP_NUM_THREADS"], c.env["MKL_NUM_THREADS"]) == ("16", "3")  # a set variable is kept
+    again, notes = launch.worker_children(["cuda:1"], tmp_path, env, threads=4)
+    assert again == [] and "a worker already serves cuda:1" in notes[0]
+    for c in children:
+        os.close(c.pass_fds[0])
+
+
+def test_threads_option_sets_the_jobs_num_threads_and_torchs(tmp_path, monkeypatch):
+    from worker import loop
+
+    limited: list[int] = []
+    monkeypatch.setattr(loop, "limit_torch_threads", limited.append)
+    ScriptedEngine.built = []
+    reg = Registry(url=f"sqlite:///{tmp_path / 'studio.db'}", data_dir=tmp_path / "data")
+    job = _submit(reg, _spec(tmp_path, "a.mp4"))
+    options = WorkerOptions(**{**FAST.__dict__, "burst": True, "num_threads": 3})
+    assert Worker(reg, options, worker_id="w", engine_factory=ScriptedEngine).work() == 0
+    assert service.get_job(reg, job.id).status == JobStatus.SUCCEEDED
+    assert limited == [3] and [cfg.num_threads for cfg, _ in ScriptedEngine.built] == [3]
+    reg.close()
