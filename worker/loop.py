@@ -36,6 +36,7 @@ ones after their batch, exit 0); a second one gives every held job back and exit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -143,6 +144,12 @@ def device_name(device: str) -> str:
     return "CPU"
 
 
+def import_torch() -> None:
+    """Import torch (when installed) before any job is claimed."""
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+
+
 def limit_torch_threads(n: int) -> None:
     """``torch.set_num_threads(n)`` (intra-op CPU threads of this process), when torch is installed."""
     try:
@@ -167,6 +174,11 @@ class EngineCache:
         self._factory = factory
         self._engine = None
         self._cfg: EngineConfig | None = None
+
+    @property
+    def real(self) -> bool:
+        """Whether the engines are :class:`engine.Engine` (no factory was injected)."""
+        return self._factory is None
 
     def get(self, cfg: EngineConfig):
         if self._engine is not None and self._cfg == cfg:
@@ -402,6 +414,8 @@ class Worker:
         """Serve the queue until a stop condition; returns the process exit code (0)."""
         if self.options.num_threads:
             limit_torch_threads(self.options.num_threads)
+        if self.engines.real:  # import torch now: the import holds the GIL for seconds, which would
+            import_torch()     # hold up the heartbeats of the jobs claimed meanwhile
         self.register()
         restore = self._install_signal_handlers()
         engine = threading.Thread(target=self.serve, args=(self._queue,), name="engine", daemon=True)
@@ -444,7 +458,8 @@ class Worker:
                 self.janitor()
                 next_janitor = now + opts.poll_s
             empty = False
-            while not capped and now >= next_claim and self.held_count() < opts.concurrency + opts.prefetch:
+            while not capped and now >= next_claim and self._fault is None \
+                    and self.held_count() < opts.concurrency + opts.prefetch:
                 try:
                     job = service.claim_next(self.reg, self.worker_id, device=opts.device)
                     self._db_failures = 0
@@ -850,6 +865,7 @@ class Worker:
     def _requeue_for_fault(self, job: JobView, fault: StudioError) -> None:
         """A full or read-only disk: give the job back without counting the attempt (its saved
         state in ``work/<id>/`` is kept to resume) and pause before the next claim."""
+        self._fault = fault  # first, so the claim loop claims nothing more (not this job again) meanwhile
         left = storage.remove_tree(self.reg.result_dir(job.id))  # nothing in it is registered
         reason = f"{fault} (requeued: the worker paused until the disk is fixed)"
         try:
@@ -864,7 +880,6 @@ class Worker:
                     "requeued without counting the attempt" if back is not None else "left to the janitor")
         if left:
             log.warning("job %d: %d partial file(s) could not be removed from results/%d/", job.id, len(left), job.id)
-        self._fault = fault
 
     def _fail(self, job: JobView, e: Exception) -> None:
         if isinstance(e, StudioError):
