@@ -148,6 +148,9 @@ def abandon(s: Session, job: Job, note: str) -> str:
     return msg
 
 
+#: Stage of a job its worker claimed ahead, waiting for the engine (it is ``running`` and leased).
+WAITING_STAGE = "waiting"
+
 #: Queued jobs looked at per claim when some ask for a device this worker does not have.
 CLAIM_WINDOW = 64
 
@@ -277,10 +280,24 @@ def read_control(reg: Registry, job_id: int, worker_id: str) -> JobControl:
         return JobControl(cancel_requested=bool(job.cancel_requested), owned=True)
 
 
+def _after_job(s: Session, w: WorkerRow) -> None:
+    """A job of worker ``w`` ended or went back: ``busy`` with its oldest other running job (a worker
+    may hold several: in flight and claimed ahead), else ``idle`` (a ``paused`` worker stays paused)."""
+    other = s.exec(
+        select(Job.id).where(Job.worker_id == w.worker_id, Job.status == JobStatus.RUNNING.value)
+        .order_by(Job.started_at.asc(), Job.id.asc()).limit(1)
+    ).first()
+    w.current_job_id = other
+    if w.status != WorkerStatus.PAUSED.value:
+        w.status = (WorkerStatus.BUSY if other is not None else WorkerStatus.IDLE).value
+        w.message = None
+
+
 def _bump_worker(s: Session, worker_id: str, *, failed: bool) -> None:
     w = s.get(WorkerRow, worker_id)
     if w is not None:
-        w.status, w.current_job_id, w.heartbeat_at, w.message = WorkerStatus.IDLE.value, None, utcnow(), None
+        w.heartbeat_at = utcnow()
+        _after_job(s, w)
         if failed:
             w.jobs_failed += 1
         else:
@@ -362,7 +379,7 @@ def requeue_job(
         )
         w = s.get(WorkerRow, worker_id)
         if w is not None:
-            w.current_job_id = None
+            _after_job(s, w)
             s.add(w)
     return get_job(reg, job_id)
 
@@ -379,7 +396,7 @@ def finish_cancelled(reg: Registry, job_id: int, worker_id: str) -> JobView | No
         transition(s, job, JobStatus.CANCELLED, stage=None, fps=0.0)
         w = s.get(WorkerRow, worker_id)
         if w is not None:
-            w.status, w.current_job_id = WorkerStatus.IDLE.value, None
+            _after_job(s, w)
             s.add(w)
     return get_job(reg, job_id)
 

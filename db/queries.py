@@ -7,6 +7,7 @@ live rows. Nothing here writes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 from sqlalchemy import case, func, or_
 from sqlmodel import select
@@ -15,7 +16,7 @@ from db.mappers import artifact_view, job_view, quality_view, worker_view
 from db.models import Artifact, Job, JobStatus, Quality, Video, WorkerRow, utcnow
 from db.registry import Registry
 from db.states import load_job
-from db.views import ArtifactView, JobView, QualityView, WorkerView
+from db.views import ArtifactView, JobView, QualityView, Throughput, WorkerLoad, WorkerView
 
 #: ``order_by`` names of :func:`list_jobs` → the column (or expression) sorted on.
 _ORDER = {
@@ -147,3 +148,55 @@ def list_workers(reg: Registry, *, alive_within_s: float = 30) -> list[WorkerVie
         rows = s.exec(select(WorkerRow).order_by(WorkerRow.started_at.desc())).all()
         return [worker_view(w, now, alive_within_s) for w in rows]
 
+
+
+#: Seconds of finished jobs a worker's speed is averaged over while none of its jobs reports one.
+RECENT_S = 60.0
+
+
+def throughput(reg: Registry, *, alive_within_s: float = 30, recent_s: float = RECENT_S) -> Throughput:
+    """Per live worker its jobs and frames/s, and the queue's frames left and ETA (the overview).
+
+    A worker's frames/s is the sum of its running jobs' own speeds (``fps``, as the engine reports
+    it); while none reports one (between short clips) it is the frames of the jobs it finished in
+    the last ``recent_s`` seconds, per second of the span from the earliest of their starts to now.
+    Derived from the jobs' progress and timestamps: no column of its own.
+    """
+    now = utcnow()
+    since = now - timedelta(seconds=recent_s)
+    left = case(
+        (Job.frames_total > Job.frames_done, Job.frames_total - Job.frames_done),
+        (Job.frames_total > 0, 0),
+        else_=func.coalesce(Video.frame_count, 0),
+    )
+    live = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
+    with reg.session() as s:
+        workers = [worker_view(w, now, alive_within_s)
+                   for w in s.exec(select(WorkerRow).order_by(WorkerRow.device, WorkerRow.worker_id)).all()]
+        workers = [w for w in workers if w.alive]
+        running = s.exec(
+            select(Job, Video).join(Video, Job.video_id == Video.id)
+            .where(Job.status == JobStatus.RUNNING.value).order_by(Job.started_at.asc(), Job.id.asc())
+        ).all()
+        recent = s.exec(
+            select(Job.worker_id, func.sum(Job.frames_total), func.min(Job.started_at))
+            .where(Job.status == JobStatus.SUCCEEDED.value, Job.finished_at >= since)
+            .group_by(Job.worker_id)
+        ).all()
+        frames_left = int(s.exec(
+            select(func.coalesce(func.sum(left), 0)).select_from(Job).join(Video, Job.video_id == Video.id)
+            .where(Job.status.in_(live))
+        ).one())
+        jobs = [job_view(reg, j, v) for j, v in running]
+    finished = {wid: (int(frames or 0), start) for wid, frames, start in recent}
+    loads = []
+    for w in workers:
+        mine = tuple(j for j in jobs if j.worker_id == w.worker_id)
+        fps = sum(j.fps for j in mine)
+        if fps <= 0 and w.worker_id in finished:
+            frames, start = finished[w.worker_id]
+            span = (now - max(start, since)).total_seconds() if start else recent_s
+            fps = frames / max(span, 1.0)
+        loads.append(WorkerLoad(w, mine, float(fps)))
+    total = sum(ld.fps for ld in loads)
+    return Throughput(tuple(loads), frames_left, total, frames_left / total if total > 0 else None)

@@ -16,7 +16,8 @@ module                        what it holds
                               :func:`check_submission`, :func:`normalize_settings`
 :mod:`db.queries`             :func:`list_jobs`, :func:`count_jobs`, :func:`status_counts`,
                               :func:`get_job`, :func:`list_artifacts`, :func:`artifacts_of`,
-                              :func:`get_quality`, :func:`list_workers`, :func:`duplicates_of`
+                              :func:`get_quality`, :func:`list_workers`, :func:`duplicates_of`,
+                              :func:`throughput`
 :mod:`db.actions`             :func:`cancel_job`, :func:`retry_job`, :func:`delete_job`
 :mod:`db.bundle`              :func:`build_bundle` (and the checked reads of result files)
 :mod:`db.lease`               the worker side: :func:`register_worker`, :func:`worker_heartbeat`,
@@ -66,6 +67,7 @@ from db.queries import (
     list_jobs,
     list_workers,
     status_counts,
+    throughput,
 )
 from db.states import FilesNotRemoved, JobNotFound, JobStateError, LostJob, transition
 from db.views import Adoption
@@ -111,6 +113,7 @@ __all__ = [
     "stop_worker",
     "submit_file",
     "submit_upload",
+    "throughput",
     "transition",
     "worker_heartbeat",
 ]

@@ -141,6 +141,28 @@ class WorkerView:
 
 
 @dataclass(frozen=True)
+class WorkerLoad:
+    """What a live worker is doing: its jobs (in flight and claimed ahead, stage ``waiting``;
+    oldest claim first) and its speed in frames/s (see :func:`db.queries.throughput`)."""
+
+    worker: WorkerView
+    jobs: tuple[JobView, ...]
+    fps: float
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """The live workers' loads and the queue's outlook: ``frames_left`` of queued and running jobs
+    (a job that never ran counts its video's probed frame count), ``fps`` the workers' summed
+    frames/s, ``eta_s`` = ``frames_left / fps`` seconds (None while no worker reports a speed)."""
+
+    workers: tuple[WorkerLoad, ...]
+    frames_left: int
+    fps: float
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
 class ArtifactFile:
     """A result file a worker is about to register (already complete on disk)."""
 

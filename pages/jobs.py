@@ -59,7 +59,8 @@ COLUMNS = {
 
 
 #: Stage of a running job → what the table says while no time left is known yet.
-STAGE_WORDS = {"starting": "starting", "loading": "loading models", "extract": "", "register": "saving"}
+STAGE_WORDS = {"starting": "starting", "waiting": "claimed, next in line", "loading": "loading models", "extract": "",
+               "register": "saving"}
 
 
 def run_time(j: JobView) -> tuple[float | None, float | None]:

@@ -5,11 +5,20 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard.data import disk_free, doctor_checks, get_registry, gpus
-from dashboard.fmt import blocking_checks, check_text, fmt_age, fmt_bytes, md_escape, status_markdown
+from dashboard.fmt import (
+    blocking_checks,
+    check_text,
+    fmt_age,
+    fmt_bytes,
+    fmt_duration,
+    md_escape,
+    status_markdown,
+)
 from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
 from db import JobStatus, service
 from db.access import relative_text
+from db.lease import WAITING_STAGE
 
 route_through_app()
 current_actor()  # nothing below for a session that is not signed in
@@ -26,32 +35,38 @@ def _queue(reg) -> None:
     st.page_link("pages/jobs.py", label="Open the jobs table", icon=":material/list:")
 
 
+def _job_text(j) -> str:
+    """``**name** (45 %)``, or ``**name** (next in line)`` for a job claimed ahead."""
+    state = "next in line" if j.stage == WAITING_STAGE else f"{j.progress:.0%}"
+    return f"**{md_escape(j.name)}** ({state})"
+
+
 def _workers(reg) -> None:
-    workers = [w for w in service.list_workers(reg) if w.alive]
-    if not workers:
+    """Per live worker (one per GPU): its jobs, frames/s and counts; then the queue's ETA."""
+    load = service.throughput(reg)
+    if not load.workers:
         st.warning(
             "No worker is running, so queued jobs wait. Start one with `make run` (or `python -m engine worker`)."
         )
         return
-    for w in workers:
+    for wl in load.workers:
+        w = wl.worker
         if w.status == "paused":
             st.warning(f"Worker **{md_escape(w.worker_id)}** on {md_escape(w.device)} is "
                        f"{md_escape(w.message or 'paused')}. Its job went back to the queue without counting "
                        "an attempt; it resumes by itself once the disk is fixed.", icon=":material/pause_circle:")
             continue
-        job = ""
-        if w.current_job_id is not None:
-            try:
-                current = service.get_job(reg, w.current_job_id)
-                job = f" · working on **{md_escape(current.name)}** ({current.progress:.0%})"
-            except Exception:
-                job = f" · job {w.current_job_id}"
+        jobs = f" · working on {', '.join(_job_text(j) for j in wl.jobs)}" if wl.jobs else ""
+        speed = f" · {wl.fps:.1f} frames/s" if wl.fps > 0 else ""
         device = w.device + (f" ({w.device_name})" if w.device_name else "")
         st.markdown(
             f":green-badge[:material/bolt: alive] **{w.worker_id}** on {w.hostname} · {device} · "
-            f"{w.status}{job} · "
+            f"{w.status}{jobs}{speed} · "
             f"{w.jobs_done} done, {w.jobs_failed} failed · seen {fmt_age(w.heartbeat_at)}"
         )
+    if load.frames_left:
+        st.caption(f"Queue: {load.frames_left:,} frames left at {load.fps:.1f} frames/s · "
+                   f"ETA {fmt_duration(load.eta_s) if load.eta_s is not None else 'unknown (no speed reported yet)'}")
 
 
 @st.fragment(run_every=REFRESH_S)

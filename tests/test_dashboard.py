@@ -80,6 +80,22 @@ def test_overview_counts_workers_and_missing_setup(studio):
     assert any("setup" in str(link.proto.page) for link in at.get("page_link"))
 
 
+def test_overview_shows_each_workers_jobs_its_speed_and_the_queue_eta(studio):
+    """A worker holds several jobs (one claimed ahead): all are listed, with its frames/s, and the
+    queue's ETA is its frames left (30 of the running job + 60 of the waiting one) / frames/s."""
+    reg, ids, _ = studio
+    ahead = service.claim_next(reg, "worker-test", device="cpu")
+    assert ahead is not None and ahead.id == ids["queued"]
+    service.report_progress(reg, ahead.id, "worker-test", stage="waiting")
+    load = service.throughput(reg)
+    [mine] = [wl for wl in load.workers if wl.worker.worker_id == "worker-test"]
+    assert [j.id for j in mine.jobs] == [ids["running"], ahead.id] and mine.fps == pytest.approx(12.5)
+    assert (load.frames_left, load.eta_s) == (90, pytest.approx(90 / 12.5))
+    body = texts(open_page("overview"))
+    assert "**talk_running.mp4** (50%)" in body and f"**{ahead.name}** (next in line)" in body
+    assert "12.5 frames/s" in body and "90 frames left at 12.5 frames/s · ETA 7 s" in body
+
+
 def test_overview_without_workers_says_so(studio, monkeypatch):
     reg, _, _ = studio
     service.stop_worker(reg, "worker-test")

@@ -139,7 +139,7 @@ def test_cli_rejects_mixed_device_options(tmp_path):
 
 
 def test_gpus_all_takes_each_device_once(tmp_path, monkeypatch):
-    from worker.launch import gpu_devices, worker_children
+    from worker.launch import gpu_devices, split_threads, worker_children
 
     monkeypatch.setenv("STUDIO_DEVICES", "cuda:0,cuda:1")
     assert gpu_devices("all") == ["cuda:0", "cuda:1"] and gpu_devices("1") == ["cuda:1"]
@@ -152,7 +152,8 @@ def test_gpus_all_takes_each_device_once(tmp_path, monkeypatch):
     first, notes = worker_children(["cuda:0", "cuda:1", "cuda:1"], data, {}, ("--burst",), once=True)
     try:
         assert notes == [] and [c.name for c in first] == ["worker[cuda:0]", "worker[cuda:1]"]
-        assert first[1].cmd[-6:] == ["worker", "--device", "cuda:1", "--data-dir", str(data), "--burst"]
+        assert first[1].cmd[-8:] == ["worker", "--device", "cuda:1", "--data-dir", str(data),
+                                     "--threads", str(split_threads(2)), "--burst"]
         assert all(c.once and len(c.pass_fds) == 1 for c in first)
         second, notes = worker_children(["cuda:0", "cuda:1"], data, {})
         assert second == [] and notes == [f"a worker already serves {d} for {data}: not starting another"

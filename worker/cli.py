@@ -63,6 +63,13 @@ def register(subparsers) -> None:
                    help="idle poll interval (default: 2)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--max-jobs", type=int, metavar="N", help="exit after N jobs")
+    p.add_argument("--concurrency", type=int, default=2, metavar="N",
+                   help="jobs the engine runs at once, sharing the loaded models (default: 2)")
+    p.add_argument("--prefetch", type=int, default=2, metavar="N",
+                   help="jobs claimed ahead beyond those running, so the next input is ready (default: 2)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for alignment and torch (default: each job's num_threads; "
+                   "--gpus splits the cores between the workers)")
     p.add_argument("--heartbeat", type=float, default=2.0, metavar="S",
                    help="heartbeat interval of a running job, seconds (default: 2)")
     p.add_argument("--stale-after", type=float, default=30.0, metavar="S",
@@ -156,6 +163,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         options = WorkerOptions(
             device=device, poll_s=args.poll, heartbeat_s=args.heartbeat, stale_after_s=args.stale_after,
             burst=args.burst, max_jobs=args.max_jobs, pause_s=args.pause, max_pause_s=args.max_pause,
+            concurrency=args.concurrency, prefetch=args.prefetch, num_threads=args.threads,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

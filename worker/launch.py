@@ -127,23 +127,51 @@ def build_children(args: argparse.Namespace) -> tuple[list[Child], list[str]]:
     return children, notes
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def split_threads(workers: int, cores: int | None = None) -> int:
+    """CPU threads per worker when ``workers`` share ``cores`` (default :func:`usable_cores`): ``cores // workers``,
+    at least 1, so workers on several GPUs don't starve each other of decoding and alignment time.
+
+    >>> split_threads(2, 32), split_threads(8, 4)
+    (16, 1)
+    """
+    return max(1, (cores or usable_cores()) // max(1, workers))
+
+
+#: Thread-count variables of the numeric libraries, set for each worker child unless already set.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def worker_children(
-    devices: list[str], data_dir: Path, env: dict[str, str], extra_args: tuple[str, ...] = (), *, once: bool = False
+    devices: list[str], data_dir: Path, env: dict[str, str], extra_args: tuple[str, ...] = (), *, once: bool = False,
+    threads: int | None = None,
 ) -> tuple[list[Child], list[str]]:
     """One ``python -m engine worker --device D`` child per device whose lock this process could take.
 
-    Returns the children and a note for each device that a worker already serves.
+    Each gets ``--threads N`` (and ``OMP_NUM_THREADS`` etc. unless set) with ``N = threads``, by
+    default :func:`split_threads` over the devices. Returns the children and a note for each
+    device that a worker already serves.
     """
     notes: list[str] = []
     children: list[Child] = []
-    for device in dict.fromkeys(devices):  # each device once, in order
+    devices = list(dict.fromkeys(devices))  # each device once, in order
+    threads = threads or split_threads(len(devices))
+    child_env = {**{k: str(threads) for k in THREAD_ENV}, **env}
+    for device in devices:
         fd = lock_device(data_dir / "locks", device)
         if fd is None:
             notes.append(f"a worker already serves {device} for {data_dir}: not starting another")
             continue
         cmd = [sys.executable, "-m", "engine", "worker", "--device", device, "--data-dir", str(data_dir),
-               *extra_args]
-        children.append(Child(f"worker[{device}]", cmd, env, pass_fds=(fd,), once=once))
+               "--threads", str(threads), *extra_args]
+        children.append(Child(f"worker[{device}]", cmd, child_env, pass_fds=(fd,), once=once))
     return children, notes
 
 
@@ -300,12 +328,13 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     env["STUDIO_DATA_DIR"] = str(data_dir)
     if args.db_url:
         env["STUDIO_DB_URL"] = args.db_url
-    extra = ["--poll", str(args.poll), "--heartbeat", str(args.heartbeat), "--stale-after", str(args.stale_after)]
+    extra = ["--poll", str(args.poll), "--heartbeat", str(args.heartbeat), "--stale-after", str(args.stale_after),
+             "--concurrency", str(args.concurrency), "--prefetch", str(args.prefetch)]
     if args.burst:
         extra.append("--burst")
     if args.max_jobs is not None:
         extra += ["--max-jobs", str(args.max_jobs)]
-    children, notes = worker_children(devices, data_dir, env, tuple(extra), once=True)
+    children, notes = worker_children(devices, data_dir, env, tuple(extra), once=True, threads=args.threads)
     return serve(children, notes)
 
 

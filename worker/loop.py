@@ -1,31 +1,42 @@
-"""The worker: serve the job queue with one engine kept across jobs.
+"""The worker: serve the job queue with one engine kept across jobs, several jobs at once.
 
 ``Worker.work()`` is the whole life of a worker process, as a checklist::
 
-    register → loop { stop requested? → janitor → claim → perform → max jobs? } → teardown
+    register → claim loop { stop requested? → drop cancelled waiting jobs → janitor
+                            → claim up to concurrency + prefetch held jobs → max jobs? } → teardown
+    engine loop (a thread) { take claimed jobs → worker.feed.run_jobs → settle each outcome }
 
-One job (:meth:`Worker.perform`):
+**Claim-ahead**: the worker holds up to ``concurrency`` jobs in flight plus ``prefetch`` claimed
+ahead. A claimed job is ``running`` in the registry from its claim on, with its own
+:class:`~worker.monitor.JobMonitor` (heartbeat, progress, cancel flag), so a crashed worker's
+claims are requeued by another worker's janitor like any running job. A waiting job whose cancel
+is seen is dropped from the queue and marked ``cancelled`` at once (stage ``waiting``: it never
+reached the engine); on SIGTERM the waiting jobs go back to the queue with no attempt counted.
+
+One job, once the engine takes it:
 
 1. wipe leftovers of an earlier attempt from ``results/<id>/`` (artifacts are only
    registered after success, so nothing there is needed); keep ``work/<id>/`` so the
    engine resumes from its last completed batch;
-2. run the engine with a :class:`~worker.monitor.JobMonitor` beside it (heartbeat,
-   progress, cancel flag); CUDA out-of-memory halves the batch size down to 1;
+2. run it through :func:`worker.feed.run_jobs` (jobs with the same engine config share one
+   lazily fed stream and the loaded models); CUDA out-of-memory halves its batch size down to 1;
 3. on success hash the outputs and register artifacts + quality + ``succeeded`` in one
    transaction, retried with back-off while the database is locked or unreachable (a
    finished job's results are never thrown away because of a lock); on a user cancel
    remove the partial files and mark it ``cancelled``; on SIGTERM requeue it (no attempt
    counted) and leave; on a full or read-only disk (``disk_full``, ``read_only``) requeue
    it (no attempt counted) and *pause* the worker (status ``paused`` with the reason,
-   exponential back-off, a write test before it claims again) instead of failing the whole
-   queue; on any other error mark it ``failed`` with a one-line reason and carry on.
+   exponential back-off, a write test before it claims again; the waiting jobs are given
+   back) instead of failing the whole queue; on any other error mark it ``failed`` with a
+   one-line reason and carry on.
 
-Signals: the first SIGTERM/SIGINT is a warm shutdown (finish the current batch, requeue,
-exit 0); a second one exits at once (the janitor of another worker requeues the job).
+Signals: the first SIGTERM/SIGINT is a warm shutdown (waiting jobs requeued at once, running
+ones after their batch, exit 0); a second one gives every held job back and exits at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -35,6 +46,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -42,12 +54,14 @@ from pathlib import Path, PurePath
 
 from db import faults, service, storage
 from db.access import user_message
+from db.lease import WAITING_STAGE
 from db.models import ErrorCode, WorkerStatus, utcnow
 from db.registry import Registry
 from db.views import ArtifactFile, JobView, QualitySummary
 from engine.config import EngineConfig
 from engine.errors import ENVIRONMENT_CODES, Cancelled, StudioError, short_path, storage_error
 from engine.sources import InputItem
+from worker.feed import InputJob, run_jobs
 from worker.monitor import JobMonitor
 
 log = logging.getLogger("worker")
@@ -65,6 +79,11 @@ class WorkerOptions:
 
     Attributes:
         device: torch device every job of this worker runs on (``"cpu"``, ``"cuda:0"``).
+        concurrency: jobs the engine runs at once (in flight), sharing the loaded models.
+        prefetch: jobs claimed ahead, beyond those in flight: they wait on this worker, leased
+            (heartbeat, cancel, crash recovery) exactly like a running job.
+        num_threads: CPU threads for alignment (the jobs' ``num_threads``) and for torch
+            (``torch.set_num_threads``); None keeps each job's setting and torch's default.
         poll_s: sleep between two looks at an empty queue.
         heartbeat_s: longest gap between two heartbeats of a running job.
         stale_after_s: a running job whose heartbeat is older than this is requeued by the
@@ -80,6 +99,9 @@ class WorkerOptions:
     """
 
     device: str = "cpu"
+    concurrency: int = 2
+    prefetch: int = 2
+    num_threads: int | None = None
     poll_s: float = 2.0
     heartbeat_s: float = 2.0
     stale_after_s: float = 30.0
@@ -92,6 +114,11 @@ class WorkerOptions:
     register_retry: faults.RetryPolicy = field(default_factory=faults.RetryPolicy)
 
     def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.prefetch < 0 or (self.num_threads is not None and self.num_threads < 1):
+            raise ValueError(
+                f"concurrency must be >= 1, prefetch >= 0 and threads >= 1 (got {self.concurrency}, "
+                f"{self.prefetch}, {self.num_threads})"
+            )
         if self.stale_after_s <= 2 * self.heartbeat_s:
             raise ValueError(
                 f"stale_after_s ({self.stale_after_s}) must exceed twice heartbeat_s ({self.heartbeat_s}), "
@@ -117,6 +144,21 @@ def device_name(device: str) -> str:
     return "CPU"
 
 
+def import_torch() -> None:
+    """Import torch (when installed) before any job is claimed."""
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+
+
+def limit_torch_threads(n: int) -> None:
+    """``torch.set_num_threads(n)`` (intra-op CPU threads of this process), when torch is installed."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(n)
+
+
 def _model_key(cfg: EngineConfig) -> tuple:
     return tuple(str(getattr(cfg, k)) for k in MODEL_KEYS)
 
@@ -132,6 +174,11 @@ class EngineCache:
         self._factory = factory
         self._engine = None
         self._cfg: EngineConfig | None = None
+
+    @property
+    def real(self) -> bool:
+        """Whether the engines are :class:`engine.Engine` (no factory was injected)."""
+        return self._factory is None
 
     def get(self, cfg: EngineConfig):
         if self._engine is not None and self._cfg == cfg:
@@ -249,8 +296,83 @@ def environment_fault(e: BaseException, data_dir: Path) -> StudioError | None:
     return None
 
 
+@dataclass(eq=False)
+class Held:
+    """A job this worker holds (claimed; waiting for the engine or running), with its own monitor.
+
+    ``cfg`` is the job's engine config on this worker (its batch size halves after an
+    out-of-memory error); ``item`` the engine's view of its input once it started.
+    """
+
+    job: JobView
+    monitor: JobMonitor
+    cfg: EngineConfig
+    item: InputItem | None = None
+    started: bool = False
+    first_batch_logged: bool = False
+
+
+class ClaimQueue:
+    """Claimed jobs waiting for the engine, oldest claim first (thread-safe).
+
+    The claim loop :meth:`put` s jobs; the engine side :meth:`take` s them, blocking until one
+    is there. After :meth:`close` the waiting ones are still taken, then ``take`` gives None.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: deque[Held] = deque()
+        self._closed = False
+
+    def put(self, held: Held, *, front: bool = False) -> None:
+        with self._cond:
+            if front:
+                self._items.appendleft(held)
+            else:
+                self._items.append(held)
+            self._cond.notify_all()
+
+    def take(self, cfg: EngineConfig | None = None) -> Held | None:
+        """The oldest waiting job; blocks while none waits and the queue is open. None once it is
+        closed and empty, or (with ``cfg``) when the oldest waiting job needs another config."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._items or self._closed)
+            if not self._items or (cfg is not None and self._items[0].cfg != cfg):
+                return None
+            return self._items.popleft()
+
+    def remove(self, held: Held) -> bool:
+        """Take ``held`` out if it still waits; False when the engine already took it."""
+        with self._cond:
+            try:
+                self._items.remove(held)
+            except ValueError:
+                return False
+            return True
+
+    def drain(self) -> list[Held]:
+        """Take out every waiting job."""
+        with self._cond:
+            items, self._items = list(self._items), deque()
+            return items
+
+    def waiting(self) -> list[Held]:
+        with self._cond:
+            return list(self._items)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
 class Worker:
     """Serves the queue of one registry on one device.
+
+    Three kinds of thread: the claim loop (:meth:`work`, the main thread: claims, janitor,
+    cancels of waiting jobs, shutdown), the engine loop (:meth:`serve`: hands the claimed jobs
+    to :func:`worker.feed.run_jobs` and settles each outcome) and one
+    :class:`~worker.monitor.JobMonitor` per held job (heartbeat, progress, cancel flag).
 
     Args:
         reg: the registry.
@@ -274,26 +396,70 @@ class Worker:
         self.stop_event = threading.Event()
         self.engines = EngineCache(engine_factory)
         self.jobs_seen = 0
+        self.claims = 0
         self._signals = 0
-        self._fault: StudioError | None = None  # set by perform(): a full or read-only disk
+        self._fault: StudioError | None = None  # set by _settle(): a full or read-only disk
         self._faults_in_a_row = 0
         self._db_failures = 0
         self._janitor_quiet_until = 0.0  # monotonic s: no requeueing right after a database outage
         self._next_sweep = 0.0  # monotonic s: next look for stale temporary files
+        self._queue = ClaimQueue()
+        self._held: dict[int, Held] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()  # a job ended, a waiting job was cancelled, or a stop was asked
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the claim loop
 
     def work(self) -> int:
         """Serve the queue until a stop condition; returns the process exit code (0)."""
-        opts = self.options
+        if self.options.num_threads:
+            limit_torch_threads(self.options.num_threads)
+        if self.engines.real:  # import torch now: the import holds the GIL for seconds, which would
+            import_torch()     # hold up the heartbeats of the jobs claimed meanwhile
         self.register()
         restore = self._install_signal_handlers()
+        engine = threading.Thread(target=self.serve, args=(self._queue,), name="engine", daemon=True)
+        engine.start()
+        clean = False
         try:
-            while True:
-                if self.stop_event.is_set():
-                    log.info("stop requested: exiting (warm shutdown)")
-                    break
+            self._claim_loop()
+            clean = True
+        finally:
+            if clean:
+                self._shutdown(engine)
+            else:  # a second signal (SystemExit) or a bug: give every held job back, then leave
+                self._release_all(f"worker {self.worker_id} was interrupted")
+            self.teardown(close_engine=clean)
+            restore()
+        return 0
+
+    def _claim_loop(self) -> None:
+        """Claim while fewer than ``concurrency + prefetch`` jobs are held; returns on a stop
+        request, an empty queue in burst mode, or ``max_jobs`` claims done."""
+        opts = self.options
+        next_claim = next_janitor = 0.0  # monotonic s
+        while True:
+            self._wake.clear()
+            if self.stop_event.is_set():
+                log.info("stop requested: exiting (warm shutdown)")
+                return
+            self._drop_stopped_waiting()
+            if self._fault is not None:
+                fault, self._fault = self._fault, None
+                self._release_waiting(f"worker {self.worker_id} paused ({fault.code}); requeued before it started")
+                self._pause(fault)
+                continue
+            capped = opts.max_jobs is not None and self.claims >= opts.max_jobs
+            if capped and not self.held_count():
+                log.info("did %d job(s): exiting (max jobs)", self.jobs_seen)
+                return
+            now = time.monotonic()
+            if now >= next_janitor:
                 self.janitor()
+                next_janitor = now + opts.poll_s
+            empty = False
+            while not capped and now >= next_claim and self._fault is None \
+                    and self.held_count() < opts.concurrency + opts.prefetch:
                 try:
                     job = service.claim_next(self.reg, self.worker_id, device=opts.device)
                     self._db_failures = 0
@@ -303,36 +469,125 @@ class Worker:
                     wait = min(opts.max_pause_s, opts.poll_s * 2 ** min(self._db_failures, 16))
                     log.warning("could not claim a job: %s; trying again in %.0f s",
                                 faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s), wait)
-                    self.stop_event.wait(wait)
-                    continue
-                if job is None:
-                    if opts.burst:
-                        log.info("queue empty: exiting (burst mode)")
-                        break
-                    self._idle(opts.poll_s)
-                    continue
-                self.perform(job)
-                self.jobs_seen += 1
-                if self._fault is not None:
-                    fault, self._fault = self._fault, None
-                    self._pause(fault)
-                if opts.max_jobs is not None and self.jobs_seen >= opts.max_jobs:
-                    log.info("did %d job(s): exiting (max jobs)", self.jobs_seen)
+                    next_claim = now + wait
                     break
-        finally:
-            self.teardown()
-            restore()
-        return 0
+                if job is None:
+                    empty, next_claim = True, now + opts.poll_s
+                    break
+                self.claims += 1
+                capped = opts.max_jobs is not None and self.claims >= opts.max_jobs
+                held = self._hold(job)
+                if held is not None:
+                    self._queue.put(held)
+                else:  # invalid settings: failed at once
+                    self._count_done()
+            if empty and not self.held_count():
+                if opts.burst:
+                    log.info("queue empty: exiting (burst mode)")
+                    return
+                self._idle(0.0)
+            self._wake.wait(opts.poll_s)
+
+    def held_count(self) -> int:
+        """Jobs this worker holds: claimed and waiting for the engine, or running."""
+        with self._lock:
+            return len(self._held)
+
+    def _hold(self, job: JobView) -> Held | None:
+        """Start holding a claimed job: its monitor keeps its heartbeat from now on. None when its
+        settings are invalid (the job is failed at once)."""
+        monitor = JobMonitor(
+            self.reg, job.id, self.worker_id, self.stop_event, heartbeat_s=self.options.heartbeat_s,
+            progress_s=self.options.progress_s, poll_s=self.options.cancel_poll_s, wake=self._wake,
+        ).start()
+        try:
+            cfg = self._config(job)
+        except StudioError as e:
+            monitor.stop()
+            self._fail(job, e)
+            return None
+        monitor.update(stage=WAITING_STAGE)
+        held = Held(job, monitor, cfg)
+        with self._lock:
+            self._held[job.id] = held
+        return held
+
+    def _done_with(self, held: Held) -> None:
+        with self._lock:
+            self._held.pop(held.job.id, None)
+        self._count_done()
+
+    def _count_done(self) -> None:
+        with self._lock:
+            self.jobs_seen += 1
+        self._wake.set()
+
+    def _drop_stopped_waiting(self) -> None:
+        """Waiting jobs whose cancel was asked for end ``cancelled`` at once (they never reach the
+        engine); waiting jobs taken from this worker are let go."""
+        for held in self._queue.waiting():
+            monitor = held.monitor
+            if not (monitor.cancel_requested.is_set() or monitor.lost.is_set()) or not self._queue.remove(held):
+                continue
+            monitor.stop()
+            if monitor.lost.is_set():
+                log.warning("job %d: taken from this worker before it started", held.job.id)
+            else:
+                try:
+                    service.finish_cancelled(self.reg, held.job.id, self.worker_id)
+                    log.info("job %d: cancelled before it started", held.job.id)
+                except Exception as e:  # its heartbeat has stopped: the janitor cancels it
+                    self._db_trouble(e)
+                    log.warning("job %d: could not record its cancel: %s", held.job.id,
+                                faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s))
+            self._done_with(held)
+
+    def _release_waiting(self, reason: str) -> None:
+        """Give every job still waiting for the engine back to the queue without counting the attempt."""
+        for held in self._queue.drain():
+            self._give_back(held, reason)
+
+    def _release_all(self, reason: str) -> None:
+        """Give back every held job, running ones too (the process is leaving at once)."""
+        self._queue.drain()
+        with self._lock:
+            everything = list(self._held.values())
+        for held in everything:
+            self._give_back(held, reason)
+
+    def _give_back(self, held: Held, reason: str) -> None:
+        held.monitor.stop()
+        try:
+            back = service.requeue_job(self.reg, held.job.id, self.worker_id, reason=reason, penalty=False)
+        except Exception as e:  # left to the janitor of another worker
+            self._db_trouble(e)
+            back = None
+            log.warning("job %d: could not give it back: %s", held.job.id,
+                        faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s))
+        if back is not None:
+            log.info("job %d: given back to the queue (%s)", held.job.id, reason)
+        self._done_with(held)
+
+    def _shutdown(self, engine: threading.Thread) -> None:
+        """Warm end of :meth:`work`: waiting jobs go back to the queue at once (no attempt counted),
+        running ones stop after their batch (see :meth:`_stopped`); then the engine loop ends."""
+        if self.stop_event.is_set():
+            self._release_waiting(f"worker {self.worker_id} shut down; requeued before it started")
+        self._queue.close()
+        while engine.is_alive():
+            engine.join(0.5)  # in short steps, so a second signal still gets through
 
     def register(self) -> None:
         service.register_worker(
             self.reg, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
             device=self.options.device, device_name=device_name(self.options.device),
         )
-        log.info("worker started on %s (registry %r)", self.options.device, self.reg)
+        log.info("worker started on %s (registry %r; %d at once, %d claimed ahead)", self.options.device, self.reg,
+                 self.options.concurrency, self.options.prefetch)
 
-    def teardown(self) -> None:
-        self.engines.close()
+    def teardown(self, *, close_engine: bool = True) -> None:
+        if close_engine:
+            self.engines.close()
         try:
             service.stop_worker(self.reg, self.worker_id)
         except Exception as e:  # the process is leaving anyway
@@ -398,20 +653,76 @@ class Worker:
                 return
             fault = problem
 
-    # ------------------------------------------------------------------ one job
+    # ------------------------------------------------------------------ the engine side
 
     def perform(self, job: JobView) -> None:
-        """Run one claimed job to a final (or requeued) state; never raises for a job's own failure."""
-        reg, wid = self.reg, self.worker_id
-        result_dir, state_dir = reg.result_dir(job.id), reg.state_dir(job.id)
-        log.info("job %d: start %s (attempt %d/%d)", job.id, job.name, job.attempts, job.max_attempts)
-        monitor = JobMonitor(
-            reg, job.id, wid, self.stop_event, heartbeat_s=self.options.heartbeat_s,
-            progress_s=self.options.progress_s, poll_s=self.options.cancel_poll_s,
-        ).start()
-        try:
+        """Run one claimed job to a final (or requeued) state in this thread (the Ray actor's
+        entry point); never raises for a job's own failure."""
+        held = self._hold(job)
+        if held is None:
+            return
+        single = ClaimQueue()
+        single.put(held)
+        single.close()
+        self.serve(single)
+        with self._lock:
+            self._held.pop(job.id, None)
+
+    def serve(self, jobs: ClaimQueue) -> None:
+        """The engine loop: run the jobs of ``jobs`` until it is closed and empty.
+
+        Consecutive jobs with the same engine config go to the engine as one lazily fed stream
+        (:func:`worker.feed.run_jobs`); a job that needs another config ends the stream, and the
+        next one starts once the jobs in flight are done (:class:`EngineCache` keeps the models
+        when only other settings change).
+        """
+        while (first := jobs.take()) is not None:
             try:
-                # 1. Fresh result folder; keep the resumable state of an earlier attempt.
+                self._run_stream(jobs, first)
+            except Exception:  # a bug here must not leave the claimed jobs to wait for ever
+                log.exception("the engine loop failed; continuing")
+
+    def _run_stream(self, jobs: ClaimQueue, first: Held) -> None:
+        cfg = first.cfg
+        first.monitor.update(stage="loading")  # model loading can take longer than the first batch
+        try:
+            engine = self.engines.get(cfg)
+        except Exception as e:
+            self._finish(jobs, first, None, e)
+            return
+
+        def inputs():
+            held = first
+            while held is not None:
+                job = self._begin(jobs, held)
+                if job is not None:
+                    yield job
+                held = jobs.take(cfg)
+
+        for outcome in run_jobs(engine, inputs(), concurrency=self.options.concurrency):
+            with self._lock:
+                held = self._held.get(int(outcome.job.key))
+            if held is None:  # cannot happen: every job fed is held until its outcome is settled
+                log.error("an outcome for job %s, which this worker does not hold", outcome.job.key)
+                continue
+            self._finish(jobs, held, outcome.report, outcome.error)
+
+    def _finish(self, jobs: ClaimQueue, held: Held, report, error: BaseException | None) -> None:
+        """Settle one outcome; a job to retry (out of memory) goes back to the front of ``jobs``."""
+        if self._settle(held, report, error):
+            jobs.put(held, front=True)
+        elif jobs is self._queue:
+            self._done_with(held)
+
+    def _begin(self, jobs: ClaimQueue, held: Held) -> InputJob | None:
+        """The engine's view of a job about to start: a fresh result folder (the resumable state of
+        an earlier attempt is kept) and its input. None when that failed (the job is settled)."""
+        job, monitor = held.job, held.monitor
+        result_dir, state_dir = self.reg.result_dir(job.id), self.reg.state_dir(job.id)
+        if not held.started:
+            held.started = True
+            log.info("job %d: start %s (attempt %d/%d)", job.id, job.name, job.attempts, job.max_attempts)
+            try:
                 for folder in (result_dir, state_dir):
                     try:
                         if folder == result_dir:
@@ -419,76 +730,76 @@ class Worker:
                         folder.mkdir(parents=True, exist_ok=True)
                     except OSError as e:
                         raise storage_error(e, f"{folder.parent.name}/{folder.name}/") from e
-                # 2. Run the engine.
-                cfg = self._config(job)
-                report = self._run(job, cfg, monitor, result_dir / output_stem(job.name), state_dir)
-                # 3. Register the outputs (the monitor keeps the heartbeat going meanwhile).
-                monitor.update(stage="register")
+                held.item = _input_item(job, state_dir)
+            except Exception as e:
+                self._finish(jobs, held, None, e)
+                return None
+        monitor.update(stage="extract")
+
+        def on_progress(p) -> None:
+            if not held.first_batch_logged and p.frames_new > 0:  # reports also come while a batch is under way
+                held.first_batch_logged = True
+                log.info("job %d: first batch done at frame %d/%d", job.id, p.frames_done, p.frames_total)
+            monitor.update(frames_done=p.frames_done, frames_total=p.frames_total, fps=p.fps, stage=p.stage)
+
+        return InputJob(source=held.item, out_base=result_dir / output_stem(job.name), state_dir=state_dir,
+                        progress=on_progress, should_stop=monitor.should_stop, key=str(job.id))
+
+    def _settle(self, held: Held, report, error: BaseException | None) -> bool:
+        """Record how a job's run ended; True when it should run again with half the batch (CUDA
+        out of memory), its monitor still going.
+
+        Success: hash the outputs and register them; a user's cancel: remove the partial files,
+        ``cancelled``; SIGTERM: requeue (no attempt counted); a full or read-only disk: requeue
+        (no attempt counted) and pause the worker; anything else: ``failed`` with one line.
+        """
+        job, monitor = held.job, held.monitor
+        if error is not None and _is_oom(error):
+            _free_cuda_cache()
+            if held.cfg.batch_size > 1:
+                smaller = max(1, held.cfg.batch_size // 2)
+                log.warning("job %d: out of memory at batch size %d; retrying with %d",
+                            job.id, held.cfg.batch_size, smaller)
+                held.cfg = dataclasses.replace(held.cfg, batch_size=smaller)
+                return True
+            oom = StudioError(f"out of memory on {held.cfg.device} even with batch size 1 "
+                              f"(free GPU memory or run on another device): {str(error).splitlines()[0]}")
+            oom.__cause__, error = error, oom
+        try:
+            try:
+                if error is not None:
+                    raise error
+                monitor.update(stage="register")  # the monitor keeps the heartbeat going meanwhile
                 monitor.registering()
                 self._succeed(job, report)
             finally:
                 monitor.stop()
+                if held.item is not None and held.item.path.is_symlink():  # see _input_item
+                    held.item.path.unlink(missing_ok=True)
         except Cancelled:
             self._stopped(job, monitor)
         except BaseException as e:
-            if not isinstance(e, Exception):  # SystemExit/KeyboardInterrupt: give the job back, then leave
-                service.requeue_job(reg, job.id, wid, reason=f"worker {wid} was interrupted")
-                raise
-            fault = environment_fault(e, reg.data_dir)
+            if not isinstance(e, Exception):  # SystemExit/KeyboardInterrupt in a job: give it back
+                service.requeue_job(self.reg, job.id, self.worker_id, reason=f"worker {self.worker_id} was interrupted")
+                return False
+            fault = environment_fault(e, self.reg.data_dir)
             if fault is not None:
                 self._requeue_for_fault(job, fault)
             else:
                 self._fail(job, e)
         else:
             self._faults_in_a_row = 0
+        return False
 
     def _config(self, job: JobView) -> EngineConfig:
         try:
             cfg = EngineConfig.from_dict(job.settings)
         except (TypeError, ValueError) as e:
             raise StudioError(f"invalid job settings: {e}") from e
-        return dataclasses.replace(cfg, device=self.options.device, overwrite=True)
-
-    def _run(self, job: JobView, cfg: EngineConfig, monitor: JobMonitor, out_base: Path, state_dir: Path):
-        """Run the engine; on CUDA out-of-memory retry with half the batch, down to 1."""
-        first_progress: list[int] = []
-
-        def on_progress(p) -> None:
-            if not first_progress and p.frames_new > 0:  # reports also come while a batch is under way
-                first_progress.append(p.frames_done)
-                log.info("job %d: first batch done at frame %d/%d", job.id, p.frames_done, p.frames_total)
-            monitor.update(frames_done=p.frames_done, frames_total=p.frames_total, fps=p.fps, stage=p.stage)
-
-        item = _input_item(job, state_dir)
-        try:
-            return self._run_item(job, item, cfg, monitor, out_base, state_dir, on_progress)
-        finally:
-            if item.path.is_symlink():  # the job's own view of a stored copy (see _input_item)
-                item.path.unlink(missing_ok=True)
-
-    def _run_item(self, job, item, cfg, monitor, out_base, state_dir, on_progress):
-        while True:
-            monitor.update(stage="loading")  # model loading can take longer than the first batch
-            engine = self.engines.get(cfg)
-            monitor.update(stage="extract")
-            try:
-                return engine.run(
-                    item, out_base, progress=on_progress, should_stop=monitor.should_stop,
-                    state_dir=state_dir,
-                )
-            except Exception as e:
-                if not _is_oom(e):
-                    raise
-                _free_cuda_cache()
-                if cfg.batch_size <= 1:
-                    raise StudioError(
-                        f"out of memory on {cfg.device} even with batch size 1 "
-                        f"(free GPU memory or run on another device): {str(e).splitlines()[0]}"
-                    ) from e
-                smaller = max(1, cfg.batch_size // 2)
-                log.warning("job %d: out of memory at batch size %d; retrying with %d",
-                            job.id, cfg.batch_size, smaller)
-                cfg = dataclasses.replace(cfg, batch_size=smaller)
+        cfg = dataclasses.replace(cfg, device=self.options.device, overwrite=True)
+        if self.options.num_threads:
+            cfg = dataclasses.replace(cfg, num_threads=self.options.num_threads)
+        return cfg
 
     def _succeed(self, job: JobView, report) -> None:
         artifacts = []
@@ -554,6 +865,7 @@ class Worker:
     def _requeue_for_fault(self, job: JobView, fault: StudioError) -> None:
         """A full or read-only disk: give the job back without counting the attempt (its saved
         state in ``work/<id>/`` is kept to resume) and pause before the next claim."""
+        self._fault = fault  # first, so the claim loop claims nothing more (not this job again) meanwhile
         left = storage.remove_tree(self.reg.result_dir(job.id))  # nothing in it is registered
         reason = f"{fault} (requeued: the worker paused until the disk is fixed)"
         try:
@@ -568,7 +880,6 @@ class Worker:
                     "requeued without counting the attempt" if back is not None else "left to the janitor")
         if left:
             log.warning("job %d: %d partial file(s) could not be removed from results/%d/", job.id, len(left), job.id)
-        self._fault = fault
 
     def _fail(self, job: JobView, e: Exception) -> None:
         if isinstance(e, StudioError):
@@ -592,8 +903,10 @@ class Worker:
     # ------------------------------------------------------------------ signals
 
     def request_stop(self) -> None:
-        """Ask for a warm shutdown: the current job stops after its batch and is requeued."""
+        """Ask for a warm shutdown: running jobs stop after their batch and are requeued, waiting
+        ones are requeued at once."""
         self.stop_event.set()
+        self._wake.set()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         return install_stop_handlers(self, "finishing the current batch, then exiting")

@@ -34,6 +34,8 @@ class JobMonitor:
         heartbeat_s: longest gap between two heartbeats (seconds).
         progress_s: shortest gap between two progress writes (seconds).
         poll_s: how often the cancel flag is read (seconds).
+        wake: set (besides :attr:`cancel_requested` / :attr:`lost`) when a cancel or the loss of
+            the job is seen, so a loop waiting on it reacts at once (the worker's claim loop).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class JobMonitor:
         heartbeat_s: float = 2.0,
         progress_s: float = 0.5,
         poll_s: float = 0.25,
+        wake: threading.Event | None = None,
     ) -> None:
         self.reg = reg
         self.job_id = job_id
@@ -54,6 +57,7 @@ class JobMonitor:
         self.heartbeat_s = heartbeat_s
         self.progress_s = progress_s
         self.poll_s = poll_s
+        self.wake = wake
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
         self._done = threading.Event()
@@ -98,6 +102,10 @@ class JobMonitor:
         with self._lock:
             return dict(self._progress)
 
+    def _wake(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
+
     # -- the thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -130,8 +138,10 @@ class JobMonitor:
             if not ctrl.owned and not self.lost.is_set():
                 log.warning("job %d is no longer ours (requeued or deleted elsewhere): stopping", self.job_id)
                 self.lost.set()
+                self._wake()
             if ctrl.cancel_requested and not self.cancel_requested.is_set():
                 log.info("job %d: cancel requested", self.job_id)
                 self.cancel_requested.set()
+                self._wake()
             if finishing:
                 return
