@@ -1,14 +1,9 @@
 """The one place where the worker hands its jobs to the engine: :func:`run_jobs`.
 
 The worker's claim loop fills a queue; the engine pulls :class:`InputJob` s from it lazily
-and hands back one :class:`InputOutcome` per job, in completion order. ``InputJob`` and
-``InputOutcome`` mirror ``engine.many`` (the many-inputs pipeline, ``Engine.run_many``)
-field for field. Until that exists, :func:`run_in_threads` runs ``engine.run`` for up to
-``concurrency`` jobs at once in a small thread pool, all on the one engine (so they share its
-loaded models).
-
-At the merge with ``engine.many`` two lines change: the import below replaces the two
-dataclasses, and :func:`run_jobs` returns ``engine.run_many(jobs, concurrency=concurrency)``.
+and hands back one :class:`InputOutcome` per job, in completion order (both from
+:mod:`engine.many`). A real engine runs them through ``Engine.run_many``; an engine with only
+``run`` through :func:`run_in_threads`, a small thread pool on the one engine.
 """
 
 from __future__ import annotations
@@ -16,45 +11,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 
-from engine.pipeline import Progress, RunReport
-from engine.sources import InputItem
+from engine.many import InputJob, InputOutcome
+from engine.pipeline import Progress
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InputJob:
-    """One input for the engine (mirrors ``engine.many.InputJob``).
-
-    Attributes:
-        source: the video or image (an :class:`~engine.sources.InputItem` keeps its submitted name).
-        out_base: output path without suffix.
-        state_dir: folder of its resumable partial results.
-        progress: called with the input's own :class:`~engine.progress.Progress`.
-        should_stop: polled before every batch; True stops this input (``Cancelled``).
-        key: the caller's id of the input (here: the job id as text).
-    """
-
-    source: Path | InputItem
-    out_base: Path
-    state_dir: Path | None = None
-    progress: Callable[[Progress], None] | None = None
-    should_stop: Callable[[], bool] | None = None
-    key: str = ""
-
-
-@dataclass(frozen=True)
-class InputOutcome:
-    """How one input ended (mirrors ``engine.many.InputOutcome``): ``report`` on success,
-    else ``error`` (its own ``StudioError``, ``Cancelled``, an out-of-memory error ...)."""
-
-    job: InputJob
-    report: RunReport | None
-    error: BaseException | None
 
 
 def run_jobs(engine, jobs: Iterable[InputJob], *, concurrency: int) -> Iterator[InputOutcome]:
@@ -62,8 +24,14 @@ def run_jobs(engine, jobs: Iterable[InputJob], *, concurrency: int) -> Iterator[
     up to ``concurrency`` at once; yields each one's outcome as it ends. The iterator ends once
     ``jobs`` is exhausted and every job pulled from it has ended.
 
-    Each job fails alone: its error is in its outcome, never raised here.
+    Each job fails alone: its error is in its outcome, never raised here. The engine's
+    many-inputs pipeline (:meth:`engine.pipeline.Engine.run_many`: one GPU batch can hold
+    crops of several jobs) when it has one; an injected engine with only ``run`` (the tests'
+    scripted engines) goes through :func:`run_in_threads`.
     """
+    run_many = getattr(engine, "run_many", None)
+    if run_many is not None:
+        return run_many(jobs, concurrency=concurrency)
     return run_in_threads(engine, jobs, concurrency=concurrency)
 
 
