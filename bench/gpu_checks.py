@@ -1,0 +1,145 @@
+"""Numerical checks that need a GPU (the CPU suite covers the same code on the CPU).
+
+Usage::
+
+    python bench/gpu_checks.py --device cuda [--frames 200]
+
+1. ``TorchAligner`` on the device against Pillow (``Deep3DAligner``): crops, ``trans_params`` and
+   ``crop_box`` of every frame of the shared clip and of a 1080p copy, with MTCNN's landmarks;
+   the crops must be the same bits.
+2. The exact path end to end on the device with the default aligner (GPU crops) and with Pillow's:
+   every npz array the same.
+3. ``BatchedFan`` (random 2D-FAN-4 weights of the real architecture) in fp32 and fp16 against
+   face_alignment's per-frame FAN on the same boxes: point differences in % of the inter-ocular
+   distance (random weights: this shows fp16 and batching numerics only).
+
+Prints one Markdown line per check; exits 1 when a must-be-equal check differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import TEST_CLIP, random_checkpoint
+
+
+def clip_frames(path: Path, n: int):
+    from engine.sources import iter_frames
+
+    out = []
+    for batch in iter_frames(path, 32):
+        out.append(batch)
+        if sum(len(b) for b in out) >= n:
+            break
+    from engine.structures import concat_rows, rows_of
+
+    whole = concat_rows(out)
+    return rows_of(whole, slice(0, n))
+
+
+def mtcnn_faces(frames, device: str):
+    from engine.landmarks.mtcnn import MtcnnLandmarker
+    from engine.stages.detect import best_face_per_frame
+
+    mt = MtcnnLandmarker(device)
+    faces = best_face_per_frame(mt.detect(frames))
+    return faces, mt(frames, faces)
+
+
+def check_aligner(frames, landmarks, device: str, name: str) -> bool:
+    from engine.stages.align import Deep3DAligner, TorchAligner
+    from engine.structures import AlignPlan
+
+    plan = AlignPlan(np.nan_to_num(landmarks.points_img_ydown), ~landmarks.valid)
+    ref = Deep3DAligner(4)(frames, plan)
+    got = TorchAligner(device)(frames, plan)
+    same = {k: bool(np.array_equal(getattr(ref, k), getattr(got, k)))
+            for k in ("crops", "trans_params", "crop_box", "used_template")}
+    differing = int((ref.crops != got.crops).any(axis=(1, 2, 3)).sum())
+    verdict = "identical" if all(same.values()) else "DIFFERENT"
+    print(f"- TorchAligner on {device} vs Pillow, {name}, {len(frames)} frames: "
+          f"{verdict} ({same}; frames with any differing pixel: {differing})")
+    return all(same.values())
+
+
+def check_exact_engine(video: Path, device: str, work: Path) -> bool:
+    from engine import EngineConfig
+    from engine.pipeline import Engine
+    from engine.stages.align import Deep3DAligner
+
+    ckpt = random_checkpoint(work / "random_epoch_20.pth")
+    cfg = EngineConfig(checkpoint=ckpt, landmarks="mtcnn", formats=("npz",), device=device, overwrite=True)
+    outs = {}
+    for label, aligner in (("gpu-crops", None), ("pillow", Deep3DAligner(4))):
+        with Engine(cfg, aligner=aligner) as engine:
+            report = engine.run(video, work / label / video.stem)
+        with np.load(report.outputs["npz"], allow_pickle=False) as z:
+            outs[label] = {k: z[k] for k in z.files}
+    a, b = outs["gpu-crops"], outs["pillow"]
+    diff = [k for k in a if not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
+    print(f"- exact path on {device}, {video.name}: default (GPU crops) vs Pillow aligner: "
+          f"{'every npz array identical' if not diff else 'DIFFERENT: ' + ', '.join(diff)} ({len(a['coeff'])} frames)")
+    return not diff
+
+
+def check_fan(frames, faces, device: str, work: Path) -> None:
+    from bench.throughput import prepare_fan_weights
+    from engine.align import lm68_to_lm5
+    from engine.landmarks.fan import FanLandmarker
+    from engine.landmarks.fan_gpu import BatchedFan
+
+    print(f"- FAN weights: {prepare_fan_weights(work)}")
+    ref = FanLandmarker(device)(frames, faces)
+    for precision in ("fp32", "fp16"):
+        got = BatchedFan(device, precision=precision)(frames, faces)
+        ok = ref.valid & got.valid
+        e5 = lm68_to_lm5(ref.points_img_ydown[ok]).astype(np.float64)
+        iod = np.linalg.norm(e5[:, 0] - e5[:, 1], axis=-1)[:, None]
+        delta = ref.points_img_ydown[ok].astype(np.float64) - got.points_img_ydown[ok]
+        err = np.linalg.norm(delta, axis=-1) / iod * 100
+        same = float((err == 0).mean() * 100) if err.size else float("nan")
+        print(f"- BatchedFan {precision} on {device} vs face_alignment per frame ({int(ok.sum())} frames, 68 points): "
+              f"{same:.2f} % of points identical; error % IOD mean {err.mean():.3f}, p99 {np.percentile(err, 99):.3f}, "
+              f"max {err.max():.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--fan-frames", type=int, default=64)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-gpu-checks")
+    args = ap.parse_args()
+    print(f"# GPU checks, {datetime.date.today()}, device {args.device}\n")
+    ok = True
+    frames = clip_frames(TEST_CLIP, args.frames)
+    faces, landmarks = mtcnn_faces(frames, args.device)
+    ok &= check_aligner(frames, landmarks, args.device, TEST_CLIP.name)
+    from bench.throughput import MediaSpec, _source_faces, make_video
+
+    spec = MediaSpec()
+    hd = make_video(_source_faces(TEST_CLIP, spec.face_size), args.workdir / "clip1080p-96.mp4", 96, 0, spec)
+    hd_frames = clip_frames(hd, 96)
+    _, hd_landmarks = mtcnn_faces(hd_frames, args.device)
+    ok &= check_aligner(hd_frames, hd_landmarks, args.device, "1080p copy")
+    ok &= check_exact_engine(TEST_CLIP, args.device, args.workdir)
+    from engine.structures import rows_of
+
+    n = min(args.fan_frames, len(frames))
+    import dataclasses
+
+    first = dataclasses.replace(faces.take(np.flatnonzero(faces.frame_rows < n)), num_frames=n)
+    check_fan(rows_of(frames, slice(0, n)), first, args.device, args.workdir)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
