@@ -14,6 +14,8 @@ for step in ${STEPS:-equal throughput memory render}; do
   echo "=== $step"
   case $step in
     equal) python3 bench/bench_gpu_equal.py ;;
+    checks) python3 bench/gpu_checks.py --device cuda ;;
+    compat) python3 bench/compat_diff.py --device cuda --landmarks mtcnn --make-1080p 300 ;;
     throughput) python3 bench/throughput.py --device cuda --set clips --clips 8 --landmarks mtcnn fan \
                   --reference-inputs 4 --out "$OUT/throughput.md" ;;
     clips-fast) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference \
