@@ -230,6 +230,48 @@ def worker_label(cmdline: list[str]) -> str | None:
     return None
 
 
+def _process_tree(pid: int) -> list[tuple[int, list[str], int]]:
+    """(pid, command line, RSS bytes) of ``pid`` and all its descendants: psutil, else /proc (Linux)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        out = []
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+        for p in procs:
+            try:
+                out.append((p.pid, p.cmdline(), p.memory_info().rss))
+            except psutil.Error:
+                continue
+        return out
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit():  # the parent pid is the 2nd field after the ")" that ends the name
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        kids = [c for c, p in parents.items() if p in frontier and c not in tree]
+        tree.update(kids)
+        frontier = kids
+    out = []
+    for p in sorted(tree):
+        try:
+            cmdline = (Path("/proc") / str(p) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            rss_pages = int((Path("/proc") / str(p) / "statm").read_text().split()[1])
+            out.append((p, [c for c in cmdline if c], rss_pages * os.sysconf("SC_PAGE_SIZE")))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 class RssSampler:
     """Peak RSS (bytes) of every worker process under ``pid`` (itself included), every :data:`SAMPLE_S` s."""
 
@@ -240,21 +282,10 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _sample(self) -> None:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return
-        for p in procs:
-            try:
-                label = worker_label(p.cmdline())
-                if label is not None:
-                    rss = p.memory_info().rss
-                    self.peaks[p.pid] = (label, max(rss, self.peaks.get(p.pid, (label, 0))[1]))
-            except psutil.Error:
-                continue
+        for pid, cmdline, rss in _process_tree(self.pid):
+            label = worker_label(cmdline)
+            if label is not None:
+                self.peaks[pid] = (label, max(rss, self.peaks.get(pid, (label, 0))[1]))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -544,7 +575,8 @@ def main(argv=None) -> int:
                         runs_dir / f"{mode}-{landmarks}-one", all_devices=False)
             every = None
             if why_not_all is None:
-                every = serve(Run(name, "all GPUs (--gpus all)"), clips, mode, landmarks, ckpt, args, env,
+                all_label = "all GPUs (--gpus all)" if args.device.startswith("cuda") else "every device (--gpus all)"
+                every = serve(Run(name, all_label), clips, mode, landmarks, ckpt, args, env,
                               runs_dir / f"{mode}-{landmarks}-all", all_devices=True)
             pairs.append((one, every, why_not_all))
     text = report(pairs, header)
