@@ -579,6 +579,13 @@ def main(argv=None) -> int:
                 every = serve(Run(name, all_label), clips, mode, landmarks, ckpt, args, env,
                               runs_dir / f"{mode}-{landmarks}-all", all_devices=True)
             pairs.append((one, every, why_not_all))
+            if args.out:  # what is measured so far survives a run cut short
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(report(pairs, header) + "\n", encoding="utf-8")
+            for run in (one, every):
+                if run is not None:
+                    print(f"... {run.name}, {run.workers}: {run.ok}/{run.clips} ok, {run.frames} frames, "
+                          f"{_f(run.frames_per_s)} frames/s", file=sys.stderr, flush=True)
     text = report(pairs, header)
     print("\n" + text[len("\n".join(header)):].lstrip("\n"))
     if args.out:
