@@ -24,6 +24,12 @@ for step in ${STEPS:-equal throughput memory render}; do
                   --out "$OUT/long_fast.md" ;;
     nvdec) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --decoder nvdec \
                   --out "$OUT/clips_fast_nvdec.md" ;;
+    dataset) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast exact --landmarks mtcnn \
+                  --out "$OUT/dataset.md" ;;
+    dataset-fast) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
+                  --out "$OUT/dataset_fast.md" ;;
+    dataset-exact) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode exact --landmarks mtcnn \
+                  --out "$OUT/dataset_exact.md" ;;
     memory) python3 bench/bench_memory.py --device cuda --frames 600 2400 --batch-size 64 ;;
     render) python3 bench/gpu_render_compare.py --index .carry/shared/bfm_index --out "$OUT" ;;
   esac 2>&1 | tee "$OUT/$step.log"

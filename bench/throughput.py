@@ -381,14 +381,21 @@ def build_engine(cfg, args, fixed_box: np.ndarray | None, source):
 
     device = args.device
     stages: dict = {}
-    if str(getattr(cfg, "mode", "exact")).endswith("fast"):
+    mode = getattr(cfg, "mode", "exact")
+    if str(getattr(mode, "value", mode)) == "fast":  # Mode.FAST (str() of the enum is "Mode.FAST")
         try:
             from engine.fast import fast_stages
         except ImportError:
             fast_stages = None
         if fast_stages is not None:
             stages = {k: v for k, v in fast_stages(cfg, device).items() if v is not None}
-    if "landmarker" not in stages:
+        try:  # the fast landmarker is built lazily by the engine: a landmarker handed in would win over it
+            from engine.fast import fast_landmarker
+        except ImportError:
+            fast_landmarker = None
+        if fast_landmarker is not None and "landmarker" not in stages:
+            stages["landmarker"] = fast_landmarker(cfg, device)
+    if stages.get("landmarker") is None:
         stages["landmarker"] = create_landmarker(cfg, device)
     if "detector" not in stages:
         stages["detector"] = getattr(stages["landmarker"], "detector", None)

@@ -60,9 +60,25 @@ def test_fast_mode_is_reported_unavailable_or_configured(tmp_path):
     if cfg is None:
         assert "fast path not available" in why
     else:
-        assert str(getattr(cfg, "mode", "")).endswith("fast") and cfg.detect_every == 4
+        assert getattr(cfg.mode, "value", cfg.mode) == "fast" and cfg.detect_every == 4  # str(Mode.FAST) is "Mode.FAST"
     exact, why = throughput.make_config(args, "exact", "mtcnn", tmp_path / "ckpt.pth")
     assert exact is not None and why is None
+
+
+def test_fast_rows_run_the_fast_stages(tmp_path):
+    """The fast rows measure the fast path's own landmarker and tracker, not the exact ones with a new config."""
+    pytest.importorskip("facenet_pytorch", reason="facenet-pytorch (MTCNN) not installed")
+    fast = pytest.importorskip("engine.fast")
+    args = throughput.parse_args(["--device", "cpu"])
+    built = {}
+    for mode in ("exact", "fast"):
+        cfg, why = throughput.make_config(args, mode, "mtcnn", tmp_path / "ckpt.pth")
+        assert cfg is not None, why
+        engine = throughput.build_engine(cfg, args, None, None)
+        built[mode] = (type(engine.landmarker_for(tmp_path / "x.mp4")), type(engine.tracker))
+    expected = type(fast.fast_landmarker(throughput.make_config(args, "fast", "mtcnn", tmp_path / "c.pth")[0], "cpu"))
+    assert built["fast"][0] is expected and built["exact"][0] is not expected
+    assert built["fast"][1] is not built["exact"][1]  # the keyframe tracker, not detection on every frame
 
 
 def _check_report(text: str, rows: list[str]) -> None:

@@ -1,0 +1,599 @@
+"""Dataset throughput through the registry: N generated 1080p clips, burst workers on one GPU, then on every GPU.
+
+Usage (see docs/PERFORMANCE.md)::
+
+    python bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast exact --landmarks mtcnn
+    python bench/dataset.py --device cpu --clips 3 --frames 10 --width 320 --height 180   # smoke
+
+Makes ``--clips`` distinct clips of ``--frames`` frames from the shared test clip (each with its own
+start frame and its own drift of the face, ``bench.throughput.make_video``), then for every
+``--landmarks`` backend and ``--mode``:
+
+1. submits them to a fresh registry (a temporary data folder with its SQLite file) with
+   ``python -m engine submit``, and runs ``python -m engine worker --gpu 0 --burst``
+   (``--device cpu`` on the CPU) until the queue is empty;
+2. the same on a second fresh registry with ``python -m engine worker --gpus all --burst`` (one
+   worker per GPU, skipped with a reason when fewer than two devices are visible).
+
+Prints a Markdown table: clips, frames, seconds from the first claim to the last finished job
+(the registry's ``started_at`` / ``finished_at``) and the workers' process wall time, clips/s,
+frames/s, GPU busy % per GPU over the registry window (pynvml, else ``nvidia-smi``, every 0.5 s),
+peak RSS of every worker process (psutil, sampled) and the all-GPU / one-GPU ratio. Never
+asserts anything about time.
+
+Weights: the checkpoint given, else a random Deep3D checkpoint; MTCNN's are the ones
+facenet-pytorch ships. For ``fan`` without the S3FD/2D-FAN-4 files, random ones in a temporary
+TORCH_HOME (``bench.throughput.prepare_fan_weights``); random S3FD finds no face, so the workers
+are started with ``bench/fixed_box_shim`` on ``PYTHONPATH``, which wraps the detector of both
+paths in ``bench.throughput.FixedBox`` (the detector still runs, and a fixed box around the face
+is handed on where it found none). The output says which weights ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, TEST_CLIP, random_checkpoint
+
+log = logging.getLogger("bench.dataset")
+
+#: Worker-side shim that wraps the fan backend's detector in FixedBox (see its docstring).
+SHIM_DIR = Path(__file__).resolve().parent / "fixed_box_shim"
+BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
+SAMPLE_S = 0.5
+#: Bumped when the generated clips change, so cached files of an older recipe are not reused.
+SET_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------ clips
+
+
+def clip_spec(base, k: int):
+    """The :class:`bench.throughput.MediaSpec` of clip ``k``: its own drift (period 5–9 s, amplitude
+    3–9 % of the height), so no two clips move alike; size and mean face place as ``base``."""
+    return dataclasses.replace(base, drift_period_s=5.0 + (k * 0.61) % 4.0, drift_frac=0.03 + 0.06 * ((k * 0.37) % 1.0))
+
+
+def clip_start(k: int, source_frames: int) -> int:
+    """Start frame of clip ``k`` in the ping-pong of the source clip (``2 n - 2`` frames a period)."""
+    return (37 * k) % max(1, 2 * source_frames - 2)
+
+
+def _make_chunk(src: str, base, frames: int, items: list[tuple[int, str]]) -> list[str]:
+    """Write the clips ``items`` (index, path) in one process (the source faces are decoded once)."""
+    from bench.throughput import _source_faces, make_video
+
+    faces = _source_faces(Path(src), base.face_size)
+    return [str(make_video(faces, Path(dst), frames, clip_start(k, len(faces)), clip_spec(base, k)))
+            for k, dst in items]
+
+
+def make_clips(src: Path, base, clips: int, frames: int, folder: Path, jobs: int) -> list[Path]:
+    """``clips`` clips of ``frames`` frames under ``folder`` (cached by name), written by ``jobs`` processes."""
+    paths = [folder / f"clip_{k:04d}.mp4" for k in range(clips)]
+    todo = [(k, str(p)) for k, p in enumerate(paths) if not p.exists()]
+    if todo:
+        jobs = max(1, min(jobs, len(todo)))
+        chunks = [todo[i::jobs] for i in range(jobs)]
+        if jobs == 1:
+            _make_chunk(str(src), base, frames, todo)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                for f in [pool.submit(_make_chunk, str(src), base, frames, c) for c in chunks]:
+                    f.result()
+    return paths
+
+
+# ------------------------------------------------------------------------------------ fixed box
+
+
+def parse_box(text: str) -> np.ndarray:
+    """``"x1,y1,x2,y2,score"`` → float64 (5,).
+
+    >>> parse_box("1,2,3,4,0.9").tolist()
+    [1.0, 2.0, 3.0, 4.0, 0.9]
+    """
+    box = np.array([float(v) for v in text.split(",")], np.float64)
+    if box.shape != (5,):
+        raise ValueError(f"${BOX_ENV}: expected x1,y1,x2,y2,score, got {text!r}")
+    return box
+
+
+def install_fixed_box(engine_cls, box_text: str) -> None:
+    """Make ``engine_cls.detector_for`` wrap the ``fan`` backend's detector in
+    :class:`bench.throughput.FixedBox` (called by ``bench/fixed_box_shim`` in the worker processes)."""
+    from bench.throughput import FixedBox
+    from engine.config import LandmarkBackend
+
+    box = parse_box(box_text)
+    original = engine_cls.detector_for
+
+    def detector_for(self, landmarker):
+        found = original(self, landmarker)
+        if found is None or isinstance(found, FixedBox) or self.config.landmarks != LandmarkBackend.FAN:
+            return found
+        return FixedBox(found, box)
+
+    engine_cls.detector_for = detector_for
+    log.info("bench shim: the fan detector is wrapped in FixedBox %s", box.tolist())
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def gpu_names() -> list[str]:
+    """``["0: NVIDIA H200", ...]`` from nvidia-smi (empty without it); never initialises CUDA here."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.replace(", ", ": ", 1) for line in out.stdout.splitlines() if line.strip()]
+
+
+class GpuSampler:
+    """GPU busy % of every GPU every :data:`SAMPLE_S` seconds in a thread: pynvml, else nvidia-smi."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, dict[int, float]]] = []  # (unix time, {gpu index: busy %})
+        self._stop = threading.Event()
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception:
+            self._nvml = None
+        self.available = self._nvml is not None or shutil.which("nvidia-smi") is not None
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+
+    def _read(self) -> dict[int, float]:
+        if self._nvml is not None:
+            n = self._nvml.nvmlDeviceGetCount()
+            return {i: float(self._nvml.nvmlDeviceGetUtilizationRates(self._nvml.nvmlDeviceGetHandleByIndex(i)).gpu)
+                    for i in range(n)}
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5)
+        values = {}
+        for line in out.stdout.splitlines():
+            index, _, busy = line.partition(",")
+            if index.strip().isdigit() and busy.strip().replace(".", "", 1).isdigit():
+                values[int(index)] = float(busy)
+        return values
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                values = self._read()
+            except Exception:  # a hiccup of the driver: this sample is missing
+                values = {}
+            if values:
+                self.samples.append((time.time(), values))
+            self._stop.wait(SAMPLE_S)
+
+    def __enter__(self) -> GpuSampler:
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def busy(self, start: float, end: float) -> dict[int, float]:
+        """Mean busy % of each GPU over the samples taken in ``[start, end]`` (unix seconds)."""
+        window = [v for t, v in self.samples if start <= t <= end] or [v for _, v in self.samples]
+        gpus = sorted({i for v in window for i in v})
+        return {i: float(np.mean([v[i] for v in window if i in v])) for i in gpus}
+
+
+def worker_label(cmdline: list[str]) -> str | None:
+    """The device of a ``python -m engine worker`` process serving one device, else None (the
+    ``--gpus`` launcher, helper interpreters).
+
+    >>> worker_label(["python", "-m", "engine", "worker", "--gpu", "0", "--burst"])
+    'cuda:0'
+    >>> worker_label(["python", "-m", "engine", "worker", "--gpus", "all"]) is None
+    True
+    """
+    if "worker" not in cmdline or "--gpus" in cmdline:
+        return None
+    for flag, prefix in (("--device", ""), ("--gpu", "cuda:")):
+        if flag in cmdline and cmdline.index(flag) + 1 < len(cmdline):
+            return prefix + cmdline[cmdline.index(flag) + 1]
+    return None
+
+
+def _process_tree(pid: int) -> list[tuple[int, list[str], int]]:
+    """(pid, command line, RSS bytes) of ``pid`` and all its descendants: psutil, else /proc (Linux)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        out = []
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+        for p in procs:
+            try:
+                out.append((p.pid, p.cmdline(), p.memory_info().rss))
+            except psutil.Error:
+                continue
+        return out
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit():  # the parent pid is the 2nd field after the ")" that ends the name
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        kids = [c for c, p in parents.items() if p in frontier and c not in tree]
+        tree.update(kids)
+        frontier = kids
+    out = []
+    for p in sorted(tree):
+        try:
+            cmdline = (Path("/proc") / str(p) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            rss_pages = int((Path("/proc") / str(p) / "statm").read_text().split()[1])
+            out.append((p, [c for c in cmdline if c], rss_pages * os.sysconf("SC_PAGE_SIZE")))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+class RssSampler:
+    """Peak RSS (bytes) of every worker process under ``pid`` (itself included), every :data:`SAMPLE_S` s."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peaks: dict[int, tuple[str, int]] = {}  # pid → (device, peak bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        for pid, cmdline, rss in _process_tree(self.pid):
+            label = worker_label(cmdline)
+            if label is not None:
+                self.peaks[pid] = (label, max(rss, self.peaks.get(pid, (label, 0))[1]))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(SAMPLE_S)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def text(self) -> str:
+        if not self.peaks:
+            return "n/a"
+        rows = sorted(self.peaks.values())
+        return ", ".join(f"{dev} {rss / 2**30:.2f} GiB" for dev, rss in rows)
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+@dataclasses.dataclass
+class Run:
+    """One registry served by one set of workers."""
+
+    name: str
+    workers: str
+    clips: int = 0
+    ok: int = 0
+    frames: int = 0
+    registry_s: float = float("nan")
+    process_s: float = float("nan")
+    gpu_busy: str = "n/a"
+    peak_rss: str = "n/a"
+    note: str = ""
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.ok / self.registry_s if self.registry_s > 0 else float("nan")
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.registry_s if self.registry_s > 0 else float("nan")
+
+
+def child_env(args, workdir: Path, fixed_box: np.ndarray | None) -> dict[str, str]:
+    """The environment of the submit and worker processes: the repo (and the FixedBox shim) on
+    PYTHONPATH, this process's TORCH_HOME (random FAN weights)."""
+    env = dict(os.environ)
+    paths = [str(REPO), env.get("PYTHONPATH", "")]
+    env.pop(BOX_ENV, None)
+    if fixed_box is not None:
+        paths.insert(0, str(SHIM_DIR))
+        env[BOX_ENV] = ",".join(f"{v:.3f}" for v in fixed_box)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.pop("STUDIO_DATA_DIR", None)
+    env.pop("STUDIO_DB_URL", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def submit(clips: list[Path], data: Path, mode: str, landmarks: str, ckpt: Path, args, env: dict) -> None:
+    """``python -m engine submit`` of every clip into the registry of ``data``."""
+    cmd = [sys.executable, "-m", "engine", "submit", *map(str, clips), "--data-dir", str(data),
+           "--mode", mode, "--landmarks", landmarks, "--checkpoint", str(ckpt)]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    if args.formats:
+        cmd += ["--formats", args.formats]
+    if args.detect_every:
+        cmd += ["--detect-every", str(args.detect_every)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    queued = len(re.findall(r"^queued job \d+", out.stdout, re.M))
+    if out.returncode != 0 or queued != len(clips):
+        raise RuntimeError(f"submit queued {queued} of {len(clips)} clips (exit {out.returncode}): "
+                           f"{out.stderr.strip()[-500:]}")
+
+
+def worker_command(args, data: Path, all_devices: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "engine", "worker", "--burst", "--data-dir", str(data), "--poll", "0.5"]
+    if all_devices:
+        cmd += ["--gpus", "all"]
+    elif args.device.startswith("cuda"):
+        cmd += ["--gpu", "0"]
+    else:
+        cmd += ["--device", args.device]
+    for flag in ("concurrency", "prefetch", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd += [f"--{flag}", str(value)]
+    return cmd
+
+
+def read_jobs(data: Path):
+    from db import Registry, service
+
+    reg = Registry(data_dir=data)
+    try:
+        return service.list_jobs(reg, limit=1_000_000, descending=False)
+    finally:
+        reg.close()
+
+
+def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, args, env: dict,
+          data: Path, all_devices: bool) -> Run:
+    """Submit ``clips`` to the fresh registry in ``data``, run the burst workers, read back the jobs."""
+    from db import JobStatus
+
+    submit(clips, data, mode, landmarks, ckpt, args, env)
+    cmd = worker_command(args, data, all_devices)
+    log_path = data / "workers.log"
+    print(f"... {run.name}, {run.workers}: {shlex.join(cmd[1:])} (log {log_path})", file=sys.stderr, flush=True)
+    with open(log_path, "w") as out, GpuSampler() as gpus:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with RssSampler(proc.pid) as rss:
+            try:
+                code = proc.wait(args.timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                code = proc.wait(120)
+                run.note = f"stopped after {args.timeout:.0f} s; "
+        t1 = time.time()
+    run.process_s = t1 - t0
+    run.peak_rss = rss.text()
+    jobs = read_jobs(data)
+    done = [j for j in jobs if j.status == JobStatus.SUCCEEDED]
+    run.clips, run.ok = len(jobs), len(done)
+    run.frames = sum(j.frames_total or j.frames_done for j in done)
+    run.failures = [f"job {j.id} ({j.name}): {j.status.value}: {j.error or ''}" for j in jobs if j not in done]
+    starts = [j.started_at for j in jobs if j.started_at]
+    ends = [j.finished_at for j in jobs if j.finished_at]
+    if starts and ends:
+        first, last = min(starts).timestamp(), max(ends).timestamp()
+        run.registry_s = last - first
+        busy = gpus.busy(first, last) if gpus.samples else {}
+        if busy:
+            run.gpu_busy = ", ".join(f"GPU {i} {b:.0f} %" for i, b in busy.items())
+    if code != 0:
+        run.note += f"workers exited with code {code} (see {log_path}); "
+    if run.failures:
+        run.note += f"{len(run.failures)} not succeeded, first: {run.failures[0][:200]}"
+    return run
+
+
+def all_devices_reason(args) -> str | None:
+    """Why the all-device run is skipped (None: it runs): it needs two or more devices, GPUs for
+    ``--device cuda``, or ``$STUDIO_DEVICES`` listing several (the tests' CPU devices)."""
+    from worker.launch import DEVICES_ENV, visible_devices
+
+    if args.single_only:
+        return "skipped (--single-only)"
+    override = os.environ.get(DEVICES_ENV, "").strip()
+    if not args.device.startswith("cuda") and not override:
+        return f"skipped: no GPUs with --device {args.device}"
+    devices = visible_devices()
+    if len(devices) < 2:
+        return f"skipped: only {len(devices)} device visible ({', '.join(devices)})"
+    return None
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _f(x: float, digits: int = 1) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def report(pairs: list[tuple[Run, Run | None, str | None]], header: list[str]) -> str:
+    lines = [*header, "",
+             "| path | workers | clips ok | frames | s (first claim → last done) | s (process) | clips/s | "
+             "frames/s | GPU busy | peak RSS per worker | × one GPU | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+    for one, every, why in pairs:
+        for run in (one, every):
+            if run is None:
+                continue
+            ratio = "1×" if run is one else (f"{run.frames_per_s / one.frames_per_s:.2f}×"
+                                             if one.frames_per_s > 0 and run.frames_per_s > 0 else "–")
+            cells = [run.name, run.workers, f"{run.ok}/{run.clips}", str(run.frames), _f(run.registry_s),
+                     _f(run.process_s), _f(run.clips_per_s, 2), f"**{_f(run.frames_per_s)}**", run.gpu_busy,
+                     run.peak_rss, ratio, run.note.strip().rstrip(";")]
+            lines.append("| " + " | ".join(cells) + " |")
+        if every is None:
+            lines.append(f"| {one.name} | all GPUs |" + " – |" * 10 + f" {why} |")
+    failures = [f for one, every, _ in pairs for r in (one, every) if r for f in r.failures]
+    if failures:
+        lines += ["", f"{len(failures)} job(s) did not succeed:", *[f"- {f}" for f in failures[:20]]]
+    return "\n".join(lines)
+
+
+def versions() -> str:
+    import av
+    import torch
+
+    return (f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+            f"PyAV {av.__version__}")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clips", type=int, default=200, help="number of clips (default: 200)")
+    ap.add_argument("--frames", type=int, default=250, help="frames per clip (default: 250)")
+    ap.add_argument("--width", type=int, default=1920)
+    ap.add_argument("--height", type=int, default=1080)
+    ap.add_argument("--fps", type=int, default=25)
+    ap.add_argument("--clip", type=Path, default=TEST_CLIP, help="the face video the clips are made from")
+    ap.add_argument("--device", default="cuda", help="cuda (workers --gpu 0, then --gpus all) or cpu")
+    ap.add_argument("--mode", dest="modes", nargs="+", choices=("exact", "fast"), default=["exact", "fast"])
+    ap.add_argument("--landmarks", nargs="+", choices=("mtcnn", "fan"), default=["mtcnn"])
+    ap.add_argument("--batch-size", type=int, help="jobs' batch size (default: submit's)")
+    ap.add_argument("--formats", help="jobs' output formats, comma list (default: submit's)")
+    ap.add_argument("--detect-every", type=int, help="fast path keyframe interval (default: submit's)")
+    ap.add_argument("--concurrency", type=int, help="worker --concurrency (default: the worker's)")
+    ap.add_argument("--prefetch", type=int, help="worker --prefetch (default: the worker's)")
+    ap.add_argument("--threads", type=int, help="worker --threads (default: the worker's; --gpus splits the cores)")
+    ap.add_argument("--single-only", action="store_true", help="skip the all-GPU run")
+    ap.add_argument("--gen-jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="processes writing the clips (default: min(8, CPUs))")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="longest run of one set of workers, seconds")
+    ap.add_argument("--checkpoint", type=Path, help="epoch_20.pth (default: random weights)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-bench-dataset",
+                    help="generated clips (cached) and the registries of each run")
+    ap.add_argument("--out", type=Path, help="also write the Markdown here")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    from bench.throughput import MediaSpec, prepare_fan_weights
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    base = MediaSpec(args.width, args.height, args.fps)
+    folder = args.workdir / f"set{SET_VERSION}_{args.width}x{args.height}_{args.fps}_{args.frames}"
+    print(f"... writing {args.clips} clips of {args.frames} frames to {folder}", file=sys.stderr, flush=True)
+    clips = make_clips(args.clip, base, args.clips, args.frames, folder, args.gen_jobs)
+
+    notes = []
+    ckpt = args.checkpoint
+    if ckpt is None:
+        ckpt = random_checkpoint(args.workdir / "random_epoch_20.pth")
+        notes.append("RANDOM Deep3D checkpoint (ResNet-50, the real architecture)")
+    else:
+        notes.append(f"checkpoint {ckpt}")
+    fixed_box = None
+    if "fan" in args.landmarks:
+        used = prepare_fan_weights(args.workdir)  # sets TORCH_HOME for the children when random
+        notes.append(used.replace("a fixed box is used", "the workers' detector is wrapped in FixedBox "
+                                  "(bench/fixed_box_shim)"))
+        if used.startswith("RANDOM"):
+            fixed_box = base.face_box()
+    if "mtcnn" in args.landmarks:
+        notes.append("MTCNN: the weights facenet-pytorch ships (real)")
+    env = child_env(args, args.workdir, fixed_box)
+
+    command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    names = gpu_names() if args.device.startswith("cuda") else []
+    header = [
+        f"**bench/dataset.py** — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- command: `{command}`",
+        f"- devices: {'; '.join(names) if names else args.device}; host {platform.node()}, "
+        f"{os.cpu_count()} CPUs; {versions()}",
+        f"- inputs: {args.clips} distinct clips × {args.frames} frames, {args.width}×{args.height} at {args.fps} fps "
+        f"(from {args.clip.name}: other start frame and drift each), submitted with `python -m engine submit` "
+        f"to a fresh SQLite registry per run",
+        f"- weights: {'; '.join(notes)}. Speed does not depend on the weights' values.",
+        "- seconds: from the first job claimed to the last job finished (registry timestamps); "
+        "frames/s and clips/s over that window; GPU busy: mean over it",
+    ]
+    print("\n".join(header), flush=True)
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs_dir = Path(tempfile.mkdtemp(prefix=f"runs-{stamp}-", dir=args.workdir))
+    why_not_all = all_devices_reason(args)
+    pairs = []
+    for landmarks in args.landmarks:
+        for mode in args.modes:
+            name = f"{mode}, {landmarks}"
+            one_label = "1 GPU (--gpu 0)" if args.device.startswith("cuda") else f"1 worker (--device {args.device})"
+            one = serve(Run(name, one_label), clips, mode, landmarks, ckpt, args, env,
+                        runs_dir / f"{mode}-{landmarks}-one", all_devices=False)
+            every = None
+            if why_not_all is None:
+                all_label = "all GPUs (--gpus all)" if args.device.startswith("cuda") else "every device (--gpus all)"
+                every = serve(Run(name, all_label), clips, mode, landmarks, ckpt, args, env,
+                              runs_dir / f"{mode}-{landmarks}-all", all_devices=True)
+            pairs.append((one, every, why_not_all))
+            if args.out:  # what is measured so far survives a run cut short
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(report(pairs, header) + "\n", encoding="utf-8")
+            for run in (one, every):
+                if run is not None:
+                    print(f"... {run.name}, {run.workers}: {run.ok}/{run.clips} ok, {run.frames} frames, "
+                          f"{_f(run.frames_per_s)} frames/s", file=sys.stderr, flush=True)
+    text = report(pairs, header)
+    print("\n" + text[len("\n".join(header)):].lstrip("\n"))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    ok = all(r.ok == r.clips == len(clips) for p in pairs for r in p[:2] if r is not None)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

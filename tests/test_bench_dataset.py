@@ -1,0 +1,127 @@
+"""bench/dataset.py on the CPU at toy sizes: real clips, real SQLite registries, real
+``python -m engine submit`` and burst ``python -m engine worker`` processes.
+
+Timings are printed, never asserted (docs/development.md): the tests check that the table has its
+rows and that every job of every registry the bench made finished ``succeeded``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("av")
+dataset = pytest.importorskip("bench.dataset")
+
+W, H, FRAMES, CLIPS = 256, 144, 6, 2
+
+
+def _run(tmp_path: Path, test_video: Path, *extra: str) -> tuple[int, str]:
+    out = tmp_path / "dataset.md"
+    code = dataset.main(["--device", "cpu", "--clips", str(CLIPS), "--frames", str(FRAMES), "--width", str(W),
+                         "--height", str(H), "--clip", str(test_video), "--gen-jobs", "1",
+                         "--workdir", str(tmp_path / "work"), "--out", str(out), *extra])
+    return code, out.read_text(encoding="utf-8")
+
+
+def _registries(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "work").glob("runs-*/*") if p.is_dir())
+
+
+def _assert_every_job_succeeded(data: Path) -> None:
+    from db import JobStatus
+
+    jobs = dataset.read_jobs(data)
+    assert len(jobs) == CLIPS, data
+    for job in jobs:
+        assert job.status == JobStatus.SUCCEEDED, (data, job.error)
+        assert job.frames_done == FRAMES
+        assert job.started_at is not None and job.finished_at is not None and job.started_at <= job.finished_at
+    assert len({job.video_id for job in jobs}) == CLIPS  # distinct clips, not one file stored twice
+
+
+def _row(text: str, path: str, workers: str) -> list[str]:
+    rows = [line for line in text.splitlines() if line.startswith(f"| {path} | {workers}")]
+    assert len(rows) == 1, text
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_one_worker_per_mode_every_job_succeeds(tmp_path, test_video, monkeypatch):
+    monkeypatch.delenv("STUDIO_DEVICES", raising=False)
+    code, text = _run(tmp_path, test_video, "--mode", "exact", "fast", "--landmarks", "mtcnn")
+    assert code == 0, text
+    assert "- command: `python " in text and "- devices: cpu" in text and "RANDOM Deep3D checkpoint" in text
+    for mode in ("exact", "fast"):
+        cells = _row(text, f"{mode}, mtcnn", "1 worker (--device cpu)")
+        assert cells[2] == f"{CLIPS}/{CLIPS}" and cells[3] == str(CLIPS * FRAMES)
+        assert float(cells[7].strip("*")) > 0 and cells[8] == "n/a" and cells[9].startswith("cpu ")
+        skipped = _row(text, f"{mode}, mtcnn", "all GPUs")
+        assert "skipped: no GPUs" in skipped[-1]
+    registries = _registries(tmp_path)
+    assert [p.name for p in registries] == ["exact-mtcnn-one", "fast-mtcnn-one"]  # a fresh registry per run
+    for data in registries:
+        _assert_every_job_succeeded(data)
+
+
+def test_every_device_run_uses_gpus_all_on_a_fresh_registry(tmp_path, test_video, monkeypatch):
+    monkeypatch.setenv("STUDIO_DEVICES", "cpu:0,cpu:1")  # worker.launch: these devices instead of the GPUs
+    code, text = _run(tmp_path, test_video, "--mode", "fast", "--landmarks", "mtcnn", "--threads", "1")
+    assert code == 0, text
+    cells = _row(text, "fast, mtcnn", "every device (--gpus all)")
+    assert cells[2] == f"{CLIPS}/{CLIPS}" and cells[10].endswith("×")
+    assert "cpu:0 " in cells[9] or "cpu:1 " in cells[9]  # peak RSS of the launcher's worker children
+    registries = _registries(tmp_path)
+    assert [p.name for p in registries] == ["fast-mtcnn-all", "fast-mtcnn-one"]
+    for data in registries:
+        _assert_every_job_succeeded(data)
+
+
+def test_random_s3fd_finds_the_fixed_box_in_the_workers(tmp_path, test_video, monkeypatch):
+    """Random S3FD weights find no face: without the worker-side FixedBox every fast-path job would
+    fail with "no face found"."""
+    monkeypatch.delenv("STUDIO_DEVICES", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-empty"))  # no real FAN files: random ones are made
+    code, text = _run(tmp_path, test_video, "--mode", "fast", "--landmarks", "fan")
+    assert code == 0, text
+    assert "RANDOM S3FD/2D-FAN-4" in text and "FixedBox" in text
+    for data in _registries(tmp_path):
+        _assert_every_job_succeeded(data)
+
+
+def test_install_fixed_box_wraps_only_the_fan_detector():
+    from bench.throughput import FixedBox
+    from engine.config import EngineConfig
+
+    @dataclasses.dataclass
+    class FakeEngine:
+        config: EngineConfig
+
+        def detector_for(self, landmarker):
+            return landmarker
+
+    dataset.install_fixed_box(FakeEngine, "1,2,3,4,0.9")
+    fan = FakeEngine(EngineConfig(landmarks="fan")).detector_for("s3fd")
+    assert isinstance(fan, FixedBox) and fan.inner == "s3fd" and np.allclose(fan.box, [1, 2, 3, 4, 0.9])
+    assert FakeEngine(EngineConfig(landmarks="fan")).detector_for(None) is None
+    assert FakeEngine(EngineConfig(landmarks="mtcnn")).detector_for("mtcnn") == "mtcnn"
+    assert FakeEngine(EngineConfig(landmarks="fan")).detector_for(fan) is fan  # never wrapped twice
+
+
+def test_clips_differ_in_start_frame_and_drift():
+    from bench.throughput import MediaSpec
+
+    base = MediaSpec(W, H, 25)
+    specs = [dataset.clip_spec(base, k) for k in range(200)]
+    assert len({(s.drift_period_s, s.drift_frac) for s in specs}) == 200
+    for s in specs:  # the face never leaves the canvas
+        for t in np.linspace(0, 20, 81):
+            x, y = s.face_origin(float(t))
+            assert x >= 0 and y >= 0 and x + s.face_size <= W and y + s.face_size <= H
+    assert len({dataset.clip_start(k, 100) for k in range(198)}) == 198
+    assert dataset.worker_label(["python", "-m", "engine", "worker", "--device", "cpu:1"]) == "cpu:1"
+    assert dataset.parse_box("1,2,3,4,0.5").tolist() == [1, 2, 3, 4, 0.5]
+    with pytest.raises(ValueError):
+        dataset.parse_box("1,2,3")
