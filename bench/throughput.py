@@ -756,6 +756,10 @@ def main(argv=None) -> int:
         for mode in args.modes:
             print(f"... {mode}, {landmarks}", file=sys.stderr, flush=True)
             rows.append(measure_mode(mode, landmarks, args, inputs, warm, ckpt, fixed_box, source))
+            r = rows[-1]  # a line per row as it ends, so a run cut short keeps what it measured
+            print(f"    {r.name}: {r.frames} frames, {r.fps:.1f} frames/s, RSS {r.peak_rss}, GPU {r.gpu_peak}, "
+                  f"busy {r.gpu_busy}, stages {({k: round(v, 1) for k, v in r.stages.items()})} {r.note}",
+                  file=sys.stderr, flush=True)
     reference = None
     if args.reference:
         print("... reference-style", file=sys.stderr, flush=True)
