@@ -674,7 +674,7 @@ def parse_args(argv=None):
     ap.add_argument("--mode", dest="modes", nargs="*", choices=("exact", "fast"), default=["exact", "fast"],
                     help="engine paths to measure (none: only the reference-style pipeline)")
     ap.add_argument("--landmarks", nargs="+", default=["fan", "mtcnn"])
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--detect-every", type=int, default=0, help="fast path keyframe interval (0: its default)")
     ap.add_argument("--decoder", choices=("pyav", "nvdec"), default="pyav")
     ap.add_argument("--stage-frames", type=int, default=512, help="frames per stage timing (0: skip stages)")

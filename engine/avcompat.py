@@ -18,6 +18,12 @@ What differs, and what this module does about it:
   gives its entries up to 18 and their keys from 19: :func:`side_data` gives the entries.
 * copying a stream into an output container: ``OutputContainer.add_stream_from_template``
   from 14 on, ``add_stream(template=...)`` before. :func:`add_stream_like` uses either.
+* ``VideoFrame.to_ndarray`` / ``reformat``: from 17 on, every conversion that is not told
+  ``threads=1`` starts its own swscale thread pool, one thread per CPU (``threads=0``, the
+  default). Converting frame by frame, on a 16-core machine with a few inputs decoding at once,
+  the thread start-ups cost more than the conversion itself and the pools oversubscribe the
+  cores (1080p RGB conversion stalled at ~170 frames/s on a 16-core H200 host). The pixels are the same
+  either way; :func:`to_rgb24` converts on the calling thread, as PyAV ≤ 16 always did.
 * exceptions: ``av.error.FFmpegError`` and its subclasses (``InvalidDataError``,
   ``PermissionError``, …) exist in every supported release; ``av.AVError`` was removed in
   14, and since 17 FFmpeg's argument errors are ``av.ArgumentError`` (a subclass of both
@@ -28,6 +34,7 @@ What differs, and what this module does about it:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import struct
@@ -36,6 +43,18 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+def to_rgb24(frame, width: int | None = None, height: int | None = None):
+    """uint8 (H, W, 3) RGB of a decoded ``av.VideoFrame`` (scaled to ``width`` × ``height`` when
+    given), converted on the calling thread (``threads=1`` where PyAV has the argument)."""
+    kwargs = {"format": "rgb24"}
+    if width is not None:
+        kwargs.update(width=width, height=height)
+    if av_version() >= (17, 0):
+        kwargs["threads"] = 1
+    return frame.to_ndarray(**kwargs)
+
+
+@functools.cache
 def av_version() -> tuple[int, int]:
     """(major, minor) of the installed PyAV (requirements.txt allows 12.0 to 19.x).
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Inputs at once on a GPU by default: enough to keep it busy while others decode and align.
-CUDA_CONCURRENCY = 4
+CUDA_CONCURRENCY = 2
 #: CPU cores per input at once on the CPU by default (each input's stages use several threads).
 CPU_CORES_PER_INPUT = 4
 
@@ -81,7 +81,7 @@ def default_concurrency(device: str, cpu_count: int | None) -> int:
     one per :data:`CPU_CORES_PER_INPUT` cores (at least 1, at most 4).
 
     >>> default_concurrency("cuda:0", 16), default_concurrency("cpu", 2), default_concurrency("cpu", 16)
-    (4, 1, 4)
+    (2, 1, 4)
     """
     if str(device).startswith("cuda"):
         return CUDA_CONCURRENCY

@@ -38,6 +38,7 @@ from engine import __version__
 from engine import quality as q
 from engine.config import EngineConfig, Mode, name_of
 from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, storage_error
+from engine.hostmem import return_large_blocks
 from engine.limits import InputLimits
 from engine.progress import PROGRESS_INTERVAL_S, Progress, ProgressReporter
 from engine.sources import InputItem
@@ -364,6 +365,7 @@ class Engine:
         limits: InputLimits | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        return_large_blocks()  # freed frames go back to the OS (engine.hostmem)
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
         given = {"detector": detector, "tracker": tracker, "landmarker": landmarker, "aligner": aligner,
                  "regressor": regressor}
@@ -558,7 +560,7 @@ class Engine:
             jobs: :class:`~engine.many.InputJob` items, consumed lazily: the next item is pulled
                 (in a helper thread, never two at once) only when fewer than ``concurrency``
                 inputs are open, so a worker can feed jobs as it claims them.
-            concurrency: inputs at once; default :func:`engine.many.default_concurrency` (4 on
+            concurrency: inputs at once; default :func:`engine.many.default_concurrency` (2 on
                 CUDA; on the CPU one per 4 cores, at least 1). 1 with sinks handed to the engine.
             merge_batches: merge the inputs' regressor calls into one forward
                 (:class:`~engine.batching.MergingRegressor`); default: on CUDA only.

@@ -598,10 +598,9 @@ def upright_rgb(frame, size: tuple[int, int], rotation_cw: int | None = None) ->
     """uint8 (H, W, 3) RGB of a decoded PyAV frame as the engine sees it: scaled to the stream's
     coded ``size`` = (W, H) if it differs, then turned upright (``rotation_cw`` degrees, by
     default the frame's own display rotation). May be a view."""
-    if (frame.width, frame.height) == size:
-        image = frame.to_ndarray(format="rgb24")
-    else:
-        image = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+    from engine.avcompat import to_rgb24
+
+    image = to_rgb24(frame, *(size if (frame.width, frame.height) != size else (None, None)))
     return _rotate(image, _rotation_cw(frame) if rotation_cw is None else rotation_cw)
 
 

@@ -281,7 +281,7 @@ def test_merging_regressor_equals_separate_calls_on_a_real_network(recon_checkpo
 
 
 def test_default_concurrency():
-    assert default_concurrency("cuda", 2) == 4
+    assert default_concurrency("cuda", 2) == 2
     assert default_concurrency("cpu", 2) == 1 and default_concurrency("cpu", None) == 1
     assert default_concurrency("cpu", 8) == 2 and default_concurrency("cpu", 64) == 4
 
