@@ -495,14 +495,6 @@ def _iter_image(path: Path, start: int) -> Iterator[FrameBatch]:
     )
 
 
-def _make_batch(images: list[np.ndarray], index: list[int], times: list[float]) -> FrameBatch:
-    return FrameBatch(
-        images=np.stack(images),
-        index=np.asarray(index, dtype=np.int64),
-        timestamps=np.asarray(times, dtype=np.float64),
-    )
-
-
 def _iter_video(path: Path, batch_size: int, start: int, convert_threads: int = 1) -> Iterator[FrameBatch]:
     pool = ThreadPoolExecutor(convert_threads, thread_name_prefix="rgb") if convert_threads > 1 else None
     try:
@@ -525,9 +517,7 @@ def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecu
         duration = _stream_duration(container, stream)
         stream_end = _stream_start(stream) + duration
 
-        images: list = []  # RGB arrays, or the pool's futures of them
-        index: list[int] = []
-        times: list[float] = []
+        batch: _Batch | None = None  # the batch being filled
         count = 0  # frames decoded so far (all of them, dropped ones included)
         last_time: float | None = None
         rotation = 0
@@ -552,27 +542,24 @@ def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecu
                                 "%s: frame %d is %dx%d, the stream started at %dx%d; scaling such frames",
                                 path, count, frame.width, frame.height, *size,
                             )
-                        if pool is None:
-                            images.append(upright_rgb(frame, size, rotation))
-                        else:
-                            images.append(pool.submit(upright_rgb, frame, size, rotation))
-                        index.append(count)
-                        times.append(t)
-                        if len(images) == batch_size:
-                            done, failed = _resolved(images)
+                        if batch is None:
+                            batch = _Batch(batch_size, size, rotation, pool)
+                        batch.add(frame, count, t)
+                        if batch.full:
+                            done, failed = batch.finish()
                             if failed is not None:
-                                images = done
                                 raise failed
-                            yield _make_batch(done, index, times)
-                            images, index, times = [], [], []
+                            yield done
+                            batch = None
                     count += 1
         except av.error.FFmpegError as e:
             error = DecodeError(f"{path}: decoding failed at frame {count} ({_reason(e)})")
-        done, failed = _resolved(images)
-        if failed is not None and error is None:
-            error = DecodeError(f"{path}: decoding failed at frame {index[len(done)]} ({_reason(failed)})")
-        if done:
-            yield _make_batch(done, index[: len(done)], times[: len(done)])
+        if batch is not None:
+            done, failed = batch.finish()
+            if failed is not None and error is None:
+                error = DecodeError(f"{path}: decoding failed at frame {batch.index[len(done)]} ({_reason(failed)})")
+            if len(done):
+                yield done
         if error is not None:
             raise error
         if count == 0:
@@ -580,18 +567,53 @@ def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecu
         _check_complete(path, count, announced, last_time, step, fps, stream_end, duration)
 
 
-def _resolved(images: list) -> tuple[list[np.ndarray], Exception | None]:
-    """The RGB arrays of a batch in frame order (pool futures awaited), up to the first frame whose
-    conversion failed, and that failure (None when all converted)."""
-    done: list[np.ndarray] = []
-    for im in images:
-        if isinstance(im, Future):
-            try:
-                im = im.result()
-            except Exception as e:  # FFmpeg's error, re-raised by the decode loop
-                return done, e
-        done.append(im)
-    return done, None
+class _Batch:
+    """One batch being decoded: each frame is converted (on the decode thread, or in ``pool``)
+    straight into its row of one uint8 (capacity, H, W, 3) array, so the decode thread never
+    copies or stacks frames (a ``np.stack`` of 32 fresh 1080p frames cost it ~4 ms a frame)."""
+
+    def __init__(self, capacity: int, size: tuple[int, int], rotation: int, pool: ThreadPoolExecutor | None) -> None:
+        width, height = size
+        rows, cols = (width, height) if rotation in (90, 270) else (height, width)
+        self.images = np.empty((capacity, rows, cols, 3), dtype=np.uint8)  # pages are touched by the converters
+        self.size, self.rotation, self.pool = size, rotation, pool
+        self.index: list[int] = []
+        self.times: list[float] = []
+        self.pending: list[Future | None] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.index) == len(self.images)
+
+    def add(self, frame, index: int, t: float) -> None:
+        row = len(self.index)
+        self.index.append(index)
+        self.times.append(t)
+        if self.pool is None:
+            self._convert(row, frame)
+            self.pending.append(None)
+        else:
+            self.pending.append(self.pool.submit(self._convert, row, frame))
+
+    def _convert(self, row: int, frame) -> None:
+        self.images[row] = upright_rgb(frame, self.size, self.rotation)
+
+    def finish(self) -> tuple[FrameBatch, Exception | None]:
+        """The frames converted, in order, up to the first whose conversion failed, and that
+        failure (None when all converted)."""
+        ok = 0
+        for job in self.pending:
+            if job is not None:
+                try:
+                    job.result()
+                except Exception as e:  # FFmpeg's error, re-raised by the decode loop
+                    return self._batch(ok), e
+            ok += 1
+        return self._batch(ok), None
+
+    def _batch(self, n: int) -> FrameBatch:
+        return FrameBatch(images=self.images[:n], index=np.asarray(self.index[:n], dtype=np.int64),
+                          timestamps=np.asarray(self.times[:n], dtype=np.float64))
 
 
 def upright_rgb(frame, size: tuple[int, int], rotation_cw: int | None = None) -> np.ndarray:
