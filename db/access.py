@@ -198,8 +198,16 @@ def relative_text(text: str, data_dir: Path, roots: Iterable[Path] | None = ()) 
 
 
 def user_message(message: str, input_path: Path, name: str, data_dir: Path) -> str:
-    """A job's error as its user should read it: the stored input (``uploads/ab/<sha>.mp4``) is
-    named by the name it was submitted under, other data-folder paths are made relative."""
-    for shown in dict.fromkeys((str(input_path), str(Path(input_path).resolve()))):
+    """A job's error as its user should read it: the stored input (``uploads/ab/<sha>.mp4``), by
+    its path or its bare file name (the engine's messages use either), is named by the name it
+    was submitted under; other data-folder paths are made relative.
+
+    >>> user_message("ab12.mp4: no face found", Path("/d/uploads/ab/ab12.mp4"), "talk.mp4", Path("/d"))
+    'talk.mp4: no face found'
+    """
+    stored = Path(input_path)
+    for shown in dict.fromkeys((str(stored), str(stored.resolve()))):
         message = message.replace(shown, name)
+    if stored.name != name:
+        message = re.sub(rf"(?<![\w/.-]){re.escape(stored.name)}(?![\w.-])", lambda _: name, message)
     return relative_text(message, data_dir)
