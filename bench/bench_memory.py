@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, TEST_CLIP, make_720p_clip, random_checkpoint
+from bench.common import REPO, TEST_CLIP, random_checkpoint
+from bench.throughput import MediaSpec, make_video, source_faces
 
 CHILD = """
 import json, resource, sys, time
@@ -48,8 +49,10 @@ def main() -> None:
 
     ckpt = args.checkpoint or random_checkpoint(args.workdir / "random_epoch_20.pth")
     rows = []
+    spec = MediaSpec(1280, 720)
+    faces = source_faces(args.clip, spec.face_size)
     for n in args.frames:
-        video = make_720p_clip(args.clip, args.workdir / f"clip720_{n}.mp4", n)
+        video = make_video(faces, args.workdir / f"clip720_{n}.mp4", n, 0, spec)
         cfg = {"checkpoint": str(ckpt), "landmarks": args.landmarks, "device": args.device,
                "batch_size": args.batch_size, "formats": ["pirender", "npz"], "overwrite": True}
         t = time.perf_counter()

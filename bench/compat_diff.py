@@ -147,10 +147,10 @@ def main() -> int:
 
     videos = list(args.videos) or [TEST_CLIP]
     if args.make_1080p:
-        from bench.throughput import MediaSpec, _source_faces, make_video
+        from bench.throughput import MediaSpec, make_video, source_faces
 
         spec = MediaSpec()
-        videos.append(make_video(_source_faces(TEST_CLIP, spec.face_size),
+        videos.append(make_video(source_faces(TEST_CLIP, spec.face_size),
                                  args.workdir / f"clip1080p-{args.make_1080p}.mp4", args.make_1080p, 0, spec))
     checkpoint = args.checkpoint or random_checkpoint(args.workdir / "random_epoch_20.pth")
     weights = "real checkpoint" if args.checkpoint else "random-weight checkpoint (real ResNet-50 layout)"

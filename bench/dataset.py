@@ -82,9 +82,9 @@ def clip_start(k: int, source_frames: int) -> int:
 
 def _make_chunk(src: str, base, frames: int, items: list[tuple[int, str]]) -> list[str]:
     """Write the clips ``items`` (index, path) in one process (the source faces are decoded once)."""
-    from bench.throughput import _source_faces, make_video
+    from bench.throughput import make_video, source_faces
 
-    faces = _source_faces(Path(src), base.face_size)
+    faces = source_faces(Path(src), base.face_size)
     return [str(make_video(faces, Path(dst), frames, clip_start(k, len(faces)), clip_spec(base, k)))
             for k, dst in items]
 

@@ -123,10 +123,10 @@ def main() -> int:
     frames = clip_frames(TEST_CLIP, args.frames)
     faces, landmarks = mtcnn_faces(frames, args.device)
     ok &= check_aligner(frames, landmarks, args.device, TEST_CLIP.name)
-    from bench.throughput import MediaSpec, _source_faces, make_video
+    from bench.throughput import MediaSpec, make_video, source_faces
 
     spec = MediaSpec()
-    hd = make_video(_source_faces(TEST_CLIP, spec.face_size), args.workdir / "clip1080p-96.mp4", 96, 0, spec)
+    hd = make_video(source_faces(TEST_CLIP, spec.face_size), args.workdir / "clip1080p-96.mp4", 96, 0, spec)
     hd_frames = clip_frames(hd, 96)
     _, hd_landmarks = mtcnn_faces(hd_frames, args.device)
     ok &= check_aligner(hd_frames, hd_landmarks, args.device, "1080p copy")

@@ -91,7 +91,7 @@ class MediaSpec:
         return np.array([x + 0.25 * s, y + 0.18 * s, x + 0.75 * s, y + 0.78 * s, 0.99])
 
 
-def _source_faces(src: Path, size: int) -> list[np.ndarray]:
+def source_faces(src: Path, size: int) -> list[np.ndarray]:
     from PIL import Image
 
     from engine.sources import iter_frames
@@ -145,7 +145,7 @@ def make_video(faces: list[np.ndarray], dst: Path, frames: int, start: int, spec
 def make_set(kind: str, args, spec: MediaSpec, workdir: Path) -> list[Path]:
     """The generated inputs: ``long`` = one video of ``--minutes``; ``clips`` = ``--clips`` videos of
     ``--seconds``, each starting at a different frame of the source clip."""
-    faces = _source_faces(args.clip, spec.face_size)
+    faces = source_faces(args.clip, spec.face_size)
     tag = f"{spec.width}x{spec.height}_{spec.fps}"
     if kind == "long":
         n = max(1, round(args.minutes * 60 * spec.fps))
@@ -714,7 +714,7 @@ def main(argv=None) -> int:
             sys.exit("--device cuda: torch sees no CUDA device (use --device cpu)")
     spec = MediaSpec(args.width, args.height, args.fps)
     inputs = make_set(args.set, args, spec, args.workdir) if args.set else [p.resolve() for p in args.video]
-    faces = _source_faces(args.clip, spec.face_size)
+    faces = source_faces(args.clip, spec.face_size)
     warm = make_video(faces, args.workdir / f"warm_{spec.width}x{spec.height}.mp4", 2 * args.batch_size + 3, 5, spec)
 
     notes = []
