@@ -252,6 +252,7 @@ def _run_one(models: _Models, job: InputJob, stop_all: threading.Event) -> Input
 
     child = None
     try:
+        models.engine.check_input(job.source)  # a bad input fails as itself, before any model loads
         shared = models.shared(job.source)
         child = Engine(models.engine.config, **shared)
         child.face_model = models.face_model  # one BFM for every input (overlay, lm68 extras)

@@ -524,11 +524,7 @@ class Engine:
         stop = should_stop or _never
 
         # 1. Check inputs before any model work; each sink says where its files go.
-        if not source.exists():
-            raise InputError(f"{source}: no such file")
-        self.limits.check_file(source)
-        info = self.source.probe(source)
-        self.limits.check_media(source.name, info)
+        info = self.check_input(source)
         sinks = self._sinks if self._sinks is not None else create_sinks(cfg.formats, self._sink_context)
         try:
             paths: dict[str, Path] = {}
@@ -575,6 +571,21 @@ class Engine:
         from engine.many import run_many
 
         return run_many(self, jobs, concurrency=concurrency, merge_batches=merge_batches)
+
+    def check_input(self, source: str | Path | InputItem) -> MediaInfo:
+        """Step 1 of :meth:`run`, which needs no model: the input exists, is within
+        :attr:`limits` and probes as a video or an image.
+
+        Raises:
+            InputError / DecodeError: with the input's name and why.
+        """
+        path = source.path if isinstance(source, InputItem) else Path(source)
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        self.limits.check_file(path)
+        info = self.source.probe(path)
+        self.limits.check_media(path.name, info)
+        return info
 
     def _run(self, source: Path | InputItem, info: MediaInfo, sinks: list[Sink], paths: dict[str, Path],
              reporter: ProgressReporter, stop: Callable[[], bool], state_dir) -> RunReport:
