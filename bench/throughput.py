@@ -374,34 +374,16 @@ def make_config(args, mode: str, landmarks: str, ckpt: Path):
 
 
 def build_engine(cfg, args, fixed_box: np.ndarray | None, source):
-    """An Engine for ``cfg``: the fast path's stages from engine.fast when the branch has them; the
-    detector wrapped in :class:`FixedBox` when S3FD has random weights."""
+    """An Engine for ``cfg`` (its mode's stages, as ``extract`` builds them), with the detector
+    wrapped in :class:`FixedBox` when S3FD has random weights."""
     from engine import Engine
-    from engine.landmarks import create_landmarker
 
-    device = args.device
-    stages: dict = {}
-    mode = getattr(cfg, "mode", "exact")
-    if str(getattr(mode, "value", mode)) == "fast":  # Mode.FAST (str() of the enum is "Mode.FAST")
-        try:
-            from engine.fast import fast_stages
-        except ImportError:
-            fast_stages = None
-        if fast_stages is not None:
-            stages = {k: v for k, v in fast_stages(cfg, device).items() if v is not None}
-        try:  # the fast landmarker is built lazily by the engine: a landmarker handed in would win over it
-            from engine.fast import fast_landmarker
-        except ImportError:
-            fast_landmarker = None
-        if fast_landmarker is not None and "landmarker" not in stages:
-            stages["landmarker"] = fast_landmarker(cfg, device)
-    if stages.get("landmarker") is None:
-        stages["landmarker"] = create_landmarker(cfg, device)
-    if "detector" not in stages:
-        stages["detector"] = getattr(stages["landmarker"], "detector", None)
-    if fixed_box is not None and stages["detector"] is not None:
-        stages["detector"] = FixedBox(stages["detector"], fixed_box)
-    return Engine(cfg, source=source, **stages)
+    engine = Engine(cfg, source=source)
+    landmarker = engine.landmarker_for(None)  # fan and mtcnn need no input to be built
+    detector = getattr(landmarker, "detector", None)
+    if fixed_box is not None and detector is not None:
+        detector = FixedBox(detector, fixed_box)
+    return Engine(cfg, source=source, landmarker=landmarker, detector=detector)
 
 
 def stage_rates(engine, inputs: list[Path], args) -> dict[str, float]:

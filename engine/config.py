@@ -72,7 +72,7 @@ class Mode(str, Enum):
 
     ``EXACT`` (default) is today's path, bit-identical to the reference on the CPU. ``FAST`` is
     the same :class:`~engine.pipeline.Engine` composed of GPU stages (keyframe tracking, batched
-    landmarks, fp16) from :func:`engine.fast.fast_stages`: small measured differences, see
+    landmarks, fp16; :mod:`engine.fast`): small measured differences, see
     ``docs/compatibility.md``.
     """
 

@@ -2,8 +2,11 @@
 ``config.mode`` is :attr:`~engine.config.Mode.FAST` (see ``docs/compatibility.md`` for what it
 changes, measured).
 
-The fast path is the same engine with other stages swapped in; a stage handed to
-``Engine(...)`` always wins over the one chosen here.
+The fast path is the same engine with other stages swapped in, each built by the engine's own
+factory when ``config.mode`` is fast: the tracker by
+:func:`~engine.stages.track.tracker_from_config`, the landmarker by :func:`fast_landmarker`, the
+regressor in :func:`regressor_precision`, the aligner by :func:`default_aligner` (models lazily,
+on the first input). A stage handed to ``Engine(...)`` always wins over the one chosen here.
 
 =============  ==========================================  ==========================================
 stage          exact path                                  fast path
@@ -26,26 +29,12 @@ from __future__ import annotations
 
 from engine.config import EngineConfig, Mode, name_of
 
-#: The keys :func:`fast_stages` may return (``Engine.__init__`` keyword names).
-STAGE_KEYS = ("detector", "tracker", "landmarker", "aligner", "regressor")
-
 #: Longest side (pixels) of the frames the fast path's detectors look at.
 DETECT_MAX_SIDE = 640
 
 
 def on_gpu(device: str) -> bool:
     return str(device).startswith("cuda")
-
-
-def fast_stages(config: EngineConfig, device: str) -> dict:
-    """The fast path's light stages for ``config`` on ``device`` (a resolved torch device string):
-    the keyframe tracker. The models (landmarker with its detector, regressor) are built lazily by
-    :func:`fast_landmarker` and :func:`regressor_precision` on the first input, like the exact
-    path's, so calling this costs nothing (``run_many`` and the worker call it per engine).
-    """
-    from engine.stages.keyframe import keyframe_tracker
-
-    return {"tracker": keyframe_tracker(config.detect_every, config.keep_person)}
 
 
 def fast_landmarker(config: EngineConfig, device: str):

@@ -321,9 +321,8 @@ class Engine:
     """Extract Deep3DFaceRecon coefficients from videos and images.
 
     Every stage can be handed in; the ones left out are built from ``config`` (models on the
-    first :meth:`run`, then reused for every later input). With ``config.mode == "fast"`` the
-    ones left out come first from :func:`engine.fast.fast_stages` (the fast path's stages).
-    Call :meth:`close` (or use ``with Engine(cfg) as engine``) to free them.
+    first :meth:`run`, then reused for every later input); ``config.mode == "fast"`` picks the
+    fast path's (:mod:`engine.fast`). Call :meth:`close` (or use ``with Engine(cfg) as engine``) to free them.
 
     Args:
         config: the settings (see :class:`~engine.config.EngineConfig`).
@@ -332,7 +331,7 @@ class Engine:
         detector: finds faces (:class:`~engine.stages.detect.Detector`); default: the one the
             landmark backend pairs with (``landmarker.detector``).
         tracker: picks each frame's face (:class:`~engine.stages.track.Tracker`); default
-            :class:`~engine.stages.track.DetectEveryFrame`.
+            :func:`~engine.stages.track.tracker_from_config`.
         landmarker: an already-built landmark backend to reuse (not for ``"file"``); default:
             ``config.landmarks`` from :data:`engine.landmarks.BACKENDS`.
         aligner: cuts the crops (:class:`~engine.stages.align.Aligner`); default
@@ -367,11 +366,6 @@ class Engine:
         self.config = config or EngineConfig()
         return_large_blocks()  # freed frames go back to the OS (engine.hostmem)
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
-        given = {"detector": detector, "tracker": tracker, "landmarker": landmarker, "aligner": aligner,
-                 "regressor": regressor}
-        self._fast = self._fast_stages(given)
-        detector, tracker, landmarker, aligner, regressor = (
-            given[k] if given[k] is not None else self._fast.get(k) for k in given)
         self.source: Source = source or MediaSource()
         self._detector = detector
         self.tracker: Tracker = tracker or tracker_from_config(self.config)
@@ -385,16 +379,6 @@ class Engine:
         self._face_model = None  # (key, ParametricFaceModel), loaded on first use
 
     # ------------------------------------------------------------------ components
-
-    def _fast_stages(self, given: dict) -> dict:
-        """The stages :func:`engine.fast.fast_stages` supplies for ``config.mode == fast`` when one
-        of ``given`` (``Engine.__init__``'s stage arguments) is None; else nothing."""
-        if self.config.mode != Mode.FAST or all(v is not None for v in given.values()):
-            return {}
-        from engine.fast import fast_stages
-
-        built = dict(fast_stages(self.config, self.device))
-        return {k: v for k, v in built.items() if k in given and given[k] is None and v is not None}
 
     @property
     def device(self) -> str:

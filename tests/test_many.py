@@ -316,23 +316,15 @@ def test_cli_mode_options():
             build_parser().parse_args(["extract", "a.mp4", "-o", "out", *bad])
 
 
-def test_fast_mode_takes_missing_stages_from_fast_stages(monkeypatch, recon_checkpoint):
-    from engine.stages.track import DetectEveryFrame, FollowPerson
+def test_fast_mode_builds_the_keyframe_tracker_unless_one_is_handed_in(recon_checkpoint):
+    from engine.stages.keyframe import KeyframeTracker
+    from engine.stages.track import DetectEveryFrame
 
-    calls = []
-    built = FollowPerson()
-
-    def fake(config, device):
-        calls.append((config.mode, device))
-        return {"tracker": built}
-
-    monkeypatch.setattr("engine.fast.fast_stages", fake)
-    fast = EngineConfig(checkpoint=recon_checkpoint, device="cpu", mode="fast")
-    assert Engine(fast).tracker is built and calls == [(Mode.FAST, "cpu")]
+    fast = EngineConfig(checkpoint=recon_checkpoint, device="cpu", mode=Mode.FAST, detect_every=3)
+    assert isinstance(Engine(fast).tracker, KeyframeTracker) and Engine(fast).tracker.detect_every == 3
     mine = DetectEveryFrame()
     assert Engine(fast, tracker=mine).tracker is mine  # a stage handed in wins
-    calls.clear()
-    assert isinstance(Engine(EngineConfig(device="cpu")).tracker, DetectEveryFrame) and calls == []
+    assert isinstance(Engine(EngineConfig(device="cpu")).tracker, DetectEveryFrame)
 
 
 def test_fingerprint_of_the_exact_path_is_unchanged_and_fast_settings_enter_it(short_clip, recon_checkpoint):

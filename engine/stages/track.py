@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engine.config import EngineConfig, KeepPerson
+from engine.config import EngineConfig, KeepPerson, Mode
 from engine.stages.detect import Detector, best_face_per_frame, reference_order
 from engine.stages.landmark import Landmarker
 from engine.structures import Detections, FrameBatch, Landmarks, rows_of
@@ -264,6 +264,12 @@ def replace_rows(landmarks: Landmarks, rows: np.ndarray, again: Landmarks) -> La
 
 
 def tracker_from_config(config: EngineConfig) -> Tracker:
-    """The tracker ``config.keep_person`` names: :class:`DetectEveryFrame` (``reference``) or
+    """The tracker ``config`` asks for: on the fast path (``mode="fast"``) the
+    :class:`~engine.stages.keyframe.KeyframeTracker` (``detect_every``, ``keep_person``); else the
+    one ``config.keep_person`` names: :class:`DetectEveryFrame` (``reference``) or
     :class:`FollowPerson` (``continuity``)."""
+    if config.mode == Mode.FAST:
+        from engine.stages.keyframe import keyframe_tracker  # it builds on this module
+
+        return keyframe_tracker(config.detect_every, config.keep_person)
     return FollowPerson() if config.keep_person == KeepPerson.CONTINUITY else DetectEveryFrame()
