@@ -89,11 +89,7 @@ class MtcnnLandmarker:
             step = max(1, self.max_pixels // max(1, h * w))
         else:
             step = 1
-        per_frame = []
-        for lo in range(0, n, step):
-            boxes, probs, points = self._net.detect(images[lo : lo + step], landmarks=True)
-            per_frame.extend(_faces(boxes[i], probs[i], points[i]) for i in range(len(probs)))
-        return _pack(per_frame)
+        return detect_faces(self._net, images, step)
 
     def __call__(self, frames: FrameBatch, faces: Detections | None = None) -> Landmarks:
         faces = faces_to_mark(self, frames, faces)
@@ -109,6 +105,17 @@ class MtcnnLandmarker:
 def create(config, device: str, source=None) -> MtcnnLandmarker:
     """The backend factory of :data:`engine.landmarks.BACKENDS`."""
     return MtcnnLandmarker(device=device)
+
+
+def detect_faces(net, images: np.ndarray, frames_per_call: int) -> Detections:
+    """Every face facenet-pytorch's MTCNN ``net`` finds in each of ``images`` (uint8 (B, H, W, 3)
+    RGB), ``frames_per_call`` frames per ``net.detect`` call: box, probability and 5 points, in
+    the pixels of ``images``."""
+    per_frame = []
+    for lo in range(0, len(images), frames_per_call):
+        boxes, probs, points = net.detect(images[lo : lo + frames_per_call], landmarks=True)
+        per_frame.extend(_faces(boxes[i], probs[i], points[i]) for i in range(len(probs)))
+    return _pack(per_frame)
 
 
 def _faces(boxes, probs, points) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_list
-from engine.landmarks.mtcnn import NAME, _faces, _pack
+from engine.landmarks.mtcnn import NAME, detect_faces
 from engine.structures import Detections, FrameBatch, Landmarks
 
 log = logging.getLogger(__name__)
@@ -227,11 +227,7 @@ class RefineMtcnn:
             images = np.stack([cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images])
         sh, sw = images.shape[1:3]
         step = max(1, self.max_pixels // max(1, sh * sw))
-        per_frame = []
-        for lo in range(0, n, step):
-            boxes, probs, points = self._net.detect(images[lo : lo + step], landmarks=True)
-            per_frame.extend(_faces(boxes[i], probs[i], points[i]) for i in range(len(probs)))
-        found = _pack(per_frame)
+        found = detect_faces(self._net, images, step)
         if (sh, sw) == (h, w) or len(found) == 0:
             return found
         rx, ry = w / sw, h / sh
