@@ -32,5 +32,15 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def checkpoint_or_random(checkpoint: Path | None, workdir: Path) -> tuple[Path, str]:
+    """The checkpoint a bench runs with and how to say so in its output: ``checkpoint`` when
+    given, else random weights of the real layout written to ``workdir`` (speed does not depend
+    on the values)."""
+    if checkpoint is not None:
+        return Path(checkpoint), f"checkpoint {checkpoint}"
+    return (random_checkpoint(Path(workdir) / "random_epoch_20.pth"),
+            "RANDOM Deep3D checkpoint (ResNet-50, the real architecture)")
+
+
 def python() -> str:
     return sys.executable

@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import TEST_CLIP, random_checkpoint
+from bench.common import TEST_CLIP, checkpoint_or_random
 
 log = logging.getLogger("compat_diff")
 
@@ -152,8 +152,7 @@ def main() -> int:
         spec = MediaSpec()
         videos.append(make_video(source_faces(TEST_CLIP, spec.face_size),
                                  args.workdir / f"clip1080p-{args.make_1080p}.mp4", args.make_1080p, 0, spec))
-    checkpoint = args.checkpoint or random_checkpoint(args.workdir / "random_epoch_20.pth")
-    weights = "real checkpoint" if args.checkpoint else "random-weight checkpoint (real ResNet-50 layout)"
+    checkpoint, weights = checkpoint_or_random(args.checkpoint, args.workdir)
     print(f"# fast vs exact, {datetime.date.today()}, {platform.node()}, device {args.device}, "
           f"landmarks {args.landmarks}, detect_every {args.detect_every}, {weights}")
     print(f"command: python {' '.join(sys.argv)}\n")

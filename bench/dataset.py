@@ -54,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, TEST_CLIP, random_checkpoint
+from bench.common import REPO, TEST_CLIP, checkpoint_or_random
 
 log = logging.getLogger("bench.dataset")
 
@@ -528,13 +528,8 @@ def main(argv=None) -> int:
     print(f"... writing {args.clips} clips of {args.frames} frames to {folder}", file=sys.stderr, flush=True)
     clips = make_clips(args.clip, base, args.clips, args.frames, folder, args.gen_jobs)
 
-    notes = []
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = random_checkpoint(args.workdir / "random_epoch_20.pth")
-        notes.append("RANDOM Deep3D checkpoint (ResNet-50, the real architecture)")
-    else:
-        notes.append(f"checkpoint {ckpt}")
+    ckpt, note = checkpoint_or_random(args.checkpoint, args.workdir)
+    notes = [note]
     fixed_box = None
     if "fan" in args.landmarks:
         used = prepare_fan_weights(args.workdir)  # sets TORCH_HOME for the children when random

@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import TEST_CLIP, random_checkpoint
+from bench.common import TEST_CLIP, checkpoint_or_random
 
 log = logging.getLogger("bench.throughput")
 
@@ -699,13 +699,8 @@ def main(argv=None) -> int:
     faces = source_faces(args.clip, spec.face_size)
     warm = make_video(faces, args.workdir / f"warm_{spec.width}x{spec.height}.mp4", 2 * args.batch_size + 3, 5, spec)
 
-    notes = []
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = random_checkpoint(args.workdir / "random_epoch_20.pth")
-        notes.append("RANDOM Deep3D checkpoint (ResNet-50, the real architecture)")
-    else:
-        notes.append(f"checkpoint {ckpt}")
+    ckpt, note = checkpoint_or_random(args.checkpoint, args.workdir)
+    notes = [note]
     need_fan = "fan" in args.landmarks or args.reference
     fixed_box = None
     if need_fan:
