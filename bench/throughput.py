@@ -435,24 +435,56 @@ def stage_rates(engine, inputs: list[Path], args) -> dict[str, float]:
     return rates
 
 
-def end_to_end(engine, inputs: list[Path], out_dir: Path) -> tuple[int, float, str]:
-    """Every input through ``engine``: (frames, seconds, how). ``run_many`` when the engine has it."""
+def end_to_end(engine, inputs: list[Path], out_dir: Path, concurrency: int | None = None) -> tuple[int, float, str]:
+    """Every input through ``engine``: (frames, seconds, how). ``run_many`` (``concurrency`` inputs
+    at once; None: its default) when the engine has it."""
     t = time.perf_counter()
     frames = 0
     if hasattr(engine, "run_many"):
         from engine.many import InputJob
 
         jobs = (InputJob(source=p, out_base=out_dir / p.stem, key=str(i)) for i, p in enumerate(inputs))
-        for outcome in engine.run_many(jobs):
+        for outcome in engine.run_many(jobs, concurrency=concurrency):
             if outcome.error is not None:
                 raise RuntimeError(f"{outcome.job.source}: {outcome.error}") from outcome.error
             frames += outcome.report.num_frames
-        how = "Engine.run_many"
+        how = "Engine.run_many" + (f", {concurrency} inputs at once" if concurrency else "")
     else:
         for p in inputs:
             frames += engine.run(p, out_dir / p.stem).num_frames
         how = "Engine.run per input"
     return frames, time.perf_counter() - t, how
+
+
+@contextlib.contextmanager
+def py_spy(folder: Path | None, name: str) -> Iterator[None]:
+    """Sample this process with ``py-spy`` (when installed and ``folder`` is given) while the
+    block runs: ``name.gil.txt``, collapsed stacks of the thread holding the GIL (100 samples/s;
+    fewer samples than seconds × 100 means the GIL was free that share of the time)."""
+    places = [Path(sys.executable).parent, *(Path(p) / "bin" for p in sys.path if p)]  # venv, pip --target
+    exe = next((str(c / "py-spy") for c in places if (c / "py-spy").is_file()), shutil.which("py-spy"))
+    exe = exe if folder else None
+    if exe is None:
+        if folder:
+            log.warning("--spy: py-spy is not installed; no profile")
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "record", "--pid", str(os.getpid()), "--rate", "100", "--gil", "--format", "raw",
+           "--output", str(folder / f"{name}.gil.txt")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = b""
+        print(f"    py-spy {name}: {time.perf_counter() - t:.1f} s sampled; {err.decode()[-300:].strip()}",
+              file=sys.stderr, flush=True)
 
 
 def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path, fixed_box, source) -> Row:
@@ -467,8 +499,9 @@ def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path
             engine.run(warm, args.workdir / "out" / "warm")  # loads the models, first CUDA kernels
             if args.stage_frames > 0:
                 row.stages = stage_rates(engine, inputs, args)
-            with Monitor(args.device) as mon:
-                row.frames, row.seconds, how = end_to_end(engine, inputs, args.workdir / "out" / f"{mode}_{landmarks}")
+            with Monitor(args.device) as mon, py_spy(args.spy, f"{mode}_{landmarks}"):
+                row.frames, row.seconds, how = end_to_end(engine, inputs, args.workdir / "out" / f"{mode}_{landmarks}",
+                                                               args.concurrency)
             row.note = how
     except Exception as e:  # one pipeline failing must not lose the other rows
         log.exception("%s failed", name)
@@ -658,6 +691,8 @@ def parse_args(argv=None):
     ap.add_argument("--landmarks", nargs="+", default=["fan", "mtcnn"])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--detect-every", type=int, default=0, help="fast path keyframe interval (0: its default)")
+    ap.add_argument("--concurrency", type=int, help="inputs at once in run_many (default: the engine's)")
+    ap.add_argument("--spy", type=Path, help="folder for py-spy GIL profiles of the end-to-end runs")
     ap.add_argument("--decoder", choices=("pyav", "nvdec"), default="pyav")
     ap.add_argument("--stage-frames", type=int, default=512, help="frames per stage timing (0: skip stages)")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
