@@ -15,6 +15,16 @@ from pathlib import Path
 from engine.formats import format_spec
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the system has one (a worker pinned
+    to a share of the cores by ``--gpus``/``--per-gpu`` sees its share), else the CPU count.
+    FFmpeg's own thread count follows the same mask."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class LandmarkBackend(str, Enum):
     """The built-in landmark backends (:data:`engine.landmarks.BACKENDS` may hold more; a config
     accepts any name there)."""
@@ -162,7 +172,7 @@ class EngineConfig:
     no_face: NoFacePolicy = NoFacePolicy.REFERENCE
     min_valid_ratio: float = 0.0
     overwrite: bool = False
-    num_threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    num_threads: int = field(default_factory=lambda: min(8, usable_cpus()))
     keep_person: KeepPerson = KeepPerson.REFERENCE
     smooth_window: int = 0
     mode: Mode = Mode.EXACT

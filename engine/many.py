@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.config import usable_cpus
 from engine.progress import Progress
 from engine.sources import InputItem
 
@@ -175,7 +175,7 @@ def run_many(engine: Engine, jobs: Iterable[InputJob], *, concurrency: int | Non
              merge_batches: bool | None = None) -> Iterator[InputOutcome]:
     """See :meth:`engine.pipeline.Engine.run_many`."""
     if concurrency is None:
-        concurrency = default_concurrency(engine.device, os.cpu_count())
+        concurrency = default_concurrency(engine.device, usable_cpus())
     concurrency = max(1, int(concurrency))
     if engine._sinks is not None and concurrency > 1:  # sinks handed in serve one input at a time
         log.info("run_many: sinks were handed to the engine; running one input at a time")

@@ -42,6 +42,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from engine.config import usable_cpus
 from engine.errors import DecodeError, InputError
 from engine.structures import FrameBatch, MediaInfo
 
@@ -456,7 +457,8 @@ def iter_frames(
 
 
 def default_convert_threads(cpu_count: int | None = None) -> int:
-    """Colour-conversion threads beside FFmpeg's own decoding threads: half the CPUs, at most 8;
+    """Colour-conversion threads beside FFmpeg's own decoding threads: half the usable CPUs
+    (:func:`~engine.config.usable_cpus`), at most 8;
     1 (convert on the decode thread) on a machine of 2 or 3 CPUs.
 
     FFmpeg decodes with ``thread_count`` 0 (one thread per CPU, frame and slice threading);
@@ -466,7 +468,7 @@ def default_convert_threads(cpu_count: int | None = None) -> int:
     >>> default_convert_threads(2), default_convert_threads(16), default_convert_threads(64)
     (1, 8, 8)
     """
-    cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    cpus = cpu_count if cpu_count is not None else usable_cpus()
     return max(1, min(8, cpus // 2))
 
 
