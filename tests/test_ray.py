@@ -218,6 +218,29 @@ def test_per_gpu_default_is_the_constant_or_the_environment(monkeypatch):
     assert launch.split_threads(2 * 3, 32) == 5 and launch.split_threads(2 * 8, 8) == 1
 
 
+def test_make_run_launcher_takes_per_gpu_from_its_option_or_the_environment(tmp_path, monkeypatch, capsys):
+    """``python -m worker.launch --per-gpu K`` (``make run PER_GPU=K``) builds K workers per device; a bad
+    count (option or ``$STUDIO_PER_GPU``) is refused before anything starts."""
+    import argparse
+
+    from worker import launch
+
+    args = argparse.Namespace(data_dir=str(tmp_path / "data"), db_url=None, devices="cpu:0,cpu:1", per_gpu=2,
+                              no_dashboard=True)
+    children, notes = launch.build_children(args)
+    try:
+        assert notes == [] and [c.name for c in children] == [
+            "worker[cpu:0 #0]", "worker[cpu:0 #1]", "worker[cpu:1 #0]", "worker[cpu:1 #1]"]
+    finally:
+        for c in children:
+            os.close(c.pass_fds[0])
+    assert launch.main(["--no-dashboard", "--devices", "cpu", "--per-gpu", "0"]) == 2
+    monkeypatch.setenv(launch.PER_GPU_ENV, "many")
+    assert launch.main(["--no-dashboard", "--devices", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--per-gpu: expected a whole number" in err and "$STUDIO_PER_GPU: expected" in err
+
+
 def test_gpus_per_gpu_starts_k_worker_processes_per_device_and_a_second_launch_only_free_slots(tmp_path):
     """Real processes: ``--gpus all --per-gpu 2`` on one (CPU) device registers two workers whose ids end in
     ``#0`` / ``#1``; the same launch again starts nothing and says which slots are served; ``--per-gpu 3``
