@@ -8,6 +8,8 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.deps-installed
 PORT   ?= 8501
 HOST   ?= 127.0.0.1
+# Worker processes per GPU (`make run PER_GPU=3`); empty: $$STUDIO_PER_GPU, else worker/launch.py's DEFAULT_PER_GPU.
+PER_GPU ?=
 
 # The lock tool lives in its own venv (.tools/), never in .venv/ or the system.
 PIP_VERSION := 26.3
@@ -30,7 +32,7 @@ $(STAMP): requirements.lock requirements-nodeps.txt
 	@touch $@
 
 run: $(STAMP)
-	$(PY) -m worker.launch --host $(HOST) --port $(PORT)
+	$(PY) -m worker.launch --host $(HOST) --port $(PORT) $(if $(PER_GPU),--per-gpu $(PER_GPU))
 
 test: $(STAMP)
 	@bash scripts/ensure_browser.sh

@@ -10,10 +10,13 @@ start frame and its own drift of the face, ``bench.throughput.make_video``), the
 ``--landmarks`` backend and ``--mode``:
 
 1. submits them to a fresh registry (a temporary data folder with its SQLite file) with
-   ``python -m engine submit``, and runs ``python -m engine worker --gpu 0 --burst``
-   (``--device cpu`` on the CPU) until the queue is empty;
-2. the same on a second fresh registry with ``python -m engine worker --gpus all --burst`` (one
-   worker per GPU, skipped with a reason when fewer than two devices are visible).
+   ``python -m engine submit``, and runs ``python -m engine worker --gpus 0 --per-gpu K --burst``
+   (on the CPU: ``--gpus all`` with ``$STUDIO_DEVICES`` set to ``--device``) until the queue is empty;
+2. the same on a second fresh registry with ``python -m engine worker --gpus all --per-gpu K --burst``
+   (K workers per GPU, skipped with a reason when fewer than two devices are visible).
+
+Both runs use the same launcher (``worker.launch``), so they differ only in the devices; ``K`` is
+``--per-gpu`` (default: the launcher's, ``$STUDIO_PER_GPU`` else ``worker.launch.DEFAULT_PER_GPU``).
 
 Prints a Markdown table: clips, frames, seconds from the first claim to the last finished job
 (the registry's ``started_at`` / ``finished_at``) and the workers' process wall time, clips/s,
@@ -213,21 +216,31 @@ class GpuSampler:
         return {i: float(np.mean([v[i] for v in window if i in v])) for i in gpus}
 
 
-def worker_label(cmdline: list[str]) -> str | None:
-    """The device of a ``python -m engine worker`` process serving one device, else None (the
-    ``--gpus`` launcher, helper interpreters).
+def _value(cmdline: list[str], flag: str) -> str | None:
+    """The word after ``flag`` in ``cmdline`` (None: absent or last)."""
+    if flag in cmdline and cmdline.index(flag) + 1 < len(cmdline):
+        return cmdline[cmdline.index(flag) + 1]
+    return None
 
-    >>> worker_label(["python", "-m", "engine", "worker", "--gpu", "0", "--burst"])
+
+def worker_label(cmdline: list[str]) -> str | None:
+    """The device (and ``#slot`` of one of several workers per device) of a ``python -m engine worker``
+    process serving one device, else None (the ``--gpus`` launcher, helper interpreters).
+
+    >>> worker_label(["python", "-m", "engine", "worker", "--device", "cuda:1", "--slot", "2", "--burst"])
+    'cuda:1 #2'
+    >>> worker_label(["python", "-m", "engine", "worker", "--gpu", "0"])
     'cuda:0'
-    >>> worker_label(["python", "-m", "engine", "worker", "--gpus", "all"]) is None
+    >>> worker_label(["python", "-m", "engine", "worker", "--gpus", "all", "--per-gpu", "2"]) is None
     True
     """
     if "worker" not in cmdline or "--gpus" in cmdline:
         return None
-    for flag, prefix in (("--device", ""), ("--gpu", "cuda:")):
-        if flag in cmdline and cmdline.index(flag) + 1 < len(cmdline):
-            return prefix + cmdline[cmdline.index(flag) + 1]
-    return None
+    device = _value(cmdline, "--device")
+    if device is None and _value(cmdline, "--gpu") is not None:
+        device = f"cuda:{_value(cmdline, '--gpu')}"
+    slot = _value(cmdline, "--slot")
+    return None if device is None else device + (f" #{slot}" if slot is not None else "")
 
 
 def _process_tree(pid: int) -> list[tuple[int, list[str], int]]:
@@ -368,19 +381,26 @@ def submit(clips: list[Path], data: Path, mode: str, landmarks: str, ckpt: Path,
                            f"{out.stderr.strip()[-500:]}")
 
 
-def worker_command(args, data: Path, all_devices: bool) -> list[str]:
+def worker_command(args, data: Path, all_devices: bool) -> tuple[list[str], dict[str, str]]:
+    """The launcher command of one run and the environment it adds: ``--gpus all`` or ``--gpus 0`` (on the
+    CPU ``--gpus all`` with ``$STUDIO_DEVICES`` = ``--device``), ``--per-gpu K`` either way."""
+    from worker.launch import DEVICES_ENV
+
     cmd = [sys.executable, "-m", "engine", "worker", "--burst", "--data-dir", str(data), "--poll", "0.5"]
+    extra_env: dict[str, str] = {}
     if all_devices:
         cmd += ["--gpus", "all"]
     elif args.device.startswith("cuda"):
-        cmd += ["--gpu", "0"]
+        cmd += ["--gpus", "0"]
     else:
-        cmd += ["--device", args.device]
+        cmd += ["--gpus", "all"]
+        extra_env[DEVICES_ENV] = args.device
+    cmd += ["--per-gpu", str(args.per_gpu)]
     for flag in ("concurrency", "prefetch", "threads"):
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag}", str(value)]
-    return cmd
+    return cmd, extra_env
 
 
 def read_jobs(data: Path):
@@ -399,12 +419,14 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
     from db import JobStatus
 
     submit(clips, data, mode, landmarks, ckpt, args, env)
-    cmd = worker_command(args, data, all_devices)
+    cmd, extra_env = worker_command(args, data, all_devices)
     log_path = data / "workers.log"
-    print(f"... {run.name}, {run.workers}: {shlex.join(cmd[1:])} (log {log_path})", file=sys.stderr, flush=True)
+    shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
+    print(f"... {run.name}, {run.workers}: {shown + ' ' if shown else ''}{shlex.join(cmd[1:])} (log {log_path})",
+          file=sys.stderr, flush=True)
     with open(log_path, "w") as out, GpuSampler() as gpus:
         t0 = time.time()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra_env}, stdout=out, stderr=subprocess.STDOUT)
         with RssSampler(proc.pid) as rss:
             try:
                 code = proc.wait(args.timeout)
@@ -497,7 +519,10 @@ def parse_args(argv=None):
     ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--clip", type=Path, default=TEST_CLIP, help="the face video the clips are made from")
-    ap.add_argument("--device", default="cuda", help="cuda (workers --gpu 0, then --gpus all) or cpu")
+    ap.add_argument("--device", default="cuda", help="cuda (workers --gpus 0, then --gpus all) or cpu")
+    ap.add_argument("--per-gpu", metavar="K",
+                    help="worker processes per device in both runs (default: the launcher's, $STUDIO_PER_GPU "
+                    "else worker.launch.DEFAULT_PER_GPU)")
     ap.add_argument("--mode", dest="modes", nargs="+", choices=("exact", "fast"), default=["exact", "fast"])
     ap.add_argument("--landmarks", nargs="+", choices=("mtcnn", "fan"), default=["mtcnn"])
     ap.add_argument("--batch-size", type=int, help="jobs' batch size (default: submit's)")
@@ -505,7 +530,8 @@ def parse_args(argv=None):
     ap.add_argument("--detect-every", type=int, help="fast path keyframe interval (default: submit's)")
     ap.add_argument("--concurrency", type=int, help="worker --concurrency (default: the worker's)")
     ap.add_argument("--prefetch", type=int, help="worker --prefetch (default: the worker's)")
-    ap.add_argument("--threads", type=int, help="worker --threads (default: the worker's; --gpus splits the cores)")
+    ap.add_argument("--threads", type=int,
+                    help="worker --threads (default: the launcher splits the cores over devices × --per-gpu)")
     ap.add_argument("--single-only", action="store_true", help="skip the all-GPU run")
     ap.add_argument("--gen-jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes writing the clips (default: min(8, CPUs))")
@@ -514,7 +540,14 @@ def parse_args(argv=None):
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-bench-dataset",
                     help="generated clips (cached) and the registries of each run")
     ap.add_argument("--out", type=Path, help="also write the Markdown here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    from worker.launch import default_per_gpu, parse_per_gpu
+
+    try:
+        args.per_gpu = parse_per_gpu(args.per_gpu) if args.per_gpu is not None else default_per_gpu()
+    except ValueError as e:
+        ap.error(str(e))
+    return args
 
 
 def main(argv=None) -> int:
@@ -555,6 +588,8 @@ def main(argv=None) -> int:
         f"- weights: {'; '.join(notes)}. Speed does not depend on the weights' values.",
         "- seconds: from the first job claimed to the last job finished (registry timestamps); "
         "frames/s and clips/s over that window; GPU busy: mean over it",
+        f"- workers: {args.per_gpu} worker process(es) per device (`--per-gpu {args.per_gpu}`) in both runs; "
+        f"CPU threads per worker: {args.threads or 'the launcher splits the cores over all of them'}",
     ]
     print("\n".join(header), flush=True)
 
@@ -565,12 +600,15 @@ def main(argv=None) -> int:
     for landmarks in args.landmarks:
         for mode in args.modes:
             name = f"{mode}, {landmarks}"
-            one_label = "1 GPU (--gpu 0)" if args.device.startswith("cuda") else f"1 worker (--device {args.device})"
+            k = args.per_gpu
+            one_label = (f"1 GPU × {k} (--gpus 0 --per-gpu {k})" if args.device.startswith("cuda")
+                         else f"1 device × {k} ({args.device}, --per-gpu {k})")
             one = serve(Run(name, one_label), clips, mode, landmarks, ckpt, args, env,
                         runs_dir / f"{mode}-{landmarks}-one", all_devices=False)
             every = None
             if why_not_all is None:
-                all_label = "all GPUs (--gpus all)" if args.device.startswith("cuda") else "every device (--gpus all)"
+                all_label = (f"all GPUs × {k} (--gpus all --per-gpu {k})" if args.device.startswith("cuda")
+                             else f"every device × {k} (--gpus all --per-gpu {k})")
                 every = serve(Run(name, all_label), clips, mode, landmarks, ckpt, args, env,
                               runs_dir / f"{mode}-{landmarks}-all", all_devices=True)
             pairs.append((one, every, why_not_all))

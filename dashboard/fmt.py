@@ -151,6 +151,17 @@ def md_escape(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace("$", "\\$").replace("~", "\\~")
 
 
+def worker_device(worker_id: str, device: str) -> str:
+    """The device a worker serves, with its slot when it is one of several workers of that device
+    (its id ends in ``#<slot>``, see ``worker.loop.default_worker_id``).
+
+    >>> worker_device("gpu1-4242-cuda0#1", "cuda:0"), worker_device("gpu1-4242-cuda0", "cuda:0")
+    ('cuda:0 #1', 'cuda:0')
+    """
+    _, sep, slot = str(worker_id).rpartition("#")
+    return f"{device} #{slot}" if sep and slot.isdigit() else device
+
+
 def check_text(detail: str, fix: str) -> tuple[str, str]:
     """A doctor check's (what was found, what to do), without saying the same thing twice."""
     detail, fix = (detail or "").strip(), (fix or "").strip()

@@ -13,6 +13,7 @@ from dashboard.fmt import (
     fmt_duration,
     md_escape,
     status_markdown,
+    worker_device,
 )
 from dashboard.gate import current_actor
 from dashboard.navigation import route_through_app
@@ -42,7 +43,8 @@ def _job_text(j) -> str:
 
 
 def _workers(reg) -> None:
-    """Per live worker (one per GPU): its jobs, frames/s and counts; then the queue's ETA."""
+    """Per live worker (sorted by device; ``cuda:0 #1`` for one of several workers of a GPU): its jobs, frames/s
+    and counts; then the queue's ETA."""
     load = service.throughput(reg)
     if not load.workers:
         st.warning(
@@ -52,13 +54,13 @@ def _workers(reg) -> None:
     for wl in load.workers:
         w = wl.worker
         if w.status == "paused":
-            st.warning(f"Worker **{md_escape(w.worker_id)}** on {md_escape(w.device)} is "
+            st.warning(f"Worker **{md_escape(w.worker_id)}** on {md_escape(worker_device(w.worker_id, w.device))} is "
                        f"{md_escape(w.message or 'paused')}. Its job went back to the queue without counting "
                        "an attempt; it resumes by itself once the disk is fixed.", icon=":material/pause_circle:")
             continue
         jobs = f" · working on {', '.join(_job_text(j) for j in wl.jobs)}" if wl.jobs else ""
         speed = f" · {wl.fps:.1f} frames/s" if wl.fps > 0 else ""
-        device = w.device + (f" ({w.device_name})" if w.device_name else "")
+        device = worker_device(w.worker_id, w.device) + (f" ({w.device_name})" if w.device_name else "")
         st.markdown(
             f":green-badge[:material/bolt: alive] **{w.worker_id}** on {w.hostname} · {device} · "
             f"{w.status}{jobs}{speed} · "

@@ -54,8 +54,9 @@ def test_one_worker_per_mode_every_job_succeeds(tmp_path, test_video, monkeypatc
     code, text = _run(tmp_path, test_video, "--mode", "exact", "fast", "--landmarks", "mtcnn")
     assert code == 0, text
     assert "- command: `python " in text and "- devices: cpu" in text and "RANDOM Deep3D checkpoint" in text
+    assert "- workers: 1 worker process(es) per device (`--per-gpu 1`)" in text
     for mode in ("exact", "fast"):
-        cells = _row(text, f"{mode}, mtcnn", "1 worker (--device cpu)")
+        cells = _row(text, f"{mode}, mtcnn", "1 device × 1 (cpu, --per-gpu 1)")
         assert cells[2] == f"{CLIPS}/{CLIPS}" and cells[3] == str(CLIPS * FRAMES)
         assert float(cells[7].strip("*")) > 0 and cells[8] == "n/a" and cells[9].startswith("cpu ")
         skipped = _row(text, f"{mode}, mtcnn", "all GPUs")
@@ -67,12 +68,18 @@ def test_one_worker_per_mode_every_job_succeeds(tmp_path, test_video, monkeypatc
 
 
 def test_every_device_run_uses_gpus_all_on_a_fresh_registry(tmp_path, test_video, monkeypatch):
+    """Both runs go through the launcher with ``--per-gpu 2``: two worker processes on the one device, then
+    two on each of the two (CPU) devices; peak RSS is listed per worker process, by device and slot."""
     monkeypatch.setenv("STUDIO_DEVICES", "cpu:0,cpu:1")  # worker.launch: these devices instead of the GPUs
-    code, text = _run(tmp_path, test_video, "--mode", "fast", "--landmarks", "mtcnn", "--threads", "1")
+    code, text = _run(tmp_path, test_video, "--mode", "fast", "--landmarks", "mtcnn", "--threads", "1",
+                      "--per-gpu", "2")
     assert code == 0, text
-    cells = _row(text, "fast, mtcnn", "every device (--gpus all)")
+    assert "- workers: 2 worker process(es) per device (`--per-gpu 2`)" in text
+    one = _row(text, "fast, mtcnn", "1 device × 2 (cpu, --per-gpu 2)")
+    assert one[2] == f"{CLIPS}/{CLIPS}" and one[9].startswith("cpu #")  # peak RSS of the launcher's children
+    cells = _row(text, "fast, mtcnn", "every device × 2 (--gpus all --per-gpu 2)")
     assert cells[2] == f"{CLIPS}/{CLIPS}" and cells[10].endswith("×")
-    assert "cpu:0 " in cells[9] or "cpu:1 " in cells[9]  # peak RSS of the launcher's worker children
+    assert "cpu:0 #" in cells[9] or "cpu:1 #" in cells[9]
     registries = _registries(tmp_path)
     assert [p.name for p in registries] == ["fast-mtcnn-all", "fast-mtcnn-one"]
     for data in registries:
@@ -122,6 +129,8 @@ def test_clips_differ_in_start_frame_and_drift():
             assert x >= 0 and y >= 0 and x + s.face_size <= W and y + s.face_size <= H
     assert len({dataset.clip_start(k, 100) for k in range(198)}) == 198
     assert dataset.worker_label(["python", "-m", "engine", "worker", "--device", "cpu:1"]) == "cpu:1"
+    assert dataset.worker_label(["python", "-m", "engine", "worker", "--device", "cpu:1", "--slot", "3"]) == "cpu:1 #3"
+    assert dataset.worker_label(["python", "-m", "engine", "worker", "--gpus", "0", "--per-gpu", "2"]) is None
     assert dataset.parse_box("1,2,3,4,0.5").tolist() == [1, 2, 3, 4, 0.5]
     with pytest.raises(ValueError):
         dataset.parse_box("1,2,3")

@@ -96,6 +96,17 @@ def test_overview_shows_each_workers_jobs_its_speed_and_the_queue_eta(studio):
     assert "12.5 frames/s" in body and "90 frames left at 12.5 frames/s · ETA 7 s" in body
 
 
+def test_overview_names_the_slot_of_several_workers_of_one_gpu(studio):
+    """``--per-gpu 2``: two worker processes of cuda:0 (ids ending in ``#0`` / ``#1``) are told apart."""
+    reg, _, _ = studio
+    for slot in (0, 1):
+        service.register_worker(reg, f"gpubox-{100 + slot}-cuda0#{slot}", hostname="gpubox", pid=100 + slot,
+                                device="cuda:0", device_name="NVIDIA H200")
+    body = texts(open_page("overview"))
+    assert "cuda:0 #0 (NVIDIA H200)" in body and "cuda:0 #1 (NVIDIA H200)" in body
+    assert "cpu (CPU)" in body  # a worker without a slot: its device alone
+
+
 def test_overview_without_workers_says_so(studio, monkeypatch):
     reg, _, _ = studio
     service.stop_worker(reg, "worker-test")

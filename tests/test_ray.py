@@ -132,7 +132,15 @@ def test_cli_rejects_mixed_device_options(tmp_path):
     r = cli("--executor", "ray", "--resources", "fake_gpu")
     assert r.returncode == 2 and "expected a JSON object" in r.stderr
     r = cli("--gpus", "all", "--device", "cpu")
-    assert r.returncode == 2 and "one worker per device" in r.stderr
+    assert r.returncode == 2 and "--gpus starts its own workers on each device" in r.stderr
+    r = cli("--gpus", "all", "--slot", "1")
+    assert r.returncode == 2 and "--slot" in r.stderr
+    r = cli("--device", "cpu", "--per-gpu", "2")
+    assert r.returncode == 2 and "--per-gpu needs --gpus" in r.stderr
+    r = cli("--gpus", "all", "--per-gpu", "0")
+    assert r.returncode == 2 and "--per-gpu: expected a whole number" in r.stderr
+    r = cli("--executor", "ray", "--per-gpu", "2")
+    assert r.returncode == 2 and "the cluster picks the GPUs" in r.stderr
 
 
 # ============================================================================ fast: --gpus all
@@ -164,6 +172,111 @@ def test_gpus_all_takes_each_device_once(tmp_path, monkeypatch):
     again, _ = worker_children(["cuda:0"], data, {})  # the locks died with their holder
     assert len(again) == 1
     os.close(again[0].pass_fds[0])
+
+
+def test_per_gpu_starts_k_slots_per_device_each_under_its_own_lock(tmp_path, monkeypatch):
+    """``--per-gpu 2``: two children per device, each with its own slot lock, ``--slot`` (its id's ``#slot``)
+    and a share of the cores over all four; a second launch with the same K starts none, one with K=3 only
+    slot 2; one with K=1 finds slot 0 served."""
+    from worker import launch
+
+    monkeypatch.setattr(launch, "usable_cores", lambda: 32)
+    data = tmp_path / "data"
+    first, notes = launch.worker_children(["cuda:0", "cuda:1"], data, {}, ("--burst",), once=True, per_gpu=2)
+    try:
+        assert notes == [] and [c.name for c in first] == [
+            "worker[cuda:0 #0]", "worker[cuda:0 #1]", "worker[cuda:1 #0]", "worker[cuda:1 #1]"]
+        assert first[1].cmd[-10:] == ["worker", "--device", "cuda:0", "--data-dir", str(data), "--threads", "8",
+                                      "--slot", "1", "--burst"]
+        assert all(c.env["OMP_NUM_THREADS"] == "8" for c in first)
+        assert sorted(p.name for p in (data / "locks").iterdir()) == [
+            "worker-cuda0-1.lock", "worker-cuda0.lock", "worker-cuda1-1.lock", "worker-cuda1.lock"]
+        again, notes = launch.worker_children(["cuda:0", "cuda:1"], data, {}, per_gpu=2)
+        assert again == [] and notes == [f"a worker already serves {d} #{s} for {data}: not starting another"
+                                         for d in ("cuda:0", "cuda:1") for s in (0, 1)]
+        more, notes = launch.worker_children(["cuda:1"], data, {}, per_gpu=3)
+        assert [c.name for c in more] == ["worker[cuda:1 #2]"] and len(notes) == 2
+        assert more[0].cmd[more[0].cmd.index("--threads") + 1] == str(launch.split_threads(3, 32))
+        os.close(more[0].pass_fds[0])
+        single, notes = launch.worker_children(["cuda:0"], data, {})
+        assert single == [] and notes == [f"a worker already serves cuda:0 for {data}: not starting another"]
+    finally:
+        for c in first:
+            os.close(c.pass_fds[0])
+    with pytest.raises(ValueError, match="--per-gpu"):
+        launch.worker_children(["cuda:0"], data, {}, per_gpu=0)
+
+
+def test_per_gpu_default_is_the_constant_or_the_environment(monkeypatch):
+    from worker import launch
+
+    assert launch.default_per_gpu({}) == launch.DEFAULT_PER_GPU
+    assert launch.default_per_gpu({launch.PER_GPU_ENV: "3"}) == 3
+    for bad in ("0", "two", "-1", "1.5"):
+        with pytest.raises(ValueError, match=r"\$STUDIO_PER_GPU"):
+            launch.default_per_gpu({launch.PER_GPU_ENV: bad})
+    assert launch.split_threads(2 * 3, 32) == 5 and launch.split_threads(2 * 8, 8) == 1
+
+
+def test_make_run_launcher_takes_per_gpu_from_its_option_or_the_environment(tmp_path, monkeypatch, capsys):
+    """``python -m worker.launch --per-gpu K`` (``make run PER_GPU=K``) builds K workers per device; a bad
+    count (option or ``$STUDIO_PER_GPU``) is refused before anything starts."""
+    import argparse
+
+    from worker import launch
+
+    args = argparse.Namespace(data_dir=str(tmp_path / "data"), db_url=None, devices="cpu:0,cpu:1", per_gpu=2,
+                              no_dashboard=True)
+    children, notes = launch.build_children(args)
+    try:
+        assert notes == [] and [c.name for c in children] == [
+            "worker[cpu:0 #0]", "worker[cpu:0 #1]", "worker[cpu:1 #0]", "worker[cpu:1 #1]"]
+    finally:
+        for c in children:
+            os.close(c.pass_fds[0])
+    assert launch.main(["--no-dashboard", "--devices", "cpu", "--per-gpu", "0"]) == 2
+    monkeypatch.setenv(launch.PER_GPU_ENV, "many")
+    assert launch.main(["--no-dashboard", "--devices", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--per-gpu: expected a whole number" in err and "$STUDIO_PER_GPU: expected" in err
+
+
+def test_gpus_per_gpu_starts_k_worker_processes_per_device_and_a_second_launch_only_free_slots(tmp_path):
+    """Real processes: ``--gpus all --per-gpu 2`` on one (CPU) device registers two workers whose ids end in
+    ``#0`` / ``#1``; the same launch again starts nothing and says which slots are served; ``--per-gpu 3``
+    starts only slot 2."""
+    data = tmp_path / "data"
+    env = {**os.environ, "STUDIO_DEVICES": "cpu:0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "engine", "worker", "--gpus", "all", "--data-dir", str(data), "--poll", "0.2"]
+    first = subprocess.Popen([*base, "--per-gpu", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    reg = Registry(data_dir=data)
+    try:
+        assert wait_for(lambda: sum(w.alive for w in service.list_workers(reg)) == 2, 120, 0.2)
+        ids = sorted(w.worker_id for w in service.list_workers(reg))
+        assert [i.rsplit("-", 1)[-1] for i in ids] == ["cpu0#0", "cpu0#1"], ids
+        assert {w.device for w in service.list_workers(reg)} == {"cpu:0"}
+        assert len({w.pid for w in service.list_workers(reg)}) == 2  # two processes
+        second = subprocess.run([*base, "--per-gpu", "2"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert second.stdout.splitlines() == [
+            f"a worker already serves cpu:0 #0 for {data.resolve()}: not starting another",
+            f"a worker already serves cpu:0 #1 for {data.resolve()}: not starting another",
+            "nothing to start",
+        ]
+        third = subprocess.run([*base, "--per-gpu", "3", "--burst"], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert third.returncode == 0, third.stderr
+        assert "not starting another" in third.stdout and "worker[cpu:0 #2] finished" in third.stderr
+        assert any(w.worker_id.endswith("cpu0#2") and w.status == "stopped" for w in service.list_workers(reg))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=120)
+        reg_workers = service.list_workers(reg)
+        reg.close()
+    assert first.returncode == 0, out[-3000:]
+    assert sorted(w.status for w in reg_workers) == ["stopped"] * 3 and "Traceback" not in out
 
 
 # ============================================================================ slow: real engine, processes

@@ -57,7 +57,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("worker", help="serve the job queue on one device, every GPU, or a Ray cluster")
     p.add_argument("--gpu", type=int, metavar="N", help="run on cuda:N")
     p.add_argument("--gpus", metavar="all|N,M",
-                   help="one worker process per visible GPU (all) or per listed GPU, never two on one GPU")
+                   help="worker processes on every visible GPU (all) or on the listed GPUs, --per-gpu K each, "
+                   "never a slot served twice")
+    p.add_argument("--per-gpu", metavar="K",
+                   help="with --gpus: worker processes per GPU, each with its own interpreter and CUDA context "
+                   "(default: $STUDIO_PER_GPU, else 1)")
+    p.add_argument("--slot", type=int, metavar="S",
+                   help="this worker's slot on its device, shown in its id as #S (set by --gpus and make run "
+                   "when they start several workers per device)")
     p.add_argument("--device", help="cpu or cuda:N (default: cuda:0 when a GPU is visible, else cpu)")
     p.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
                    help="idle poll interval (default: 2)")
@@ -74,7 +81,7 @@ def register(subparsers) -> None:
                    help="heartbeat interval of a running job, seconds (default: 2)")
     p.add_argument("--stale-after", type=float, default=30.0, metavar="S",
                    help="requeue running jobs whose heartbeat is older than S seconds (default: 30)")
-    p.add_argument("--worker-id", help="name of this worker (default: <host>-<pid>-<device>)")
+    p.add_argument("--worker-id", help="name of this worker (default: <host>-<pid>-<device>[#<slot>])")
     p.add_argument("--pause", type=float, default=10.0, metavar="S",
                    help="first pause after a full or read-only disk, seconds; doubles while it lasts (default: 10)")
     p.add_argument("--max-pause", type=float, default=300.0, metavar="S",
@@ -146,6 +153,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from worker.launch import cmd_gpus
 
         return cmd_gpus(args)
+    if getattr(args, "per_gpu", None) is not None:
+        print("error: --per-gpu needs --gpus (or make run / python -m worker.launch)", file=sys.stderr)
+        return 2
     from worker.loop import Worker, WorkerOptions, default_worker_id
 
     try:
@@ -153,7 +163,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"error: bad device {args.device!r}: expected cpu, cuda or cuda:N", file=sys.stderr)
         return 2
-    worker_id = args.worker_id or default_worker_id(device)
+    if args.slot is not None and args.slot < 0:
+        print(f"error: --slot must be 0 or more, got {args.slot}", file=sys.stderr)
+        return 2
+    worker_id = args.worker_id or default_worker_id(device, args.slot)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format=f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",

@@ -1,9 +1,12 @@
-"""``python -m worker.launch``: one worker per visible GPU (or one CPU worker) plus the dashboard.
+"""``python -m worker.launch``: K workers per visible GPU (or K CPU workers) plus the dashboard.
 
-Used by ``make run``. Every worker is started under an exclusive ``fcntl`` lock on
-``<data>/locks/worker-<device>.lock`` that its process inherits, so a second launch on
-the same machine and data folder does not start a second worker on a device that is
-already served; it only starts the dashboard, or says that it already runs on that port.
+Used by ``make run``. ``--per-gpu K`` (or ``$STUDIO_PER_GPU``; default :data:`DEFAULT_PER_GPU`)
+worker processes share each device, each in its own interpreter (own GIL, own CUDA context),
+because one worker process is bound by its Python per-frame work long before the GPU is busy.
+Each worker is started in a slot ``0..K-1`` of its device, under an exclusive ``fcntl`` lock on
+``<data>/locks/worker-<device>[-<slot>].lock`` that its process inherits, so a second launch on
+the same machine and data folder does not serve a slot twice: it starts only the slots that are
+free (and says which are already served), the dashboard, or says that it already runs on that port.
 
 Children are started with ``subprocess`` (a fresh interpreter each, never a fork of a
 process that initialised CUDA), in their own session, so Ctrl-C reaches only this
@@ -38,6 +41,40 @@ STOP_GRACE_S = 60.0
 
 #: Comma list of devices that replaces GPU detection (e.g. ``cuda:1,cuda:2``; tests use ``cpu:0,cpu:1``).
 DEVICES_ENV = "STUDIO_DEVICES"
+#: Worker processes per device when neither ``--per-gpu`` nor :data:`PER_GPU_ENV` says otherwise.
+DEFAULT_PER_GPU = 1
+#: Environment variable with the default of ``--per-gpu`` (``make run PER_GPU=K`` passes ``--per-gpu K``).
+PER_GPU_ENV = "STUDIO_PER_GPU"
+
+
+def parse_per_gpu(text: str | int) -> int:
+    """``--per-gpu`` as a count of worker processes per device (1 or more).
+
+    Raises:
+        ValueError: not a whole number of at least 1.
+
+    >>> parse_per_gpu("3"), parse_per_gpu(1)
+    (3, 1)
+    """
+    value = str(text).strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--per-gpu: expected a whole number of worker processes per device (1 or more), got {text!r}")
+    return int(value)
+
+
+def default_per_gpu(env: dict[str, str] | None = None) -> int:
+    """``$STUDIO_PER_GPU`` when set, else :data:`DEFAULT_PER_GPU`.
+
+    Raises:
+        ValueError: the variable is set but not a count of 1 or more.
+    """
+    value = (os.environ if env is None else env).get(PER_GPU_ENV, "").strip()
+    if not value:
+        return DEFAULT_PER_GPU
+    try:
+        return parse_per_gpu(value)
+    except ValueError:
+        raise ValueError(f"${PER_GPU_ENV}: expected a whole number of 1 or more, got {value!r}") from None
 
 
 def visible_devices() -> list[str]:
@@ -58,10 +95,31 @@ def visible_devices() -> list[str]:
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
-def lock_device(locks_dir: Path, device: str) -> int | None:
-    """Take the exclusive lock of ``device``; the open file descriptor, or None if held elsewhere."""
+def lock_path(locks_dir: Path, device: str, slot: int = 0) -> Path:
+    """``worker-cuda0.lock`` for slot 0 (the name of a launch of one worker per device), ``worker-cuda0-<slot>.lock``
+    for the others.
+
+    >>> lock_path(Path("locks"), "cuda:1", 2).name, lock_path(Path("locks"), "cpu").name
+    ('worker-cuda1-2.lock', 'worker-cpu.lock')
+    """
+    name = device.replace(":", "") + (f"-{slot}" if slot else "")
+    return locks_dir / f"worker-{name}.lock"
+
+
+def slot_label(device: str, slot: int, per_gpu: int) -> str:
+    """How a worker slot is named in notes and logs: ``cuda:0`` when one worker serves each device, else
+    ``cuda:0 #1`` (the same ``#slot`` ends the worker's id, see :func:`worker.loop.default_worker_id`).
+
+    >>> slot_label("cuda:0", 0, 1), slot_label("cuda:0", 1, 2)
+    ('cuda:0', 'cuda:0 #1')
+    """
+    return device if per_gpu == 1 else f"{device} #{slot}"
+
+
+def lock_device(locks_dir: Path, device: str, slot: int = 0) -> int | None:
+    """Take the exclusive lock of ``slot`` of ``device``; the open file descriptor, or None if held elsewhere."""
     locks_dir.mkdir(parents=True, exist_ok=True)
-    path = locks_dir / f"worker-{device.replace(':', '')}.lock"
+    path = lock_path(locks_dir, device, slot)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,7 +173,7 @@ def build_children(args: argparse.Namespace) -> tuple[list[Child], list[str]]:
     if args.db_url:
         env["STUDIO_DB_URL"] = args.db_url
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else visible_devices()
-    children, notes = worker_children(devices, data_dir, env)
+    children, notes = worker_children(devices, data_dir, env, per_gpu=args.per_gpu)
     if not args.no_dashboard:
         if port_in_use(args.host, args.port):
             notes.append(f"the dashboard already runs at http://{args.host}:{args.port}")
@@ -136,8 +194,9 @@ def usable_cores() -> int:
 
 
 def split_threads(workers: int, cores: int | None = None) -> int:
-    """CPU threads per worker when ``workers`` share ``cores`` (default :func:`usable_cores`): ``cores // workers``,
-    at least 1, so workers on several GPUs don't starve each other of decoding and alignment time.
+    """CPU threads per worker when ``workers`` (devices × workers per device) share ``cores`` (default
+    :func:`usable_cores`): ``cores // workers``, at least 1, so workers don't starve each other of decoding and
+    alignment time.
 
     >>> split_threads(2, 32), split_threads(8, 4)
     (16, 1)
@@ -151,27 +210,32 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 def worker_children(
     devices: list[str], data_dir: Path, env: dict[str, str], extra_args: tuple[str, ...] = (), *, once: bool = False,
-    threads: int | None = None,
+    threads: int | None = None, per_gpu: int = DEFAULT_PER_GPU,
 ) -> tuple[list[Child], list[str]]:
-    """One ``python -m engine worker --device D`` child per device whose lock this process could take.
+    """``per_gpu`` ``python -m engine worker --device D`` children per device, one per slot whose lock
+    (:func:`lock_device`) this process could take.
 
-    Each gets ``--threads N`` (and ``OMP_NUM_THREADS`` etc. unless set) with ``N = threads``, by
-    default :func:`split_threads` over the devices. Returns the children and a note for each
-    device that a worker already serves.
+    With ``per_gpu`` above 1 each child also gets ``--slot S`` (its id ends in ``#S``). Each gets
+    ``--threads N`` (and ``OMP_NUM_THREADS`` etc. unless set) with ``N = threads``, by default
+    :func:`split_threads` over all the children (devices × ``per_gpu``), served slots included.
+    Returns the children and a note for each slot that a worker already serves.
     """
+    per_gpu = parse_per_gpu(per_gpu)
     notes: list[str] = []
     children: list[Child] = []
     devices = list(dict.fromkeys(devices))  # each device once, in order
-    threads = threads or split_threads(len(devices))
+    threads = threads or split_threads(len(devices) * per_gpu)
     child_env = {**{k: str(threads) for k in THREAD_ENV}, **env}
     for device in devices:
-        fd = lock_device(data_dir / "locks", device)
-        if fd is None:
-            notes.append(f"a worker already serves {device} for {data_dir}: not starting another")
-            continue
-        cmd = [sys.executable, "-m", "engine", "worker", "--device", device, "--data-dir", str(data_dir),
-               "--threads", str(threads), *extra_args]
-        children.append(Child(f"worker[{device}]", cmd, child_env, pass_fds=(fd,), once=once))
+        for slot in range(per_gpu):
+            label = slot_label(device, slot, per_gpu)
+            fd = lock_device(data_dir / "locks", device, slot)
+            if fd is None:
+                notes.append(f"a worker already serves {label} for {data_dir}: not starting another")
+                continue
+            cmd = [sys.executable, "-m", "engine", "worker", "--device", device, "--data-dir", str(data_dir),
+                   "--threads", str(threads), *(["--slot", str(slot)] if per_gpu > 1 else []), *extra_args]
+            children.append(Child(f"worker[{label}]", cmd, child_env, pass_fds=(fd,), once=once))
     return children, notes
 
 
@@ -252,8 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="data folder shared by workers and dashboard (default: data)")
     parser.add_argument("--db-url", help="database URL (default: sqlite in the data folder)")
     parser.add_argument("--devices", help="comma list instead of auto-detection, e.g. cpu or cuda:0,cuda:1")
+    parser.add_argument("--per-gpu", metavar="K",
+                        help=f"worker processes per device (default: ${PER_GPU_ENV}, else {DEFAULT_PER_GPU})")
     parser.add_argument("--no-dashboard", action="store_true", help="start workers only")
     args = parser.parse_args(argv)
+    try:
+        args.per_gpu = parse_per_gpu(args.per_gpu) if args.per_gpu is not None else default_per_gpu()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launch: %(message)s")
     refusal = None if args.no_dashboard else network_refusal(args.host)
     if refusal:
@@ -307,18 +378,19 @@ def gpu_devices(spec: str) -> list[str]:
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
-    """``python -m engine worker --gpus all|0,1``: one worker process per device, none twice per device.
+    """``python -m engine worker --gpus all|0,1 [--per-gpu K]``: K worker processes per device, no slot served twice.
 
-    Each child holds ``<data>/locks/worker-<device>.lock`` (see :func:`lock_device`); a
-    device already served by another launch is skipped. Children that exit cleanly
-    (``--burst``, ``--max-jobs``) are done; children that crash are restarted.
+    Each child holds the lock of its slot, ``<data>/locks/worker-<device>[-<slot>].lock`` (see
+    :func:`lock_device`); a slot already served by another launch is skipped. Children that exit
+    cleanly (``--burst``, ``--max-jobs``) are done; children that crash are restarted.
     """
-    if args.gpu is not None or args.device or args.worker_id:
-        print("error: --gpus starts one worker per device: don't combine it with --gpu, --device or --worker-id",
-              file=sys.stderr)
+    if args.gpu is not None or args.device or args.worker_id or getattr(args, "slot", None) is not None:
+        print("error: --gpus starts its own workers on each device: don't combine it with --gpu, --device, "
+              "--worker-id or --slot", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launch: %(message)s", force=True)
     try:
+        per_gpu = parse_per_gpu(args.per_gpu) if getattr(args, "per_gpu", None) is not None else default_per_gpu()
         devices = gpu_devices(args.gpus)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -334,7 +406,8 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         extra.append("--burst")
     if args.max_jobs is not None:
         extra += ["--max-jobs", str(args.max_jobs)]
-    children, notes = worker_children(devices, data_dir, env, tuple(extra), once=True, threads=args.threads)
+    children, notes = worker_children(devices, data_dir, env, tuple(extra), once=True, threads=args.threads,
+                                      per_gpu=per_gpu)
     return serve(children, notes)
 
 

@@ -126,9 +126,10 @@ class WorkerOptions:
             )
 
 
-def default_worker_id(device: str) -> str:
-    """``<host>-<pid>-<device>``: unique per process, readable in logs and the dashboard."""
-    return f"{socket.gethostname()}-{os.getpid()}-{device.replace(':', '')}"
+def default_worker_id(device: str, slot: int | None = None) -> str:
+    """``<host>-<pid>-<device>``, or ``<host>-<pid>-<device>#<slot>`` for one of several workers of a device
+    (``--per-gpu``): unique per process, readable in logs and the dashboard."""
+    return f"{socket.gethostname()}-{os.getpid()}-{device.replace(':', '')}" + (f"#{slot}" if slot is not None else "")
 
 
 def device_name(device: str) -> str:

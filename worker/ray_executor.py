@@ -587,9 +587,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_ray(args: argparse.Namespace) -> int:
     """``python -m engine worker --executor ray ...``"""
-    if args.gpu is not None or args.device or getattr(args, "gpus", None):
+    if args.gpu is not None or args.device or getattr(args, "gpus", None) or getattr(args, "per_gpu", None):
         print("error: with --executor ray the cluster picks the GPUs: use --gpus-per-task / --resources, "
-              "not --gpu, --device or --gpus", file=sys.stderr)
+              "not --gpu, --device, --gpus or --per-gpu", file=sys.stderr)
         return 2
     try:
         options = RayOptions(
