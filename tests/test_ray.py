@@ -207,6 +207,36 @@ def test_per_gpu_starts_k_slots_per_device_each_under_its_own_lock(tmp_path, mon
         launch.worker_children(["cuda:0"], data, {}, per_gpu=0)
 
 
+def test_workers_are_pinned_to_disjoint_core_shares(tmp_path, monkeypatch):
+    """Two workers on one device get halves of the CPUs, and a started child really runs on its share
+    (so FFmpeg's and the engine's CPU counts follow it); ``STUDIO_PIN_CORES=0`` turns pinning off."""
+    import subprocess
+
+    from worker import launch
+
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)))
+    children, _ = launch.worker_children(["cuda:0"], tmp_path / "data", {}, per_gpu=2)
+    try:
+        assert [c.cores for c in children] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    finally:
+        for c in children:
+            os.close(c.pass_fds[0])
+    monkeypatch.setenv("STUDIO_PIN_CORES", "0")
+    assert launch.split_cores(2) == [(), ()]
+    monkeypatch.undo()
+
+    cpu = min(os.sched_getaffinity(0))
+    child = launch.Child("sleeper", [sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ),
+                         cores=(cpu,))
+    child.start()
+    try:
+        assert os.sched_getaffinity(child.proc.pid) == {cpu}
+    finally:
+        child.proc.kill()
+        child.proc.wait(timeout=30)
+    assert isinstance(child.proc, subprocess.Popen)
+
+
 def test_per_gpu_default_is_the_constant_or_the_environment(monkeypatch):
     from worker import launch
 

@@ -154,12 +154,19 @@ class Child:
     restarts: int = 0
     started_at: float = field(default=0.0)
     finished: bool = False
+    cores: tuple[int, ...] = ()  #: CPUs the child is pinned to (empty: not pinned)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, pass_fds=self.pass_fds,
                                      start_new_session=True)
         self.started_at = time.monotonic()
-        log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.cmd))
+        if self.cores:  # before the child starts its threads: they, and FFmpeg's thread count, inherit it
+            try:
+                os.sched_setaffinity(self.proc.pid, self.cores)
+            except OSError as e:
+                log.warning("could not pin %s to CPUs %s: %s", self.name, _ranges(self.cores), e)
+        pinned = f" on CPUs {_ranges(self.cores)}" if self.cores else ""
+        log.info("started %s (pid %d)%s: %s", self.name, self.proc.pid, pinned, " ".join(self.cmd))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -204,6 +211,40 @@ def split_threads(workers: int, cores: int | None = None) -> int:
     return max(1, (cores or usable_cores()) // max(1, workers))
 
 
+def split_cores(workers: int, cores: list[int] | None = None) -> list[tuple[int, ...]]:
+    """Disjoint CPU sets, one per worker, for pinning ``workers`` children to their share of ``cores``
+    (default: this process's affinity mask): consecutive blocks of ``len(cores) // workers``. Empty
+    sets (no pinning) for a single worker, fewer cores than workers, ``$STUDIO_PIN_CORES=0`` or
+    a system without affinity masks.
+
+    Each worker's decoding (FFmpeg counts the CPUs of its mask), alignment and torch threads then
+    stay on its own cores instead of every worker starting a thread per CPU of the machine.
+
+    >>> split_cores(2, list(range(8)))
+    [(0, 1, 2, 3), (4, 5, 6, 7)]
+    >>> split_cores(3, list(range(4)))
+    [(0,), (1,), (2,)]
+    >>> split_cores(1, list(range(8)))
+    [()]
+    """
+    if cores is None:
+        try:
+            cores = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = []
+    share = len(cores) // max(1, workers)
+    if workers < 2 or share < 1 or os.environ.get("STUDIO_PIN_CORES", "1").strip() == "0":
+        return [()] * max(1, workers)
+    return [tuple(cores[i * share:(i + 1) * share]) for i in range(workers)]
+
+
+def _ranges(cores: tuple[int, ...]) -> str:
+    """``0-3`` for (0, 1, 2, 3); ``0,2`` for (0, 2)."""
+    if cores and list(cores) == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+    return ",".join(map(str, cores))
+
+
 #: Thread-count variables of the numeric libraries, set for each worker child unless already set.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -217,8 +258,9 @@ def worker_children(
 
     With ``per_gpu`` above 1 each child also gets ``--slot S`` (its id ends in ``#S``). Each gets
     ``--threads N`` (and ``OMP_NUM_THREADS`` etc. unless set) with ``N = threads``, by default
-    :func:`split_threads` over all the children (devices × ``per_gpu``), served slots included.
-    Returns the children and a note for each slot that a worker already serves.
+    :func:`split_threads` over all the children (devices × ``per_gpu``), served slots included,
+    and is pinned to its own share of the CPUs (:func:`split_cores`). Returns the children and a
+    note for each slot that a worker already serves.
     """
     per_gpu = parse_per_gpu(per_gpu)
     notes: list[str] = []
@@ -226,8 +268,10 @@ def worker_children(
     devices = list(dict.fromkeys(devices))  # each device once, in order
     threads = threads or split_threads(len(devices) * per_gpu)
     child_env = {**{k: str(threads) for k in THREAD_ENV}, **env}
+    core_sets = iter(split_cores(len(devices) * per_gpu))
     for device in devices:
         for slot in range(per_gpu):
+            cores = next(core_sets)
             label = slot_label(device, slot, per_gpu)
             fd = lock_device(data_dir / "locks", device, slot)
             if fd is None:
@@ -235,7 +279,7 @@ def worker_children(
                 continue
             cmd = [sys.executable, "-m", "engine", "worker", "--device", device, "--data-dir", str(data_dir),
                    "--threads", str(threads), *(["--slot", str(slot)] if per_gpu > 1 else []), *extra_args]
-            children.append(Child(f"worker[{label}]", cmd, child_env, pass_fds=(fd,), once=once))
+            children.append(Child(f"worker[{label}]", cmd, child_env, pass_fds=(fd,), once=once, cores=cores))
     return children, notes
 
 
