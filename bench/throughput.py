@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import math
 import os
@@ -386,6 +387,12 @@ def build_engine(cfg, args, fixed_box: np.ndarray | None, source):
     return Engine(cfg, source=source, landmarker=landmarker, detector=detector)
 
 
+def child_engine(cfg, fixed_box: np.ndarray | None, decoder: str, device: str):
+    """:func:`build_engine` inside a child process of ``--processes`` (its own decoder and stages)."""
+    source, _ = make_source(argparse.Namespace(decoder=decoder, device=device))
+    return build_engine(cfg, None, fixed_box, source)
+
+
 def stage_rates(engine, inputs: list[Path], args) -> dict[str, float]:
     """Frames/s of each stage of ``engine`` alone, on the first ``--stage-frames`` frames of the
     inputs in batches of ``--batch-size`` (each stage over every sample batch, after a warm-up
@@ -435,20 +442,25 @@ def stage_rates(engine, inputs: list[Path], args) -> dict[str, float]:
     return rates
 
 
-def end_to_end(engine, inputs: list[Path], out_dir: Path, concurrency: int | None = None) -> tuple[int, float, str]:
+def end_to_end(engine, inputs: list[Path], out_dir: Path, concurrency: int | None = None,
+               pool=None) -> tuple[int, float, str]:
     """Every input through ``engine``: (frames, seconds, how). ``run_many`` (``concurrency`` inputs
-    at once; None: its default) when the engine has it."""
+    at once; None: its default) when the engine has it; through ``pool``
+    (:class:`engine.procs.EnginePool`, started and warm) when given."""
     t = time.perf_counter()
     frames = 0
-    if hasattr(engine, "run_many"):
+    if pool is not None or hasattr(engine, "run_many"):
         from engine.many import InputJob
 
         jobs = (InputJob(source=p, out_base=out_dir / p.stem, key=str(i)) for i, p in enumerate(inputs))
-        for outcome in engine.run_many(jobs, concurrency=concurrency):
+        outcomes = pool.run_many(jobs) if pool is not None else engine.run_many(jobs, concurrency=concurrency)
+        for outcome in outcomes:
             if outcome.error is not None:
                 raise RuntimeError(f"{outcome.job.source}: {outcome.error}") from outcome.error
             frames += outcome.report.num_frames
         how = "Engine.run_many" + (f", {concurrency} inputs at once" if concurrency else "")
+        if pool is not None:
+            how += f" per process, {pool.processes} processes"
     else:
         for p in inputs:
             frames += engine.run(p, out_dir / p.stem).num_frames
@@ -494,14 +506,16 @@ def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path
         return Row(name, note=why)
     row = Row(name)
     try:
-        engine = build_engine(cfg, args, fixed_box if landmarks == "fan" else None, source)
-        with engine:
+        box = fixed_box if landmarks == "fan" else None
+        engine = build_engine(cfg, args, box, source)
+        with engine, contextlib.ExitStack() as stack:
             engine.run(warm, args.workdir / "out" / "warm")  # loads the models, first CUDA kernels
             if args.stage_frames > 0:
                 row.stages = stage_rates(engine, inputs, args)
+            pool = start_pool(stack, args, cfg, box, warm) if args.processes > 1 else None
             with Monitor(args.device) as mon, py_spy(args.spy, f"{mode}_{landmarks}"):
                 row.frames, row.seconds, how = end_to_end(engine, inputs, args.workdir / "out" / f"{mode}_{landmarks}",
-                                                               args.concurrency)
+                                                               args.concurrency, pool)
             row.note = how
     except Exception as e:  # one pipeline failing must not lose the other rows
         log.exception("%s failed", name)
@@ -509,6 +523,22 @@ def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path
     row.fps = row.frames / row.seconds
     row.peak_rss, row.gpu_peak, row.gpu_busy = f"{mon.peak_rss / 2**30:.2f} GiB", mon.gpu_peak, mon.gpu_busy
     return row
+
+
+def start_pool(stack: contextlib.ExitStack, args, cfg, fixed_box: np.ndarray | None, warm: Path):
+    """``--processes K``: K child processes with their own engines (:class:`engine.procs.EnginePool`),
+    started, models loaded and warmed (one warm input each) before the timed run; closed by ``stack``."""
+    from engine.many import InputJob
+    from engine.procs import EnginePool
+
+    factory = functools.partial(child_engine, cfg, fixed_box, args.decoder, args.device)
+    pool = stack.enter_context(EnginePool(factory, args.processes, concurrency=args.concurrency))
+    pool.wait_ready()
+    warm_jobs = [InputJob(warm, args.workdir / "out" / f"warm{i}") for i in range(args.processes)]
+    for outcome in pool.run_many(warm_jobs):  # the first job of each child goes to another child
+        if outcome.error is not None:
+            raise RuntimeError(f"warm-up in a child process: {outcome.error}") from outcome.error
+    return pool
 
 
 # ------------------------------------------------------------------------------------ reference style
@@ -692,6 +722,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--detect-every", type=int, default=0, help="fast path keyframe interval (0: its default)")
     ap.add_argument("--concurrency", type=int, help="inputs at once in run_many (default: the engine's)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run_many in K child processes (engine.procs), --concurrency inputs at once each; "
+                         "peak RSS is then the parent's only")
     ap.add_argument("--spy", type=Path, help="folder for py-spy GIL profiles of the end-to-end runs")
     ap.add_argument("--decoder", choices=("pyav", "nvdec"), default="pyav")
     ap.add_argument("--stage-frames", type=int, default=512, help="frames per stage timing (0: skip stages)")

@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--concurrency", type=_at_least_one, metavar="N",
-                   help="inputs processed at once (default: 4 on a GPU; on the CPU one per 4 cores)")
+                   help="inputs processed at once (default: 2 on a GPU; on the CPU one per 4 cores); "
+                        "per process with --processes")
+    p.add_argument("--processes", type=_at_least_one, default=1, metavar="K",
+                   help="run the inputs in K processes, each with its own models and GIL (default 1)")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("doctor", help="check the installation: Python, torch, GPU, FFmpeg, weights, backends")
@@ -152,7 +155,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     failures = done = skipped = 0
     with Engine(cfg) as engine:
-        outcomes = engine.run_many((job(item) for item in items), concurrency=getattr(args, "concurrency", None))
+        outcomes = engine.run_many((job(item) for item in items), concurrency=getattr(args, "concurrency", None),
+                                   processes=getattr(args, "processes", 1))
         try:
             for outcome in outcomes:
                 path = outcome.job.key

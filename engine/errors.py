@@ -77,6 +77,22 @@ class Cancelled(StudioError):
     code = "cancelled"
 
 
+class EngineProcessError(StudioError):
+    """An input run in a child process (``run_many(processes=K)``) ended without a result of its
+    own: the process died (killed, crashed), or its error could not be sent back as itself
+    (then ``code`` is that error's code and the message names its type)."""
+
+    code = "engine_process"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code:
+            self.code = code
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.code))
+
+
 class InputTooLarge(InputError):
     """The input exceeds a configured limit (bytes, pixels per frame, duration); see :mod:`engine.limits`."""
 

@@ -373,6 +373,11 @@ class Engine:
         self._aligner = aligner
         self._regressor = regressor
         self._sinks = None if sinks is None else list(sinks)
+        #: Names of the stages handed in (not built from ``config``): a child process cannot rebuild them.
+        self.handed_in: tuple[str, ...] = tuple(name for name, stage in (
+            ("source", source), ("detector", detector), ("tracker", tracker), ("landmarker", landmarker),
+            ("aligner", aligner), ("regressor", regressor), ("sinks", sinks), ("temporal_policy", temporal_policy),
+        ) if stage is not None)
         self.temporal_policy: TemporalPolicy = temporal_policy or NoFacePolicyStage.from_config(self.config)
         self.progress_interval_s = progress_interval_s
         self._lm_thread: ThreadPoolExecutor | None = None
@@ -526,7 +531,7 @@ class Engine:
         return dataclasses.replace(report, seconds=time.perf_counter() - t_start)
 
     def run_many(self, jobs: Iterable[InputJob], *, concurrency: int | None = None,
-                 merge_batches: bool | None = None) -> Iterator[InputOutcome]:
+                 merge_batches: bool | None = None, processes: int = 1) -> Iterator[InputOutcome]:
         """Run several inputs at once on this engine's models; yield each one's outcome as it ends.
 
         Each input runs in its own thread and its own :class:`Engine` sharing this one's loaded
@@ -544,6 +549,12 @@ class Engine:
                 CUDA; on the CPU one per 4 cores, at least 1). 1 with sinks handed to the engine.
             merge_batches: merge the inputs' regressor calls into one forward
                 (:class:`~engine.batching.MergingRegressor`); default: on CUDA only.
+            processes: with K > 1, K child processes (:mod:`engine.procs`), each with its own
+                ``Engine(config)`` (its own GIL, CUDA context and models) running ``concurrency``
+                inputs at once; the callbacks stay in this process. Only for an engine built
+                from its config alone: with stages handed in, ValueError (use
+                :class:`engine.procs.EnginePool` with a factory). A child that dies ends its
+                inputs with :class:`~engine.errors.EngineProcessError`; the others go on.
 
         Yields:
             one :class:`~engine.many.InputOutcome` per job, in completion order. Closing the
@@ -552,6 +563,11 @@ class Engine:
         Raises:
             whatever iterating ``jobs`` raises, after the inputs already started have ended.
         """
+        if processes > 1:
+            from engine.procs import run_in_processes
+
+            return run_in_processes(self, jobs, processes=processes, concurrency=concurrency,
+                                    merge_batches=merge_batches)
         from engine.many import run_many
 
         return run_many(self, jobs, concurrency=concurrency, merge_batches=merge_batches)
