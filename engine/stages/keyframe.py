@@ -44,7 +44,7 @@ import numpy as np
 
 from engine.config import KeepPerson
 from engine.stages.detect import Detector, reference_order
-from engine.stages.track import CONTINUITY_MAX_SHIFT, CONTINUITY_MIN_IOU, box_iou, continuing_face
+from engine.stages.track import CONTINUITY_MAX_SHIFT, CONTINUITY_MIN_IOU, box_iou, continuing_face, pair_iou
 from engine.structures import Detections, FrameBatch, Landmarks, rows_of
 
 #: Keyframe interval: detect on every this-many-th frame (with the other keyframes).
@@ -407,8 +407,8 @@ class KeyframeTracker:
             rel_r = (1 - t)[:, None] * ra + t[:, None] * rb
             seen = implied_box(landmark_box(landmarks.points_img_ydown[rows]), rel_r)
             known = np.isfinite(seen).all(axis=1)
-            iou = np.array([box_iou(plan.box[r], s[None])[0] if k else 1.0
-                            for r, s, k in zip(rows, seen, known, strict=True)])
+            with _quiet():  # rows without a landmark box (NaN) are not compared: IoU 1
+                iou = np.where(known, pair_iou(plan.box[rows], seen), 1.0)
             height, width = frames.images.shape[1:3]
             where = np.where(known[:, None], seen, plan.box[rows])
             lost[rows] |= (iou < DRIFT_MIN_IOU) | (inside_fraction(where, width, height) < LEAVE_MIN_INSIDE)
