@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_list
+from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_array
 from engine.landmarks.mtcnn import NAME, detect_faces
 from engine.structures import Detections, FrameBatch, Landmarks
 
@@ -430,7 +430,7 @@ class RefineMtcnn:
         n = len(frames)
         boxes = np.full((n, 4), np.nan)
         prob = np.full(n, np.nan)
-        points: list[np.ndarray | None] = [None] * n
+        points = np.full((n, self.num_points, 2), np.nan)
         where = faces.face_of_frame()
         rows = np.flatnonzero(where >= 0)
         if len(rows):
@@ -449,11 +449,10 @@ class RefineMtcnn:
         if len(rows):
             pts, score, final = self.onet_stage(images, rows, second, regions)
             prob[rows] = score
-            for k, row in enumerate(rows):
-                if score[k] >= THRESHOLDS[2]:
-                    points[row] = pts[k]
-                    boxes[row] = final[k]
-        landmarks = landmarks_from_list(points, self.num_points, confidence=prob)
+            face = score >= THRESHOLDS[2]
+            points[rows[face]] = pts[face]
+            boxes[rows[face]] = final[face]
+        landmarks = landmarks_from_array(points, confidence=prob)
         boxes[~landmarks.valid] = np.nan
         return Refined(landmarks, boxes, prob)
 
