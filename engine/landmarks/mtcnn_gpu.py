@@ -276,8 +276,8 @@ def detect_chunk(net, images: np.ndarray, device) -> Detections:
             m, minl = m * net.factor, minl * net.factor
         if not scales:  # frames smaller than the minimum face
             return Detections.empty(n)
-        integral = torch.nn.functional.pad(  # exact int64 sums: R-/O-Net crops in a few gathers
-            torch.as_tensor(images, device=device).permute(0, 3, 1, 2).long().cumsum(2).cumsum(3), (1, 0, 1, 0))
+        # Exact int64 window sums (the frames' uint8 values): R-/O-Net crops in a few gathers.
+        integral = torch.nn.functional.pad(imgs.long().cumsum(2).cumsum(3), (1, 0, 1, 0))
         boxes, inds = [], []
         for scale in scales:
             data = fd.imresample(imgs, (int(h * scale + 1), int(w * scale + 1)))
