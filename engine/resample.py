@@ -198,6 +198,96 @@ def axis_taps(in_size: int, out_size: int, start: int, length: int = CROP_SIZE) 
     return AxisTaps(first, weights, lo, hi)
 
 
+@dataclass(frozen=True)
+class BatchAxisTaps:
+    """:class:`AxisTaps` of one axis for N windows at once (N resizes, each its own sizes).
+
+    Attributes:
+        first: int64 (N, L) as :attr:`AxisTaps.first`, per window.
+        weights: float64 (N, L, K) as :attr:`AxisTaps.weights`, ``K`` = the largest tap count;
+            window i uses the first ``ksize[i]`` columns (the rest are 0).
+        ksize: int64 (N,) Pillow's tap count of each window's resize (1 where the size is kept).
+        src_start: int64 (N,) first source index each window reads.
+        src_stop: int64 (N,) one past the last one.
+    """
+
+    first: np.ndarray
+    weights: np.ndarray
+    ksize: np.ndarray
+    src_start: np.ndarray
+    src_stop: np.ndarray
+
+    def window(self, i: int) -> AxisTaps:
+        """Window ``i`` as :class:`AxisTaps` (views; weights cut to its own ``ksize``)."""
+        return AxisTaps(self.first[i], self.weights[i, :, : int(self.ksize[i])],
+                        int(self.src_start[i]), int(self.src_stop[i]))
+
+
+def _resize_taps(xx: np.ndarray, in_sz: np.ndarray, scale: np.ndarray,
+                 ksize: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Taps of output indices ``xx`` (G, L) of G resizes with one tap count ``ksize``.
+
+    :func:`axis_taps`'s float64 operations, element for element. Returns xmin, xmax (int64
+    (G, L)) and fixed-point weights (G, L, ksize); rows outside a resized axis are not masked.
+    """
+    filterscale = np.maximum(scale, 1.0)[:, None]
+    support = BICUBIC_SUPPORT * filterscale
+    center = (xx.astype(np.float64) + 0.5) * scale[:, None]
+    xmin = np.maximum(_trunc_int(center - support + 0.5), 0)
+    xmax = np.minimum(_trunc_int(center + support + 0.5), in_sz[:, None])
+    k = np.arange(ksize, dtype=np.int64)
+    arg = ((k + xmin[:, :, None]).astype(np.float64) - center[:, :, None] + 0.5) * (1.0 / filterscale)[:, :, None]
+    w = np.where(k < (xmax - xmin)[:, :, None], bicubic_filter(arg), 0.0)
+    total = np.zeros(xx.shape, dtype=np.float64)
+    for j in range(ksize):  # Pillow sums the taps in order; keep that order, not a pairwise sum
+        total = total + w[:, :, j]
+    nonzero = total != 0.0
+    w = np.where(nonzero[:, :, None], w / np.where(nonzero, total, 1.0)[:, :, None], w)
+    return xmin, xmax, to_fixed_point(w)
+
+
+def batch_axis_taps(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.ndarray,
+                    length: int = CROP_SIZE) -> BatchAxisTaps:
+    """:func:`axis_taps` for N windows in one set of numpy operations (no per-window Python loop).
+
+    Every element goes through the same float64 operations as in :func:`axis_taps` (the taps
+    are summed in tap order too; columns past a window's own ``ksize`` are zeros and add
+    nothing), so window i equals ``axis_taps(in_sizes[i], out_sizes[i], starts[i], length)``
+    bit for bit.
+
+    Args:
+        in_sizes, out_sizes, starts: int (N,) per window, as :func:`axis_taps`'s arguments.
+        length: window length (the crop size).
+    """
+    in_sz = np.asarray(in_sizes, dtype=np.int64).reshape(-1)
+    out_sz = np.asarray(out_sizes, dtype=np.int64).reshape(-1)
+    start = np.asarray(starts, dtype=np.int64).reshape(-1)
+    n = in_sz.shape[0]
+    if out_sz.shape[0] != n or start.shape[0] != n:
+        raise ValueError(f"batch_axis_taps: {n} in sizes, {out_sz.shape[0]} out sizes, {start.shape[0]} starts")
+    if length < 1 or (n and (in_sz.min() < 1 or out_sz.min() < 1)):
+        raise ValueError(f"batch_axis_taps: sizes must be positive (in ≥ 1, out ≥ 1, length={length} ≥ 1)")
+    xx = start[:, None] + np.arange(length, dtype=np.int64)  # (N, L)
+    inside = (xx >= 0) & (xx < out_sz[:, None])
+    same = in_sz == out_sz
+    scale = in_sz.astype(np.float64) / out_sz.astype(np.float64)
+    support = BICUBIC_SUPPORT * np.maximum(scale, 1.0)
+    ksize = np.where(same, 1, np.ceil(support).astype(np.int64) * 2 + 1)
+    weights = np.zeros((n, length, int(ksize.max()) if n else 1), dtype=np.float64)
+    # A kept size is the identity: one tap of weight 2**22 at the index itself.
+    xmin, xmax = xx.copy(), xx + 1
+    weights[same, :, 0] = _ONE
+    for kk in np.unique(ksize[~same]):  # a few tap counts per batch: one vectorised group each
+        g = np.flatnonzero(~same & (ksize == kk))
+        xmin[g], xmax[g], weights[g, :, :kk] = _resize_taps(xx[g], in_sz[g], scale[g], int(kk))
+    weights[~inside] = 0.0
+    first = np.where(inside, xmin, 0)
+    any_inside = inside.any(axis=1)
+    lo = np.where(inside, xmin, np.iinfo(np.int64).max).min(axis=1, initial=np.iinfo(np.int64).max)
+    hi = np.where(inside, xmax, -1).max(axis=1, initial=-1)
+    return BatchAxisTaps(first, weights, ksize, np.where(any_inside, lo, 0), np.where(any_inside, hi, 0))
+
+
 def installed_pass_order() -> str:
     """The installed Pillow's pass-order rule: :data:`PILLOW13` from Pillow 13 on, else :data:`HORIZONTAL_FIRST`."""
     import PIL
@@ -239,6 +329,31 @@ def crop_taps(
     left, up, w, h = (int(v) for v in crop_box)
     return CropTaps(y=axis_taps(h0, h, up, size), x=axis_taps(w0, w, left, size),
                     vertical_first=vertical_first((w0, h0), (w, h), pass_order))
+
+
+def batch_crop_taps(frame_hw: np.ndarray, crop_boxes: np.ndarray, size: int = CROP_SIZE,
+                    pass_order: str = PILLOW13) -> list[CropTaps]:
+    """:func:`crop_taps` of N frames at once, bit for bit (:func:`batch_axis_taps` for both axes).
+
+    Args:
+        frame_hw: int (N, 2) each frame's (H, W).
+        crop_boxes: int (N, 4) ``[left, up, w, h]`` per frame.
+        size: crop side in pixels.
+        pass_order: :data:`HORIZONTAL_FIRST` or :data:`PILLOW13`.
+    """
+    if pass_order not in PASS_ORDERS:
+        raise ValueError(f"pass_order: expected one of {PASS_ORDERS}, got {pass_order!r}")
+    hw = np.asarray(frame_hw, dtype=np.int64).reshape(-1, 2)
+    boxes = np.asarray(crop_boxes, dtype=np.int64).reshape(-1, 4)
+    n = hw.shape[0]
+    if boxes.shape[0] != n:
+        raise ValueError(f"batch_crop_taps: {n} frame sizes but {boxes.shape[0]} crop boxes")
+    # Rows and columns of all frames in one call: windows 0..n-1 are the y axes, n..2n-1 the x axes.
+    both = batch_axis_taps(np.concatenate([hw[:, 0], hw[:, 1]]), np.concatenate([boxes[:, 3], boxes[:, 2]]),
+                           np.concatenate([boxes[:, 1], boxes[:, 0]]), size)
+    dh, dw = hw[:, 0] - boxes[:, 3], hw[:, 1] - boxes[:, 2]
+    vfirst = (pass_order == PILLOW13) & (dh > 0) & (dh > 2 * dw)
+    return [CropTaps(y=both.window(i), x=both.window(n + i), vertical_first=bool(vfirst[i])) for i in range(n)]
 
 
 def _dense_band(first: torch.Tensor, weights: torch.Tensor, src_start: torch.Tensor, width: int) -> torch.Tensor:
@@ -380,10 +495,16 @@ def resized_crops(
     boxes = np.asarray(crop_boxes, dtype=np.int64).reshape(-1, 4)
     if len(images) != boxes.shape[0]:
         raise ValueError(f"resized_crops: {len(images)} images but {boxes.shape[0]} crop boxes")
-    taps = []
-    for img, box in zip(images, boxes, strict=True):
-        check_shape(img, ("H", "W", "3"), "image")
-        if img.dtype != np.uint8:
-            raise ValueError(f"image: expected dtype uint8, got {img.dtype}")
-        taps.append(crop_taps(img.shape[:2], box, size, order))
+    if isinstance(images, np.ndarray):
+        check_shape(images, ("B", "H", "W", "3"), "images")
+        if images.dtype != np.uint8:
+            raise ValueError(f"image: expected dtype uint8, got {images.dtype}")
+        frame_hw = np.broadcast_to(np.asarray(images.shape[1:3], dtype=np.int64), (len(images), 2))
+    else:
+        for img in images:
+            check_shape(img, ("H", "W", "3"), "image")
+            if img.dtype != np.uint8:
+                raise ValueError(f"image: expected dtype uint8, got {img.dtype}")
+        frame_hw = np.array([img.shape[:2] for img in images], dtype=np.int64).reshape(-1, 2)
+    taps = batch_crop_taps(frame_hw, boxes, size, order)
     return crops_from_taps(images, taps, device=device, max_bytes=max_bytes)

@@ -486,3 +486,59 @@ def test_the_state_round_trips_through_its_arrays():
     with pytest.raises(ValueError, match="detect_every"):
         KeyframeTracker(0)
 
+
+
+def test_pair_iou_equals_box_iou_row_by_row():
+    """The vectorised row-wise IoU (the drift check) is the per-pair box_iou, bit for bit."""
+    from engine.stages.track import box_iou, pair_iou
+
+    rng = np.random.default_rng(4)
+    a = rng.uniform(-50, 500, (400, 2))
+    a = np.concatenate([a, a + rng.uniform(-5, 200, (400, 2))], axis=1)  # some inverted boxes
+    b = a + rng.normal(0, 30, (400, 4))
+    b[::9] = a[::9]  # identical
+    b[1::11, 0] = a[1::11, 2]  # touching edges
+    b[2::13] = np.nan
+    got = pair_iou(a, b)
+    want = np.array([box_iou(x, y[None])[0] for x, y in zip(a, b, strict=True)])
+    np.testing.assert_array_equal(got, want)
+    assert (got == 1).any() and (got == 0).any() and ((got > 0) & (got < 1)).any()
+
+
+def test_between_interpolates_a_whole_span_like_frame_by_frame():
+    """The span-at-once interpolation between two keyframes equals the per-frame formula, bit for bit."""
+    from engine.stages.keyframe import KeyframeTracker
+
+    rng = np.random.default_rng(8)
+    for a, b in ((-1, 9), (3, 4), (5, 37)):
+        corner = rng.uniform(100, 200, 2)
+        a_box = np.concatenate([corner, corner + rng.uniform(40, 90, 2)])
+        b_box = a_box + rng.normal(0, 3, 4)
+        a_face, b_face = (a_box, 0.97, 2, 0), (b_box, 0.91, 1, 1)
+        n = b + 1
+        box, score = np.full((n, 4), np.nan), np.full(n, np.nan)
+        count, rank, pending = np.zeros(n, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool)
+        rows = np.arange(a + 1, b)
+        KeyframeTracker._between(rows, (rows - a) / (b - a), a_face, b_face, box, score, count, rank, pending)
+        for r in range(a + 1, b):
+            t = (r - a) / (b - a)
+            np.testing.assert_array_equal(box[r], (1 - t) * a_box + t * b_box)
+        assert np.all(score[rows] == 0.91) and np.all(count[rows] == 2) and np.all(rank[rows] == 1)
+        assert not pending.any()
+
+
+def test_landmarks_from_array_equals_landmarks_from_list():
+    from engine.landmarks.base import landmarks_from_array
+
+    rng = np.random.default_rng(9)
+    pts = rng.uniform(-10, 900, (40, 5, 2))
+    pts[::5] = np.nan
+    pts[3, 2, 1] = np.inf
+    conf = rng.uniform(0, 1, 40)
+    want = landmarks_from_list([None if np.isnan(p).all() else p for p in pts], 5, confidence=conf)
+    got = landmarks_from_array(pts, confidence=conf)
+    np.testing.assert_array_equal(got.points_img_ydown, want.points_img_ydown)
+    assert got.points_img_ydown.dtype == want.points_img_ydown.dtype
+    np.testing.assert_array_equal(got.valid, want.valid)
+    np.testing.assert_array_equal(got.confidence, want.confidence)
+    assert got.reason == want.reason and not got.valid[3] and not got.valid[0]

@@ -269,3 +269,36 @@ def test_call_without_faces_uses_the_detector(refiner, video):
     assert lm.valid.all()
     px, _ = _errors(lm.points_img_ydown, full.points_img_ydown[:2].astype(np.float64))
     assert px.max() < 0.1 * np.linalg.norm(full.points_img_ydown[0, 1] - full.points_img_ydown[0, 0])
+
+
+def test_integral_crops_match_facenet_area_resampling():
+    """The keyframe detector's batched crops (integral images) equal facenet's per-box interpolate(mode="area")."""
+    import torch
+    from facenet_pytorch.models.utils.detect_face import imresample
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 90, 70, 3), dtype=np.uint8)
+    boxes = np.array([[-10.7, 5.2, 40.9, 60.1], [20.3, 30.8, 69.5, 89.9], [3.5, 4.5, 13.2, 14.9], [0, 0, 70, 90]])
+    rows = np.array([0, 1, 1, 0])
+    regions = mtcnn_gpu.crop_regions(boxes, 70, 90)
+    integral = torch.nn.functional.pad(torch.from_numpy(images).permute(0, 3, 1, 2).long().cumsum(2).cumsum(3),
+                                       (1, 0, 1, 0))
+    for size in (24, 48):
+        got = mtcnn_gpu.integral_crops(integral, torch.from_numpy(rows), regions, size).numpy()
+        for k, (row, (x0, y0, x1, y1)) in enumerate(zip(rows, regions, strict=True)):
+            crop = torch.from_numpy(images[row, y0:y1, x0:x1]).permute(2, 0, 1)[None].float()
+            np.testing.assert_allclose(got[k], imresample(crop, (size, size))[0].numpy(), rtol=1e-6, atol=1e-4)
+
+
+def test_batched_keyframe_detector_matches_facenets_loop(video):
+    """Batched R-/O-Net crops (the CUDA default) find the same faces as facenet-pytorch's own loop."""
+    batch, _ = video
+    loop = RefineMtcnn("cpu", batched_crops=False)
+    batched = RefineMtcnn("cpu", batched_crops=True)
+    frames = _batch(batch.images[:6])
+    want, got = loop.detector(frames), batched.detector(frames)
+    np.testing.assert_array_equal(got.frame_rows, want.frame_rows)
+    np.testing.assert_allclose(got.boxes_img_ydown, want.boxes_img_ydown, atol=0.01)
+    np.testing.assert_allclose(got.points_img_ydown, want.points_img_ydown, atol=0.01)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+    assert len(got) >= 6

@@ -301,3 +301,32 @@ def test_engine_with_device_crops_writes_the_same_results(tmp_path, short_clip, 
     assert set(a.files) == set(b.files) and a["valid"].any()
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_batch_taps_equal_the_per_window_taps_bit_for_bit():
+    """The vectorised taps (all frames at once) are :func:`axis_taps` / :func:`crop_taps` per frame."""
+    rng = np.random.default_rng(21)
+    n = 300
+    in_sizes = rng.integers(1, 3000, n)
+    out_sizes = np.maximum(1, (in_sizes * rng.choice([0.05, 0.3, 0.7, 1.0, 1.6, 9.0], n)
+                               * rng.uniform(0.8, 1.2, n)).astype(np.int64))
+    out_sizes[::7] = in_sizes[::7]  # kept sizes: the identity taps
+    starts = rng.integers(-400, out_sizes + 60)
+    batch = rs.batch_axis_taps(in_sizes, out_sizes, starts, 224)
+    for i in range(n):
+        one, got = rs.axis_taps(int(in_sizes[i]), int(out_sizes[i]), int(starts[i]), 224), batch.window(i)
+        assert got.weights.shape == one.weights.shape, i
+        np.testing.assert_array_equal(got.weights, one.weights, err_msg=str(i))
+        np.testing.assert_array_equal(got.first, one.first, err_msg=str(i))
+        assert (got.src_start, got.src_stop) == (one.src_start, one.src_stop), i
+    hw = rng.integers(1, 2200, (n, 2))
+    boxes = np.concatenate([starts.reshape(-1, 1)[::-1], starts.reshape(-1, 1), out_sizes.reshape(-1, 1),
+                            out_sizes.reshape(-1, 1)[::-1]], axis=1)
+    for order in rs.PASS_ORDERS:
+        for one, got in zip((rs.crop_taps(f, b, 224, order) for f, b in zip(hw, boxes, strict=True)),
+                            rs.batch_crop_taps(hw, boxes, 224, order), strict=True):
+            assert got.vertical_first == one.vertical_first
+            for a, b in ((got.y, one.y), (got.x, one.x)):
+                np.testing.assert_array_equal(a.weights, b.weights)
+                np.testing.assert_array_equal(a.first, b.first)
+                assert (a.src_start, a.src_stop) == (b.src_start, b.src_stop)

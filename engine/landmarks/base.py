@@ -82,6 +82,27 @@ def no_face_landmarks(num_frames: int, num_points: int, reason: str = NO_FACE) -
     )
 
 
+def landmarks_from_array(points: np.ndarray, confidence: np.ndarray | None = None) -> Landmarks:
+    """:func:`landmarks_from_list` for points already in one array: (B, K, 2), NaN rows = no face.
+
+    A row with any non-finite value is invalid, ``"no_face"``; points are cast to float32.
+
+    >>> lm = landmarks_from_array(np.stack([np.ones((5, 2)), np.full((5, 2), np.nan)]))
+    >>> lm.points_img_ydown.dtype, lm.valid.tolist(), lm.reason
+    (dtype('float32'), [True, False], ('', 'no_face'))
+    """
+    pts = np.asarray(points).astype(np.float32)
+    if pts.ndim != 3 or pts.shape[2] != 2:
+        raise ValueError(f"landmarks: expected shape (B, K, 2), got {pts.shape}")
+    valid = np.isfinite(pts).all(axis=(1, 2))
+    pts[~valid] = np.nan
+    reason = tuple("" if v else NO_FACE for v in valid.tolist())
+    conf = None
+    if confidence is not None:
+        conf = np.where(valid, np.asarray(confidence, dtype=np.float32), np.float32(np.nan)).astype(np.float32)
+    return Landmarks(points_img_ydown=pts, valid=valid, reason=reason, confidence=conf)
+
+
 def landmarks_from_list(per_frame: Sequence[np.ndarray | None], num_points: int,
                         confidence: Sequence[float] | None = None) -> Landmarks:
     """Pack one optional (num_points, 2) array per frame into :class:`Landmarks`.

@@ -23,7 +23,9 @@ and what differs:
 
 The keyframe detector (:attr:`RefineMtcnn.detector`) is facenet-pytorch's full MTCNN on frames
 shrunk to ``detect_max_side`` (OpenCV area resampling), its boxes and points scaled back to
-full-frame pixels. Coordinates are pixels of the original frame, y down; points in Deep3D's
+full-frame pixels. On CUDA its R-Net/O-Net crops of all candidate boxes are cut at once from
+integral images (:func:`detect_batched`) instead of facenet-pytorch's per-box loop: the same
+boxes and points up to float32 rounding. Coordinates are pixels of the original frame, y down; points in Deep3D's
 5-point order (left eye, right eye, nose, left mouth corner, right mouth corner).
 """
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_list
+from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_array
 from engine.landmarks.mtcnn import NAME, detect_faces
 from engine.structures import Detections, FrameBatch, Landmarks
 
@@ -46,6 +48,8 @@ THRESHOLDS = (0.6, 0.7, 0.7)
 RNET_SIZE, ONET_SIZE = 24, 48
 #: At most this many window pixels are resampled at once (float64 on the device: 24 bytes each).
 WINDOW_PIXELS = 8_000_000
+#: The keyframe detector's batched crops (:func:`integral_crops`) take at most this many faces at once.
+CROP_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,165 @@ def window_chunks(regions: np.ndarray, budget: int) -> list[slice]:
     return out
 
 
+def area_crops(images: np.ndarray, rows: np.ndarray, regions: np.ndarray, size: int, device):
+    """float32 torch (M, 3, size, size) on ``device``: region m of ``images[rows[m]]`` area-resampled.
+
+    ``regions`` int64 (M, 4) ``x0, y0, x1, y1`` (non-empty, :func:`crop_regions`); the windows
+    are averaged in float64 with :func:`area_matrix` (``interpolate(mode="area")``'s windows),
+    all faces of a chunk of :data:`WINDOW_PIXELS` in one batched product.
+    """
+    import torch
+
+    parts = []
+    for chunk in window_chunks(regions, WINDOW_PIXELS):
+        windows = gather_windows(images, rows[chunk], regions[chunk])
+        lengths = regions[chunk, 2:] - regions[chunk, :2]  # (width, height)
+        ay = torch.from_numpy(area_matrix(lengths[:, 1], size, windows.shape[1])).to(device)
+        ax = torch.from_numpy(area_matrix(lengths[:, 0], size, windows.shape[2])).to(device)
+        with torch.inference_mode():  # float64: exact averages whatever the TF32 setting
+            x = torch.from_numpy(windows).to(device).permute(0, 3, 1, 2).double()  # (m, 3, H, W)
+            x = torch.matmul(x, ax.double().transpose(1, 2)[:, None])  # (m, 3, H, size)
+            parts.append(torch.matmul(ay.double()[:, None], x).float())  # (m, 3, size, size)
+    return torch.cat(parts)
+
+
+def integral_crops(integral, rows, regions: np.ndarray, size: int):
+    """float32 torch (M, 3, size, size): area resampling of each face's region from integral images.
+
+    ``integral``: int64 torch (B, 3, H + 1, W + 1) zero-padded cumulative sums of the frames
+    (exact integers); ``rows``: int64 torch (M,) frame of each face; ``regions``: int64 (M, 4)
+    ``x0, y0, x1, y1`` (non-empty). Cell i averages ``[floor(i·n/size), ceil((i+1)·n/size))``
+    like ``interpolate(mode="area")``: an exact integer window sum divided by the window's pixel
+    count in float64, then rounded to float32 (facenet-pytorch's float32 average up to that rounding).
+    """
+    import torch
+
+    dev = integral.device
+    reg = torch.as_tensor(regions, dtype=torch.int64, device=dev)
+    i = torch.arange(size + 1, dtype=torch.int64, device=dev)
+    n = reg[:, 2:] - reg[:, :2]  # (M, 2) width, height
+    lo = (i[None, :size, None] * n[:, None, :]) // size  # (M, size, 2)
+    hi = ((i[None, 1:, None]) * n[:, None, :] + size - 1) // size
+    x0, x1 = reg[:, None, 0] + lo[..., 0], reg[:, None, 0] + hi[..., 0]  # (M, size)
+    y0, y1 = reg[:, None, 1] + lo[..., 1], reg[:, None, 1] + hi[..., 1]
+    hh, ww = integral.shape[2:]
+    flat = integral.reshape(-1)
+    plane = (torch.as_tensor(rows, device=dev)[:, None] * 3 + torch.arange(3, device=dev)) * (hh * ww)  # (M, 3)
+
+    def at(y, x):  # (m, 3, size, size) sums at rows y (m, size), columns x (m, size) of faces k
+        return flat[plane[k][:, :, None, None] + (y[:, :, None] * ww + x[:, None, :])[:, None]]
+
+    parts = []
+    for c in range(0, len(reg), CROP_CHUNK):  # bounds the (chunk, 3, size, size) index tensors
+        k = slice(c, c + CROP_CHUNK)
+        total = at(y1[k], x1[k]) - at(y0[k], x1[k]) - at(y1[k], x0[k]) + at(y0[k], x0[k])
+        count = (y1[k] - y0[k])[:, :, None] * (x1[k] - x0[k])[:, None, :]
+        parts.append((total.double() / count[:, None].double()).float())
+    return torch.cat(parts)
+
+
+def detect_batched(net, images: np.ndarray, frames_per_call: int, device) -> Detections:
+    """:func:`detect_chunk` on ``frames_per_call`` frames at a time, joined."""
+    parts = [detect_chunk(net, images[lo:lo + frames_per_call], device)
+             for lo in range(0, len(images), max(1, frames_per_call))]
+    parts_with = [k for k, p in enumerate(parts) if len(p)]
+    if not parts_with:
+        return Detections.empty(len(images))
+    offsets = np.cumsum([0] + [p.num_frames for p in parts[:-1]])
+    parts, offsets = [parts[k] for k in parts_with], offsets[parts_with]
+    return Detections(
+        boxes_img_ydown=np.concatenate([p.boxes_img_ydown for p in parts]),
+        scores=np.concatenate([p.scores for p in parts]),
+        frame_rows=np.concatenate([p.frame_rows + o for p, o in zip(parts, offsets, strict=True)]),
+        num_frames=len(images),
+        points_img_ydown=np.concatenate([p.points_img_ydown.reshape(-1, 5, 2) for p in parts]).astype(np.float32),
+    )
+
+
+def detect_chunk(net, images: np.ndarray, device) -> Detections:
+    """Full MTCNN (facenet-pytorch ``net``'s P/R/O-Nets, thresholds, pyramid) on uint8 (B, H, W, 3)
+    RGB ``images``, with R-Net's and O-Net's per-box crops made by :func:`integral_crops`
+    (a few batched gathers) instead of facenet-pytorch's Python loop over the boxes.
+
+    The P-Net pyramid, NMS steps, box regression and squaring are facenet-pytorch's own
+    functions (2.6.0 ``detect_face``); only the crops' resampling differs (float64 averages,
+    so equal up to float32 rounding), and a box whose crop misses the frame is dropped
+    (facenet-pytorch would misalign its outputs). Returns every face: box, probability,
+    5 points, pixels of ``images``, y down.
+    """
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+    from torchvision.ops.boxes import batched_nms
+
+    n = len(images)
+    if n == 0:
+        return Detections.empty(0)
+    thr = net.thresholds
+    with torch.inference_mode():
+        imgs = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float()
+        h, w = imgs.shape[2:4]
+        m = 12.0 / net.min_face_size
+        scales, minl = [], min(h, w) * m
+        while minl >= 12:
+            scales.append(m)
+            m, minl = m * net.factor, minl * net.factor
+        if not scales:  # frames smaller than the minimum face
+            return Detections.empty(n)
+        # Exact int64 window sums (the frames' uint8 values): R-/O-Net crops in a few gathers.
+        integral = torch.nn.functional.pad(imgs.long().cumsum(2).cumsum(3), (1, 0, 1, 0))
+        boxes, inds = [], []
+        for scale in scales:
+            data = fd.imresample(imgs, (int(h * scale + 1), int(w * scale + 1)))
+            reg, probs = net.pnet((data - 127.5) * 0.0078125)
+            b, i = fd.generateBoundingBox(reg, probs[:, 1], scale, thr[0])
+            pick = batched_nms(b[:, :4], b[:, 4], i, 0.5)
+            boxes.append(b[pick])
+            inds.append(i[pick])
+        boxes, inds = torch.cat(boxes), torch.cat(inds)
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+        boxes, inds = boxes[pick], inds[pick]
+        bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        boxes = fd.rerec(torch.stack([boxes[:, 0] + boxes[:, 5] * bw, boxes[:, 1] + boxes[:, 6] * bh,
+                                      boxes[:, 2] + boxes[:, 7] * bw, boxes[:, 3] + boxes[:, 8] * bh,
+                                      boxes[:, 4]], dim=1))
+        points = torch.zeros(0, 5, 2, device=device)
+        for stage, size in ((net.rnet, RNET_SIZE), (net.onet, ONET_SIZE)):
+            if not len(boxes):
+                break
+            regions = crop_regions(boxes[:, :4].double().cpu().numpy(), w, h)
+            ok = (regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1])
+            keep = torch.as_tensor(ok, device=device)
+            boxes, inds, regions = boxes[keep], inds[keep], regions[ok]
+            if not len(boxes):
+                break
+            crops = integral_crops(integral, inds, regions, size)
+            out = stage((crops - 127.5) * 0.0078125)
+            score = out[-1][:, 1]
+            ipass = score > thr[1 if size == RNET_SIZE else 2]
+            boxes = torch.cat((boxes[ipass, :4], score[ipass, None]), dim=1)
+            inds, mv = inds[ipass], out[0][ipass]
+            if size == RNET_SIZE:
+                pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+                boxes = fd.rerec(fd.bbreg(boxes[pick], mv[pick]))
+                inds = inds[pick]
+            else:
+                marks = out[1][ipass]
+                bw, bh = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+                points = torch.stack((bw[:, None] * marks[:, :5] + boxes[:, 0:1] - 1,
+                                      bh[:, None] * marks[:, 5:10] + boxes[:, 1:2] - 1), dim=2)
+                boxes = fd.bbreg(boxes, mv)
+                pick = fd.batched_nms_numpy(boxes[:, :4], boxes[:, 4], inds, 0.7, "Min")
+                boxes, inds, points = boxes[pick], inds[pick], points[pick]
+        if size != ONET_SIZE or not len(boxes):  # no box reached (or survived) O-Net
+            return Detections.empty(n)
+        rows = inds.cpu().numpy().astype(np.int64)
+        order = np.argsort(rows, kind="stable")  # facenet-pytorch's per-frame grouping, NMS order within
+        b = boxes.cpu().numpy()[order]
+        return Detections(boxes_img_ydown=b[:, :4].astype(np.float64), scores=b[:, 4].astype(np.float64),
+                          frame_rows=rows[order], num_frames=n,
+                          points_img_ydown=points.cpu().numpy()[order].astype(np.float32))
+
+
 def scale_back(values: np.ndarray, ratio_x: float, ratio_y: float) -> np.ndarray:
     """Pixel coordinates ``(..., 2k)`` (x, y pairs) of a resized frame in the original frame.
 
@@ -187,12 +350,19 @@ class RefineMtcnn:
         detect_max_side: the keyframe detector shrinks frames whose longer side exceeds this
             (pixels) to that size before full MTCNN; smaller frames are used as they are.
         max_pixels: the detector passes at most this many (shrunk) pixels through one call.
+        batched_crops: the keyframe detector crops R-Net's and O-Net's inputs for all boxes at
+            once (:func:`detect_batched`, a few gathers from integral images: no Python loop
+            over the boxes); False runs facenet-pytorch's own ``detect`` (a loop of two small
+            ops per box). They differ by float32 rounding (~1e-4 % of the eye distance). None:
+            batched on CUDA (where the loop is GIL-bound), facenet's loop on the CPU (where the
+            gathers over all candidate boxes are slower than the loop).
     """
 
     name = NAME
     num_points = 5
 
-    def __init__(self, device: str = "cpu", detect_max_side: int = 640, max_pixels: int = 16_000_000):
+    def __init__(self, device: str = "cpu", detect_max_side: int = 640, max_pixels: int = 16_000_000,
+                 batched_crops: bool | None = None):
         import torch
         from facenet_pytorch.models.mtcnn import MTCNN
 
@@ -201,6 +371,7 @@ class RefineMtcnn:
         self.device = torch.device(device)
         self.detect_max_side = int(detect_max_side)
         self.max_pixels = max_pixels
+        self.batched_crops = self.device.type == "cuda" if batched_crops is None else batched_crops
         self._net = MTCNN(device=self.device, select_largest=False, keep_all=True,
                           thresholds=list(THRESHOLDS))
         self._net.eval()
@@ -227,7 +398,10 @@ class RefineMtcnn:
             images = np.stack([cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images])
         sh, sw = images.shape[1:3]
         step = max(1, self.max_pixels // max(1, sh * sw))
-        found = detect_faces(self._net, images, step)
+        if self.batched_crops:
+            found = detect_batched(self._net, images, step, self.device)
+        else:
+            found = detect_faces(self._net, images, step)
         if (sh, sw) == (h, w) or len(found) == 0:
             return found
         rx, ry = w / sw, h / sh
@@ -256,7 +430,7 @@ class RefineMtcnn:
         n = len(frames)
         boxes = np.full((n, 4), np.nan)
         prob = np.full(n, np.nan)
-        points: list[np.ndarray | None] = [None] * n
+        points = np.full((n, self.num_points, 2), np.nan)
         where = faces.face_of_frame()
         rows = np.flatnonzero(where >= 0)
         if len(rows):
@@ -275,11 +449,10 @@ class RefineMtcnn:
         if len(rows):
             pts, score, final = self.onet_stage(images, rows, second, regions)
             prob[rows] = score
-            for k, row in enumerate(rows):
-                if score[k] >= THRESHOLDS[2]:
-                    points[row] = pts[k]
-                    boxes[row] = final[k]
-        landmarks = landmarks_from_list(points, self.num_points, confidence=prob)
+            face = score >= THRESHOLDS[2]
+            points[rows[face]] = pts[face]
+            boxes[rows[face]] = final[face]
+        landmarks = landmarks_from_array(points, confidence=prob)
         boxes[~landmarks.valid] = np.nan
         return Refined(landmarks, boxes, prob)
 
@@ -306,18 +479,9 @@ class RefineMtcnn:
         """
         import torch
 
-        parts = []
-        for chunk in window_chunks(regions, WINDOW_PIXELS):
-            windows = gather_windows(images, rows[chunk], regions[chunk])
-            lengths = regions[chunk, 2:] - regions[chunk, :2]  # (width, height)
-            ay = torch.from_numpy(area_matrix(lengths[:, 1], size, windows.shape[1])).to(self.device)
-            ax = torch.from_numpy(area_matrix(lengths[:, 0], size, windows.shape[2])).to(self.device)
-            with torch.inference_mode():  # float64: exact averages whatever the TF32 setting
-                x = torch.from_numpy(windows).to(self.device).permute(0, 3, 1, 2).double()  # (m, 3, H, W)
-                x = torch.matmul(x, ax.double().transpose(1, 2)[:, None])  # (m, 3, H, size)
-                parts.append(torch.matmul(ay.double()[:, None], x).float())  # (m, 3, size, size)
+        crops = area_crops(images, rows, regions, size, self.device)
         with torch.inference_mode():
-            out = net((torch.cat(parts) - 127.5) * 0.0078125)
+            out = net((crops - 127.5) * 0.0078125)
         if len(out) == 2:  # R-Net: (regression, softmax)
             return out[0].double().cpu().numpy(), out[1][:, 1].double().cpu().numpy()
         reg, marks, soft = out

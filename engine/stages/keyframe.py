@@ -44,7 +44,7 @@ import numpy as np
 
 from engine.config import KeepPerson
 from engine.stages.detect import Detector, reference_order
-from engine.stages.track import CONTINUITY_MAX_SHIFT, CONTINUITY_MIN_IOU, box_iou, continuing_face
+from engine.stages.track import CONTINUITY_MAX_SHIFT, CONTINUITY_MIN_IOU, box_iou, continuing_face, pair_iou
 from engine.structures import Detections, FrameBatch, Landmarks, rows_of
 
 #: Keyframe interval: detect on every this-many-th frame (with the other keyframes).
@@ -335,9 +335,9 @@ class KeyframeTracker:
         a = -1
         for b in key_rows:
             b_face = (box[b], score[b], count[b], rank[b])
-            for r in range(a + 1, b):
-                left[r], right[r] = a, b
-                self._between(r, (r - a) / (b - a), prev, b_face, box, score, count, rank, pending)
+            rows = np.arange(a + 1, b)
+            left[rows], right[rows] = a, b
+            self._between(rows, (rows - a) / (b - a), prev, b_face, box, score, count, rank, pending)
             a, prev = b, b_face
         plan = _Plan(box, score, count, rank, points, key, cuts, pending, left, right, state.follow)
         last = n - 1
@@ -365,12 +365,15 @@ class KeyframeTracker:
 
     @staticmethod
     def _between(r, t, a_face, b_face, box, score, count, rank, pending) -> None:
-        """Frame ``r``, a fraction ``t`` of the way from keyframe face ``a_face`` to ``b_face``
-        (box, score, faces found, rank): the interpolated box, or pending (re-detect), or none."""
+        """Frames ``r`` (int64 (R,)) between two keyframes, fractions ``t`` (float64 (R,)) of the
+        way from keyframe face ``a_face`` to ``b_face`` (box, score, faces found, rank): the
+        interpolated box, or pending (re-detect), or none. All frames of the span at once."""
+        if not len(r):
+            return
         a_box, b_box = a_face[0], b_face[0]
         a_has, b_has = bool(np.isfinite(a_box).all()), bool(np.isfinite(b_box).all())
         if a_has and b_has and continues(a_box, b_box):
-            box[r] = (1 - t) * a_box + t * b_box
+            box[r] = (1 - t)[:, None] * a_box + t[:, None] * b_box
             score[r] = min(a_face[1], b_face[1])
             count[r] = max(a_face[2], b_face[2])
             rank[r] = max(a_face[3], b_face[3])
@@ -407,8 +410,8 @@ class KeyframeTracker:
             rel_r = (1 - t)[:, None] * ra + t[:, None] * rb
             seen = implied_box(landmark_box(landmarks.points_img_ydown[rows]), rel_r)
             known = np.isfinite(seen).all(axis=1)
-            iou = np.array([box_iou(plan.box[r], s[None])[0] if k else 1.0
-                            for r, s, k in zip(rows, seen, known, strict=True)])
+            with _quiet():  # rows without a landmark box (NaN) are not compared: IoU 1
+                iou = np.where(known, pair_iou(plan.box[rows], seen), 1.0)
             height, width = frames.images.shape[1:3]
             where = np.where(known[:, None], seen, plan.box[rows])
             lost[rows] |= (iou < DRIFT_MIN_IOU) | (inside_fraction(where, width, height) < LEAVE_MIN_INSIDE)

@@ -103,12 +103,26 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     >>> box_iou(np.array([0., 0, 2, 2]), np.array([[0., 0, 2, 2], [1, 0, 3, 2], [5, 5, 6, 6]])).round(3).tolist()
     [1.0, 0.333, 0.0]
     """
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    ix = np.clip(np.minimum(box[2], b[:, 2]) - np.maximum(box[0], b[:, 0]), 0, None)
-    iy = np.clip(np.minimum(box[3], b[:, 3]) - np.maximum(box[1], b[:, 1]), 0, None)
+    return pair_iou(np.asarray(box, dtype=np.float64).reshape(1, 4), np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+
+
+def _box_area(b: np.ndarray) -> np.ndarray:
+    """Areas of boxes (..., 4) ``x1, y1, x2, y2``; a negative side counts as 0."""
+    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+
+
+def pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 (N,): IoU of ``a[i]`` with ``b[i]`` for boxes (N, 4) (or broadcastable (1, 4)),
+    ``x1, y1, x2, y2`` pixels; 0 where the union is empty. One set of numpy operations.
+
+    >>> pair_iou(np.array([[0., 0, 2, 2], [0, 0, 2, 2]]), np.array([[1., 0, 3, 2], [5, 5, 6, 6]])).round(3).tolist()
+    [0.333, 0.0]
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
     inter = ix * iy
-    area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)  # noqa: E731
-    union = area(box) + area(b) - inter
+    union = _box_area(a) + _box_area(b) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
