@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.deps-installed
 PORT   ?= 8501
 HOST   ?= 127.0.0.1
-# Worker processes per GPU (`make run PER_GPU=3`); empty: $$STUDIO_PER_GPU, else worker/launch.py's DEFAULT_PER_GPU.
+# Worker processes per GPU (`make run PER_GPU=3`); empty: $$STUDIO_PER_GPU, else worker/launch.py's DEFAULT_PER_GPU (auto).
 PER_GPU ?=
 
 # The lock tool lives in its own venv (.tools/), never in .venv/ or the system.

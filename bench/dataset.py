@@ -547,6 +547,11 @@ def parse_args(argv=None):
         args.per_gpu = parse_per_gpu(args.per_gpu) if args.per_gpu is not None else default_per_gpu()
     except ValueError as e:
         ap.error(str(e))
+    if args.per_gpu == "auto":  # one K for both runs (the all-GPU run's), so the ratio compares like with like
+        from worker.launch import resolve_per_gpu, visible_devices
+
+        devices = visible_devices() if args.device.startswith("cuda") else [args.device]
+        args.per_gpu = resolve_per_gpu("auto", devices)
     return args
 
 

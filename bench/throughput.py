@@ -223,12 +223,15 @@ class FixedBox:
 
 
 class Monitor:
-    """Peak RSS of this process (psutil, else /proc) and GPU busy % (pynvml, else nvidia-smi),
-    sampled in a thread while a phase runs; peak GPU memory from torch."""
+    """Peak RSS of this process (psutil, else /proc) and of its largest child process (the engine
+    processes of ``--processes``), GPU busy % and the device's used memory (pynvml, else
+    nvidia-smi), sampled in a thread while a phase runs; peak GPU memory of this process from torch."""
 
     def __init__(self, device: str, interval_s: float = 0.1) -> None:
         self.device, self.interval_s = device, interval_s
         self.peak_rss = 0
+        self.peak_child_rss = 0
+        self.peak_device_used = 0
         self.busy: list[float] = []
         self._stop = threading.Event()
         self._gpu_index = _gpu_index(device)
@@ -258,6 +261,12 @@ class Monitor:
         last_gpu = 0.0
         while not self._stop.is_set():
             self.peak_rss = max(self.peak_rss, _rss())
+            self.peak_child_rss = max([self.peak_child_rss, *_children_rss()])
+            if self._nvml is not None:
+                with contextlib.suppress(Exception):
+                    import pynvml
+
+                    self.peak_device_used = max(self.peak_device_used, pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used)
             now = time.monotonic()
             if now - last_gpu >= (0.5 if self._smi else self.interval_s) and self._gpu_index is not None:
                 last_gpu = now
@@ -320,6 +329,19 @@ def _rss() -> int:
     except ImportError:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _children_rss() -> list[int]:
+    """RSS (bytes) of each child process of this one (from /proc; empty elsewhere)."""
+    me, out = str(os.getpid()), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[1] == me:  # ppid
+                out.append(int(fields[21]) * os.sysconf("SC_PAGE_SIZE"))  # rss in pages
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 def sync(device: str) -> None:
@@ -522,6 +544,10 @@ def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path
         return dataclasses.replace(row, frames=0, note=f"failed: {type(e).__name__}: {str(e)[:200]}")
     row.fps = row.frames / row.seconds
     row.peak_rss, row.gpu_peak, row.gpu_busy = f"{mon.peak_rss / 2**30:.2f} GiB", mon.gpu_peak, mon.gpu_busy
+    if pool is not None:  # the engine processes' figures; the parent only feeds them
+        row.peak_rss = f"{mon.peak_child_rss / 2**30:.2f} GiB per engine process (parent {row.peak_rss})"
+        if mon.peak_device_used:
+            row.gpu_peak = f"{mon.peak_device_used / 2**30:.2f} GiB (whole device)"
     return row
 
 

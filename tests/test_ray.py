@@ -138,7 +138,7 @@ def test_cli_rejects_mixed_device_options(tmp_path):
     r = cli("--device", "cpu", "--per-gpu", "2")
     assert r.returncode == 2 and "--per-gpu needs --gpus" in r.stderr
     r = cli("--gpus", "all", "--per-gpu", "0")
-    assert r.returncode == 2 and "--per-gpu: expected a whole number" in r.stderr
+    assert r.returncode == 2 and "--per-gpu: expected 'auto' or a whole number" in r.stderr
     r = cli("--executor", "ray", "--per-gpu", "2")
     assert r.returncode == 2 and "the cluster picks the GPUs" in r.stderr
 
@@ -157,19 +157,19 @@ def test_gpus_all_takes_each_device_once(tmp_path, monkeypatch):
         gpu_devices("first")
 
     data = tmp_path / "data"
-    first, notes = worker_children(["cuda:0", "cuda:1", "cuda:1"], data, {}, ("--burst",), once=True)
+    first, notes = worker_children(["cuda:0", "cuda:1", "cuda:1"], data, {}, ("--burst",), once=True, per_gpu=1)
     try:
         assert notes == [] and [c.name for c in first] == ["worker[cuda:0]", "worker[cuda:1]"]
         assert first[1].cmd[-8:] == ["worker", "--device", "cuda:1", "--data-dir", str(data),
                                      "--threads", str(split_threads(2)), "--burst"]
         assert all(c.once and len(c.pass_fds) == 1 for c in first)
-        second, notes = worker_children(["cuda:0", "cuda:1"], data, {})
+        second, notes = worker_children(["cuda:0", "cuda:1"], data, {}, per_gpu=1)
         assert second == [] and notes == [f"a worker already serves {d} for {data}: not starting another"
                                            for d in ("cuda:0", "cuda:1")]
     finally:
         for c in first:
             os.close(c.pass_fds[0])
-    again, _ = worker_children(["cuda:0"], data, {})  # the locks died with their holder
+    again, _ = worker_children(["cuda:0"], data, {}, per_gpu=1)  # the locks died with their holder
     assert len(again) == 1
     os.close(again[0].pass_fds[0])
 
@@ -198,7 +198,7 @@ def test_per_gpu_starts_k_slots_per_device_each_under_its_own_lock(tmp_path, mon
         assert [c.name for c in more] == ["worker[cuda:1 #2]"] and len(notes) == 2
         assert more[0].cmd[more[0].cmd.index("--threads") + 1] == str(launch.split_threads(3, 32))
         os.close(more[0].pass_fds[0])
-        single, notes = launch.worker_children(["cuda:0"], data, {})
+        single, notes = launch.worker_children(["cuda:0"], data, {}, per_gpu=1)
         assert single == [] and notes == [f"a worker already serves cuda:0 for {data}: not starting another"]
     finally:
         for c in first:
@@ -237,10 +237,29 @@ def test_workers_are_pinned_to_disjoint_core_shares(tmp_path, monkeypatch):
     assert isinstance(child.proc, subprocess.Popen)
 
 
+def test_per_gpu_auto_gives_a_gpu_one_worker_per_four_cores_of_its_share(tmp_path, monkeypatch):
+    """``auto`` (the default): 16 cores and one GPU → 4 workers; 16 cores and 2 GPUs → 2 each; CPU devices → 1."""
+    from worker import launch
+
+    monkeypatch.setattr(launch, "usable_cores", lambda: 16)
+    one, _ = launch.worker_children(["cuda:0"], tmp_path / "a", {})
+    two, _ = launch.worker_children(["cuda:0", "cuda:1"], tmp_path / "b", {})
+    cpu, _ = launch.worker_children(["cpu"], tmp_path / "c", {})
+    try:
+        assert [c.name for c in one] == [f"worker[cuda:0 #{s}]" for s in range(4)]
+        assert [c.name for c in two] == [f"worker[cuda:{d} #{s}]" for d in (0, 1) for s in (0, 1)]
+        assert [c.name for c in cpu] == ["worker[cpu]"]
+        assert {c.cmd[c.cmd.index("--threads") + 1] for c in one + two} == {"4"}
+    finally:
+        for c in one + two + cpu:
+            os.close(c.pass_fds[0])
+
+
 def test_per_gpu_default_is_the_constant_or_the_environment(monkeypatch):
     from worker import launch
 
-    assert launch.default_per_gpu({}) == launch.DEFAULT_PER_GPU
+    assert launch.default_per_gpu({}) == launch.DEFAULT_PER_GPU == "auto"
+    assert launch.default_per_gpu({launch.PER_GPU_ENV: "auto"}) == "auto"
     assert launch.default_per_gpu({launch.PER_GPU_ENV: "3"}) == 3
     for bad in ("0", "two", "-1", "1.5"):
         with pytest.raises(ValueError, match=r"\$STUDIO_PER_GPU"):
@@ -268,7 +287,7 @@ def test_make_run_launcher_takes_per_gpu_from_its_option_or_the_environment(tmp_
     monkeypatch.setenv(launch.PER_GPU_ENV, "many")
     assert launch.main(["--no-dashboard", "--devices", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "--per-gpu: expected a whole number" in err and "$STUDIO_PER_GPU: expected" in err
+    assert "--per-gpu: expected 'auto' or a whole number" in err and "$STUDIO_PER_GPU: expected" in err
 
 
 def test_gpus_per_gpu_starts_k_worker_processes_per_device_and_a_second_launch_only_free_slots(tmp_path):

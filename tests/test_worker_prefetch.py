@@ -272,12 +272,12 @@ def test_workers_of_several_gpus_split_the_cpu_threads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(launch, "usable_cores", lambda: 32)
     env = {"PATH": os.environ.get("PATH", ""), "MKL_NUM_THREADS": "3"}
-    children, notes = launch.worker_children(["cuda:0", "cuda:1", "cuda:0"], tmp_path, env)
+    children, notes = launch.worker_children(["cuda:0", "cuda:1", "cuda:0"], tmp_path, env, per_gpu=1)
     assert [c.name for c in children] == ["worker[cuda:0]", "worker[cuda:1]"] and notes == []
     for c in children:
         assert c.cmd[c.cmd.index("--threads") + 1] == "16"
         assert (c.env["OMP_NUM_THREADS"], c.env["MKL_NUM_THREADS"]) == ("16", "3")  # a set variable is kept
-    again, notes = launch.worker_children(["cuda:1"], tmp_path, env, threads=4)
+    again, notes = launch.worker_children(["cuda:1"], tmp_path, env, threads=4, per_gpu=1)
     assert again == [] and "a worker already serves cuda:1" in notes[0]
     for c in children:
         os.close(c.pass_fds[0])

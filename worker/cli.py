@@ -61,7 +61,7 @@ def register(subparsers) -> None:
                    "never a slot served twice")
     p.add_argument("--per-gpu", metavar="K",
                    help="with --gpus: worker processes per GPU, each with its own interpreter and CUDA context "
-                   "(default: $STUDIO_PER_GPU, else 1)")
+                   "(default: $STUDIO_PER_GPU, else auto: one per 4 CPU cores of each GPU's share, at most 4)")
     p.add_argument("--slot", type=int, metavar="S",
                    help="this worker's slot on its device, shown in its id as #S (set by --gpus and make run "
                    "when they start several workers per device)")

@@ -41,28 +41,65 @@ STOP_GRACE_S = 60.0
 
 #: Comma list of devices that replaces GPU detection (e.g. ``cuda:1,cuda:2``; tests use ``cpu:0,cpu:1``).
 DEVICES_ENV = "STUDIO_DEVICES"
+#: ``--per-gpu auto``: :func:`auto_per_gpu` picks the count from the GPUs and the CPU cores.
+AUTO = "auto"
 #: Worker processes per device when neither ``--per-gpu`` nor :data:`PER_GPU_ENV` says otherwise.
-DEFAULT_PER_GPU = 1
+DEFAULT_PER_GPU = AUTO
+#: ``auto``: CPU cores one worker process on a GPU keeps busy (decode, colour conversion, its
+#: Python per-frame work; measured on a 16-core H200 machine, docs/PERFORMANCE.md), and the most
+#: workers it starts per GPU.
+CORES_PER_GPU_WORKER = 4
+MAX_AUTO_PER_GPU = 4
 #: Environment variable with the default of ``--per-gpu`` (``make run PER_GPU=K`` passes ``--per-gpu K``).
 PER_GPU_ENV = "STUDIO_PER_GPU"
 
 
-def parse_per_gpu(text: str | int) -> int:
-    """``--per-gpu`` as a count of worker processes per device (1 or more).
+def parse_per_gpu(text: str | int) -> int | str:
+    """``--per-gpu`` as a count of worker processes per device (1 or more), or :data:`AUTO`.
 
     Raises:
-        ValueError: not a whole number of at least 1.
+        ValueError: neither ``auto`` nor a whole number of at least 1.
 
-    >>> parse_per_gpu("3"), parse_per_gpu(1)
-    (3, 1)
+    >>> parse_per_gpu("3"), parse_per_gpu(1), parse_per_gpu(" Auto ")
+    (3, 1, 'auto')
     """
     value = str(text).strip()
+    if value.lower() == AUTO:
+        return AUTO
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"--per-gpu: expected a whole number of worker processes per device (1 or more), got {text!r}")
+        raise ValueError("--per-gpu: expected 'auto' or a whole number of worker processes per device (1 or more), "
+                         f"got {text!r}")
     return int(value)
 
 
-def default_per_gpu(env: dict[str, str] | None = None) -> int:
+def auto_per_gpu(devices: list[str], cores: int | None = None) -> int:
+    """Worker processes per device for ``--per-gpu auto``: on GPUs, one per
+    :data:`CORES_PER_GPU_WORKER` cores of each GPU's share of ``cores`` (default
+    :func:`usable_cores`), 1 to :data:`MAX_AUTO_PER_GPU`; on CPU devices 1 (a CPU worker already
+    uses every core it is given).
+
+    >>> auto_per_gpu(["cuda:0"], 16), auto_per_gpu(["cuda:0", "cuda:1"], 32), auto_per_gpu(["cuda:0"], 6)
+    (4, 4, 1)
+    >>> auto_per_gpu(["cuda:0"], 128), auto_per_gpu(["cpu"], 64)
+    (4, 1)
+    """
+    if not devices or not all(str(d).startswith("cuda") for d in devices):
+        return 1
+    share = (cores or usable_cores()) // len(devices)
+    return max(1, min(MAX_AUTO_PER_GPU, share // CORES_PER_GPU_WORKER))
+
+
+def resolve_per_gpu(per_gpu: int | str, devices: list[str], cores: int | None = None) -> int:
+    """``per_gpu`` (a count, or ``auto``: :func:`auto_per_gpu` over ``devices``) as a count.
+
+    >>> resolve_per_gpu("2", ["cuda:0"]), resolve_per_gpu("auto", ["cuda:0"], 8)
+    (2, 2)
+    """
+    value = parse_per_gpu(per_gpu)
+    return auto_per_gpu(list(dict.fromkeys(devices)), cores) if value == AUTO else int(value)
+
+
+def default_per_gpu(env: dict[str, str] | None = None) -> int | str:
     """``$STUDIO_PER_GPU`` when set, else :data:`DEFAULT_PER_GPU`.
 
     Raises:
@@ -74,7 +111,7 @@ def default_per_gpu(env: dict[str, str] | None = None) -> int:
     try:
         return parse_per_gpu(value)
     except ValueError:
-        raise ValueError(f"${PER_GPU_ENV}: expected a whole number of 1 or more, got {value!r}") from None
+        raise ValueError(f"${PER_GPU_ENV}: expected 'auto' or a whole number of 1 or more, got {value!r}") from None
 
 
 def visible_devices() -> list[str]:
@@ -262,10 +299,10 @@ def worker_children(
     and is pinned to its own share of the CPUs (:func:`split_cores`). Returns the children and a
     note for each slot that a worker already serves.
     """
-    per_gpu = parse_per_gpu(per_gpu)
     notes: list[str] = []
     children: list[Child] = []
     devices = list(dict.fromkeys(devices))  # each device once, in order
+    per_gpu = resolve_per_gpu(per_gpu, devices)
     threads = threads or split_threads(len(devices) * per_gpu)
     child_env = {**{k: str(threads) for k in THREAD_ENV}, **env}
     core_sets = iter(split_cores(len(devices) * per_gpu))
