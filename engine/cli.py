@@ -51,6 +51,10 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _processes(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _at_least_one(text)
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """The settings shared by ``extract`` and ``submit`` (choices and help from the registries)."""
     from engine.landmarks import BACKENDS
@@ -110,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_at_least_one, metavar="N",
                    help="inputs processed at once (default: 2 on a GPU; on the CPU one per 4 cores); "
                         "per process with --processes")
-    p.add_argument("--processes", type=_at_least_one, default=1, metavar="K",
-                   help="run the inputs in K processes, each with its own models and GIL (default 1)")
+    p.add_argument("--processes", type=_processes, default="auto", metavar="K|auto",
+                   help="run the inputs in K processes, each with its own models and GIL (default auto: "
+                        "on a GPU with several inputs one per 4 CPU cores, at most 4; else 1)")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("doctor", help="check the installation: Python, torch, GPU, FFmpeg, weights, backends")
@@ -155,8 +160,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     failures = done = skipped = 0
     with Engine(cfg) as engine:
+        processes = getattr(args, "processes", 1)
+        if processes == "auto":
+            from engine.config import usable_cpus
+            from engine.procs import auto_processes
+
+            processes = auto_processes(engine.device, len(items), usable_cpus())
+            log.info("extract: %d engine process(es) for %d input(s) on %s", processes, len(items), engine.device)
         outcomes = engine.run_many((job(item) for item in items), concurrency=getattr(args, "concurrency", None),
-                                   processes=getattr(args, "processes", 1))
+                                   processes=processes)
         try:
             for outcome in outcomes:
                 path = outcome.job.key

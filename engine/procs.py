@@ -541,6 +541,27 @@ def engine_factory(engine: Engine) -> Callable[[], Engine]:
                              progress_interval_s=engine.progress_interval_s)
 
 
+#: ``--processes auto``: CPU cores one engine process on a GPU keeps busy, and the most processes
+#: it picks (measured on a 16-core H200: 4 fast-path processes gave 1.8× one; docs/PERFORMANCE.md).
+CORES_PER_GPU_PROCESS = 4
+MAX_AUTO_PROCESSES = 4
+
+
+def auto_processes(device: str, inputs: int, cpus: int) -> int:
+    """Engine processes for ``extract --processes auto``: on a GPU with 2+ inputs one per
+    :data:`CORES_PER_GPU_PROCESS` of ``cpus``, at most :data:`MAX_AUTO_PROCESSES` and ``inputs``;
+    else 1 (on the CPU one process already uses every core through its threads).
+
+    >>> auto_processes("cuda", 40, 16), auto_processes("cuda:1", 3, 32), auto_processes("cuda", 1, 16)
+    (4, 3, 1)
+    >>> auto_processes("cpu", 40, 64), auto_processes("cuda", 40, 6)
+    (1, 1)
+    """
+    if not str(device).startswith("cuda") or inputs < 2:
+        return 1
+    return max(1, min(MAX_AUTO_PROCESSES, inputs, cpus // CORES_PER_GPU_PROCESS))
+
+
 def run_in_processes(engine: Engine, jobs: Iterable[InputJob], *, processes: int,
                      concurrency: int | None = None, merge_batches: bool | None = None) -> Iterator[InputOutcome]:
     """See :meth:`engine.pipeline.Engine.run_many` (``processes > 1``)."""
