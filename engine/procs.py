@@ -28,7 +28,6 @@ import contextlib
 import functools
 import logging
 import multiprocessing
-import os
 import pickle
 import queue
 import signal
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
+from engine.config import usable_cpus
 from engine.errors import EngineProcessError
 from engine.many import InputJob, InputOutcome, default_concurrency, run_many
 
@@ -146,7 +146,7 @@ def _child_main(conn: Connection, factory: Callable[[], Engine], concurrency: in
         send(("fatal", error_payload(e)))
         return
     if concurrency is None:
-        concurrency = default_concurrency(engine.device, os.cpu_count())
+        concurrency = default_concurrency(engine.device, usable_cpus())
     if engine.handed_in and "sinks" in engine.handed_in:
         concurrency = 1  # as run_many does: sinks handed in serve one input at a time
     _preload(engine)
