@@ -368,35 +368,84 @@ def fit_batch(
     check_shape(use_fallback, (n,), "use_fallback")
 
     fallback_img_yup = template_fallback_img_yup(width, height)
-    fits: list[AlignmentFit] = []
-    reasons: list[str] = []
-    for i in range(n):
-        reason = ""
-        if use_fallback[i]:
-            fit = fit_alignment(width, height, lm_img_yup=fallback_img_yup)
-        else:
-            try:
-                fit = fit_alignment(width, height, lm_img_ydown[i])
-            except AlignmentError as e:
-                if bad_landmarks == "raise":
-                    raise
-                log.info("frame %d of the batch: %s; using the template fallback", i, e)
-                fit = fit_alignment(width, height, lm_img_yup=fallback_img_yup)
-                reason = BAD_LANDMARKS
-        fits.append(fit)
-        reasons.append(reason)
-
-    trans_params = np.empty((n, 5), dtype=np.float32)
-    lm5_img_ydown = np.empty((n, 5, 2), dtype=np.float32)
+    trans_params64 = np.empty((n, 5), dtype=np.float64)
     crop_box = np.empty((n, 4), dtype=np.int32)
+    rows = np.flatnonzero(~use_fallback)
+    fit_params, fit_box, ok = _fit_rows(width, height, lm_img_ydown[rows])
+    trans_params64[rows[ok]], crop_box[rows[ok]] = fit_params[ok], fit_box[ok]
+    reasons = [""] * n
+    for i in rows[~ok].tolist():  # no fit: fit_alignment says why (the same error as frame by frame)
+        try:
+            fit = fit_alignment(width, height, lm_img_ydown[i])
+        except AlignmentError as e:
+            if bad_landmarks == "raise":
+                raise
+            log.info("frame %d of the batch: %s; using the template fallback", i, e)
+            reasons[i] = BAD_LANDMARKS
+            continue
+        trans_params64[i], crop_box[i] = fit.trans_params, fit.crop_box
+
     used_template = use_fallback | np.array([bool(r) for r in reasons], dtype=bool).reshape(n)
-    fallback_img_ydown = img_yup_to_ydown(fallback_img_yup, height)
-    for i, fit in enumerate(fits):
-        trans_params[i] = fit.trans_params.astype(np.float32)
-        crop_box[i] = fit.crop_box
-        lm5_img_ydown[i] = fallback_img_ydown if used_template[i] else lm68_to_lm5(lm_img_ydown[i])
+    lm5_img_ydown = np.empty((n, 5, 2), dtype=np.float32)
+    if used_template.any():  # the template fit is the same for every such frame
+        fallback = fit_alignment(width, height, lm_img_yup=fallback_img_yup)
+        trans_params64[used_template], crop_box[used_template] = fallback.trans_params, fallback.crop_box
+        lm5_img_ydown[used_template] = img_yup_to_ydown(fallback_img_yup, height)
+    if not used_template.all():
+        lm5_img_ydown[~used_template] = lm68_to_lm5(lm_img_ydown[~used_template])
+    trans_params = trans_params64.astype(np.float32)
     return BatchFit(trans_params=trans_params, lm5_img_ydown=lm5_img_ydown, crop_box=crop_box,
                     used_template=used_template, reason=tuple(reasons))
+
+
+def _fit_rows(width: int, height: int, lm_img_ydown: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fit_alignment`'s ``trans_params`` and ``crop_box`` of M frames (M, K, 2), y down.
+
+    The same float64 operations element for element; only the POS least squares and its two
+    norms stay per frame (the very calls :func:`pos` makes), so every fitted frame equals
+    ``fit_alignment(width, height, lm_img_ydown[m])`` bit for bit.
+
+    Returns:
+        float64 (M, 5) ``trans_params``, int64 (M, 4) ``crop_box`` and bool (M,) ``ok``: False
+        where :func:`fit_alignment` raises (those rows' values are meaningless).
+    """
+    w0, h0 = int(width), int(height)
+    m = lm_img_ydown.shape[0]
+    trans_params = np.zeros((m, 5), dtype=np.float64)
+    crop_box = np.zeros((m, 4), dtype=np.int64)
+    lm_img_yup = img_ydown_to_yup(lm_img_ydown, h0)
+    ok = np.isfinite(lm_img_yup).all(axis=(1, 2))
+    if not ok.any():
+        return trans_params, crop_box, ok
+    lm5 = lm68_to_lm5(lm_img_yup)
+    npts = TEMPLATE_5P.shape[0]
+    a = np.zeros((2 * npts, 8))  # pos()'s design matrix: the template's, the same for every frame
+    a[0 : 2 * npts - 1 : 2, 0:3] = TEMPLATE_5P
+    a[0 : 2 * npts - 1 : 2, 3] = 1
+    a[1 : 2 * npts : 2, 4:7] = TEMPLATE_5P
+    a[1 : 2 * npts : 2, 7] = 1
+    t = np.zeros((m, 2), dtype=np.float64)
+    s_pos = np.zeros(m, dtype=np.float64)
+    for i in np.flatnonzero(ok).tolist():
+        k = np.linalg.lstsq(a, np.reshape(lm5[i], (2 * npts, 1)), rcond=None)[0]
+        s_pos[i] = float((np.linalg.norm(k[0:3]) + np.linalg.norm(k[4:7])) / 2)
+        t[i] = k[3, 0], k[7, 0]
+    with np.errstate(all="ignore"):
+        ok &= s_pos > 1e-12
+        s = np.float64(RESCALE_FACTOR) / np.where(ok, s_pos, 1.0)
+        ok &= np.isfinite(s) & (s > 0) & (w0 * s * h0 * s <= MAX_RESIZED_PIXELS)
+        s = np.where(ok, s, 1.0)
+        w = (w0 * s).astype(np.int32)
+        h = (h0 * s).astype(np.int32)
+        half = CROP_SIZE / 2.0
+        left_f = w / 2 - half + (t[:, 0] - w0 / 2) * s
+        up_f = h / 2 - half + (h0 / 2 - t[:, 1]) * s
+        ok &= (w >= 1) & (h >= 1) & (np.abs(left_f) < 2**30) & (np.abs(up_f) < 2**30)
+        left = np.where(ok, left_f, 0.0).astype(np.int32)
+        up = np.where(ok, up_f, 0.0).astype(np.int32)
+    trans_params[:] = np.stack([np.full(m, float(w0)), np.full(m, float(h0)), s, t[:, 0], t[:, 1]], axis=1)
+    crop_box[:] = np.stack([left, up, w, h], axis=1)
+    return trans_params, crop_box, ok
 
 
 def align_batch(

@@ -13,14 +13,17 @@ from PIL import Image
 from engine.align import (
     TEMPLATE_5P,
     AlignmentError,
+    _fit_rows,
     align_batch,
     align_image,
     crops_to_tensor_input,
+    fit_alignment,
+    fit_batch,
     lm68_to_lm5,
     pos,
     template_fallback_img_yup,
 )
-from engine.conventions import crop_to_img_yup, img_ydown_to_yup
+from engine.conventions import crop_to_img_yup, img_ydown_to_yup, img_yup_to_ydown
 from engine.errors import ShapeError
 
 pytestmark = pytest.mark.filterwarnings("error")  # NumPy 2 / Pillow deprecations must not fire
@@ -222,3 +225,61 @@ def test_crops_to_tensor_input_matches_reference_formula_bitwise():
         ref = torch.tensor(crops[i] / 255.0, dtype=torch.float32).permute(2, 0, 1).numpy()
         np.testing.assert_array_equal(got[i].view(np.uint32), ref.view(np.uint32))
     np.testing.assert_array_equal(got[0, 0, 0, :10], (values[0:30:3] / 255.0).astype(np.float32))
+
+
+def _fit_batch_per_frame(width, height, lm, use_fallback):
+    """fit_batch's former frame-by-frame form: fit_alignment per frame, template on failure."""
+    fallback_yup = template_fallback_img_yup(width, height)
+    trans, boxes, lm5, reasons = [], [], [], []
+    for i in range(len(lm)):
+        reason = ""
+        try:
+            fit = None if use_fallback[i] else fit_alignment(width, height, lm[i])
+        except AlignmentError:
+            fit, reason = None, "bad_landmarks"
+        if fit is None:
+            fit = fit_alignment(width, height, lm_img_yup=fallback_yup)
+            lm5.append(img_yup_to_ydown(fallback_yup, height))
+        else:
+            lm5.append(lm68_to_lm5(lm[i]))
+        trans.append(fit.trans_params.astype(np.float32))
+        boxes.append(fit.crop_box)
+        reasons.append(reason)
+    return (np.array(trans), np.array(boxes, dtype=np.int32), np.array(lm5, dtype=np.float32), tuple(reasons))
+
+
+@pytest.mark.parametrize("points,dtype", [(5, np.float32), (68, np.float32), (5, np.float64)])
+def test_fit_batch_equals_fit_alignment_per_frame(points, dtype):
+    """The vectorised fit_batch is fit_alignment frame by frame, bit for bit (10,000 random frames,
+    with NaN, degenerate, absurd and template rows)."""
+    rng = np.random.default_rng(points)
+    n, width, height = 10_000, 1920, 1080
+    centre = rng.uniform([-200, -200], [2100, 1300], (n, 1, 2))
+    size = rng.lognormal(np.log(150), 1.2, (n, 1, 1))
+    lm = (centre + size * rng.normal(0, 1, (n, points, 2))).astype(dtype)
+    lm[rng.random(n) < 0.03, rng.integers(0, points)] = np.nan
+    lm[rng.random(n) < 0.02] = 50.0  # all points equal: a degenerate POS scale
+    lm[rng.random(n) < 0.02] *= np.asarray(1e-7, dtype)  # a tiny face: an absurd resize
+    use_fallback = rng.random(n) < 0.1
+    batch = fit_batch(width, height, lm, use_fallback, bad_landmarks="template")
+    trans, boxes, lm5, reasons = _fit_batch_per_frame(width, height, lm, use_fallback)
+    assert 0 < sum(map(bool, reasons)) < n // 5
+    assert batch.reason == reasons
+    np.testing.assert_array_equal(batch.used_template, use_fallback | np.array([bool(r) for r in reasons]))
+    assert batch.trans_params.dtype == np.float32 and batch.crop_box.dtype == np.int32
+    np.testing.assert_array_equal(batch.trans_params, trans)
+    np.testing.assert_array_equal(batch.crop_box, boxes)
+    np.testing.assert_array_equal(batch.lm5_img_ydown, lm5)
+    with pytest.raises(AlignmentError):
+        fit_batch(width, height, lm, use_fallback, bad_landmarks="raise")
+    # The float64 fit before the float32 output, too.
+    params, crop, ok = _fit_rows(width, height, lm[:2000])
+    for i in range(2000):
+        try:
+            fit = fit_alignment(width, height, lm[i])
+        except AlignmentError:
+            assert not ok[i]
+            continue
+        assert ok[i]
+        np.testing.assert_array_equal(params[i], fit.trans_params)
+        assert tuple(crop[i]) == fit.crop_box

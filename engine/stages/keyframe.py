@@ -110,18 +110,19 @@ def keyframes(n: int, since: int, cuts: np.ndarray, detect_every: int) -> np.nda
     >>> keyframes(10, -1, np.eye(10, dtype=bool)[5], 4).nonzero()[0].tolist()
     [0, 4, 5, 9]
     """
-    key = np.zeros(n, dtype=bool)
+    key = [False] * n  # Python lists: this loop runs once a frame
+    cut = np.asarray(cuts, dtype=bool).tolist()
     last = -1 if since < 0 else -1 - since
     for r in range(n):
         if (r == 0 and since < 0) or r - last >= detect_every or r == n - 1:
             key[r] = True
-        if cuts[r]:
+        if cut[r]:
             key[r] = True
             if r > 0:
                 key[r - 1] = True
         if key[r]:
             last = r
-    return key
+    return np.array(key, dtype=bool)
 
 
 def continues(previous: np.ndarray, box: np.ndarray) -> bool:
@@ -451,8 +452,10 @@ class KeyframeTracker:
             else np.full((len(box), *found.points_img_ydown.shape[1:]), np.nan, np.float32))
         again = dict(zip(np.asarray(rows, dtype=np.int64).tolist(), range(len(rows)), strict=True))
         follow = plan.follow
+        cut = plan.cut.tolist()  # Python lists: this loop runs once a frame
+        finite = np.isfinite(box).all(axis=1).tolist()
         for r in range(len(box)):
-            if plan.cut[r]:
+            if cut[r]:
                 follow = None
             if r in again:
                 box[r], score[r], count[r], rank[r] = np.nan, np.nan, 0, -1
@@ -464,7 +467,8 @@ class KeyframeTracker:
                     count[r], rank[r] = self._found_and_rank(found, again[r], j)
                     if points is not None and found.points_img_ydown is not None:
                         points[r] = found.points_img_ydown[j]
-            if np.isfinite(box[r]).all():
+                finite[r] = bool(np.isfinite(box[r]).all())
+            if finite[r]:
                 follow = box[r]
         merged = replace(plan, box=box, score=score, found=count, rank=rank, points=points)
         last = len(box) - 1
