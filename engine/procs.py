@@ -18,7 +18,8 @@ same files as a threaded run (same ``out_base``, same staged writes renamed into
 A child that dies (killed, segfault, out of memory) ends the inputs it held with
 :class:`~engine.errors.EngineProcessError`; a replacement starts (at most ``processes``
 replacements per pool) and the other inputs go on. Errors come back as themselves when they
-survive pickling, else as :class:`~engine.errors.EngineProcessError` with the type and message.
+are of :mod:`engine.errors` (rebuilt from their type name and message: no pickled exception
+crosses), else as :class:`~engine.errors.EngineProcessError` with the type, message and code.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import contextlib
 import functools
 import logging
 import multiprocessing
-import pickle
 import queue
 import signal
 import threading
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
+from engine import errors
 from engine.config import usable_cpus
 from engine.errors import EngineProcessError
 from engine.many import InputJob, InputOutcome, default_concurrency, run_many
@@ -57,32 +58,27 @@ JOIN_TIMEOUT_S = 120.0
 
 
 def error_payload(e: BaseException | None) -> tuple | None:
-    """What a child sends for an input's error: ``("pickled", bytes, type name, message)`` when
-    it survives a pickle round trip, else ``("text", None, type name, message, code)``."""
+    """What a child sends for an input's error: plain text, ``(module, type name, message, code)``
+    (no pickled exception: the parent rebuilds it, :func:`error_from_payload`)."""
     if e is None:
         return None
-    name = f"{type(e).__module__}.{type(e).__qualname__}"
-    try:
-        blob = pickle.dumps(e)
-        pickle.loads(blob)  # a custom __init__ may pickle but not unpickle (ShapeError)
-        return ("pickled", blob, name, str(e))
-    except Exception:
-        return ("text", None, name, str(e), getattr(e, "code", None))
+    return (type(e).__module__, type(e).__qualname__, str(e), getattr(e, "code", None))
 
 
 def error_from_payload(payload: tuple | None) -> BaseException | None:
-    """The parent's side of :func:`error_payload`: the error itself, or an
-    :class:`EngineProcessError` holding its type name, message and ``code``."""
+    """The parent's side of :func:`error_payload`: an :mod:`engine.errors` error whose constructor
+    takes the message alone comes back as its own type; any other error as an
+    :class:`EngineProcessError` with its type name, message and ``code``."""
     if payload is None:
         return None
-    kind, blob, name, message = payload[:4]
-    if kind == "pickled":
+    module, name, message, code = payload
+    cls = getattr(errors, name, None) if module == errors.__name__ else None
+    if isinstance(cls, type) and issubclass(cls, errors.StudioError):
         try:
-            return pickle.loads(blob)  # bytes from our own child process, never from an upload
-        except Exception:
-            log.debug("cannot unpickle the child's %s", name, exc_info=True)
-    code = payload[4] if len(payload) > 4 else None
-    return EngineProcessError(f"{name.rsplit('.', 1)[-1]}: {message}", code=code)
+            return cls(message)
+        except TypeError:  # a constructor of other arguments (ShapeError)
+            pass
+    return EngineProcessError(f"{name}: {message}", code=code)
 
 
 # ---------------------------------------------------------------------------- the child

@@ -132,7 +132,7 @@ def test_processes_refuse_an_engine_with_stages_handed_in(cfg):  # noqa: F811
 def test_errors_cross_the_process_boundary_as_themselves_or_worded():
     back = error_from_payload(error_payload(InputError("clip.mp4: not a video")))
     assert type(back) is InputError and str(back) == "clip.mp4: not a video"
-    shape = error_from_payload(error_payload(ShapeError("coeff", (257,), (3,))))  # does not unpickle
+    shape = error_from_payload(error_payload(ShapeError("coeff", (257,), (3,))))  # a constructor of 3 args
     assert isinstance(shape, EngineProcessError) and shape.code == "shape"
     assert str(shape) == "ShapeError: coeff: expected shape (257,), got (3,)"
     assert error_from_payload(error_payload(None)) is None
