@@ -537,10 +537,22 @@ def engine_factory(engine: Engine) -> Callable[[], Engine]:
                              progress_interval_s=engine.progress_interval_s)
 
 
-#: ``--processes auto``: CPU cores one engine process on a GPU keeps busy, and the most processes
-#: it picks (measured on a 16-core H200: 4 fast-path processes gave 1.8× one; docs/PERFORMANCE.md).
+#: ``--processes auto`` / ``--per-gpu auto``: CPU cores one engine process on a GPU keeps busy, and
+#: the most processes per GPU it picks (measured on a 16-core H200: 4 fast-path processes gave
+#: 1.8× one; docs/PERFORMANCE.md).
 CORES_PER_GPU_PROCESS = 4
 MAX_AUTO_PROCESSES = 4
+
+
+def processes_per_gpu(cpus: int) -> int:
+    """Engine (or worker) processes that ``cpus`` CPU cores keep busy on one GPU: one per
+    :data:`CORES_PER_GPU_PROCESS`, 1 to :data:`MAX_AUTO_PROCESSES` (``--processes auto``,
+    ``worker --per-gpu auto``).
+
+    >>> processes_per_gpu(16), processes_per_gpu(6), processes_per_gpu(128)
+    (4, 1, 4)
+    """
+    return max(1, min(MAX_AUTO_PROCESSES, cpus // CORES_PER_GPU_PROCESS))
 
 
 def auto_processes(device: str, inputs: int, cpus: int) -> int:
@@ -555,7 +567,7 @@ def auto_processes(device: str, inputs: int, cpus: int) -> int:
     """
     if not str(device).startswith("cuda") or inputs < 2:
         return 1
-    return max(1, min(MAX_AUTO_PROCESSES, inputs, cpus // CORES_PER_GPU_PROCESS))
+    return min(inputs, processes_per_gpu(cpus))
 
 
 def run_in_processes(engine: Engine, jobs: Iterable[InputJob], *, processes: int,

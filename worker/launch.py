@@ -45,11 +45,7 @@ DEVICES_ENV = "STUDIO_DEVICES"
 AUTO = "auto"
 #: Worker processes per device when neither ``--per-gpu`` nor :data:`PER_GPU_ENV` says otherwise.
 DEFAULT_PER_GPU = AUTO
-#: ``auto``: CPU cores one worker process on a GPU keeps busy (decode, colour conversion, its
-#: Python per-frame work; measured on a 16-core H200 machine, docs/PERFORMANCE.md), and the most
-#: workers it starts per GPU.
-CORES_PER_GPU_WORKER = 4
-MAX_AUTO_PER_GPU = 4
+
 #: Environment variable with the default of ``--per-gpu`` (``make run PER_GPU=K`` passes ``--per-gpu K``).
 PER_GPU_ENV = "STUDIO_PER_GPU"
 
@@ -73,10 +69,10 @@ def parse_per_gpu(text: str | int) -> int | str:
 
 
 def auto_per_gpu(devices: list[str], cores: int | None = None) -> int:
-    """Worker processes per device for ``--per-gpu auto``: on GPUs, one per
-    :data:`CORES_PER_GPU_WORKER` cores of each GPU's share of ``cores`` (default
-    :func:`usable_cores`), 1 to :data:`MAX_AUTO_PER_GPU`; on CPU devices 1 (a CPU worker already
-    uses every core it is given).
+    """Worker processes per device for ``--per-gpu auto``: on GPUs,
+    :func:`engine.procs.processes_per_gpu` of each GPU's share of ``cores`` (default
+    :func:`usable_cores`: one per 4 cores, 1 to 4, as ``extract --processes auto``); on CPU
+    devices 1 (a CPU worker already uses every core it is given).
 
     >>> auto_per_gpu(["cuda:0"], 16), auto_per_gpu(["cuda:0", "cuda:1"], 32), auto_per_gpu(["cuda:0"], 6)
     (4, 4, 1)
@@ -85,8 +81,9 @@ def auto_per_gpu(devices: list[str], cores: int | None = None) -> int:
     """
     if not devices or not all(str(d).startswith("cuda") for d in devices):
         return 1
-    share = (cores or usable_cores()) // len(devices)
-    return max(1, min(MAX_AUTO_PER_GPU, share // CORES_PER_GPU_WORKER))
+    from engine.procs import processes_per_gpu
+
+    return processes_per_gpu((cores or usable_cores()) // len(devices))
 
 
 def resolve_per_gpu(per_gpu: int | str, devices: list[str], cores: int | None = None) -> int:
@@ -230,11 +227,10 @@ def build_children(args: argparse.Namespace) -> tuple[list[Child], list[str]]:
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the system has one)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    """CPU cores this process may run on (:func:`engine.config.usable_cpus`: its affinity mask)."""
+    from engine.config import usable_cpus
+
+    return usable_cpus()
 
 
 def split_threads(workers: int, cores: int | None = None) -> int:
