@@ -539,6 +539,8 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", type=Path, help="epoch_20.pth (default: random weights)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-bench-dataset",
                     help="generated clips (cached) and the registries of each run")
+    ap.add_argument("--gen-only", action="store_true",
+                    help="only write (or find) the clips, then exit (to split a GPU call in two)")
     ap.add_argument("--out", type=Path, help="also write the Markdown here")
     args = ap.parse_args(argv)
     from worker.launch import default_per_gpu, parse_per_gpu
@@ -564,7 +566,11 @@ def main(argv=None) -> int:
     base = MediaSpec(args.width, args.height, args.fps)
     folder = args.workdir / f"set{SET_VERSION}_{args.width}x{args.height}_{args.fps}_{args.frames}"
     print(f"... writing {args.clips} clips of {args.frames} frames to {folder}", file=sys.stderr, flush=True)
+    t_gen = time.perf_counter()
     clips = make_clips(args.clip, base, args.clips, args.frames, folder, args.gen_jobs)
+    print(f"... {len(clips)} clips ready in {time.perf_counter() - t_gen:.0f} s", file=sys.stderr, flush=True)
+    if args.gen_only:
+        return 0
 
     ckpt, note = checkpoint_or_random(args.checkpoint, args.workdir)
     notes = [note]

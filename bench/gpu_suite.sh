@@ -10,6 +10,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, numpy, av; print('torch', torch.__version__, 'numpy', numpy.__version__, 'av', av.__version__)"
 date -u
+if [ "${MPS:-0}" = 1 ]; then  # CUDA MPS for the steps that run several processes on one GPU
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d && echo "CUDA MPS on"
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
 for step in ${STEPS:-equal throughput memory render}; do
   echo "=== $step"
   case $step in
@@ -20,6 +25,9 @@ for step in ${STEPS:-equal throughput memory render}; do
                   --reference-inputs 4 --out "$OUT/throughput.md" ;;
     clips-fast) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference \
                   --out "$OUT/clips_fast.md" ;;
+    clips-procs) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --stage-frames 0 \
+                  --processes "${PROCESSES:-4}" --concurrency 2 --out "$OUT/clips_procs.md" ;;
+    dataset-gen) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --gen-jobs "$(nproc)" --gen-only ;;
     long-fast) python3 bench/throughput.py --device cuda --set long --mode fast --no-reference \
                   --out "$OUT/long_fast.md" ;;
     nvdec) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --decoder nvdec \
