@@ -125,6 +125,8 @@ def test_processes_refuse_an_engine_with_stages_handed_in(cfg):  # noqa: F811
         engine.run_many([], processes=2)
     assert engine.handed_in == ("tracker",) and Engine(cfg).handed_in == ()
     assert build_parser().parse_args(["extract", "a.mp4", "-o", "o", "--processes", "3"]).processes == 3
+    assert build_parser().parse_args(["extract", "a.mp4", "-o", "o"]).processes == "auto"
+    assert build_parser().parse_args(["extract", "a.mp4", "-o", "o", "--processes", "AUTO"]).processes == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["extract", "a.mp4", "-o", "o", "--processes", "0"])
 
