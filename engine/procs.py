@@ -538,8 +538,8 @@ def engine_factory(engine: Engine) -> Callable[[], Engine]:
 
 
 #: ``--processes auto`` / ``--per-gpu auto``: CPU cores one engine process on a GPU keeps busy, and
-#: the most processes per GPU it picks (measured on a 16-core H200: 4 fast-path processes gave
-#: 1.8× one; docs/PERFORMANCE.md).
+#: the most processes per GPU it picks (on a 16-core H200, 4 fast-path processes made 337–408
+#: frames/s where one made 159–237; docs/PERFORMANCE.md).
 CORES_PER_GPU_PROCESS = 4
 MAX_AUTO_PROCESSES = 4
 
