@@ -171,6 +171,29 @@ class _Models:
         self._numerics.close()
 
 
+def feed_jobs(jobs: Iterable[InputJob], slots: threading.Semaphore, stop: threading.Event,
+              out: queue.Queue) -> None:
+    """Pull ``jobs`` one item at a time, only when one of ``slots`` is free, putting
+    ``("job", InputJob)`` on ``out``; then ``("end", None)``, or ``("end", error)`` when iterating
+    ``jobs`` raised (the caller raises it after the started inputs end). Stops early once ``stop``
+    is set (the caller releases a slot to wake it). Runs in the caller's feeder thread."""
+    try:
+        it = iter(jobs)
+        while True:
+            slots.acquire()
+            if stop.is_set():
+                break
+            try:
+                job = next(it)
+            except StopIteration:
+                break
+            out.put(("job", job))
+    except BaseException as e:  # the jobs iterable's own error
+        out.put(("end", e))
+        return
+    out.put(("end", None))
+
+
 def run_many(engine: Engine, jobs: Iterable[InputJob], *, concurrency: int | None = None,
              merge_batches: bool | None = None) -> Iterator[InputOutcome]:
     """See :meth:`engine.pipeline.Engine.run_many`."""
@@ -187,24 +210,6 @@ def run_many(engine: Engine, jobs: Iterable[InputJob], *, concurrency: int | Non
     slots = threading.Semaphore(concurrency)
     stop_all = threading.Event()
 
-    def feed() -> None:
-        """Pull ``jobs`` one item at a time, only when an input slot is free."""
-        try:
-            it = iter(jobs)
-            while True:
-                slots.acquire()
-                if stop_all.is_set():
-                    break
-                try:
-                    job = next(it)
-                except StopIteration:
-                    break
-                events.put(("job", job))
-        except BaseException as e:  # the jobs iterable's own error, raised by run_many
-            events.put(("end", e))
-            return
-        events.put(("end", None))
-
     def one(job: InputJob) -> None:
         try:
             outcome = _run_one(models, job, stop_all)
@@ -213,7 +218,8 @@ def run_many(engine: Engine, jobs: Iterable[InputJob], *, concurrency: int | Non
         slots.release()
         events.put(("done", outcome))
 
-    feeder = threading.Thread(target=feed, name="run-many-feed", daemon=True)
+    feeder = threading.Thread(target=feed_jobs, args=(jobs, slots, stop_all, events), name="run-many-feed",
+                              daemon=True)
     threads: list[threading.Thread] = []
     running, fed, feed_error = 0, True, None
     try:

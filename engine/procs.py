@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from engine import errors
 from engine.config import usable_cpus
 from engine.errors import EngineProcessError
-from engine.many import InputJob, InputOutcome, default_concurrency, run_many
+from engine.many import InputJob, InputOutcome, default_concurrency, feed_jobs, run_many
 
 if TYPE_CHECKING:
     from engine.pipeline import Engine
@@ -350,23 +350,6 @@ class EnginePool:
         waiting: collections.deque[int] = collections.deque()
         fed, feed_error = True, None
 
-        def feed() -> None:
-            try:
-                it = iter(jobs)
-                while True:
-                    slots.acquire()
-                    if stop.is_set():
-                        break
-                    try:
-                        job = next(it)
-                    except StopIteration:
-                        break
-                    pulled.put(("job", job))
-            except BaseException as e:  # the jobs iterable's own error
-                pulled.put(("end", e))
-                return
-            pulled.put(("end", None))
-
         def end(tid: int, report, error: BaseException | None) -> None:
             o = opened.pop(tid)
             if o.child is not None:
@@ -374,7 +357,7 @@ class EnginePool:
             slots.release()
             out.put(("outcome", InputOutcome(o.job, report, error)))
 
-        feeder = threading.Thread(target=feed, name="procs-feed", daemon=True)
+        feeder = threading.Thread(target=feed_jobs, args=(jobs, slots, stop, pulled), name="procs-feed", daemon=True)
         feeder.start()
         try:
             while fed or opened:
