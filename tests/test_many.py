@@ -163,13 +163,19 @@ def test_a_failing_jobs_iterable_raises_after_the_started_inputs(test_images, cf
     assert len(got) == 1 and got[0].error is None
 
 
-def test_cli_extracts_a_folder_with_an_overall_line(clips, cfg, one_by_one, tmp_path, capsys):
-    _, paths = clips
-    src = tmp_path / "in"
+def folder_of_clips(paths, src, non_video: bool = False):
+    """``src`` holding copies of the first three clips (and a non-video ``notes.mp4``); returns ``src``."""
     src.mkdir()
     for p in paths[:3]:
         (src / p.name).write_bytes(p.read_bytes())
-    make_text_file(src / "notes.mp4")
+    if non_video:
+        make_text_file(src / "notes.mp4")
+    return src
+
+
+def test_cli_extracts_a_folder_with_an_overall_line(clips, cfg, one_by_one, tmp_path, capsys):
+    _, paths = clips
+    src = folder_of_clips(paths, tmp_path / "in", non_video=True)
     code = main(["extract", str(src), "-o", str(tmp_path / "out"), "--landmarks", "mtcnn", "--checkpoint",
                  str(cfg.checkpoint), "--device", "cpu", "--batch-size", "4", "--no-progress", "--concurrency", "2"])
     err = capsys.readouterr().err

@@ -18,8 +18,14 @@ from engine.errors import EngineProcessError, ShapeError
 from engine.procs import EnginePool, engine_factory, error_from_payload, error_payload
 from engine.sources import discover_inputs
 from engine.stages.track import DetectEveryFrame
-from tests.media import make_text_file
-from tests.test_many import CLIP_FRAMES, assert_same_outputs, cfg, clips, one_by_one  # noqa: F401  (fixtures)
+from tests.test_many import (  # noqa: F401  (fixtures)
+    CLIP_FRAMES,
+    assert_same_outputs,
+    cfg,
+    clips,
+    folder_of_clips,
+    one_by_one,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,11 +40,7 @@ def pool(cfg):  # noqa: F811
 
 def test_folder_in_processes_equals_one_by_one_and_a_bad_input_fails_alone(clips, one_by_one, pool, tmp_path):  # noqa: F811
     _, paths = clips
-    src = tmp_path / "in"
-    src.mkdir()
-    for p in paths[:3]:
-        (src / p.name).write_bytes(p.read_bytes())
-    make_text_file(src / "notes.mp4")
+    src = folder_of_clips(paths, tmp_path / "in", non_video=True)
     items = discover_inputs([src])
     seen: dict[str, list] = {i.path.stem: [] for i in items}
     jobs = [InputJob(i, tmp_path / "out" / i.rel_stem, key=i.path.stem, progress=seen[i.path.stem].append)
@@ -103,10 +105,7 @@ def test_a_killed_process_fails_its_input_and_the_others_go_on(clips, one_by_one
 
 def test_cli_extract_with_processes(clips, cfg, one_by_one, tmp_path, capsys):  # noqa: F811
     _, paths = clips
-    src = tmp_path / "in"
-    src.mkdir()
-    for p in paths[:3]:
-        (src / p.name).write_bytes(p.read_bytes())
+    src = folder_of_clips(paths, tmp_path / "in")
     code = main(["extract", str(src), "-o", str(tmp_path / "out"), "--landmarks", "mtcnn", "--checkpoint",
                  str(cfg.checkpoint), "--device", "cpu", "--batch-size", "4",
                  "--formats", "pirender,npz", "--no-progress", "--processes", "2", "--concurrency", "1"])
