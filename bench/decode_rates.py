@@ -52,6 +52,31 @@ def engine_decode(path: str, batch_size: int = 32) -> int:
     return sum(len(b) for b in iter_frames(path, batch_size))
 
 
+def nvdec_host(path: str, batch_size: int = 32) -> int:
+    """Frames of ``path`` through :class:`engine.stages.nvdec.NvdecSource` (RGB on the GPU, then
+    copied to host batches, as the engine consumes them)."""
+    from engine.stages.nvdec import NvdecSource
+
+    return sum(len(b) for b in NvdecSource(fallback=False).frames(path, batch_size))
+
+
+def nvdec_device(path: str, batch_size: int = 32) -> int:
+    """Frames of ``path`` decoded by NVDEC to RGB and stacked into one CUDA tensor per batch, never
+    copied to the host: the decoder's own ceiling."""
+    import torch
+
+    from engine.stages.nvdec import import_pynvvideocodec
+
+    nvc = import_pynvvideocodec()
+    decoder = nvc.SimpleDecoder(path, gpu_id=0, use_device_memory=True, output_color_type=nvc.OutputColorType.RGB)
+    n = 0
+    while frames := decoder.get_batch_frames(batch_size):
+        torch.stack([torch.from_dlpack(f) for f in frames])
+        n += len(frames)
+    torch.cuda.synchronize()
+    return n
+
+
 def rate(fn, paths: list[str], workers: int = 1, processes: bool = False) -> float:
     """Frames/s of ``fn`` over ``paths``, ``workers`` inputs at once."""
     t = time.perf_counter()
@@ -76,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--clip", type=Path, default=None, help="the face video the clips are made from")
+    ap.add_argument("--nvdec", action="store_true", help="also NVDEC rows (PyNvVideoCodec, a CUDA GPU)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-bench")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -94,6 +120,13 @@ def main(argv=None) -> int:
         rows.append((f"decode only ×{k} threads", rate(decode_only, paths, k)))
         rows.append((f"engine ×{k} threads", rate(engine_decode, paths, k)))
         rows.append((f"engine ×{k} processes", rate(engine_decode, paths, k, processes=True)))
+    if args.nvdec:
+        nvdec_device(paths[0])  # CUDA context and decoder start-up outside the timing
+        rows += [("NVDEC, frames kept on the GPU", rate(nvdec_device, paths)),
+                 ("NVDEC, copied to the host (NvdecSource)", rate(nvdec_host, paths))]
+        for k in args.workers:
+            rows.append((f"NVDEC on the GPU ×{k} threads", rate(nvdec_device, paths, k)))
+            rows.append((f"NVDEC to the host ×{k} threads", rate(nvdec_host, paths, k)))
     print("| decode | frames/s |\n|---|---:|")
     for name, r in rows:
         print(f"| {name} | {r:.0f} |", flush=True)

@@ -225,7 +225,8 @@ class FixedBox:
 class Monitor:
     """Peak RSS of this process (psutil, else /proc) and of its largest child process (the engine
     processes of ``--processes``), GPU busy % and the device's used memory (pynvml, else
-    nvidia-smi), sampled in a thread while a phase runs; peak GPU memory of this process from torch."""
+    nvidia-smi), sampled in a thread while a phase runs; peak GPU memory of this process from torch;
+    the host's busy CPU cores over the phase (all processes, from ``/proc/stat``; n/a elsewhere)."""
 
     def __init__(self, device: str, interval_s: float = 0.1) -> None:
         self.device, self.interval_s = device, interval_s
@@ -233,6 +234,7 @@ class Monitor:
         self.peak_child_rss = 0
         self.peak_device_used = 0
         self.busy: list[float] = []
+        self.cpu_cores_busy: float | None = None
         self._stop = threading.Event()
         self._gpu_index = _gpu_index(device)
         self._nvml = _nvml_handle(self._gpu_index) if self._gpu_index is not None else None
@@ -244,6 +246,7 @@ class Monitor:
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        self._cpu_start = _cpu_jiffies()
         self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
         self._thread.start()
         return self
@@ -256,6 +259,15 @@ class Monitor:
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, _rss())
+        end = _cpu_jiffies()
+        if self._cpu_start and end and end[1] > self._cpu_start[1]:
+            busy, total = end[0] - self._cpu_start[0], end[1] - self._cpu_start[1]
+            self.cpu_cores_busy = busy / total * (os.cpu_count() or 1)
+
+    @property
+    def cpu_busy(self) -> str:
+        """Busy host cores over the phase, e.g. ``"11.2 of 16"``."""
+        return "n/a" if self.cpu_cores_busy is None else f"{self.cpu_cores_busy:.1f} of {os.cpu_count()}"
 
     def _run(self) -> None:
         last_gpu = 0.0
@@ -286,6 +298,18 @@ class Monitor:
         import torch
 
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all host CPUs since boot, from ``/proc/stat`` (None elsewhere).
+    Busy is everything but idle and iowait."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values) - idle, sum(values)
 
 
 def _gpu_index(device: str) -> int | None:
@@ -375,6 +399,7 @@ class Row:
     peak_rss: str = ""
     gpu_peak: str = ""
     gpu_busy: str = ""
+    cpu_busy: str = ""
     note: str = ""
 
 
@@ -492,9 +517,11 @@ def end_to_end(engine, inputs: list[Path], out_dir: Path, concurrency: int | Non
 
 @contextlib.contextmanager
 def py_spy(folder: Path | None, name: str) -> Iterator[None]:
-    """Sample this process with ``py-spy`` (when installed and ``folder`` is given) while the
-    block runs: ``name.gil.txt``, collapsed stacks of the thread holding the GIL (100 samples/s;
-    fewer samples than seconds × 100 means the GIL was free that share of the time)."""
+    """Sample this process and its children (the engine processes of ``--processes``) with
+    ``py-spy`` (when installed and ``folder`` is given) while the block runs: ``name.gil.txt``,
+    collapsed stacks of the thread holding each process's GIL (100 samples/s per process; fewer
+    samples than seconds × 100 × processes means the GIL was free that share of the time).
+    Sampled without pausing the processes (``--nonblocking``), so the rate is barely changed."""
     places = [Path(sys.executable).parent, *(Path(p) / "bin" for p in sys.path if p)]  # venv, pip --target
     exe = next((str(c / "py-spy") for c in places if (c / "py-spy").is_file()), shutil.which("py-spy"))
     exe = exe if folder else None
@@ -504,7 +531,8 @@ def py_spy(folder: Path | None, name: str) -> Iterator[None]:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [exe, "record", "--pid", str(os.getpid()), "--rate", "100", "--gil", "--format", "raw",
+    cmd = [exe, "record", "--pid", str(os.getpid()), "--rate", "100", "--gil", "--subprocesses",
+           "--nonblocking", "--format", "raw",
            "--output", str(folder / f"{name}.gil.txt")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t = time.perf_counter()
@@ -544,6 +572,7 @@ def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path
         return dataclasses.replace(row, frames=0, note=f"failed: {type(e).__name__}: {str(e)[:200]}")
     row.fps = row.frames / row.seconds
     row.peak_rss, row.gpu_peak, row.gpu_busy = f"{mon.peak_rss / 2**30:.2f} GiB", mon.gpu_peak, mon.gpu_busy
+    row.cpu_busy = mon.cpu_busy
     if pool is not None:  # the engine processes' figures; the parent only feeds them
         row.peak_rss = f"{mon.peak_child_rss / 2**30:.2f} GiB per engine process (parent {row.peak_rss})"
         if mon.peak_device_used:
@@ -674,6 +703,7 @@ def reference_style(inputs: list[Path], args, ckpt: Path, fixed_box: np.ndarray 
     row.stages = {"landmarks": frames_total / t_lm, "align": float("nan"), "regress": float("nan")}
     row.stages["decode + align + regress (pass 2)"] = frames_total / t_coeff
     row.peak_rss, row.gpu_peak, row.gpu_busy = f"{mon.peak_rss / 2**30:.2f} GiB", mon.gpu_peak, mon.gpu_busy
+    row.cpu_busy = mon.cpu_busy
     row.note = f"first {max_frames} frames of each input" if cut else "whole inputs"
     return row
 
@@ -704,15 +734,15 @@ def _f(x: float) -> str:
 def report(rows: list[Row], reference: Row | None, header: list[str]) -> str:
     lines = [*header, ""]
     measured = [r for r in rows if r.frames]
-    lines += ["| pipeline | frames | s | frames/s | × reference | peak RSS | peak GPU mem | GPU busy | how |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["| pipeline | frames | s | frames/s | × reference | peak RSS | peak GPU mem | GPU busy | CPU cores busy "
+              "| how |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in ([reference] if reference else []) + rows:
         if not r.frames:
-            lines.append(f"| {r.name} | – | – | – | – | – | – | – | {r.note} |")
+            lines.append(f"| {r.name} | – | – | – | – | – | – | – | – | {r.note} |")
             continue
         ratio = f"{r.fps / reference.fps:.2f}×" if reference and reference.frames and r is not reference else "1×"
         lines.append(f"| {r.name} | {r.frames} | {r.seconds:.1f} | **{r.fps:.1f}** | {ratio} | {r.peak_rss} | "
-                     f"{r.gpu_peak} | {r.gpu_busy} | {r.note} |")
+                     f"{r.gpu_peak} | {r.gpu_busy} | {r.cpu_busy} | {r.note} |")
     if measured:
         names = list(dict.fromkeys(k for r in measured for k in r.stages))
         if names:
@@ -829,7 +859,8 @@ def main(argv=None) -> int:
             rows.append(measure_mode(mode, landmarks, args, inputs, warm, ckpt, fixed_box, source))
             r = rows[-1]  # a line per row as it ends, so a run cut short keeps what it measured
             print(f"    {r.name}: {r.frames} frames, {r.fps:.1f} frames/s, RSS {r.peak_rss}, GPU {r.gpu_peak}, "
-                  f"busy {r.gpu_busy}, stages {({k: round(v, 1) for k, v in r.stages.items()})} {r.note}",
+                  f"busy {r.gpu_busy}, CPU {r.cpu_busy}, "
+                  f"stages {({k: round(v, 1) for k, v in r.stages.items()})} {r.note}",
                   file=sys.stderr, flush=True)
     reference = None
     if args.reference:
