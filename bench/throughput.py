@@ -415,10 +415,14 @@ def make_config(args, mode: str, landmarks: str, ckpt: Path):
     extra = {"mode": mode}
     if mode == "fast" and "detect_every" in fields and args.detect_every:
         extra["detect_every"] = args.detect_every
+    if args.decoder != "pyav":
+        if "decoder" not in fields:
+            return None, f"decoder {args.decoder} not available on this branch"
+        extra["decoder"] = args.decoder
     try:
         return EngineConfig(**base, **extra), None
     except (TypeError, ValueError) as e:
-        return None, f"fast path not available ({e})"
+        return None, f"not available ({e})"
 
 
 def build_engine(cfg, args, fixed_box: np.ndarray | None, source):
@@ -799,14 +803,13 @@ def parse_args(argv=None):
 
 
 def make_source(args):
+    """The engines' source and its description; None for NVDEC, which each engine builds from its
+    config (``decoder="nvdec"``: frames kept on the GPU)."""
     from engine.stages.source import MediaSource
 
     if args.decoder == "pyav":
         return MediaSource(), "PyAV (threaded decode, RGB conversion in a thread pool)"
-    from engine.stages.nvdec import NvdecSource
-
-    gpu = _gpu_index(args.device) or 0
-    return NvdecSource(gpu_id=gpu), "NVDEC (PyNvVideoCodec)"
+    return None, "NVDEC (PyNvVideoCodec), frames kept on the GPU (fast path only)"
 
 
 def main(argv=None) -> int:

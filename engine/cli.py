@@ -18,6 +18,7 @@ from pathlib import Path
 from engine.config import (
     DEFAULT_FORMATS,
     MODE_HELP,
+    Decoder,
     EngineConfig,
     KeepPerson,
     LandmarkBackend,
@@ -81,6 +82,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detect-every", type=_at_least_one, default=8, metavar="N",
                    help="fast mode: run the face detector every N frames and track the face in between "
                    "(default: 8)")
+    p.add_argument("--decoder", choices=[d.value for d in Decoder], default=Decoder.PYAV.value,
+                   help="pyav (default): FFmpeg on the CPU; nvdec: the GPU's video decoder, frames kept on the GPU "
+                   "(fast mode on CUDA; needs `pip install pynvvideocodec`)")
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -96,6 +100,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
         smooth_window=args.smooth_window,
         mode=getattr(args, "mode", Mode.EXACT.value),
         detect_every=getattr(args, "detect_every", 8),
+        decoder=getattr(args, "decoder", Decoder.PYAV.value),
         **extra,
     )
 

@@ -90,6 +90,19 @@ class Mode(str, Enum):
     FAST = "fast"
 
 
+class Decoder(str, Enum):
+    """What decodes videos.
+
+    ``PYAV`` (default): FFmpeg on the CPU through PyAV, frames on the host; what the exact path
+    needs (its pixels are FFmpeg's). ``NVDEC``: the GPU's video decoder through PyNvVideoCodec
+    (an optional install), frames kept on the GPU: fast path on CUDA only, since NVDEC's
+    YUV→RGB conversion rounds differently from FFmpeg's (``engine.stages.nvdec``).
+    """
+
+    PYAV = "pyav"
+    NVDEC = "nvdec"
+
+
 #: One line on the modes, for the CLI and the dashboard.
 MODE_HELP = ("exact (default): bit-identical to the reference; fast: GPU tracking and fp16, small measured "
              "differences, see docs/compatibility.md")
@@ -161,6 +174,8 @@ class EngineConfig:
         detect_every: fast path only: run the face detector on every ``detect_every``-th frame
             (keyframes) and track the face in between; >= 1 (part of the fast path's resume
             fingerprint; ignored by the exact path).
+        decoder: :class:`Decoder`: ``pyav`` (default) or ``nvdec`` (fast mode only; part of the
+            fast path's resume fingerprint).
     """
 
     checkpoint: Path | None = None
@@ -177,6 +192,7 @@ class EngineConfig:
     smooth_window: int = 0
     mode: Mode = Mode.EXACT
     detect_every: int = 8
+    decoder: Decoder = Decoder.PYAV
 
     def __post_init__(self) -> None:
         # Accept plain strings (from JSON or the CLI) and normalise them to enums/paths.
@@ -184,6 +200,10 @@ class EngineConfig:
         object.__setattr__(self, "no_face", NoFacePolicy(self.no_face))
         object.__setattr__(self, "keep_person", KeepPerson(self.keep_person))
         object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "decoder", Decoder(self.decoder))
+        if self.decoder == Decoder.NVDEC and self.mode != Mode.FAST:
+            raise ValueError("decoder nvdec needs mode fast: NVDEC's colour conversion differs from FFmpeg's, "
+                             "so the exact path decodes with pyav")
         if isinstance(self.detect_every, bool) or int(self.detect_every) != self.detect_every or self.detect_every < 1:
             raise ValueError(f"detect_every must be an integer >= 1, got {self.detect_every!r}")
         object.__setattr__(self, "detect_every", int(self.detect_every))

@@ -27,7 +27,7 @@ saves the detector's work on every non-keyframe.
 
 from __future__ import annotations
 
-from engine.config import EngineConfig, Mode, name_of
+from engine.config import Decoder, EngineConfig, Mode, name_of
 
 #: Longest side (pixels) of the frames the fast path's detectors look at.
 DETECT_MAX_SIDE = 640
@@ -60,6 +60,26 @@ def fast_landmarker(config: EngineConfig, device: str):
 def regressor_precision(config: EngineConfig, device: str) -> str:
     """``"fp16"`` for the fast path on CUDA, else ``"fp32"`` (the reference's numbers)."""
     return "fp16" if config.mode == Mode.FAST and on_gpu(device) else "fp32"
+
+
+def default_source(config: EngineConfig, device: str):
+    """The source ``config.decoder`` names: PyAV on the host
+    (:class:`~engine.stages.source.MediaSource`), or NVDEC with the frames kept on ``device``
+    (:class:`~engine.stages.nvdec.NvdecSource`).
+
+    Raises:
+        NvdecUnavailable: ``nvdec`` without PyNvVideoCodec or without a CUDA ``device``.
+    """
+    if config.decoder == Decoder.NVDEC:
+        from engine.stages.nvdec import INSTALL_HINT, NvdecSource, NvdecUnavailable
+
+        if not on_gpu(device):
+            raise NvdecUnavailable(f"{INSTALL_HINT} (the run's device is {device}, not a CUDA GPU)")
+        gpu = int(str(device).split(":")[1]) if ":" in str(device) else 0
+        return NvdecSource(gpu_id=gpu, on_device=True)
+    from engine.stages.source import MediaSource
+
+    return MediaSource()
 
 
 def default_aligner(config: EngineConfig, device: str):

@@ -36,8 +36,9 @@ import numpy as np
 
 from engine import __version__
 from engine import quality as q
-from engine.config import EngineConfig, Mode, name_of
+from engine.config import Decoder, EngineConfig, Mode, name_of
 from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, storage_error
+from engine.fast import default_source
 from engine.hostmem import return_large_blocks
 from engine.limits import InputLimits
 from engine.progress import PROGRESS_INTERVAL_S, Progress, ProgressReporter
@@ -47,7 +48,7 @@ from engine.stages.detect import Detector
 from engine.stages.landmark import Landmarker
 from engine.stages.regress import Regressor, load_regressor
 from engine.stages.sink import Sink, SinkContext, SinkHooks, commit, create_sinks
-from engine.stages.source import MediaSource, Source
+from engine.stages.source import Source
 from engine.stages.temporal import NoFacePolicyStage, PolicyState, TemporalPolicy
 from engine.stages.track import Tracker, TrackerState, mark_faces, tracker_from_config
 from engine.structures import (
@@ -366,7 +367,8 @@ class Engine:
         self.config = config or EngineConfig()
         return_large_blocks()  # freed frames go back to the OS (engine.hostmem)
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
-        self.source: Source = source or MediaSource()
+        # NVDEC decodes on config.device, or on cuda:0 when unset (it needs a GPU either way).
+        self.source: Source = source or default_source(self.config, self.config.device or "cuda")
         self._detector = detector
         self.tracker: Tracker = tracker or tracker_from_config(self.config)
         self._landmarker = landmarker
@@ -733,6 +735,8 @@ class Engine:
         }
         if cfg.mode != Mode.EXACT:  # the exact path's key is as before: its saved states stay valid
             key.update(mode=cfg.mode.value, detect_every=cfg.detect_every)
+            if cfg.decoder != Decoder.PYAV:  # keeps earlier fast-path states valid
+                key.update(decoder=cfg.decoder.value)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def face_model(self):

@@ -62,6 +62,7 @@ import torch
 
 from engine.checks import check_shape
 from engine.conventions import CROP_SIZE
+from engine.frames import on_device, to_torch, zeros_like_frames
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +437,7 @@ def crops_from_taps(
         ky = max(taps[i].y.weights.shape[1] for i in group)
         kx = max(taps[i].x.weights.shape[1] for i in group)
         n = len(group)
-        win = np.zeros((n, hs, ws, 3), dtype=np.uint8)
+        win = zeros_like_frames(images, (n, hs, ws, 3))  # on the host, or on the frames' device
         first = np.zeros((2, n, size), dtype=np.int64)
         start = np.zeros((2, n), dtype=np.int64)
         wy = np.zeros((n, size, ky), dtype=np.float64)
@@ -449,7 +450,7 @@ def crops_from_taps(
             start[:, j] = (t.y.src_start, t.x.src_start)
             wy[j, :, :t.y.weights.shape[1]] = t.y.weights
             wx[j, :, :t.x.weights.shape[1]] = t.x.weights
-        win_d = torch.from_numpy(win).to(device)
+        win_d = to_torch(win, device)
         first_d, start_d = torch.from_numpy(first).to(device), torch.from_numpy(start).to(device)
         band_y = _dense_band(first_d[0], torch.from_numpy(wy).to(device), start_d[0], hs)  # (n, L, hs)
         band_x = _dense_band(first_d[1], torch.from_numpy(wx).to(device), start_d[1], ws)  # (n, L, ws)
@@ -480,7 +481,8 @@ def resized_crops(
     Bit-identical to Pillow for RGB uint8 frames; computes only the crops.
 
     Args:
-        images: B uint8 (H_i, W_i, 3) RGB frames, y down, or one (B, H, W, 3) array.
+        images: B uint8 (H_i, W_i, 3) RGB frames, y down, or one (B, H, W, 3) array, or one
+            (B, H, W, 3) tensor (frames kept on a device: no host copy is made).
         crop_boxes: int (B, 4) ``[left, up, w, h]`` per frame (``w, h ≥ 1``).
         size: crop side in pixels.
         device: torch device of the computation and of the result.
@@ -495,9 +497,9 @@ def resized_crops(
     boxes = np.asarray(crop_boxes, dtype=np.int64).reshape(-1, 4)
     if len(images) != boxes.shape[0]:
         raise ValueError(f"resized_crops: {len(images)} images but {boxes.shape[0]} crop boxes")
-    if isinstance(images, np.ndarray):
+    if isinstance(images, np.ndarray) or on_device(images):  # one (B, H, W, 3) array or device tensor
         check_shape(images, ("B", "H", "W", "3"), "images")
-        if images.dtype != np.uint8:
+        if images.dtype not in (np.uint8, torch.uint8):
             raise ValueError(f"image: expected dtype uint8, got {images.dtype}")
         frame_hw = np.broadcast_to(np.asarray(images.shape[1:3], dtype=np.int64), (len(images), 2))
     else:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import WeightsMissingError
+from engine.frames import on_device, to_torch, zeros_like_frames
 from engine.landmarks import fan as fan_backend
 from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_list
 from engine.landmarks.fan import NAME, WEIGHTS, check_weights, load_failure, missing_weights, weights_dir
@@ -182,18 +183,21 @@ def crop_windows(centre: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.
     return mapped[:, 0].numpy().astype(np.int64), mapped[:, 1].numpy().astype(np.int64)
 
 
-def gather_windows(images: np.ndarray, rows: np.ndarray, ul: np.ndarray, br: np.ndarray,
-                   pin: bool = False) -> torch.Tensor:
+def gather_windows(images, rows: np.ndarray, ul: np.ndarray, br: np.ndarray, pin: bool = False) -> torch.Tensor:
     """uint8 (N, Hmax, Wmax, 3): face n's window of frame ``rows[n]`` in the top-left corner, zeros elsewhere.
 
     Only the part of each window inside its frame is copied; the rest (outside the frame, and
-    the padding up to the largest window) stays zero.
+    the padding up to the largest window) stays zero. Host frames (numpy) give a host tensor
+    (pinned when ``pin``); device frames (a tensor) give a tensor on their device.
     """
     sizes = br - ul  # (N, 2) width, height
     height, width = images.shape[1:3]
-    out = torch.zeros((len(rows), max(int(sizes[:, 1].max()), 1), max(int(sizes[:, 0].max()), 1), 3),
-                      dtype=torch.uint8, pin_memory=pin)
-    view = out.numpy()
+    shape = (len(rows), max(int(sizes[:, 1].max()), 1), max(int(sizes[:, 0].max()), 1), 3)
+    if on_device(images):
+        out = view = zeros_like_frames(images, shape)
+    else:
+        out = torch.zeros(shape, dtype=torch.uint8, pin_memory=pin)
+        view = out.numpy()
     for n, (row, (x0, y0), (x1, y1)) in enumerate(zip(rows, ul, br, strict=True)):
         fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
         if fx1 > fx0 and fy1 > fy0:
@@ -446,8 +450,8 @@ class BatchedFan:
         mean = torch.tensor(S3FD_MEAN_BGR, device=self.device).view(1, 3, 1, 1)
         parts = []
         for start in range(0, num, self.max_batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + self.max_batch]))
-            x = chunk.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            x = to_torch(images[start:start + self.max_batch], self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float()
             if small != (height, width):
                 x = F.interpolate(x, size=small, mode="bilinear", antialias=True, align_corners=False)
             x = x.flip(1) - mean  # RGB → BGR, minus S3FD's means
@@ -475,11 +479,11 @@ class BatchedFan:
         return landmarks_from_list(per_frame, self.num_points, confidence)
 
     @torch.inference_mode()
-    def mark(self, images: np.ndarray, rows: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def mark(self, images, rows: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """2D-FAN-4 on box n of frame ``rows[n]``, all at once.
 
         Args:
-            images: uint8 (B, H, W, 3) RGB frames.
+            images: uint8 (B, H, W, 3) RGB frames (numpy, or a tensor on the device).
             rows: int (N,) frame of each box.
             boxes: float (N, 4) x1, y1, x2, y2 frame px, y down.
 

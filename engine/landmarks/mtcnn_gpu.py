@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.frames import shrink_area, to_numpy, to_torch, zeros_like_frames
 from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_array
 from engine.landmarks.mtcnn import NAME, detect_faces
 from engine.structures import Detections, FrameBatch, Landmarks
@@ -141,13 +142,14 @@ def area_matrix(lengths: np.ndarray, size: int, span: int) -> np.ndarray:
     return (inside / (stop - start)).astype(np.float32)
 
 
-def gather_windows(images: np.ndarray, rows: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """uint8 (M, Hmax, Wmax, 3): each face's crop region, top-left aligned, zero padded.
+def gather_windows(images, rows: np.ndarray, regions: np.ndarray):
+    """uint8 (M, Hmax, Wmax, 3): each face's crop region, top-left aligned, zero padded, where
+    ``images`` are (numpy on the host: only these windows go to the device; a tensor on its device).
 
-    Only these windows go to the device. ``regions`` must be non-empty.
+    ``regions`` must be non-empty.
     """
     sizes = regions[:, 2:] - regions[:, :2]
-    stack = np.zeros((len(rows), int(sizes[:, 1].max()), int(sizes[:, 0].max()), 3), dtype=np.uint8)
+    stack = zeros_like_frames(images, (len(rows), int(sizes[:, 1].max()), int(sizes[:, 0].max()), 3))
     # Python ints (tolist): the loop's per-face indexing costs less than with numpy scalars.
     for k, (row, (x0, y0, x1, y1)) in enumerate(zip(np.asarray(rows).tolist(), regions.tolist(), strict=True)):
         stack[k, : y1 - y0, : x1 - x0] = images[row, y0:y1, x0:x1]
@@ -189,7 +191,7 @@ def area_crops(images: np.ndarray, rows: np.ndarray, regions: np.ndarray, size: 
         ay = torch.from_numpy(area_matrix(lengths[:, 1], size, windows.shape[1])).to(device)
         ax = torch.from_numpy(area_matrix(lengths[:, 0], size, windows.shape[2])).to(device)
         with torch.inference_mode():  # float64: exact averages whatever the TF32 setting
-            x = torch.from_numpy(windows).to(device).permute(0, 3, 1, 2).double()  # (m, 3, H, W)
+            x = to_torch(windows, device).permute(0, 3, 1, 2).double()  # (m, 3, H, W)
             x = torch.matmul(x, ax.double().transpose(1, 2)[:, None])  # (m, 3, H, size)
             parts.append(torch.matmul(ay.double()[:, None], x).float())  # (m, 3, size, size)
     return torch.cat(parts)
@@ -386,8 +388,6 @@ class RefineMtcnn:
 
     def detect(self, frames: FrameBatch) -> Detections:
         """Every face full MTCNN finds in each (shrunk) frame; boxes and points in full-frame pixels."""
-        import cv2
-
         images = frames.images
         n = len(images)
         if n == 0:
@@ -395,14 +395,13 @@ class RefineMtcnn:
         h, w = images.shape[1:3]
         scale = self.detect_max_side / max(h, w)
         if scale < 1:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))  # (width, height)
-            images = np.stack([cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images])
+            images = shrink_area(images, (max(1, round(w * scale)), max(1, round(h * scale))))
         sh, sw = images.shape[1:3]
         step = max(1, self.max_pixels // max(1, sh * sw))
         if self.batched_crops:
             found = detect_batched(self._net, images, step, self.device)
         else:
-            found = detect_faces(self._net, images, step)
+            found = detect_faces(self._net, to_numpy(images), step)
         if (sh, sw) == (h, w) or len(found) == 0:
             return found
         rx, ry = w / sw, h / sh

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from engine.config import KeepPerson
+from engine.frames import on_device, to_numpy
 from engine.stages.detect import Detector, reference_order
 from engine.stages.track import CONTINUITY_MAX_SHIFT, CONTINUITY_MIN_IOU, box_iou, continuing_face, pair_iou
 from engine.structures import Detections, FrameBatch, Landmarks, rows_of
@@ -74,14 +75,23 @@ def thumbnails(images: np.ndarray) -> np.ndarray:
     grey (ITU-R 601 weights) and averages each 4×4 block: cheap at any frame size.
 
     Args:
-        images: uint8 (B, H, W, 3) RGB.
+        images: uint8 (B, H, W, 3) RGB, numpy or a device tensor (sampled there; only the
+            thumbnails come back).
     """
     w, h = THUMB_SIZE
     k = 4
     height, width = images.shape[1:3]
     ys = ((np.arange(h * k) + 0.5) * height / (h * k)).astype(np.int64)
     xs = ((np.arange(w * k) + 0.5) * width / (w * k)).astype(np.int64)
-    grey = images[:, ys][:, :, xs].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if on_device(images):
+        import torch
+
+        ys_d, xs_d = torch.from_numpy(ys).to(images.device), torch.from_numpy(xs).to(images.device)
+        rgb = to_numpy(images.index_select(1, ys_d).index_select(2, xs_d))
+    else:
+        rgb = np.ascontiguousarray(images[:, ys][:, :, xs])  # the layout sets the sums' order below
+    rgb = rgb.astype(np.float32)  # elementwise (not a BLAS product): the same bits whatever the layout
+    grey = rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587) + rgb[..., 2] * np.float32(0.114)
     thumb = grey.reshape(len(images), h, k, w, k).mean(axis=(2, 4))
     return (thumb - thumb.mean(axis=(1, 2), keepdims=True)).astype(np.float32)
 

@@ -5,11 +5,14 @@ driver, and a CUDA build of torch to hand the frames over). Without it, :class:`
 raises :class:`NvdecUnavailable` with that advice; nothing else in the engine imports it.
 
 What it gives is what :class:`~engine.stages.source.MediaSource` gives: :class:`FrameBatch`
-of uint8 (B, H, W, 3) RGB **host** arrays, y down, display rotation applied, ``index`` counted
-from 0 in output order (``start`` frames skipped by seeking), ``timestamps`` in seconds from
-the packets' presentation times (read with PyAV's demuxer, no decoding). The frames are
-converted to RGB on the GPU (``OutputColorType.RGB``), copied into one (B, H, W, 3) tensor
-and then to the host, so the frames PyNvVideoCodec lends are never held past the batch.
+of uint8 (B, H, W, 3) RGB frames, y down, display rotation applied, ``index`` counted from 0
+in output order (``start`` frames skipped by seeking), ``timestamps`` in seconds from the
+packets' presentation times (read with PyAV's demuxer, no decoding). The frames are converted
+to RGB on the GPU (``OutputColorType.RGB``) and copied into one (B, H, W, 3) tensor, so the
+frames PyNvVideoCodec lends are never held past the batch. With ``on_device=True`` that
+tensor is the batch's ``images`` (the fast path's stages take device frames, see
+:mod:`engine.frames`): no frame crosses PCIe and no CPU core decodes or converts. Otherwise
+it is copied to a host numpy array.
 
 Differences from :class:`MediaSource` (so it is for the fast path, never the exact one):
 
@@ -100,7 +103,8 @@ class NvdecSource:
 
     Args:
         gpu_id: CUDA device index to decode on.
-        prefetch_depth: batches decoded ahead (host memory: that many batches).
+        prefetch_depth: batches decoded ahead (memory: that many batches, on the host or the GPU).
+        on_device: keep the frames on the GPU (``images`` is a CUDA tensor); else host numpy.
         fallback: decode with PyAV (logged) when NVDEC cannot open a video; False raises
             a :class:`~engine.errors.DecodeError` instead.
 
@@ -110,7 +114,8 @@ class NvdecSource:
 
     name = "nvdec"
 
-    def __init__(self, gpu_id: int = 0, prefetch_depth: int = 2, fallback: bool = True) -> None:
+    def __init__(self, gpu_id: int = 0, prefetch_depth: int = 2, fallback: bool = True,
+                 on_device: bool = False) -> None:
         self._nvc = import_pynvvideocodec()
         import torch
 
@@ -119,6 +124,7 @@ class NvdecSource:
         self.gpu_id = gpu_id
         self.prefetch_depth = prefetch_depth
         self.fallback = fallback
+        self.on_device = on_device
 
     def probe(self, path: Path) -> MediaInfo:
         return probe(path)
@@ -164,13 +170,17 @@ class NvdecSource:
                 if not frames:
                     break
                 with torch.cuda.device(self.gpu_id):
-                    images = torch.stack([_frame_tensor(f, coded, torch) for f in frames]).cpu().numpy()
+                    images = torch.stack([_frame_tensor(f, coded, torch) for f in frames])
+                    if not self.on_device:
+                        images = images.cpu().numpy()
             except StudioError:
                 raise
             except Exception as e:
                 raise DecodeError(f"{path}: NVDEC decoding failed at frame {count} ({type(e).__name__}: {e})") from None
             del frames  # PyNvVideoCodec's buffers go back before the next call
-            if info.rotation:
+            if info.rotation and self.on_device:
+                images = torch.rot90(images, k=-(info.rotation // 90), dims=(1, 2)).contiguous()
+            elif info.rotation:
                 images = np.ascontiguousarray(np.rot90(images, k=-(info.rotation // 90), axes=(1, 2)))
             index = np.arange(count, count + len(images), dtype=np.int64)
             yield FrameBatch(images=images, index=index, timestamps=_times_of(index, times, step))

@@ -1,0 +1,110 @@
+"""Frames kept on the device (NVDEC with ``on_device=True``): the fast path's stages take a torch
+tensor of frames and give what they give for the same frames as a numpy array.
+
+Device frames are CUDA tensors in production; here they are CPU tensors, which take the same
+code path (:func:`engine.frames.on_device` is true for any tensor). Real frames of the shared
+clip (skipped with a reason when ../shared is absent), real MTCNN weights, random
+reconstruction weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from engine import Engine, EngineConfig
+from engine.config import Decoder
+from engine.frames import on_device, shrink_area, to_numpy, to_torch, zeros_like_frames
+from engine.landmarks import fan_gpu, mtcnn_gpu
+from engine.resample import resized_crops
+from engine.stages.align import TorchAligner
+from engine.stages.keyframe import thumbnails
+from engine.stages.source import MediaSource
+from tests.media import first_frames, make_video
+
+FRAMES = 48
+
+
+@pytest.fixture(scope="module")
+def frames(test_video) -> np.ndarray:
+    return np.stack(first_frames(test_video, 8))
+
+
+def test_helpers_keep_each_kind_where_it_is():
+    host = np.zeros((2, 4, 5, 3), np.uint8)
+    dev = torch.zeros((2, 4, 5, 3), dtype=torch.uint8)
+    assert not on_device(host) and on_device(dev)
+    assert isinstance(zeros_like_frames(host, (1, 2, 3)), np.ndarray)
+    z = zeros_like_frames(dev, (1, 2, 3))
+    assert isinstance(z, torch.Tensor) and z.dtype == torch.uint8 and z.device == dev.device
+    t = to_torch(host, "cpu")
+    assert isinstance(t, torch.Tensor) and to_torch(t, "cpu") is t
+    assert isinstance(to_numpy(dev), np.ndarray) and to_numpy(host) is host
+
+
+def test_shrinking_by_an_integer_factor_matches_opencv(frames):
+    big = np.repeat(np.repeat(frames[:2], 3, axis=1), 3, axis=2)  # 1536², shrunk 3× as 1080p → 360p
+    big[:, ::7] = 255 - big[:, ::7]  # make the 3×3 blocks uneven
+    want = shrink_area(big, (512, 512))
+    got = to_numpy(shrink_area(torch.from_numpy(big), (512, 512)))
+    assert want.shape == got.shape == (2, 512, 512, 3)
+    diff = np.abs(want.astype(int) - got.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    assert np.array_equal(want[0], cv2.resize(big[0], (512, 512), interpolation=cv2.INTER_AREA))
+
+
+def test_each_stage_function_gives_the_same_on_host_and_device_frames(frames):
+    dev = torch.from_numpy(frames)
+    assert np.array_equal(thumbnails(frames), thumbnails(dev))
+    rows = np.array([0, 3, 3, 7])
+    regions = np.array([[100, 80, 300, 330], [0, 0, 512, 512], [400, 450, 512, 512], [200, 150, 260, 230]])
+    win_host = mtcnn_gpu.gather_windows(frames, rows, regions)
+    win_dev = mtcnn_gpu.gather_windows(dev, rows, regions)
+    assert isinstance(win_dev, torch.Tensor) and np.array_equal(win_host, win_dev.numpy())
+    assert torch.equal(mtcnn_gpu.area_crops(frames, rows, regions, 48, "cpu"),
+                       mtcnn_gpu.area_crops(dev, rows, regions, 48, "cpu"))
+    ul, br = np.array([[-20, 40], [100, 100], [300, 400]]), np.array([[200, 300], [356, 356], [600, 640]])
+    assert torch.equal(fan_gpu.gather_windows(frames, rows[:3], ul, br), fan_gpu.gather_windows(dev, rows[:3], ul, br))
+    boxes = np.array([[10, 20, 300, 300], [-40, -10, 500, 500], [0, 0, 224, 224], [100, 90, 150, 150],
+                      [5, 7, 700, 690], [60, 60, 200, 200], [0, 0, 1000, 1000], [33, 44, 260, 255]])
+    assert torch.equal(resized_crops(frames, boxes, device="cpu"), resized_crops(dev, boxes, device="cpu"))
+
+
+class DeviceFrames(MediaSource):
+    """PyAV's frames handed on as tensors: a stand-in for NVDEC with ``on_device=True``."""
+
+    def frames(self, path, batch_size, start=0):
+        for batch in super().frames(path, batch_size, start):
+            yield replace(batch, images=torch.from_numpy(np.array(batch.images)))
+
+
+def test_the_fast_path_on_device_frames_writes_what_it_writes_on_host_frames(test_video, tmp_path, recon_checkpoint):
+    clip = make_video(tmp_path / "clip.mp4", first_frames(test_video, FRAMES), size=(512, 512), fps=25)
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", mode="fast", batch_size=16,
+                       formats=("npz",), num_threads=2)
+    arrays = {}
+    for name, source in (("host", MediaSource()), ("device", DeviceFrames())):
+        landmarker = mtcnn_gpu.RefineMtcnn("cpu", batched_crops=True)  # the CUDA keyframe code, on the CPU
+        with Engine(cfg, source=source, landmarker=landmarker, aligner=TorchAligner("cpu")) as engine:
+            report = engine.run(clip, tmp_path / name / "clip")
+        with np.load(report.outputs["npz"], allow_pickle=False) as z:
+            arrays[name] = {k: z[k] for k in z.files}
+    host, dev = arrays["host"], arrays["device"]
+    assert host["valid"].sum() > FRAMES // 2
+    for key in ("landmarks", "transform_params", "crop_box", "coeff", "valid"):
+        assert np.array_equal(host[key], dev[key], equal_nan=True), key
+
+
+def test_nvdec_is_for_the_fast_path_and_says_what_it_needs():
+    with pytest.raises(ValueError, match="needs mode fast"):
+        EngineConfig(decoder="nvdec")
+    assert EngineConfig().decoder == Decoder.PYAV
+    assert EngineConfig.from_dict(EngineConfig(mode="fast", decoder="nvdec").to_dict()).decoder == Decoder.NVDEC
+    from engine.stages.nvdec import NvdecUnavailable
+
+    with pytest.raises(NvdecUnavailable, match="pip install pynvvideocodec"):
+        Engine(EngineConfig(mode="fast", decoder="nvdec", device="cpu"))
