@@ -19,6 +19,9 @@ compares frame by frame and prints one Markdown table per video (paste into
 - frames where the two paths disagree on whether there is a face, or chose different faces
   (the fast path's eye centre more than one inter-ocular distance from the exact one's).
 
+``--decoder nvdec`` runs the fast path on NVDEC's frames and also prints how NVDEC's RGB pixels
+differ from FFmpeg's (PyAV's) on the same frames.
+
 Random-weight checkpoints are used when the real files are absent; then the coefficient
 differences only show the numeric effect of fp16 and of the landmark differences, not their
 size in a trained model, and FAN (random weights) shows only fp16/crop numerics. The output
@@ -50,10 +53,30 @@ def run(video: Path, out_base: Path, mode: str, args, checkpoint: Path):
     from engine import EngineConfig, extract
 
     cfg = EngineConfig(checkpoint=checkpoint, landmarks=args.landmarks, formats=("npz",), device=args.device,
-                       batch_size=args.batch_size, overwrite=True, mode=mode, detect_every=args.detect_every)
+                       batch_size=args.batch_size, overwrite=True, mode=mode, detect_every=args.detect_every,
+                       decoder=args.decoder if mode == "fast" else "pyav")
     report = extract(video, out_base, cfg)
     with np.load(report.outputs["npz"], allow_pickle=False) as z:
         return {k: z[k] for k in z.files}, report
+
+
+def decoded_pixel_diff(video: Path, frames: int = 200) -> str:
+    """Mean and max |Δ| (0–255) and the share of differing values between NVDEC's RGB frames
+    (copied to the host) and PyAV's, over the first ``frames`` frames of ``video``."""
+    from engine.sources import iter_frames
+    from engine.stages.nvdec import NvdecSource
+
+    total = same = 0
+    worst, sums = 0, 0.0
+    pairs = zip(iter_frames(video, 32), NvdecSource(fallback=False).frames(video, 32), strict=False)
+    for host, nv in pairs:
+        d = np.abs(host.images.astype(np.int16) - nv.images.astype(np.int16))
+        total, same, sums = total + d.size, same + int((d == 0).sum()), sums + float(d.sum())
+        worst = max(worst, int(d.max()))
+        if total >= frames * d[0].size:
+            break
+    return (f"NVDEC vs FFmpeg RGB on {video.name}: mean |Δ| {sums / total:.3f}, max {worst}, "
+            f"{100 * (1 - same / total):.1f} % of values differ")
 
 
 def frames_of(video: Path):
@@ -137,6 +160,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--detect-every", type=int, default=8)
+    ap.add_argument("--decoder", choices=("pyav", "nvdec"), default="pyav", help="the fast path's decoder")
     ap.add_argument("--checkpoint", type=Path, help="epoch_20.pth; default: random weights of the real layout")
     ap.add_argument("--make-1080p", type=int, default=0, metavar="FRAMES",
                     help="also compare on a generated 1080p clip of this many frames")
@@ -154,12 +178,14 @@ def main() -> int:
                                  args.workdir / f"clip1080p-{args.make_1080p}.mp4", args.make_1080p, 0, spec))
     checkpoint, weights = checkpoint_or_random(args.checkpoint, args.workdir)
     print(f"# fast vs exact, {datetime.date.today()}, {platform.node()}, device {args.device}, "
-          f"landmarks {args.landmarks}, detect_every {args.detect_every}, {weights}")
+          f"landmarks {args.landmarks}, detect_every {args.detect_every}, fast path decoder {args.decoder}, {weights}")
     print(f"command: python {' '.join(sys.argv)}\n")
     for video in videos:
         exact, _ = run(video, args.workdir / "exact" / video.stem, "exact", args, checkpoint)
         fast, _ = run(video, args.workdir / "fast" / video.stem, "fast", args, checkpoint)
         print(table(video.name, compare(video, exact, fast, args.crop_frames)), "\n")
+        if args.decoder == "nvdec":
+            print(decoded_pixel_diff(video), "\n")
     return 0
 
 

@@ -374,6 +374,8 @@ def submit(clips: list[Path], data: Path, mode: str, landmarks: str, ckpt: Path,
         cmd += ["--formats", args.formats]
     if args.detect_every:
         cmd += ["--detect-every", str(args.detect_every)]
+    if mode == "fast" and args.decoder != "pyav":  # the exact path always decodes with PyAV
+        cmd += ["--decoder", args.decoder]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     queued = len(re.findall(r"^queued job \d+", out.stdout, re.M))
     if out.returncode != 0 or queued != len(clips):
@@ -528,6 +530,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, help="jobs' batch size (default: submit's)")
     ap.add_argument("--formats", help="jobs' output formats, comma list (default: submit's)")
     ap.add_argument("--detect-every", type=int, help="fast path keyframe interval (default: submit's)")
+    ap.add_argument("--decoder", choices=("pyav", "nvdec"), default="pyav",
+                    help="the fast path's jobs' decoder (the exact path's is always pyav)")
     ap.add_argument("--concurrency", type=int, help="worker --concurrency (default: the worker's)")
     ap.add_argument("--prefetch", type=int, help="worker --prefetch (default: the worker's)")
     ap.add_argument("--threads", type=int,
