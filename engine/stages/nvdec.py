@@ -165,8 +165,12 @@ class NvdecSource:
             decoder.seek_to_index(start)
         count = start
         while True:
+            # Never ask past the last frame the demuxer saw: PyNvVideoCodec logs a warning for each.
+            want = batch_size if not len(times) else min(batch_size, len(times) - count)
+            if want <= 0:
+                break
             try:
-                frames = decoder.get_batch_frames(batch_size)
+                frames = decoder.get_batch_frames(want)
                 if not frames:
                     break
                 with torch.cuda.device(self.gpu_id):
