@@ -20,7 +20,8 @@ Both runs use the same launcher (``worker.launch``), so they differ only in the 
 
 Prints a Markdown table: clips, frames, seconds from the first claim to the last finished job
 (the registry's ``started_at`` / ``finished_at``) and the workers' process wall time, clips/s,
-frames/s, GPU busy % per GPU over the registry window (pynvml, else ``nvidia-smi``, every 0.5 s),
+frames/s (also over the window in which every worker was busy: :func:`all_busy_rate`), GPU
+busy % per GPU over the registry window (pynvml, else ``nvidia-smi``, every 0.5 s),
 peak RSS of every worker process (psutil, sampled) and the all-GPU / one-GPU ratio. Never
 asserts anything about time.
 
@@ -338,6 +339,8 @@ class Run:
     peak_rss: str = "n/a"
     note: str = ""
     failures: list[str] = dataclasses.field(default_factory=list)
+    busy_fps: float = float("nan")
+    busy_s: float = float("nan")
 
     @property
     def clips_per_s(self) -> float:
@@ -346,6 +349,37 @@ class Run:
     @property
     def frames_per_s(self) -> float:
         return self.frames / self.registry_s if self.registry_s > 0 else float("nan")
+
+
+def all_busy_rate(jobs) -> tuple[float, float]:
+    """(frames/s, seconds) while every worker was busy: from the moment the last worker started
+    its first job to the moment the first worker finished its last one.
+
+    Without the workers' start-up (CUDA context, models: they start one after another) and the
+    tail (the last clips run on fewer workers), which weigh more the shorter a run is. Each job
+    counts the share of its frames that falls in the window (frames assumed even over its
+    ``started_at`` → ``finished_at``). NaN when a window cannot be formed (one job, or no overlap).
+
+    ``jobs``: objects with ``worker_id``, ``started_at``, ``finished_at`` (datetimes) and
+    ``frames_total``; jobs lacking any of them are ignored.
+    """
+    spans: dict[str, list[tuple[float, float, int]]] = {}
+    for j in jobs:
+        if j.worker_id and j.started_at and j.finished_at and j.frames_total:
+            spans.setdefault(j.worker_id, []).append(
+                (j.started_at.timestamp(), j.finished_at.timestamp(), j.frames_total))
+    if not spans:
+        return float("nan"), float("nan")
+    t_a = max(min(a for a, _, _ in v) for v in spans.values())
+    t_b = min(max(b for _, b, _ in v) for v in spans.values())
+    if t_b <= t_a:
+        return float("nan"), float("nan")
+    frames = 0.0
+    for a, b, n in (x for v in spans.values() for x in v):
+        overlap = min(b, t_b) - max(a, t_a)
+        if overlap > 0:
+            frames += n * overlap / (b - a) if b > a else n
+    return frames / (t_b - t_a), t_b - t_a
 
 
 def child_env(args, workdir: Path, fixed_box: np.ndarray | None) -> dict[str, str]:
@@ -449,6 +483,7 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
     if starts and ends:
         first, last = min(starts).timestamp(), max(ends).timestamp()
         run.registry_s = last - first
+        run.busy_fps, run.busy_s = all_busy_rate(done)
         busy = gpus.busy(first, last) if gpus.samples else {}
         if busy:
             run.gpu_busy = ", ".join(f"GPU {i} {b:.0f} %" for i, b in busy.items())
@@ -485,20 +520,23 @@ def _f(x: float, digits: int = 1) -> str:
 def report(pairs: list[tuple[Run, Run | None, str | None]], header: list[str]) -> str:
     lines = [*header, "",
              "| path | workers | clips ok | frames | s (first claim → last done) | s (process) | clips/s | "
-             "frames/s | GPU busy | peak RSS per worker | × one GPU | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+             "frames/s | frames/s, all workers busy (s) | GPU busy | peak RSS per worker | × one GPU | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for one, every, why in pairs:
         for run in (one, every):
             if run is None:
                 continue
             ratio = "1×" if run is one else (f"{run.frames_per_s / one.frames_per_s:.2f}×"
                                              if one.frames_per_s > 0 and run.frames_per_s > 0 else "–")
+            if run is not one and one.busy_fps > 0 and run.busy_fps > 0:
+                ratio += f" (all busy: {run.busy_fps / one.busy_fps:.2f}×)"
             cells = [run.name, run.workers, f"{run.ok}/{run.clips}", str(run.frames), _f(run.registry_s),
-                     _f(run.process_s), _f(run.clips_per_s, 2), f"**{_f(run.frames_per_s)}**", run.gpu_busy,
+                     _f(run.process_s), _f(run.clips_per_s, 2), f"**{_f(run.frames_per_s)}**",
+                     f"{_f(run.busy_fps)} ({_f(run.busy_s)})", run.gpu_busy,
                      run.peak_rss, ratio, run.note.strip().rstrip(";")]
             lines.append("| " + " | ".join(cells) + " |")
         if every is None:
-            lines.append(f"| {one.name} | all GPUs |" + " – |" * 10 + f" {why} |")
+            lines.append(f"| {one.name} | all GPUs |" + " – |" * 11 + f" {why} |")
     failures = [f for one, every, _ in pairs for r in (one, every) if r for f in r.failures]
     if failures:
         lines += ["", f"{len(failures)} job(s) did not succeed:", *[f"- {f}" for f in failures[:20]]]

@@ -8,6 +8,8 @@ rows and that every job of every registry the bench made finished ``succeeded``.
 from __future__ import annotations
 
 import dataclasses
+import re
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +60,9 @@ def test_one_worker_per_mode_every_job_succeeds(tmp_path, test_video, monkeypatc
     for mode in ("exact", "fast"):
         cells = _row(text, f"{mode}, mtcnn", "1 device × 1 (cpu, --per-gpu 1)")
         assert cells[2] == f"{CLIPS}/{CLIPS}" and cells[3] == str(CLIPS * FRAMES)
-        assert float(cells[7].strip("*")) > 0 and cells[8] == "n/a" and cells[9].startswith("cpu ")
+        assert float(cells[7].strip("*")) > 0 and cells[9] == "n/a" and cells[10].startswith("cpu ")
+        busy_fps, busy_s = cells[8].rstrip(")").split(" (")  # one worker: busy from its first to its last job
+        assert float(busy_fps) > 0 and float(busy_s) > 0
         skipped = _row(text, f"{mode}, mtcnn", "all GPUs")
         assert "skipped: no GPUs" in skipped[-1]
     registries = _registries(tmp_path)
@@ -76,10 +80,10 @@ def test_every_device_run_uses_gpus_all_on_a_fresh_registry(tmp_path, test_video
     assert code == 0, text
     assert "- workers: 2 worker process(es) per device (`--per-gpu 2`)" in text
     one = _row(text, "fast, mtcnn", "1 device × 2 (cpu, --per-gpu 2)")
-    assert one[2] == f"{CLIPS}/{CLIPS}" and one[9].startswith("cpu #")  # peak RSS of the launcher's children
+    assert one[2] == f"{CLIPS}/{CLIPS}" and one[10].startswith("cpu #")  # peak RSS of the launcher's children
     cells = _row(text, "fast, mtcnn", "every device × 2 (--gpus all --per-gpu 2)")
-    assert cells[2] == f"{CLIPS}/{CLIPS}" and cells[10].endswith("×")
-    assert "cpu:0 #" in cells[9] or "cpu:1 #" in cells[9]
+    assert cells[2] == f"{CLIPS}/{CLIPS}" and re.match(r"\d+\.\d\d×", cells[11])
+    assert "cpu:0 #" in cells[10] or "cpu:1 #" in cells[10]
     registries = _registries(tmp_path)
     assert [p.name for p in registries] == ["fast-mtcnn-all", "fast-mtcnn-one"]
     for data in registries:
@@ -134,3 +138,22 @@ def test_clips_differ_in_start_frame_and_drift():
     assert dataset.parse_box("1,2,3,4,0.5").tolist() == [1, 2, 3, 4, 0.5]
     with pytest.raises(ValueError):
         dataset.parse_box("1,2,3")
+
+
+def test_the_all_busy_window_leaves_out_start_up_and_tail():
+    """Worker a starts at t=0, worker b only at t=4 (its models were slower to load); a runs out
+    of work at t=10, b at t=12. Every worker is busy from 4 to 10: the rate counts the frames
+    done in that window only."""
+    t0 = datetime(2026, 1, 1)
+
+    def job(worker, start, end, frames):
+        return dataclasses.make_dataclass("J", ["worker_id", "started_at", "finished_at", "frames_total"])(
+            worker, t0 + timedelta(seconds=start), t0 + timedelta(seconds=end), frames)
+
+    jobs = [job("a", 0, 5, 500), job("a", 5, 10, 500), job("b", 4, 8, 400), job("b", 8, 12, 400),
+            job("c", 0, 1, None)]  # a job without frames is left out
+    rate, seconds = dataset.all_busy_rate(jobs)
+    assert seconds == 6.0
+    assert rate == pytest.approx((100 * 1 + 500 + 400 + 400 * 2 / 4) / 6)  # a: 1 s of job 1 + job 2; b: 4 + 2 s
+    assert np.isnan(dataset.all_busy_rate([job("a", 0, 5, 10), job("b", 6, 8, 10)])[0])  # never both busy
+    assert np.isnan(dataset.all_busy_rate([])[0])
