@@ -71,7 +71,23 @@ def _system_checks() -> list[Check]:
         out.append(Check("system", "FFmpeg (PyAV)", True, f"PyAV {av.__version__}, libavcodec {ff}"))
     except ImportError as e:
         out.append(Check("system", "FFmpeg (PyAV)", False, str(e), "pip install av"))
+    out.append(_nvdec_check())
     return out
+
+
+def _nvdec_check() -> Check:
+    """NVDEC through PyNvVideoCodec: optional (``--decoder nvdec``, the fast path's fastest decoder)."""
+    from engine.stages.nvdec import NvdecUnavailable, import_pynvvideocodec
+
+    try:
+        nvc = import_pynvvideocodec()
+    except NvdecUnavailable as e:
+        return Check("system", "NVDEC (optional)", False, f"not installed: {str(e).split(' (')[-1].rstrip(')')}",
+                     "for `--mode fast --decoder nvdec` on an NVIDIA GPU: pip install pynvvideocodec",
+                     required=False)
+    return Check("system", "NVDEC (optional)", True,
+                 f"PyNvVideoCodec {getattr(nvc, '__version__', '?')}: `--mode fast --decoder nvdec` available",
+                 required=False)
 
 
 def _checkpoint_check(checkpoint: Path | None) -> Check:

@@ -29,6 +29,9 @@ def test_doctor_names_missing_checkpoint(tmp_path, monkeypatch):
     assert not net.ok and "epoch_20.pth" in net.fix and str(tmp_path) in net.detail
     report = format_report(checks)
     assert "not ready" in report and "reconstruction net" in report
+    nvdec = next(c for c in checks if c.name == "NVDEC (optional)")
+    assert not nvdec.required  # an optional extra never makes the report "not ready"
+    assert nvdec.ok or "pip install pynvvideocodec" in nvdec.fix
 
 
 def test_doctor_accepts_a_valid_checkpoint(tmp_path, monkeypatch, recon_checkpoint):
