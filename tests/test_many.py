@@ -395,12 +395,16 @@ def test_dashboard_upload_and_retry_offer_the_mode(studio):  # noqa: F811
     content = make_clip(tmp / "fast_one.mp4", n=5, size=(64, 48)).read_bytes()
     at.file_uploader(key="up_files").upload("fast_one.mp4", content, "video/mp4").run()
     assert at.radio(key="up_engine_mode").value == "exact"  # the default
+    assert "up_decoder" not in [r.key for r in at.radio]  # the exact path always decodes with FFmpeg
     at.radio(key="up_engine_mode").set_value("fast").run()
     assert any("small measured differences" in c.value for c in at.caption)
+    assert at.radio(key="up_decoder").value == "pyav"
+    at.radio(key="up_decoder").set_value("nvdec").run()
     at.button(key="up_submit").click().run()
     assert not at.exception
     job = service.list_jobs(reg, search="fast_one", limit=5)[0]
     assert job.settings["mode"] == "fast" and job.settings["detect_every"] == 8
+    assert job.settings["decoder"] == "nvdec"
 
     at = open_page("jobs")
     _select(at, reg, [ids["failed"]])
