@@ -31,7 +31,9 @@ for step in ${STEPS:-equal throughput memory render}; do
     long-fast) python3 bench/throughput.py --device cuda --set long --mode fast --no-reference \
                   --out "$OUT/long_fast.md" ;;
     nvdec) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --decoder nvdec \
-                  --out "$OUT/clips_fast_nvdec.md" ;;
+                  --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 --out "$OUT/clips_fast_nvdec.md" ;;
+    dataset-nvdec) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
+                  --decoder nvdec --per-gpu "${PER_GPU:-4}" --out "$OUT/dataset_nvdec.md" ;;
     dataset) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast exact --landmarks mtcnn \
                   --out "$OUT/dataset.md" ;;
     dataset-fast) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
