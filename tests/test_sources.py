@@ -418,6 +418,93 @@ def test_nvdec_frames_match_pyav(tmp_path, test_video, start):
         assert np.abs(a.images.astype(int) - b.images.astype(int)).mean() < 3
 
 
+class _FakeNvc:
+    """A stand-in for the PyNvVideoCodec module: its ``SimpleDecoder`` lends PyAV's RGB frames as
+    DLPack objects, ``keep`` of them at most (fewer: a truncated stream), and records what it
+    was asked for. Lets the CPU run NvdecSource's own logic (batches, seeking, the end of the
+    stream, frames kept on the device or copied to the host)."""
+
+    class OutputColorType:
+        RGB = "rgb"
+
+    def __init__(self, keep: int | None = None) -> None:
+        self.keep, self.decoders = keep, []
+        nvc = self
+
+        class SimpleDecoder:
+            def __init__(self, path, gpu_id, use_device_memory, output_color_type):
+                assert use_device_memory and output_color_type == "rgb"
+                frames = [im for b in iter_frames(path, 64) for im in b.images]
+                self.frames, self.pos, self.asked = frames[: nvc.keep], 0, []
+                nvc.decoders.append(self)
+
+            def seek_to_index(self, index):
+                self.pos = index
+
+            def get_batch_frames(self, n):
+                self.asked.append((self.pos, n))
+                out = self.frames[self.pos:self.pos + n]
+                self.pos += len(out)
+                return [_DlpackFrame(im) for im in out]
+
+        self.SimpleDecoder = SimpleDecoder
+
+
+class _DlpackFrame:
+    def __init__(self, image: np.ndarray) -> None:
+        import torch
+
+        self._t = torch.from_numpy(image.copy())
+
+    def __dlpack__(self, stream=None):
+        return self._t.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+def _fake_nvdec(monkeypatch, keep: int | None = None):
+    import contextlib
+    import sys
+
+    import torch
+
+    from engine.stages import nvdec
+
+    fake = _FakeNvc(keep)
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(nvdec.NvdecSource, "_device_context", lambda self: contextlib.nullcontext())
+    return fake, nvdec
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("start", [0, 37])
+def test_nvdec_source_batches_and_ends_like_pyav_without_asking_past_the_end(
+        tmp_path, monkeypatch, on_device, start):
+    import torch
+
+    fake, nvdec = _fake_nvdec(monkeypatch)
+    path = media.make_video(tmp_path / "v.mp4", 70, size=(64, 48))
+    ours = list(nvdec.NvdecSource(on_device=on_device, fallback=False).frames(path, 16, start=start))
+    ref = list(iter_frames(path, 16, start=start))
+    assert [len(b) for b in ours] == [len(b) for b in ref]
+    for a, b in zip(ours, ref, strict=True):
+        assert isinstance(a.images, torch.Tensor if on_device else np.ndarray)
+        assert np.array_equal(np.asarray(a.images), b.images) and np.array_equal(a.index, b.index)
+        np.testing.assert_allclose(a.timestamps, b.timestamps, atol=1e-6)
+    (decoder,) = fake.decoders
+    assert sum(n for _, n in decoder.asked) == 70 - start  # never a frame past the stream's last
+    assert all(pos + n <= 70 for pos, n in decoder.asked)
+
+
+def test_nvdec_source_reports_a_stream_that_ends_early(tmp_path, monkeypatch):
+    _, nvdec = _fake_nvdec(monkeypatch, keep=40)  # the decoder gives up after 40 of 70 frames
+    path = media.make_video(tmp_path / "v.mp4", 70, size=(64, 48))
+    with pytest.raises(TruncatedVideoError, match="stopped at frame 40 of 70"):
+        list(nvdec.NvdecSource(on_device=True, fallback=False).frames(path, 16))
+
+
 # --- prefetch -------------------------------------------------------------------------------
 
 

@@ -153,6 +153,12 @@ class NvdecSource:
             return
         yield from self._decode(decoder, path, info, batch_size, start)
 
+    def _device_context(self):
+        """The CUDA device the frames are stacked on (a method, so tests without a GPU can swap it)."""
+        import torch
+
+        return torch.cuda.device(self.gpu_id)
+
     def _decode(self, decoder, path: Path, info: MediaInfo, batch_size: int, start: int) -> Iterator[FrameBatch]:
         import torch
 
@@ -173,7 +179,7 @@ class NvdecSource:
                 frames = decoder.get_batch_frames(want)
                 if not frames:
                     break
-                with torch.cuda.device(self.gpu_id):
+                with self._device_context():
                     images = torch.stack([_frame_tensor(f, coded, torch) for f in frames])
                     if not self.on_device:
                         images = images.cpu().numpy()
