@@ -397,7 +397,7 @@ def _chunks(areas: list[tuple[int, int]], size: int, max_bytes: int) -> list[lis
 
 
 def crops_from_taps(
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | torch.Tensor,
     taps: Sequence[CropTaps],
     *,
     device: str | torch.device = "cpu",
@@ -411,7 +411,8 @@ def crops_from_taps(
     and uploaded, padded with zeros to the chunk's largest window.
 
     Args:
-        images: B uint8 (H_i, W_i, 3) RGB frames, y down (sizes may differ).
+        images: B uint8 (H_i, W_i, 3) RGB frames, y down (sizes may differ), or a (B, H, W, 3)
+            tensor of frames kept on the device (their windows are cut there, no upload).
         taps: B :class:`CropTaps`, every one with the same window length L.
         device: where the matmuls run and the result lives.
         max_bytes: device memory budget of one chunk (a bigger single frame runs alone).

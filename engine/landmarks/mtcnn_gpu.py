@@ -175,8 +175,10 @@ def window_chunks(regions: np.ndarray, budget: int) -> list[slice]:
     return out
 
 
-def area_crops(images: np.ndarray, rows: np.ndarray, regions: np.ndarray, size: int, device):
+def area_crops(images, rows: np.ndarray, regions: np.ndarray, size: int, device):
     """float32 torch (M, 3, size, size) on ``device``: region m of ``images[rows[m]]`` area-resampled.
+
+    ``images``: uint8 (B, H, W, 3) frames, numpy or a tensor on the device (:mod:`engine.frames`).
 
     ``regions`` int64 (M, 4) ``x0, y0, x1, y1`` (non-empty, :func:`crop_regions`); the windows
     are averaged in float64 with :func:`area_matrix` (``interpolate(mode="area")``'s windows),
@@ -232,8 +234,9 @@ def integral_crops(integral, rows, regions: np.ndarray, size: int):
     return torch.cat(parts)
 
 
-def detect_batched(net, images: np.ndarray, frames_per_call: int, device) -> Detections:
-    """:func:`detect_chunk` on ``frames_per_call`` frames at a time, joined."""
+def detect_batched(net, images, frames_per_call: int, device) -> Detections:
+    """:func:`detect_chunk` on ``frames_per_call`` frames at a time (numpy, or a tensor on the
+    device), joined."""
     parts = [detect_chunk(net, images[lo:lo + frames_per_call], device)
              for lo in range(0, len(images), max(1, frames_per_call))]
     parts_with = [k for k, p in enumerate(parts) if len(p)]
@@ -250,7 +253,7 @@ def detect_batched(net, images: np.ndarray, frames_per_call: int, device) -> Det
     )
 
 
-def detect_chunk(net, images: np.ndarray, device) -> Detections:
+def detect_chunk(net, images, device) -> Detections:
     """Full MTCNN (facenet-pytorch ``net``'s P/R/O-Nets, thresholds, pyramid) on uint8 (B, H, W, 3)
     RGB ``images``, with R-Net's and O-Net's per-box crops made by :func:`integral_crops`
     (a few batched gathers) instead of facenet-pytorch's Python loop over the boxes.
