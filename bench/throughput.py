@@ -425,23 +425,17 @@ def make_config(args, mode: str, landmarks: str, ckpt: Path):
         return None, f"not available ({e})"
 
 
-def build_engine(cfg, args, fixed_box: np.ndarray | None, source):
-    """An Engine for ``cfg`` (its mode's stages, as ``extract`` builds them), with the detector
-    wrapped in :class:`FixedBox` when S3FD has random weights."""
+def build_engine(cfg, fixed_box: np.ndarray | None = None):
+    """An Engine for ``cfg`` (its mode's stages and its decoder, as ``extract`` builds them), with
+    the detector wrapped in :class:`FixedBox` when S3FD has random weights. Also what each child
+    process of ``--processes`` builds (its own decoder and stages)."""
     from engine import Engine
 
-    engine = Engine(cfg, source=source)
-    landmarker = engine.landmarker_for(None)  # fan and mtcnn need no input to be built
+    landmarker = Engine(cfg).landmarker_for(None)  # fan and mtcnn need no input to be built
     detector = getattr(landmarker, "detector", None)
     if fixed_box is not None and detector is not None:
         detector = FixedBox(detector, fixed_box)
-    return Engine(cfg, source=source, landmarker=landmarker, detector=detector)
-
-
-def child_engine(cfg, fixed_box: np.ndarray | None, decoder: str, device: str):
-    """:func:`build_engine` inside a child process of ``--processes`` (its own decoder and stages)."""
-    source, _ = make_source(argparse.Namespace(decoder=decoder, device=device))
-    return build_engine(cfg, None, fixed_box, source)
+    return Engine(cfg, landmarker=landmarker, detector=detector)
 
 
 def stage_rates(engine, inputs: list[Path], args) -> dict[str, float]:
@@ -553,7 +547,7 @@ def py_spy(folder: Path | None, name: str) -> Iterator[None]:
               file=sys.stderr, flush=True)
 
 
-def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path, fixed_box, source) -> Row:
+def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path, fixed_box) -> Row:
     name = f"{mode}, {landmarks}"
     cfg, why = make_config(args, mode, landmarks, ckpt)
     if cfg is None:
@@ -561,7 +555,7 @@ def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path
     row = Row(name)
     try:
         box = fixed_box if landmarks == "fan" else None
-        engine = build_engine(cfg, args, box, source)
+        engine = build_engine(cfg, box)
         with engine, contextlib.ExitStack() as stack:
             engine.run(warm, args.workdir / "out" / "warm")  # loads the models, first CUDA kernels
             if args.stage_frames > 0:
@@ -590,7 +584,7 @@ def start_pool(stack: contextlib.ExitStack, args, cfg, fixed_box: np.ndarray | N
     from engine.many import InputJob
     from engine.procs import EnginePool
 
-    factory = functools.partial(child_engine, cfg, fixed_box, args.decoder, args.device)
+    factory = functools.partial(build_engine, cfg, fixed_box)
     pool = stack.enter_context(EnginePool(factory, args.processes, concurrency=args.concurrency))
     pool.wait_ready()
     warm_jobs = [InputJob(warm, args.workdir / "out" / f"warm{i}") for i in range(args.processes)]
@@ -802,14 +796,9 @@ def parse_args(argv=None):
     return args
 
 
-def make_source(args):
-    """The engines' source and its description; None for NVDEC, which each engine builds from its
-    config (``decoder="nvdec"``: frames kept on the GPU)."""
-    from engine.stages.source import MediaSource
-
-    if args.decoder == "pyav":
-        return MediaSource(), "PyAV (threaded decode, RGB conversion in a thread pool)"
-    return None, "NVDEC (PyNvVideoCodec), frames kept on the GPU (fast path only)"
+#: ``--decoder``: how the output describes it (each engine builds its source from its config).
+DECODERS = {"pyav": "PyAV (threaded decode, RGB conversion in a thread pool)",
+            "nvdec": "NVDEC (PyNvVideoCodec), frames kept on the GPU (fast path only)"}
 
 
 def main(argv=None) -> int:
@@ -837,7 +826,7 @@ def main(argv=None) -> int:
             fixed_box = spec.face_box() if args.set else _centre_box(inputs[0])
     if "mtcnn" in args.landmarks:
         notes.append("MTCNN: the weights facenet-pytorch ships (real)")
-    source, decoder = make_source(args)
+    decoder = DECODERS[args.decoder]
 
     from engine.sources import probe
 
@@ -859,7 +848,7 @@ def main(argv=None) -> int:
     for landmarks in args.landmarks:
         for mode in args.modes:
             print(f"... {mode}, {landmarks}", file=sys.stderr, flush=True)
-            rows.append(measure_mode(mode, landmarks, args, inputs, warm, ckpt, fixed_box, source))
+            rows.append(measure_mode(mode, landmarks, args, inputs, warm, ckpt, fixed_box))
             r = rows[-1]  # a line per row as it ends, so a run cut short keeps what it measured
             print(f"    {r.name}: {r.frames} frames, {r.fps:.1f} frames/s, RSS {r.peak_rss}, GPU {r.gpu_peak}, "
                   f"busy {r.gpu_busy}, CPU {r.cpu_busy}, "

@@ -74,7 +74,7 @@ def test_fast_rows_run_the_fast_stages(tmp_path):
     for mode in ("exact", "fast"):
         cfg, why = throughput.make_config(args, mode, "mtcnn", tmp_path / "ckpt.pth")
         assert cfg is not None, why
-        engine = throughput.build_engine(cfg, args, None, None)
+        engine = throughput.build_engine(cfg)
         built[mode] = (type(engine.landmarker_for(tmp_path / "x.mp4")), type(engine.tracker))
     expected = type(fast.fast_landmarker(throughput.make_config(args, "fast", "mtcnn", tmp_path / "c.pth")[0], "cpu"))
     assert built["fast"][0] is expected and built["exact"][0] is not expected
