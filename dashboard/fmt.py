@@ -23,6 +23,9 @@ STATUS_COLOURS = {
     "cancelled": "#b45309",
 }
 
+#: ``EngineConfig.decoder`` values as the job settings show them.
+DECODER_LABELS = {"pyav": "FFmpeg (CPU)", "nvdec": "NVDEC (GPU)"}
+
 #: Error code (``engine.StudioError.code``) → what it means for the researcher and what to do.
 ERROR_HINTS = {
     "input": "The input file is missing, empty or not a supported video/image (mp4, mov, mkv, avi, webm, jpg, png).",
@@ -42,6 +45,8 @@ ERROR_HINTS = {
     "Scale it down or cut it into parts.",
     "too_small": "The frames are too small to find a face in. Use a larger video.",
     "cancelled": "The job was cancelled.",
+    "nvdec": "The job asks for NVDEC decoding, which its worker cannot do: it needs an NVIDIA GPU and "
+    "`pip install pynvvideocodec` (Models / setup lists it). Retry with the FFmpeg decoder, or install it.",
     "shape": "An internal array had an unexpected shape: this is a bug, please report it with the video.",
 }
 

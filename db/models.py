@@ -125,6 +125,7 @@ class ErrorCode(str, Enum):
     READ_ONLY = "read_only"
     ALIGN = "align"
     RENDERER = "renderer"
+    NVDEC = "nvdec"  #: decoder nvdec asked for, but PyNvVideoCodec or a CUDA GPU is missing (engine.stages.nvdec)
     ENGINE_PROCESS = "engine_process"  #: an input run in an engine child process that died (engine.procs)
     # faults of the database and its disk (db.faults)
     DB_BUSY = "db_busy"

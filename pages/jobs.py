@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard.data import get_registry
 from dashboard.fmt import (
+    DECODER_LABELS,
     STATUS_COLOURS,
     explain_error,
     fmt_age,
@@ -248,7 +249,7 @@ def _details(job: JobView) -> None:
 
 def _retry_with(job: JobView) -> None:
     """Retry this job with another landmark backend or batch size (the service checks the role)."""
-    from engine.config import MODE_HELP, Mode
+    from engine.config import MODE_HELP, Decoder, Mode
     from engine.landmarks import BACKENDS
 
     current = job.settings.get("landmarks") or "fan"
@@ -263,9 +264,18 @@ def _retry_with(job: JobView) -> None:
         mode = st.radio("Mode", modes, index=modes.index(job.settings.get("mode") or "exact")
                         if (job.settings.get("mode") or "exact") in modes else 0,
                         key=f"jobs_retry_mode_{job.id}", horizontal=True, width="content", help=MODE_HELP)
+        changes = {"landmarks": backend, "batch_size": int(batch), "mode": mode}
+        decoders = [d.value for d in Decoder]
+        current_decoder = job.settings.get("decoder") or Decoder.PYAV.value
+        if mode == Mode.FAST.value:
+            changes["decoder"] = st.radio(
+                "Decoder", decoders, index=decoders.index(current_decoder) if current_decoder in decoders else 0,
+                format_func=DECODER_LABELS.__getitem__,
+                key=f"jobs_retry_decoder_{job.id}", horizontal=True, width="content")
+        elif current_decoder != Decoder.PYAV.value:
+            changes["decoder"] = Decoder.PYAV.value  # the exact path decodes with FFmpeg only
         st.button("Retry with these settings", icon=":material/replay:", key=f"jobs_retry_with_{job.id}",
-                  on_click=_retry_changed,
-                  args=(job, {"landmarks": backend, "batch_size": int(batch), "mode": mode}))
+                  on_click=_retry_changed, args=(job, changes))
 
 
 def _retry_changed(job: JobView, changes: dict) -> None:

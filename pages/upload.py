@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.data import get_registry
-from dashboard.fmt import md_escape
+from dashboard.fmt import DECODER_LABELS, md_escape
 from dashboard.gate import current_actor
 from dashboard.install import default_backend, weight_statuses
 from dashboard.navigation import route_through_app
@@ -140,7 +140,7 @@ def _settings_form() -> EngineConfig | None:
         if mode == "fast":
             decoder = st.radio(
                 "Decoder", [d.value for d in Decoder], key="up_decoder", horizontal=True,
-                format_func={"pyav": "FFmpeg (CPU)", "nvdec": "NVDEC (GPU)"}.__getitem__,
+                format_func=DECODER_LABELS.__getitem__,
                 help="NVDEC decodes on the GPU's video engine and keeps the frames there: the fastest "
                 "fast path, about twice FFmpeg's frames/s on a 16-core GPU machine (docs/PERFORMANCE.md). "
                 "The worker needs an NVIDIA GPU and `pip install pynvvideocodec` "

@@ -386,7 +386,7 @@ def test_registry_carries_the_mode_and_old_rows_still_load(tmp_path):
 
 
 def test_dashboard_upload_and_retry_offer_the_mode(studio):  # noqa: F811
-    from db import JobStatus, service
+    from db import LOCAL, JobStatus, service
     from tests.dashboard_fixtures import make_clip
     from tests.test_dashboard import _select, open_page
 
@@ -409,7 +409,22 @@ def test_dashboard_upload_and_retry_offer_the_mode(studio):  # noqa: F811
     at = open_page("jobs")
     _select(at, reg, [ids["failed"]])
     at.radio(key=f"jobs_retry_mode_{ids['failed']}").set_value("fast").run()
+    assert at.radio(key=f"jobs_retry_decoder_{ids['failed']}").value == "pyav"
+    at.radio(key=f"jobs_retry_decoder_{ids['failed']}").set_value("nvdec").run()
     at.button(key=f"jobs_retry_with_{ids['failed']}").click().run()
     assert not at.exception
     job = service.get_job(reg, ids["failed"])
-    assert job.status == JobStatus.QUEUED and job.settings["mode"] == "fast"
+    assert job.status == JobStatus.QUEUED and job.settings["mode"] == "fast" and job.settings["decoder"] == "nvdec"
+
+    # Failed again (say its worker had no NVDEC): retried on the exact path, it decodes with FFmpeg.
+    service.cancel_job(reg, ids["failed"], actor=LOCAL)
+    at = open_page("jobs")
+    _select(at, reg, [ids["failed"]])
+    assert at.radio(key=f"jobs_retry_decoder_{ids['failed']}").value == "nvdec"  # the job's own
+    at.radio(key=f"jobs_retry_mode_{ids['failed']}").set_value("exact").run()
+    assert f"jobs_retry_decoder_{ids['failed']}" not in [r.key for r in at.radio]
+    at.button(key=f"jobs_retry_with_{ids['failed']}").click().run()
+    assert not at.exception
+    job = service.get_job(reg, ids["failed"])
+    assert job.status == JobStatus.QUEUED and job.settings.get("mode", "exact") == "exact"
+    assert job.settings.get("decoder", "pyav") == "pyav"

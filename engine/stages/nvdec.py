@@ -55,6 +55,8 @@ INSTALL_HINT = (
 class NvdecUnavailable(StudioError):
     """PyNvVideoCodec does not import, or there is no CUDA device to decode on."""
 
+    code = "nvdec"
+
 
 def import_pynvvideocodec():
     """The ``PyNvVideoCodec`` module.
