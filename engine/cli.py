@@ -168,9 +168,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         processes = getattr(args, "processes", 1)
         if processes == "auto":
             from engine.config import usable_cpus
-            from engine.procs import auto_processes
+            from engine.procs import auto_processes, gpu_memory_gib
 
-            processes = auto_processes(engine.device, len(items), usable_cpus())
+            processes = auto_processes(engine.device, len(items), usable_cpus(), gpu_memory_gib(engine.device))
             log.info("extract: %d engine process(es) for %d input(s) on %s", processes, len(items), engine.device)
         outcomes = engine.run_many((job(item) for item in items), concurrency=getattr(args, "concurrency", None),
                                    processes=processes)

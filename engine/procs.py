@@ -521,36 +521,60 @@ def engine_factory(engine: Engine) -> Callable[[], Engine]:
 
 
 #: ``--processes auto`` / ``--per-gpu auto``: CPU cores one engine process on a GPU keeps busy, and
-#: the most processes per GPU it picks (on a 16-core H200, 4 fast-path processes made 337–408
-#: frames/s where one made 159–237; docs/PERFORMANCE.md).
+#: the most processes per GPU it picks (on a 16-core H200, 4 fast-path processes made 337–470
+#: frames/s with PyAV where one made 159–237, and 1,102 with NVDEC; docs/PERFORMANCE.md).
 CORES_PER_GPU_PROCESS = 4
 MAX_AUTO_PROCESSES = 4
+#: GPU memory (GiB) ``auto`` counts per process, so a smaller GPU gets fewer: the measured peak of
+#: one fast-path process at 1080p with 2 inputs was 3–4 GiB with PyAV and 5.5–6.6 GiB with NVDEC
+#: (frames on the GPU); run D in docs/PERFORMANCE.md. A 24 GB GPU gets 3, a 16 GB one 2.
+GIB_PER_GPU_PROCESS = 6.0
 
 
-def processes_per_gpu(cpus: int) -> int:
+def processes_per_gpu(cpus: int, gpu_gib: float | None = None) -> int:
     """Engine (or worker) processes that ``cpus`` CPU cores keep busy on one GPU: one per
-    :data:`CORES_PER_GPU_PROCESS`, 1 to :data:`MAX_AUTO_PROCESSES` (``--processes auto``,
-    ``worker --per-gpu auto``).
+    :data:`CORES_PER_GPU_PROCESS`, 1 to :data:`MAX_AUTO_PROCESSES`, and no more than
+    ``gpu_gib`` (the GPU's memory, GiB; None: not counted) holds at :data:`GIB_PER_GPU_PROCESS`
+    each (``--processes auto``, ``worker --per-gpu auto``).
 
     >>> processes_per_gpu(16), processes_per_gpu(6), processes_per_gpu(128)
     (4, 1, 4)
+    >>> processes_per_gpu(16, 139.8), processes_per_gpu(16, 23.6), processes_per_gpu(16, 15.7), processes_per_gpu(16, 8)
+    (4, 3, 2, 1)
     """
-    return max(1, min(MAX_AUTO_PROCESSES, cpus // CORES_PER_GPU_PROCESS))
+    count = min(MAX_AUTO_PROCESSES, cpus // CORES_PER_GPU_PROCESS)
+    if gpu_gib is not None:
+        count = min(count, int(gpu_gib // GIB_PER_GPU_PROCESS))
+    return max(1, count)
 
 
-def auto_processes(device: str, inputs: int, cpus: int) -> int:
-    """Engine processes for ``extract --processes auto``: on a GPU with 2+ inputs one per
-    :data:`CORES_PER_GPU_PROCESS` of ``cpus``, at most :data:`MAX_AUTO_PROCESSES` and ``inputs``;
-    else 1 (on the CPU one process already uses every core through its threads).
+def gpu_memory_gib(device: str) -> float | None:
+    """Total memory (GiB) of CUDA ``device`` (``"cuda"`` is the current one); None on the CPU or
+    when torch cannot tell. Initialises CUDA in this process."""
+    if not str(device).startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        index = int(str(device).split(":")[1]) if ":" in str(device) else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory / 2**30
+    except Exception:  # no driver, a bad index: leave the count to the cores
+        return None
+
+
+def auto_processes(device: str, inputs: int, cpus: int, gpu_gib: float | None = None) -> int:
+    """Engine processes for ``extract --processes auto``: on a GPU with 2+ inputs
+    :func:`processes_per_gpu` of ``cpus`` and ``gpu_gib``, at most ``inputs``; else 1 (on the CPU
+    one process already uses every core through its threads).
 
     >>> auto_processes("cuda", 40, 16), auto_processes("cuda:1", 3, 32), auto_processes("cuda", 1, 16)
     (4, 3, 1)
-    >>> auto_processes("cpu", 40, 64), auto_processes("cuda", 40, 6)
-    (1, 1)
+    >>> auto_processes("cpu", 40, 64), auto_processes("cuda", 40, 6), auto_processes("cuda", 40, 16, 23.6)
+    (1, 1, 3)
     """
     if not str(device).startswith("cuda") or inputs < 2:
         return 1
-    return min(inputs, processes_per_gpu(cpus))
+    return min(inputs, processes_per_gpu(cpus, gpu_gib))
 
 
 def run_in_processes(engine: Engine, jobs: Iterable[InputJob], *, processes: int,

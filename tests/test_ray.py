@@ -242,17 +242,38 @@ def test_per_gpu_auto_gives_a_gpu_one_worker_per_four_cores_of_its_share(tmp_pat
     from worker import launch
 
     monkeypatch.setattr(launch, "usable_cores", lambda: 16)
+    asked = []
+    monkeypatch.setattr(launch, "smallest_gpu_gib", lambda devices: asked.append(devices) or 139.8)  # an H200
     one, _ = launch.worker_children(["cuda:0"], tmp_path / "a", {})
     two, _ = launch.worker_children(["cuda:0", "cuda:1"], tmp_path / "b", {})
     cpu, _ = launch.worker_children(["cpu"], tmp_path / "c", {})
+    monkeypatch.setattr(launch, "smallest_gpu_gib", lambda devices: 23.6)  # a 24 GB card: 3 processes fit
+    small, _ = launch.worker_children(["cuda:0"], tmp_path / "d", {})
     try:
         assert [c.name for c in one] == [f"worker[cuda:0 #{s}]" for s in range(4)]
         assert [c.name for c in two] == [f"worker[cuda:{d} #{s}]" for d in (0, 1) for s in (0, 1)]
         assert [c.name for c in cpu] == ["worker[cpu]"]
         assert {c.cmd[c.cmd.index("--threads") + 1] for c in one + two} == {"4"}
+        assert [c.name for c in small] == [f"worker[cuda:0 #{s}]" for s in range(3)]
+        assert asked[:2] == [["cuda:0"], ["cuda:0", "cuda:1"]]
     finally:
-        for c in one + two + cpu:
+        for c in one + two + cpu + small:
             os.close(c.pass_fds[0])
+
+
+def test_the_gpus_memory_is_asked_of_a_child_interpreter(monkeypatch):
+    from worker import launch
+
+    assert launch.smallest_gpu_gib(["cpu"]) is None  # no child for CPU devices
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="23.64\n", stderr="")
+
+    monkeypatch.setattr(launch.subprocess, "run", run)
+    assert launch.smallest_gpu_gib(["cuda:0", "cuda:3"]) == pytest.approx(23.64)
+    assert calls[0][0] == sys.executable and calls[0][-2:] == ["0", "3"]
 
 
 def test_per_gpu_default_is_the_constant_or_the_environment(monkeypatch):

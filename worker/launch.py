@@ -68,32 +68,52 @@ def parse_per_gpu(text: str | int) -> int | str:
     return int(value)
 
 
-def auto_per_gpu(devices: list[str], cores: int | None = None) -> int:
+def auto_per_gpu(devices: list[str], cores: int | None = None, gpu_gib: float | None = None) -> int:
     """Worker processes per device for ``--per-gpu auto``: on GPUs,
     :func:`engine.procs.processes_per_gpu` of each GPU's share of ``cores`` (default
-    :func:`usable_cores`: one per 4 cores, 1 to 4, as ``extract --processes auto``); on CPU
-    devices 1 (a CPU worker already uses every core it is given).
+    :func:`usable_cores`: one per 4 cores, 1 to 4, as ``extract --processes auto``) and of the
+    smallest GPU's memory ``gpu_gib`` (None: not counted); on CPU devices 1 (a CPU worker
+    already uses every core it is given).
 
     >>> auto_per_gpu(["cuda:0"], 16), auto_per_gpu(["cuda:0", "cuda:1"], 32), auto_per_gpu(["cuda:0"], 6)
     (4, 4, 1)
-    >>> auto_per_gpu(["cuda:0"], 128), auto_per_gpu(["cpu"], 64)
-    (4, 1)
+    >>> auto_per_gpu(["cuda:0"], 128), auto_per_gpu(["cpu"], 64), auto_per_gpu(["cuda:0"], 16, 23.6)
+    (4, 1, 3)
     """
     if not devices or not all(str(d).startswith("cuda") for d in devices):
         return 1
     from engine.procs import processes_per_gpu
 
-    return processes_per_gpu((cores or usable_cores()) // len(devices))
+    return processes_per_gpu((cores or usable_cores()) // len(devices), gpu_gib)
 
 
-def resolve_per_gpu(per_gpu: int | str, devices: list[str], cores: int | None = None) -> int:
-    """``per_gpu`` (a count, or ``auto``: :func:`auto_per_gpu` over ``devices``) as a count.
+def smallest_gpu_gib(devices: list[str]) -> float | None:
+    """Total memory (GiB) of the smallest of the CUDA ``devices``, asked in a child interpreter
+    (this process never initialises CUDA); None for CPU devices or when it cannot be told."""
+    indices = [int(d.split(":")[1]) if ":" in d else 0 for d in devices if str(d).startswith("cuda")]
+    if not indices or len(indices) != len(devices):
+        return None
+    code = ("import sys, torch; print(min(torch.cuda.get_device_properties(int(i)).total_memory "
+            "for i in sys.argv[1:]) / 2**30)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, *map(str, indices)], capture_output=True, text=True,
+                             timeout=120)
+        return float(out.stdout.strip())
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        log.warning("could not read the GPUs' memory (%s): --per-gpu auto counts CPU cores only", e)
+        return None
+
+
+def resolve_per_gpu(per_gpu: int | str, devices: list[str], cores: int | None = None,
+                    gpu_gib: float | None = None) -> int:
+    """``per_gpu`` (a count, or ``auto``: :func:`auto_per_gpu` over ``devices``, ``cores`` and
+    ``gpu_gib``) as a count.
 
     >>> resolve_per_gpu("2", ["cuda:0"]), resolve_per_gpu("auto", ["cuda:0"], 8)
     (2, 2)
     """
     value = parse_per_gpu(per_gpu)
-    return auto_per_gpu(list(dict.fromkeys(devices)), cores) if value == AUTO else int(value)
+    return auto_per_gpu(list(dict.fromkeys(devices)), cores, gpu_gib) if value == AUTO else int(value)
 
 
 def default_per_gpu(env: dict[str, str] | None = None) -> int | str:
@@ -298,7 +318,8 @@ def worker_children(
     notes: list[str] = []
     children: list[Child] = []
     devices = list(dict.fromkeys(devices))  # each device once, in order
-    per_gpu = resolve_per_gpu(per_gpu, devices)
+    gpu_gib = smallest_gpu_gib(devices) if parse_per_gpu(per_gpu) == AUTO else None
+    per_gpu = resolve_per_gpu(per_gpu, devices, gpu_gib=gpu_gib)
     threads = threads or split_threads(len(devices) * per_gpu)
     child_env = {**{k: str(threads) for k in THREAD_ENV}, **env}
     core_sets = iter(split_cores(len(devices) * per_gpu))
