@@ -15,6 +15,16 @@ from pathlib import Path
 from engine.formats import format_spec
 
 
+def cuda_index(device: str) -> int:
+    """The GPU index of a torch device string: ``"cuda:2"`` → 2, ``"cuda"`` → 0 (torch's default GPU).
+
+    >>> cuda_index("cuda:2"), cuda_index("cuda")
+    (2, 0)
+    """
+    device = str(device)
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask where the system has one (a worker pinned
     to a share of the cores by ``--gpus``/``--per-gpu`` sees its share), else the CPU count.

@@ -27,7 +27,7 @@ saves the detector's work on every non-keyframe.
 
 from __future__ import annotations
 
-from engine.config import Decoder, EngineConfig, Mode, name_of
+from engine.config import Decoder, EngineConfig, Mode, cuda_index, name_of
 
 #: Longest side (pixels) of the frames the fast path's detectors look at.
 DETECT_MAX_SIDE = 640
@@ -75,8 +75,7 @@ def default_source(config: EngineConfig, device: str):
 
         if not on_gpu(device):
             raise NvdecUnavailable(f"{INSTALL_HINT} (the run's device is {device}, not a CUDA GPU)")
-        gpu = int(str(device).split(":")[1]) if ":" in str(device) else 0
-        return NvdecSource(gpu_id=gpu, on_device=True)
+        return NvdecSource(gpu_id=cuda_index(device), on_device=True)
     from engine.stages.source import MediaSource
 
     return MediaSource()

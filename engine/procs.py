@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
 from engine import errors
-from engine.config import usable_cpus
+from engine.config import cuda_index, usable_cpus
 from engine.errors import EngineProcessError
 from engine.many import InputJob, InputOutcome, default_concurrency, feed_jobs, run_many
 
@@ -549,15 +549,14 @@ def processes_per_gpu(cpus: int, gpu_gib: float | None = None) -> int:
 
 
 def gpu_memory_gib(device: str) -> float | None:
-    """Total memory (GiB) of CUDA ``device`` (``"cuda"`` is the current one); None on the CPU or
+    """Total memory (GiB) of CUDA ``device`` (``"cuda"`` is GPU 0); None on the CPU or
     when torch cannot tell. Initialises CUDA in this process."""
     if not str(device).startswith("cuda"):
         return None
     try:
         import torch
 
-        index = int(str(device).split(":")[1]) if ":" in str(device) else torch.cuda.current_device()
-        return torch.cuda.get_device_properties(index).total_memory / 2**30
+        return torch.cuda.get_device_properties(cuda_index(device)).total_memory / 2**30
     except Exception:  # no driver, a bad index: leave the count to the cores
         return None
 

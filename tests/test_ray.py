@@ -127,20 +127,18 @@ def test_cli_rejects_mixed_device_options(tmp_path):
         return subprocess.run([sys.executable, "-m", "engine", "worker", *args, "--data-dir", str(tmp_path)],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
 
-    r = cli("--executor", "ray", "--gpu", "0")
-    assert r.returncode == 2 and "the cluster picks the GPUs" in r.stderr
-    r = cli("--executor", "ray", "--resources", "fake_gpu")
-    assert r.returncode == 2 and "expected a JSON object" in r.stderr
-    r = cli("--gpus", "all", "--device", "cpu")
-    assert r.returncode == 2 and "--gpus starts its own workers on each device" in r.stderr
-    r = cli("--gpus", "all", "--slot", "1")
-    assert r.returncode == 2 and "--slot" in r.stderr
-    r = cli("--device", "cpu", "--per-gpu", "2")
-    assert r.returncode == 2 and "--per-gpu needs --gpus" in r.stderr
-    r = cli("--gpus", "all", "--per-gpu", "0")
-    assert r.returncode == 2 and "--per-gpu: expected 'auto' or a whole number" in r.stderr
-    r = cli("--executor", "ray", "--per-gpu", "2")
-    assert r.returncode == 2 and "the cluster picks the GPUs" in r.stderr
+    refused = [  # (options, what the refusal says)
+        (("--executor", "ray", "--gpu", "0"), "the cluster picks the GPUs"),
+        (("--executor", "ray", "--resources", "fake_gpu"), "expected a JSON object"),
+        (("--gpus", "all", "--device", "cpu"), "--gpus starts its own workers on each device"),
+        (("--gpus", "all", "--slot", "1"), "--slot"),
+        (("--device", "cpu", "--per-gpu", "2"), "--per-gpu needs --gpus"),
+        (("--gpus", "all", "--per-gpu", "0"), "--per-gpu: expected 'auto' or a whole number"),
+        (("--executor", "ray", "--per-gpu", "2"), "the cluster picks the GPUs"),
+    ]
+    for options, message in refused:
+        r = cli(*options)
+        assert r.returncode == 2 and message in r.stderr, (options, r.stderr)
 
 
 # ============================================================================ fast: --gpus all

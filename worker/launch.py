@@ -90,7 +90,9 @@ def auto_per_gpu(devices: list[str], cores: int | None = None, gpu_gib: float | 
 def smallest_gpu_gib(devices: list[str]) -> float | None:
     """Total memory (GiB) of the smallest of the CUDA ``devices``, asked in a child interpreter
     (this process never initialises CUDA); None for CPU devices or when it cannot be told."""
-    indices = [int(d.split(":")[1]) if ":" in d else 0 for d in devices if str(d).startswith("cuda")]
+    from engine.config import cuda_index
+
+    indices = [cuda_index(d) for d in devices if str(d).startswith("cuda")]
     if not indices or len(indices) != len(devices):
         return None
     code = ("import sys, torch; print(min(torch.cuda.get_device_properties(int(i)).total_memory "

@@ -138,8 +138,9 @@ def device_name(device: str) -> str:
         try:
             import torch
 
-            index = int(device.split(":")[1]) if ":" in device else 0
-            return torch.cuda.get_device_name(index)
+            from engine.config import cuda_index
+
+            return torch.cuda.get_device_name(cuda_index(device))
         except Exception:  # a name is nice to have, never worth failing for
             return device
     return "CPU"
