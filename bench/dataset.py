@@ -341,6 +341,7 @@ class Run:
     failures: list[str] = dataclasses.field(default_factory=list)
     busy_fps: float = float("nan")
     busy_s: float = float("nan")
+    timeline: str = ""
 
     @property
     def clips_per_s(self) -> float:
@@ -380,6 +381,31 @@ def all_busy_rate(jobs) -> tuple[float, float]:
         if overlap > 0:
             frames += n * overlap / (b - a) if b > a else n
     return frames / (t_b - t_a), t_b - t_a
+
+
+def worker_timeline(jobs, t0: float) -> str:
+    """Where a run's seconds went, from the launcher's start ``t0`` (epoch seconds): per worker, its
+    first job's start, its last job's end, its jobs and frames; then the spread of the workers' first
+    starts (start-up) and last ends (tail). ``jobs`` as for :func:`all_busy_rate`."""
+    def epoch(t: datetime.datetime) -> float:  # the registry's times are UTC, SQLite gives them back naive
+        return (t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)).timestamp()
+
+    spans: dict[str, list] = {}
+    for j in jobs:
+        if j.worker_id and j.started_at and j.finished_at:
+            spans.setdefault(j.worker_id, []).append(
+                (epoch(j.started_at) - t0, epoch(j.finished_at) - t0, j.frames_total or 0))
+    if not spans:
+        return ""
+    rows = []
+    for wid, v in sorted(spans.items(), key=lambda kv: min(a for a, _, _ in kv[1])):
+        rows.append(f"{wid}: +{min(a for a, _, _ in v):.1f} → +{max(b for _, b, _ in v):.1f} s, "
+                    f"{len(v)} jobs, {sum(n for _, _, n in v)} frames")
+    firsts = [min(a for a, _, _ in v) for v in spans.values()]
+    lasts = [max(b for _, b, _ in v) for v in spans.values()]
+    rows.append(f"first starts +{min(firsts):.1f} … +{max(firsts):.1f} s, "
+                f"last ends +{min(lasts):.1f} … +{max(lasts):.1f} s after the launcher started")
+    return "\n".join(rows)
 
 
 def child_env(args, workdir: Path, fixed_box: np.ndarray | None) -> dict[str, str]:
@@ -484,6 +510,7 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
         first, last = min(starts).timestamp(), max(ends).timestamp()
         run.registry_s = last - first
         run.busy_fps, run.busy_s = all_busy_rate(done)
+        run.timeline = worker_timeline(done, t0)
         busy = gpus.busy(first, last) if gpus.samples else {}
         if busy:
             run.gpu_busy = ", ".join(f"GPU {i} {b:.0f} %" for i, b in busy.items())
@@ -671,7 +698,7 @@ def main(argv=None) -> int:
             for run in (one, every):
                 if run is not None:
                     print(f"... {run.name}, {run.workers}: {run.ok}/{run.clips} ok, {run.frames} frames, "
-                          f"{_f(run.frames_per_s)} frames/s", file=sys.stderr, flush=True)
+                          f"{_f(run.frames_per_s)} frames/s; timeline:\n{run.timeline}", file=sys.stderr, flush=True)
     text = report(pairs, header)
     print("\n" + text[len("\n".join(header)):].lstrip("\n"))
     if args.out:

@@ -4,8 +4,10 @@
 # Expects: .whl/ (av, facenet-pytorch, diffrp-nvdiffrast, trimesh wheels for the device's Python)
 # and .carry/shared/ (testdata/video + bfm_index, a copy of ../shared that travels with the call).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD STUDIO_SHARED=$PWD/.carry/shared PYTHONUNBUFFERED=1
+# .whl-db/ (sqlmodel, SQLAlchemy, pydantic ...) only for the registry steps (dataset*): carried apart to fit 64 MiB
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl $(ls .whl-db/*.whl 2>/dev/null) || exit 1
+export PYTHONPATH=/tmp/site:$PWD STUDIO_SHARED=$PWD/.carry/shared PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, numpy, av; print('torch', torch.__version__, 'numpy', numpy.__version__, 'av', av.__version__)"

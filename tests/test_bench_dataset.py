@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +157,17 @@ def test_the_all_busy_window_leaves_out_start_up_and_tail():
     assert rate == pytest.approx((100 * 1 + 500 + 400 + 400 * 2 / 4) / 6)  # a: 1 s of job 1 + job 2; b: 4 + 2 s
     assert np.isnan(dataset.all_busy_rate([job("a", 0, 5, 10), job("b", 6, 8, 10)])[0])  # never both busy
     assert np.isnan(dataset.all_busy_rate([])[0])
+
+
+def test_the_timeline_shows_each_workers_start_and_end_from_the_launch():
+    """Naive registry times are UTC: worker b's first job starts 4 s after the launch at t0."""
+    t0 = datetime(2026, 1, 1)
+    J = dataclasses.make_dataclass("J", ["worker_id", "started_at", "finished_at", "frames_total"])
+    jobs = [J("a", t0 + timedelta(seconds=2), t0 + timedelta(seconds=5), 100),
+            J("b", t0 + timedelta(seconds=4), t0 + timedelta(seconds=9), 50),
+            J("a", t0 + timedelta(seconds=5), t0 + timedelta(seconds=7), 100)]
+    launch = t0.replace(tzinfo=timezone.utc).timestamp()
+    lines = dataset.worker_timeline(jobs, launch).splitlines()
+    assert lines == ["a: +2.0 → +7.0 s, 2 jobs, 200 frames", "b: +4.0 → +9.0 s, 1 jobs, 50 frames",
+                     "first starts +2.0 … +4.0 s, last ends +7.0 … +9.0 s after the launcher started"]
+    assert dataset.worker_timeline([], launch) == ""
