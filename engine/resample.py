@@ -54,6 +54,8 @@ Frames: images are uint8 ``(H, W, 3)`` RGB, y down (rows first); a crop box is
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -247,8 +249,67 @@ def _resize_taps(xx: np.ndarray, in_sz: np.ndarray, scale: np.ndarray,
     return xmin, xmax, to_fixed_point(w)
 
 
+class TapsCache:
+    """Taps of whole resized axes, kept per ``(in_size, out_size)``, so a video's frames (whose
+    crops resize the same frame to nearly the same size, frame after frame) reuse them.
+
+    A window's taps are rows ``start .. start + L - 1`` of its axis' table: each output index's
+    taps depend on the resize only, not on the window, so a cut of the table equals
+    :func:`axis_taps` bit for bit. Keeps the tables used last, at most ``max_bytes`` of them
+    (a 1080p frame's table is 20–100 kB); safe to share between threads (tables are read-only).
+
+    >>> cache = TapsCache()
+    >>> xmin, xmax, w = cache.axis(4, 2)
+    >>> xmin.tolist(), xmax.tolist(), w.sum(axis=1).tolist(), len(cache)
+    ([0, 0], [4, 4], [4194304.0, 4194304.0], 1)
+    """
+
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._tables: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def axis(self, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """int64 (out,) ``xmin``, int64 (out,) ``xmax`` and float64 (out, K) fixed-point weights
+        of every output index of an ``in_size → out_size`` resize (K: Pillow's tap count; 1 and
+        the identity when the size is kept)."""
+        key = (int(in_size), int(out_size))
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+                return table
+        table = _axis_table(*key)
+        with self._lock:
+            if key not in self._tables:
+                self._tables[key] = table
+                self._bytes += sum(a.nbytes for a in table)
+            while self._bytes > self.max_bytes and len(self._tables) > 1:
+                _, dropped = self._tables.popitem(last=False)
+                self._bytes -= sum(a.nbytes for a in dropped)
+        return table
+
+
+def _axis_table(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`TapsCache.axis` computed: :func:`_resize_taps` over ``0 .. out_size - 1``."""
+    xx = np.arange(out_size, dtype=np.int64)
+    if in_size == out_size:
+        xmin, xmax, w = xx, xx + 1, np.full((out_size, 1), _ONE)
+    else:
+        scale = np.array([float(in_size) / float(out_size)])
+        ksize = int(np.ceil(BICUBIC_SUPPORT * max(scale[0], 1.0))) * 2 + 1
+        xmin, xmax, w = (a[0] for a in _resize_taps(xx[None], np.array([in_size]), scale, ksize))
+    for a in (xmin, xmax, w):
+        a.setflags(write=False)
+    return xmin, xmax, w
+
+
 def batch_axis_taps(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.ndarray,
-                    length: int = CROP_SIZE) -> BatchAxisTaps:
+                    length: int = CROP_SIZE, cache: TapsCache | None = None) -> BatchAxisTaps:
     """:func:`axis_taps` for N windows in one set of numpy operations (no per-window Python loop).
 
     Every element goes through the same float64 operations as in :func:`axis_taps` (the taps
@@ -259,6 +320,8 @@ def batch_axis_taps(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.ndar
     Args:
         in_sizes, out_sizes, starts: int (N,) per window, as :func:`axis_taps`'s arguments.
         length: window length (the crop size).
+        cache: cut the windows from its whole-axis tables (:class:`TapsCache`; the same bits)
+            instead of computing each window's taps.
     """
     in_sz = np.asarray(in_sizes, dtype=np.int64).reshape(-1)
     out_sz = np.asarray(out_sizes, dtype=np.int64).reshape(-1)
@@ -277,10 +340,18 @@ def batch_axis_taps(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.ndar
     weights = np.zeros((n, length, int(ksize.max()) if n else 1), dtype=np.float64)
     # A kept size is the identity: one tap of weight 2**22 at the index itself.
     xmin, xmax = xx.copy(), xx + 1
-    weights[same, :, 0] = _ONE
-    for kk in np.unique(ksize[~same]):  # a few tap counts per batch: one vectorised group each
-        g = np.flatnonzero(~same & (ksize == kk))
-        xmin[g], xmax[g], weights[g, :, :kk] = _resize_taps(xx[g], in_sz[g], scale[g], int(kk))
+    if cache is not None:  # a few distinct resizes per batch: one table cut each
+        pairs, which = np.unique(np.stack([in_sz, out_sz], axis=1), axis=0, return_inverse=True)
+        for p, (i_sz, o_sz) in enumerate(pairs.tolist()):
+            g = np.flatnonzero(which.reshape(-1) == p)
+            t_min, t_max, t_w = cache.axis(i_sz, o_sz)
+            idx = np.clip(xx[g], 0, o_sz - 1)
+            xmin[g], xmax[g], weights[g, :, :t_w.shape[1]] = t_min[idx], t_max[idx], t_w[idx]
+    else:
+        weights[same, :, 0] = _ONE
+        for kk in np.unique(ksize[~same]):  # a few tap counts per batch: one vectorised group each
+            g = np.flatnonzero(~same & (ksize == kk))
+            xmin[g], xmax[g], weights[g, :, :kk] = _resize_taps(xx[g], in_sz[g], scale[g], int(kk))
     weights[~inside] = 0.0
     first = np.where(inside, xmin, 0)
     any_inside = inside.any(axis=1)
@@ -333,7 +404,7 @@ def crop_taps(
 
 
 def batch_crop_taps(frame_hw: np.ndarray, crop_boxes: np.ndarray, size: int = CROP_SIZE,
-                    pass_order: str = PILLOW13) -> list[CropTaps]:
+                    pass_order: str = PILLOW13, cache: TapsCache | None = None) -> list[CropTaps]:
     """:func:`crop_taps` of N frames at once, bit for bit (:func:`batch_axis_taps` for both axes).
 
     Args:
@@ -341,6 +412,7 @@ def batch_crop_taps(frame_hw: np.ndarray, crop_boxes: np.ndarray, size: int = CR
         crop_boxes: int (N, 4) ``[left, up, w, h]`` per frame.
         size: crop side in pixels.
         pass_order: :data:`HORIZONTAL_FIRST` or :data:`PILLOW13`.
+        cache: see :func:`batch_axis_taps`.
     """
     if pass_order not in PASS_ORDERS:
         raise ValueError(f"pass_order: expected one of {PASS_ORDERS}, got {pass_order!r}")
@@ -351,7 +423,7 @@ def batch_crop_taps(frame_hw: np.ndarray, crop_boxes: np.ndarray, size: int = CR
         raise ValueError(f"batch_crop_taps: {n} frame sizes but {boxes.shape[0]} crop boxes")
     # Rows and columns of all frames in one call: windows 0..n-1 are the y axes, n..2n-1 the x axes.
     both = batch_axis_taps(np.concatenate([hw[:, 0], hw[:, 1]]), np.concatenate([boxes[:, 3], boxes[:, 2]]),
-                           np.concatenate([boxes[:, 1], boxes[:, 0]]), size)
+                           np.concatenate([boxes[:, 1], boxes[:, 0]]), size, cache)
     dh, dw = hw[:, 0] - boxes[:, 3], hw[:, 1] - boxes[:, 2]
     vfirst = (pass_order == PILLOW13) & (dh > 0) & (dh > 2 * dw)
     return [CropTaps(y=both.window(i), x=both.window(n + i), vertical_first=bool(vfirst[i])) for i in range(n)]
@@ -476,6 +548,7 @@ def resized_crops(
     device: str | torch.device = "cpu",
     max_bytes: int = DEFAULT_MAX_BYTES,
     pass_order: str | None = None,
+    taps_cache: TapsCache | None = None,
 ) -> torch.Tensor:
     """Pillow's ``img.resize((w, h), BICUBIC).crop((left, up, left + size, up + size))`` for many frames.
 
@@ -490,6 +563,7 @@ def resized_crops(
         max_bytes: device memory budget of one chunk of frames.
         pass_order: :data:`HORIZONTAL_FIRST` or :data:`PILLOW13`; None: the installed
             Pillow's rule (:func:`installed_pass_order`), i.e. what ``Image.resize`` does here.
+        taps_cache: reuse the taps of resizes seen before (:class:`TapsCache`; the same bits).
 
     Returns:
         uint8 (B, size, size, 3) tensor on ``device``, zero where the crop leaves the resized frame.
@@ -509,5 +583,5 @@ def resized_crops(
             if img.dtype != np.uint8:
                 raise ValueError(f"image: expected dtype uint8, got {img.dtype}")
         frame_hw = np.array([img.shape[:2] for img in images], dtype=np.int64).reshape(-1, 2)
-    taps = batch_crop_taps(frame_hw, boxes, size, order)
+    taps = batch_crop_taps(frame_hw, boxes, size, order, taps_cache)
     return crops_from_taps(images, taps, device=device, max_bytes=max_bytes)

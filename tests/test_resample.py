@@ -6,6 +6,8 @@ Every comparison is bit for bit against Pillow itself (the installed version) or
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -312,19 +314,23 @@ def test_batch_taps_equal_the_per_window_taps_bit_for_bit():
                                * rng.uniform(0.8, 1.2, n)).astype(np.int64))
     out_sizes[::7] = in_sizes[::7]  # kept sizes: the identity taps
     starts = rng.integers(-400, out_sizes + 60)
-    batch = rs.batch_axis_taps(in_sizes, out_sizes, starts, 224)
-    for i in range(n):
-        one, got = rs.axis_taps(int(in_sizes[i]), int(out_sizes[i]), int(starts[i]), 224), batch.window(i)
-        assert got.weights.shape == one.weights.shape, i
-        np.testing.assert_array_equal(got.weights, one.weights, err_msg=str(i))
-        np.testing.assert_array_equal(got.first, one.first, err_msg=str(i))
-        assert (got.src_start, got.src_stop) == (one.src_start, one.src_stop), i
+    cache = rs.TapsCache(max_bytes=400_000)  # room for a few of the resizes: tables are dropped and rebuilt
+    for batch in (rs.batch_axis_taps(in_sizes, out_sizes, starts, 224),
+                  rs.batch_axis_taps(in_sizes, out_sizes, starts, 224, cache),
+                  rs.batch_axis_taps(in_sizes, out_sizes, starts, 224, cache)):
+        for i in range(n):
+            one, got = rs.axis_taps(int(in_sizes[i]), int(out_sizes[i]), int(starts[i]), 224), batch.window(i)
+            assert got.weights.shape == one.weights.shape, i
+            np.testing.assert_array_equal(got.weights, one.weights, err_msg=str(i))
+            np.testing.assert_array_equal(got.first, one.first, err_msg=str(i))
+            assert (got.src_start, got.src_stop) == (one.src_start, one.src_stop), i
+    assert 1 < len(cache) < len(set(zip(in_sizes.tolist(), out_sizes.tolist(), strict=True)))
     hw = rng.integers(1, 2200, (n, 2))
     boxes = np.concatenate([starts.reshape(-1, 1)[::-1], starts.reshape(-1, 1), out_sizes.reshape(-1, 1),
                             out_sizes.reshape(-1, 1)[::-1]], axis=1)
-    for order in rs.PASS_ORDERS:
+    for order, cache in itertools.product(rs.PASS_ORDERS, (None, rs.TapsCache())):
         for one, got in zip((rs.crop_taps(f, b, 224, order) for f, b in zip(hw, boxes, strict=True)),
-                            rs.batch_crop_taps(hw, boxes, 224, order), strict=True):
+                            rs.batch_crop_taps(hw, boxes, 224, order, cache), strict=True):
             assert got.vertical_first == one.vertical_first
             for a, b in ((got.y, one.y), (got.x, one.x)):
                 np.testing.assert_array_equal(a.weights, b.weights)

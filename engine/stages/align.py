@@ -82,6 +82,9 @@ class TorchAligner:
         self.keep_on_device = keep_on_device
         self.max_bytes = max_bytes
         self.pass_order = pass_order
+        from engine.resample import TapsCache
+
+        self._taps = TapsCache()  # a video's crops resize its frames to a few sizes, batch after batch
 
     def __call__(self, frames: FrameBatch, plan: AlignPlan) -> AlignedBatch:
         from engine.resample import DEFAULT_MAX_BYTES, resized_crops
@@ -92,7 +95,7 @@ class TorchAligner:
         height, width = images.shape[1:3]
         fits = fit_batch(width, height, plan.lm_img_ydown, plan.use_template, bad_landmarks="template")
         crops = resized_crops(images, fits.crop_box, device=self.device, max_bytes=self.max_bytes or DEFAULT_MAX_BYTES,
-                              pass_order=self.pass_order)
+                              pass_order=self.pass_order, taps_cache=self._taps)
         return fits.with_crops(crops if self.keep_on_device else crops.cpu().numpy())
 
     def close(self) -> None:
