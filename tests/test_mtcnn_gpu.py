@@ -110,8 +110,8 @@ def test_crop_and_area_resampling_match_facenet():
     for k, (row, (x0, y0, x1, y1)) in enumerate(zip(rows, regions, strict=True)):
         crop = torch.from_numpy(images[row, y0:y1, x0:x1]).permute(2, 0, 1)[None].float()
         want = imresample(crop, (24, 24))[0].numpy()
-        ay = mtcnn_gpu.area_matrix(np.array([y1 - y0]), 24, windows.shape[1])[0]
-        ax = mtcnn_gpu.area_matrix(np.array([x1 - x0]), 24, windows.shape[2])[0]
+        ay = mtcnn_gpu.area_matrix(np.array([y1 - y0]), 24, windows.shape[1])[0].float().numpy()
+        ax = mtcnn_gpu.area_matrix(np.array([x1 - x0]), 24, windows.shape[2])[0].float().numpy()
         got = np.einsum("ih,hwc,jw->cij", ay, windows[k].astype(np.float32), ax)
         np.testing.assert_allclose(got, want, atol=1e-3)
 

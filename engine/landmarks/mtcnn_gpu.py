@@ -124,22 +124,26 @@ def crop_regions(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-def area_matrix(lengths: np.ndarray, size: int, span: int) -> np.ndarray:
-    """float32 (M, size, span): row i averages input samples ``[floor(i·n/size), ceil((i+1)·n/size))``.
+def area_matrix(lengths: np.ndarray, size: int, span: int, device="cpu"):
+    """float64 torch (M, size, span) on ``device``: row i averages input samples
+    ``[floor(i·n/size), ceil((i+1)·n/size))``, its weights rounded to float32 first.
 
     ``n = lengths[m]`` (>= 1) samples of face m, zero-padded to ``span``; ``A @ x`` is area
-    resampling of x to ``size`` samples (``adaptive_avg_pool`` windows).
+    resampling of x to ``size`` samples (``adaptive_avg_pool`` windows). Built where it is used
+    (a few small kernels on a GPU) instead of on the host.
 
     >>> area_matrix(np.array([4]), 2, 5)[0].tolist()
     [[0.5, 0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5, 0.0]]
     """
-    n = np.asarray(lengths, dtype=np.int64)[:, None, None]
-    i = np.arange(size, dtype=np.int64)[None, :, None]
-    j = np.arange(span, dtype=np.int64)[None, None, :]
-    start = (i * n) // size
-    stop = ((i + 1) * n + size - 1) // size
-    inside = (j >= start) & (j < stop)
-    return (inside / (stop - start)).astype(np.float32)
+    import torch
+
+    n = torch.as_tensor(np.asarray(lengths, dtype=np.int64)).to(device)[:, None, None]
+    i = torch.arange(size, dtype=torch.int64, device=device)[None, :, None]
+    j = torch.arange(span, dtype=torch.int64, device=device)[None, None, :]
+    start = torch.div(i * n, size, rounding_mode="floor")
+    stop = torch.div((i + 1) * n + size - 1, size, rounding_mode="floor")
+    weight = (1.0 / (stop - start).double()).float().double()  # (M, size, 1): 1/count, float32-rounded
+    return torch.where((j >= start) & (j < stop), weight, 0.0)
 
 
 def gather_windows(images, rows: np.ndarray, regions: np.ndarray):
@@ -190,12 +194,12 @@ def area_crops(images, rows: np.ndarray, regions: np.ndarray, size: int, device)
     for chunk in window_chunks(regions, WINDOW_PIXELS):
         windows = gather_windows(images, rows[chunk], regions[chunk])
         lengths = regions[chunk, 2:] - regions[chunk, :2]  # (width, height)
-        ay = torch.from_numpy(area_matrix(lengths[:, 1], size, windows.shape[1])).to(device)
-        ax = torch.from_numpy(area_matrix(lengths[:, 0], size, windows.shape[2])).to(device)
         with torch.inference_mode():  # float64: exact averages whatever the TF32 setting
+            ay = area_matrix(lengths[:, 1], size, windows.shape[1], device)
+            ax = area_matrix(lengths[:, 0], size, windows.shape[2], device)
             x = to_torch(windows, device).permute(0, 3, 1, 2).double()  # (m, 3, H, W)
-            x = torch.matmul(x, ax.double().transpose(1, 2)[:, None])  # (m, 3, H, size)
-            parts.append(torch.matmul(ay.double()[:, None], x).float())  # (m, 3, size, size)
+            x = torch.matmul(x, ax.transpose(1, 2)[:, None])  # (m, 3, H, size)
+            parts.append(torch.matmul(ay[:, None], x).float())  # (m, 3, size, size)
     return torch.cat(parts)
 
 
