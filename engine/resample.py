@@ -257,6 +257,8 @@ class TapsCache:
     taps depend on the resize only, not on the window, so a cut of the table equals
     :func:`axis_taps` bit for bit. Keeps the tables used last, at most ``max_bytes`` of them
     (a 1080p frame's table is 20–100 kB); safe to share between threads (tables are read-only).
+    Axes resized to more than ``max_rows`` pixels (small faces upscaled: a table would cost many
+    windows) are left to :func:`batch_axis_taps`'s per-window computation.
 
     >>> cache = TapsCache()
     >>> xmin, xmax, w = cache.axis(4, 2)
@@ -264,8 +266,8 @@ class TapsCache:
     ([0, 0], [4, 4], [4194304.0, 4194304.0], 1)
     """
 
-    def __init__(self, max_bytes: int = 32 << 20) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int = 32 << 20, max_rows: int = 8 * CROP_SIZE) -> None:
+        self.max_bytes, self.max_rows = max_bytes, max_rows
         self._tables: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -340,18 +342,20 @@ def batch_axis_taps(in_sizes: np.ndarray, out_sizes: np.ndarray, starts: np.ndar
     weights = np.zeros((n, length, int(ksize.max()) if n else 1), dtype=np.float64)
     # A kept size is the identity: one tap of weight 2**22 at the index itself.
     xmin, xmax = xx.copy(), xx + 1
+    direct = np.ones(n, dtype=bool)  # windows whose taps are computed here, not cut from a table
     if cache is not None:  # a few distinct resizes per batch: one table cut each
-        pairs, which = np.unique(np.stack([in_sz, out_sz], axis=1), axis=0, return_inverse=True)
+        direct = out_sz > cache.max_rows
+        tabled = np.flatnonzero(~direct)
+        pairs, which = np.unique(np.stack([in_sz[tabled], out_sz[tabled]], axis=1), axis=0, return_inverse=True)
         for p, (i_sz, o_sz) in enumerate(pairs.tolist()):
-            g = np.flatnonzero(which.reshape(-1) == p)
+            g = tabled[which.reshape(-1) == p]
             t_min, t_max, t_w = cache.axis(i_sz, o_sz)
             idx = np.clip(xx[g], 0, o_sz - 1)
             xmin[g], xmax[g], weights[g, :, :t_w.shape[1]] = t_min[idx], t_max[idx], t_w[idx]
-    else:
-        weights[same, :, 0] = _ONE
-        for kk in np.unique(ksize[~same]):  # a few tap counts per batch: one vectorised group each
-            g = np.flatnonzero(~same & (ksize == kk))
-            xmin[g], xmax[g], weights[g, :, :kk] = _resize_taps(xx[g], in_sz[g], scale[g], int(kk))
+    weights[same & direct, :, 0] = _ONE
+    for kk in np.unique(ksize[~same & direct]):  # a few tap counts per batch: one vectorised group each
+        g = np.flatnonzero(~same & direct & (ksize == kk))
+        xmin[g], xmax[g], weights[g, :, :kk] = _resize_taps(xx[g], in_sz[g], scale[g], int(kk))
     weights[~inside] = 0.0
     first = np.where(inside, xmin, 0)
     any_inside = inside.any(axis=1)
