@@ -356,7 +356,7 @@ def all_busy_rate(jobs) -> tuple[float, float]:
     """(frames/s, seconds) while every worker was busy: from the moment the last worker started
     its first job to the moment the first worker finished its last one.
 
-    Without the workers' start-up (CUDA context, models: they start one after another) and the
+    Without the workers' start-up (CUDA context, models, each worker at its own pace) and the
     tail (the last clips run on fewer workers), which weigh more the shorter a run is. Each job
     counts the share of its frames that falls in the window (frames assumed even over its
     ``started_at`` → ``finished_at``). NaN when a window cannot be formed (one job, or no overlap).
