@@ -197,9 +197,10 @@ class _ResumeState:
         self.dir = Path(state_dir)
         self.fingerprint = fingerprint
 
-    def load(self, acc: _Accumulator) -> dict[str, np.ndarray]:
+    def load(self, acc: _Accumulator, resuming: bool = True) -> dict[str, np.ndarray]:
         """Fill ``acc`` from disk; return the stages' state saved with the last batch
-        (the temporal policy's and the tracker's, see :meth:`save`)."""
+        (the temporal policy's and the tracker's, see :meth:`save`). ``resuming`` False: read to
+        merge (the split path), not logged as a resume."""
         meta_path = self.dir / "state.json"
         if not meta_path.is_file():
             return {}
@@ -218,7 +219,8 @@ class _ResumeState:
                 chunk = FrameResults.from_arrays(z)
                 carry = {k: z[k] for k in z.files if not FrameResults.is_saved_array(k)}
             acc.add(chunk)
-        log.info("resuming %s at frame %d", self.dir, acc.frames)
+        if resuming:
+            log.info("resuming %s at frame %d", self.dir, acc.frames)
         return carry
 
     def save(self, acc: _Accumulator, carry: dict[str, np.ndarray]) -> None:

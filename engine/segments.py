@@ -104,14 +104,15 @@ def split_reason(config: EngineConfig, info: MediaInfo, processes: int) -> str:
 
 
 def split_segments(config: EngineConfig, info: MediaInfo, processes: int,
-                   min_frames: int = MIN_SEGMENT_FRAMES) -> list[Segment]:
+                   min_frames: int | None = None) -> list[Segment]:
     """The segments one input runs in with ``processes`` engine processes: one (``(0, None)``)
     when it runs unsplit (:func:`split_reason`, or too short); else
     ``SEGMENTS_PER_PROCESS × processes`` at most, aligned to ``config.batch_size`` (so every
     batch holds the frames it holds in a whole run), the last open-ended (the container's
-    frame count may be an estimate)."""
+    frame count may be an estimate). ``min_frames``: shortest segment (None: :data:`MIN_SEGMENT_FRAMES`)."""
     if split_reason(config, info, processes):
         return [(0, None)]
+    min_frames = MIN_SEGMENT_FRAMES if min_frames is None else min_frames
     ranges = plan_segments(info.frame_count, SEGMENTS_PER_PROCESS * processes, config.batch_size,
                            max(min_frames, config.batch_size))
     return [(a, None if i == len(ranges) - 1 else b) for i, (a, b) in enumerate(ranges)]
@@ -151,7 +152,7 @@ class _Progress:
 def run_split(engine: Engine, source: str | Path | InputItem, out_base: str | Path, *, processes: int,
               progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
               state_dir: str | Path | None = None, pool: EnginePool | None = None,
-              min_frames: int = MIN_SEGMENT_FRAMES) -> RunReport:
+              min_frames: int | None = None) -> RunReport:
     """Extract one input as :meth:`Engine.run <engine.pipeline.Engine.run>` does, its frames
     split over ``processes`` engine processes (``pool``'s when given, else a pool of
     :func:`~engine.procs.engine_factory` ``(engine)`` started and closed here). An input that
@@ -161,7 +162,7 @@ def run_split(engine: Engine, source: str | Path | InputItem, out_base: str | Pa
         state_dir: the input's resume folder; segments keep theirs in ``state_dir/segments/``
             (kept when cancelled or failed, removed after the outputs are written). None: a
             temporary folder, removed at the end (no resume).
-        min_frames: shortest segment (frames).
+        min_frames: shortest segment (frames; None: :data:`MIN_SEGMENT_FRAMES`).
 
     Returns / Raises: as ``engine.run``; a segment's error names the input and its frames.
     """
@@ -281,7 +282,7 @@ def _merge(states: list, path: Path):
         if frames is None:
             raise EngineProcessError(f"{path.name}: segment {st.dir.name} ended without its results")
         before = acc.frames
-        st.load(acc)
+        st.load(acc, resuming=False)
         if acc.frames - before != frames:
             raise EngineProcessError(f"{path.name}: segment {st.dir.name} holds {acc.frames - before} frames, "
                                      f"its state says {frames}")
