@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per process with --processes")
     p.add_argument("--processes", type=_processes, default="auto", metavar="K|auto",
                    help="run the inputs in K processes, each with its own models and GIL (default auto: "
-                        "on a GPU with several inputs one per 4 CPU cores, at most 4; else 1)")
+                        "on a GPU with several inputs one per 4 CPU cores, at most 4; else 1); one long video "
+                        "in fast mode is split into frame segments over the K processes")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("doctor", help="check the installation: Python, torch, GPU, FFmpeg, weights, backends")
@@ -172,8 +173,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
             processes = auto_processes(engine.device, len(items), usable_cpus(), gpu_memory_gib(engine.device))
             log.info("extract: %d engine process(es) for %d input(s) on %s", processes, len(items), engine.device)
-        outcomes = engine.run_many((job(item) for item in items), concurrency=getattr(args, "concurrency", None),
-                                   processes=processes)
+        if len(items) == 1 and processes > 1:  # one input: its frames split over the processes (fast mode)
+            from engine.segments import split_outcomes
+
+            outcomes = split_outcomes(engine, job(items[0]), processes)
+        else:
+            outcomes = engine.run_many((job(item) for item in items),
+                                       concurrency=getattr(args, "concurrency", None), processes=processes)
         try:
             for outcome in outcomes:
                 path = outcome.job.key

@@ -53,6 +53,9 @@ class InputJob:
         progress: this input's progress callback (:class:`~engine.progress.Progress`).
         should_stop: polled like :meth:`~engine.pipeline.Engine.run`'s; True cancels this input.
         key: the caller's id for it (a job id); not used by the engine.
+        segment: ``(start, stop)``: run only frames ``[start, stop)`` of the video (``stop``
+            None: to its end) with :meth:`~engine.pipeline.Engine.run_segment`, results kept in
+            ``state_dir`` (needed then) and nothing written: the split path, :mod:`engine.segments`.
     """
 
     source: Path | InputItem
@@ -61,6 +64,7 @@ class InputJob:
     progress: Callable[[Progress], None] | None = None
     should_stop: Callable[[], bool] | None = None
     key: str = ""
+    segment: tuple[int, int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -264,8 +268,14 @@ def _run_one(models: _Models, job: InputJob, stop_all: threading.Event) -> Input
         child.face_model = models.face_model  # one BFM for every input (overlay, lm68 extras)
         user = models.merger.user() if models.merger is not None else contextlib.nullcontext()
         with user:
-            report = child.run(job.source, job.out_base, progress=job.progress, should_stop=should_stop,
-                               state_dir=job.state_dir)
+            if job.segment is not None:
+                if job.state_dir is None:
+                    raise ValueError("a segment job needs a state_dir (its results are kept there)")
+                report = child.run_segment(job.source, job.segment, job.state_dir, progress=job.progress,
+                                           should_stop=should_stop)
+            else:
+                report = child.run(job.source, job.out_base, progress=job.progress, should_stop=should_stop,
+                                   state_dir=job.state_dir)
         return InputOutcome(job, report, None)
     except Exception as e:  # each input fails alone, with its own error
         log.debug("input %s failed", job.source, exc_info=True)

@@ -197,9 +197,10 @@ class _ResumeState:
         self.dir = Path(state_dir)
         self.fingerprint = fingerprint
 
-    def load(self, acc: _Accumulator) -> dict[str, np.ndarray]:
+    def load(self, acc: _Accumulator, resuming: bool = True) -> dict[str, np.ndarray]:
         """Fill ``acc`` from disk; return the stages' state saved with the last batch
-        (the temporal policy's and the tracker's, see :meth:`save`)."""
+        (the temporal policy's and the tracker's, see :meth:`save`). ``resuming`` False: read to
+        merge (the split path), not logged as a resume."""
         meta_path = self.dir / "state.json"
         if not meta_path.is_file():
             return {}
@@ -218,7 +219,8 @@ class _ResumeState:
                 chunk = FrameResults.from_arrays(z)
                 carry = {k: z[k] for k in z.files if not FrameResults.is_saved_array(k)}
             acc.add(chunk)
-        log.info("resuming %s at frame %d", self.dir, acc.frames)
+        if resuming:
+            log.info("resuming %s at frame %d", self.dir, acc.frames)
         return carry
 
     def save(self, acc: _Accumulator, carry: dict[str, np.ndarray]) -> None:
@@ -240,6 +242,37 @@ class _ResumeState:
                 with contextlib.suppress(OSError):
                     p.unlink()
             raise storage_error(e, f"the resume state {self.dir.parent.name}/{self.dir.name}/") from e
+
+    def mark_complete(self, acc: _Accumulator) -> None:
+        """Record that every batch of this state's frames is saved (``state.json`` says
+        ``complete``): a segment of a split run (:mod:`engine.segments`) that is not run again."""
+        meta = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "chunks": len(acc.chunks),
+                "frames": acc.frames, "complete": True}
+        tmp_meta = self.dir / "state.json.tmp"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp_meta.write_text(json.dumps(meta))
+            os.replace(tmp_meta, self.dir / "state.json")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp_meta.unlink()
+            raise storage_error(e, f"the resume state {self.dir.parent.name}/{self.dir.name}/") from e
+
+    def saved_frames(self) -> tuple[int, bool]:
+        """(frames saved, whether :meth:`mark_complete` recorded them all) for this fingerprint,
+        read from ``state.json`` alone; (0, False) when there is no such state."""
+        try:
+            meta = json.loads((self.dir / "state.json").read_text())
+            if meta.get("version") != STATE_VERSION or meta.get("fingerprint") != self.fingerprint:
+                return 0, False
+            return int(meta["frames"]), meta.get("complete") is True
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0, False
+
+    def complete_frames(self) -> int | None:
+        """Frames of a state :meth:`mark_complete` recorded for this fingerprint, else None."""
+        frames, complete = self.saved_frames()
+        return frames if complete else None
 
     def clear(self) -> None:
         if self.dir.is_dir():
@@ -300,6 +333,8 @@ class _InputRun:
         self.aligner, self.regressor = engine.aligner, engine.regressor
         self.slice_frames = engine.slice_frames
         self.frames_new = 0
+        #: Frames expected in this run (the input's count; a segment's length for a segment).
+        self.frames_total = info.frame_count
 
     def finish(self, batch: FrameBatch, step: _FaceStep) -> None:
         """Temporal policy → align → regress one batch, keep its results, save the resume state."""
@@ -314,7 +349,7 @@ class _InputRun:
             track = {_TRACK_PREFIX + k: v for k, v in step.track_state.to_arrays().items()}
             self.resume.save(self.acc, {**self.policy_state.to_arrays(), **track})
         self.frames_new += len(batch)
-        self.reporter.update(frames_done=self.acc.frames, frames_total=max(self.info.frame_count, self.acc.frames))
+        self.reporter.update(frames_done=self.acc.frames, frames_total=max(self.frames_total, self.acc.frames))
         self.reporter.report()
 
 
@@ -592,22 +627,12 @@ class Engine:
     def _run(self, source: Path | InputItem, info: MediaInfo, sinks: list[Sink], paths: dict[str, Path],
              reporter: ProgressReporter, stop: Callable[[], bool], state_dir) -> RunReport:
         """Steps 2-7 of :meth:`run`."""
-        cfg = self.config
         path = source.path if isinstance(source, InputItem) else source
         reporter.begin(0, info.frame_count)
 
-        # 2. Load (or reuse) the models.
-        regressor = self.regressor
-        landmarker = self.landmarker_for(source)
-
-        # 3. Restore partial results of an interrupted run, and the stages' state with them.
-        acc = _Accumulator()
+        # 2-3. Load (or reuse) the models; restore partial results of an interrupted run.
         resume = _ResumeState(Path(state_dir), self._fingerprint(path)) if state_dir else None
-        carry = resume.load(acc) if resume else {}
-        track = {k[len(_TRACK_PREFIX):]: v for k, v in carry.items() if k.startswith(_TRACK_PREFIX)}
-        faces = _FaceStages(self.detector_for(landmarker), self.tracker, landmarker,
-                            self.tracker.initial_state(track or None), self.slice_frames, stop)
-        run = _InputRun(self, info, acc, resume, self.temporal_policy.initial_state(carry or None), reporter, stop)
+        acc, faces, run, landmarker = self._open_input(source, info, resume, reporter, stop)
         resumed_from = acc.frames
         reporter.begin(acc.frames, info.frame_count)
 
@@ -616,6 +641,35 @@ class Engine:
         self._stream(path, run, faces)
         fps = run.frames_new / max(time.perf_counter() - t_loop, 1e-9)
 
+        # 5-7. Judge, whole-input quality, write; then drop the partial state.
+        report = self._conclude(path, info, acc, sinks, paths, reporter, stop, landmarker)
+        if resume is not None:
+            resume.clear()
+        return dataclasses.replace(report, fps=fps, resumed_from=resumed_from,
+                                   checkpoint_sha256=getattr(self.regressor, "checkpoint_sha256", ""))
+
+    def _open_input(self, source: Path | InputItem, info: MediaInfo, resume: _ResumeState | None,
+                    reporter: ProgressReporter, stop: Callable[[], bool],
+                    ) -> tuple[_Accumulator, _FaceStages, _InputRun, Landmarker]:
+        """Steps 2 and 3 of :meth:`run`: load (or reuse) the models, restore the results saved in
+        ``resume`` and the stages' state with them (fresh states when there are none)."""
+        self.regressor  # noqa: B018  (loaded before the first batch, as before)
+        landmarker = self.landmarker_for(source)
+        acc = _Accumulator()
+        carry = resume.load(acc) if resume else {}
+        track = {k[len(_TRACK_PREFIX):]: v for k, v in carry.items() if k.startswith(_TRACK_PREFIX)}
+        faces = _FaceStages(self.detector_for(landmarker), self.tracker, landmarker,
+                            self.tracker.initial_state(track or None), self.slice_frames, stop)
+        run = _InputRun(self, info, acc, resume, self.temporal_policy.initial_state(carry or None), reporter, stop)
+        return acc, faces, run, landmarker
+
+    def _conclude(self, path: Path, info: MediaInfo, acc: _Accumulator, sinks: list[Sink], paths: dict[str, Path],
+                  reporter: ProgressReporter, stop: Callable[[], bool], landmarker: Landmarker | None) -> RunReport:
+        """Steps 5-7 of :meth:`run` on the per-frame results of a whole input (``acc``): judge
+        them, add the whole-input quality and extras, write every sink. Shared by :meth:`run`
+        and the split path (:func:`engine.segments.run_split`, ``landmarker`` None there);
+        the caller fills in ``fps``, ``resumed_from`` and ``checkpoint_sha256``."""
+        cfg = self.config
         # 5. Judge the result.
         if acc.frames == 0:
             raise DecodeError(f"{path.name}: no frames could be decoded")
@@ -637,13 +691,10 @@ class Engine:
         batches, quality = self._finish_quality(acc.chunks)
         batches = self._add_face_model_extras(batches)
 
-        # 7. Every batch to every sink, their files complete, then all renamed; drop the partial state.
+        # 7. Every batch to every sink, their files complete, then all renamed.
         reporter.update(frames_done=acc.frames, frames_total=acc.frames, stage="write")
         reporter.report()
         written = self._write(sinks, batches, paths, reporter, stop, acc.frames)
-        if resume is not None:
-            resume.clear()
-
         return RunReport(
             input=path,
             outputs=written,
@@ -652,18 +703,84 @@ class Engine:
             num_valid=num_valid,
             reasons=dict(reasons),
             longest_invalid_run=longest_run(~valid),
-            fps=fps,
-            resumed_from=resumed_from,
-            checkpoint_sha256=getattr(regressor, "checkpoint_sha256", ""),
             config=cfg.to_dict(),
             quality=quality,
         )
 
+    def run_segment(
+        self,
+        source: str | Path | InputItem,
+        segment: tuple[int, int | None],
+        state_dir: str | Path,
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> RunReport:
+        """Steps 1-4 of :meth:`run` for frames ``[start, stop)`` of one video (``stop`` None: to
+        its end), for the split path (:mod:`engine.segments`): each batch's results are saved as
+        resume chunks in ``state_dir`` (resumed there when interrupted), nothing is judged or
+        written, and ``state.json`` is marked complete at the end; a complete state is not run
+        again (the report says ``skipped``).
+
+        A segment that starts after frame 0 first runs the face stages and the temporal policy
+        (not the aligner or the regressor) over the batch before ``start`` (the lead-in), so the
+        tracker and the policy enter ``start`` with the state a whole run would have there
+        (docs/architecture.md, "One video in several processes").
+
+        Returns:
+            a :class:`RunReport` without outputs: ``num_frames`` and ``num_valid`` of the segment.
+
+        Raises:
+            as :meth:`run` (not NoFaceError: the parent judges the whole input).
+        """
+        t_start = time.perf_counter()
+        item = source if isinstance(source, InputItem) else None
+        path = item.path if item else Path(source)
+        start, stop = int(segment[0]), (None if segment[1] is None else int(segment[1]))
+        halt = should_stop or _never
+        info = self.check_input(path)
+        resume = _ResumeState(Path(state_dir), segment_fingerprint(self._fingerprint(path), start, stop))
+        total = max(0, (info.frame_count if stop is None else stop) - start)
+        done = resume.complete_frames()
+        if done is not None:
+            return RunReport(input=path, outputs={}, info=info, num_frames=done, skipped=True, resumed_from=done,
+                             config=self.config.to_dict())
+        with ProgressReporter(progress, self.progress_interval_s) as reporter:
+            reporter.begin(0, total)
+            acc, faces, run, _ = self._open_input(item or path, info, resume, reporter, halt)
+            run.frames_total = total
+            resumed_from = acc.frames
+            reporter.begin(acc.frames, total)
+            if acc.frames == 0 and start > 0:
+                self._lead_in(path, start, faces, run)
+            t_loop = time.perf_counter()
+            self._stream(path, run, faces, start=start, stop=stop)
+            fps = run.frames_new / max(time.perf_counter() - t_loop, 1e-9)
+            resume.mark_complete(acc)
+        valid = sum(int(c.valid.sum()) for c in acc.chunks)
+        return RunReport(input=path, outputs={}, info=info, num_frames=acc.frames, num_valid=valid, fps=fps,
+                         seconds=time.perf_counter() - t_start, resumed_from=resumed_from,
+                         checkpoint_sha256=getattr(self.regressor, "checkpoint_sha256", ""),
+                         config=self.config.to_dict())
+
+    def _lead_in(self, path: Path, start: int, faces: _FaceStages, run: _InputRun) -> None:
+        """The face stages and the temporal policy over the batch before frame ``start`` (its
+        results dropped): the tracker's and the policy's state as a whole run has them at ``start``."""
+        first = max(0, start - self.config.batch_size)
+        batches = _until(self.source.frames(path, self.config.batch_size, start=first), start)
+        with _closing(batches):
+            for batch in batches:
+                if run.should_stop():
+                    raise Cancelled(f"{path.name}: cancelled before frame {start}")
+                step = faces(batch)
+                _, run.policy_state = run.policy(step.landmarks, run.policy_state)
+
     # ------------------------------------------------------------------ helpers
 
-    def _stream(self, path: Path, run: _InputRun, faces: _FaceStages) -> None:
+    def _stream(self, path: Path, run: _InputRun, faces: _FaceStages, start: int = 0, stop: int | None = None) -> None:
         """Step 4 of :meth:`run`: the face stages of batch k+1 run in the landmark thread while
-        batch k is finished here; decoding runs ahead in its own thread."""
+        batch k is finished here; decoding runs ahead in its own thread. Frames ``[start +
+        frames restored, stop)`` (``stop`` None: to the end)."""
         lm_thread = self._landmark_thread()
         inflight: deque[tuple[FrameBatch, Future[_FaceStep]]] = deque()  # the batch being finished, the next
 
@@ -671,7 +788,9 @@ class Engine:
             batch, step = inflight.popleft()
             run.finish(batch, step.result())
 
-        batches = self.source.frames(path, self.config.batch_size, start=run.acc.frames)
+        batches = self.source.frames(path, self.config.batch_size, start=start + run.acc.frames)
+        if stop is not None:
+            batches = _until(batches, stop)
         try:
             with _closing(batches), run.regressor.numerics():
                 for batch in batches:
@@ -680,7 +799,7 @@ class Engine:
                         # give up at their next slice boundary if the request still stands).
                         while inflight:
                             finish_oldest()
-                        raise Cancelled(f"{path.name}: cancelled at frame {run.acc.frames}")
+                        raise Cancelled(f"{path.name}: cancelled at frame {start + run.acc.frames}")
                     inflight.append((batch, lm_thread.submit(faces, batch)))
                     if len(inflight) > 1:
                         finish_oldest()
@@ -726,7 +845,7 @@ class Engine:
             "input": str(source.resolve()),
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
-            "checkpoint": _file_identity(self.regressor.checkpoint_path),
+            "checkpoint": _file_identity(self._checkpoint_path()),
             "landmarks": name_of(cfg.landmarks),
             "keypoints": _file_identity(cfg.keypoints) if cfg.keypoints else None,
             "no_face": cfg.no_face.value,
@@ -738,6 +857,15 @@ class Engine:
             if cfg.decoder != Decoder.PYAV:  # keeps earlier fast-path states valid
                 key.update(decoder=cfg.decoder.value)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def _checkpoint_path(self) -> Path:
+        """The regressor's checkpoint file, without loading it when it is not loaded yet (the
+        split path's parent process fingerprints an input but runs no model)."""
+        if self._regressor is not None:
+            return self._regressor.checkpoint_path
+        from engine.weights import find_checkpoint
+
+        return find_checkpoint(self.config.checkpoint)
 
     def face_model(self):
         """The face model of ``BFM/`` on this engine's device, loaded once (visuals only)."""
@@ -813,6 +941,33 @@ def _abort(sinks: list[Sink]) -> None:
             sink.abort()
         except Exception as e:  # cleanup after a failure must not hide that failure
             log.warning("sink %s did not clean up: %s: %s", type(sink).__name__, type(e).__name__, e)
+
+
+def _until(batches: Iterator[FrameBatch], stop: int) -> Iterator[FrameBatch]:
+    """``batches`` up to frame ``stop`` (exclusive): the batch that reaches it is cut there and
+    the source is closed (it decodes no further)."""
+    try:
+        for batch in batches:
+            keep = int(np.count_nonzero(np.asarray(batch.index) < stop))
+            if keep == len(batch):
+                yield batch
+                continue
+            if keep:
+                yield rows_of(batch, slice(0, keep))
+            return
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def segment_fingerprint(fingerprint: str, start: int, stop: int | None) -> str:
+    """The resume fingerprint of frames ``[start, stop)`` of the input ``fingerprint`` names.
+
+    >>> segment_fingerprint("ab", 0, 64) != segment_fingerprint("ab", 0, None)
+    True
+    """
+    return hashlib.sha256(f"{fingerprint}:{start}:{'end' if stop is None else stop}".encode()).hexdigest()
 
 
 @contextlib.contextmanager

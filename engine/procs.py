@@ -6,7 +6,7 @@ interpreter, GIL and CUDA context) each build their own :class:`~engine.pipeline
 the threaded :func:`engine.many.run_many` over the inputs the parent hands them::
 
     jobs ─(parent feeder thread: one at a time, only when a slot is free)─▶ parent pump thread
-         ─(pipe: source, out_base, state_dir; never the callbacks)─▶ child k: threaded run_many
+         ─(pipe: source, out_base, state_dir, segment; never the callbacks)─▶ child k: threaded run_many
          ◀─(pipe: progress, outcome)─ child k
     outcomes, in completion order ◀─ pump
 
@@ -88,7 +88,8 @@ def _child_main(conn: Connection, factory: Callable[[], Engine], concurrency: in
                 merge_batches: bool | None, log_level: int) -> None:
     """A child process: build the engine, load its models, run what the parent sends.
 
-    Messages in: ``("run", tid, source, out_base, state_dir)``, ``("cancel", tid)``, ``("stop",)``
+    Messages in: ``("run", tid, source, out_base, state_dir, segment)`` (segment: None or a
+    ``(start, stop)`` frame range, :attr:`~engine.many.InputJob.segment`), ``("cancel", tid)``, ``("stop",)``
     (or the pipe closing). Out: ``("ready", inputs at once)``, ``("fatal", error payload)`` (the
     engine could not be built), ``("progress", tid, Progress)``, ``("done", tid, RunReport | None,
     error payload)``.
@@ -124,7 +125,7 @@ def _child_main(conn: Connection, factory: Callable[[], Engine], concurrency: in
 
     def jobs() -> Iterator[InputJob]:
         while (msg := tasks.get()) is not None:
-            _, tid, source, out_base, state_dir = msg
+            _, tid, source, out_base, state_dir, segment = msg
             flag = cancels[tid]
 
             def should_stop(flag=flag) -> bool:
@@ -134,7 +135,8 @@ def _child_main(conn: Connection, factory: Callable[[], Engine], concurrency: in
                 with contextlib.suppress(OSError):
                     send(("progress", tid, p))
 
-            yield InputJob(source, out_base, state_dir, progress=progress, should_stop=should_stop, key=str(tid))
+            yield InputJob(source, out_base, state_dir, progress=progress, should_stop=should_stop, key=str(tid),
+                           segment=segment)
 
     try:
         engine = factory()
@@ -403,7 +405,7 @@ class EnginePool:
             child = min(live, key=lambda c: (len(c.held), c.number))
             tid = waiting.popleft()
             job = opened[tid].job
-            if child.send(("run", tid, job.source, job.out_base, job.state_dir)):
+            if child.send(("run", tid, job.source, job.out_base, job.state_dir, job.segment)):
                 opened[tid].child = child
                 child.held.add(tid)
             else:
