@@ -32,6 +32,9 @@ for step in ${STEPS:-equal throughput memory render}; do
     dataset-gen) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --gen-jobs "$(nproc)" --gen-only ;;
     long-fast) python3 bench/throughput.py --device cuda --set long --mode fast --no-reference \
                   --out "$OUT/long_fast.md" ;;
+    long-split) python3 bench/throughput.py --device cuda --set long --mode fast --landmarks mtcnn fan \
+                  --decoder "${DECODER:-nvdec}" --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 \
+                  --reference-inputs 1 --reference-max-frames 600 --out "$OUT/long_split.md" ;;
     nvdec) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --decoder nvdec \
                   --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 --out "$OUT/clips_fast_nvdec.md" ;;
     dataset-nvdec) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \

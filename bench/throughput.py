@@ -491,10 +491,18 @@ def end_to_end(engine, inputs: list[Path], out_dir: Path, concurrency: int | Non
                pool=None) -> tuple[int, float, str]:
     """Every input through ``engine``: (frames, seconds, how). ``run_many`` (``concurrency`` inputs
     at once; None: its default) when the engine has it; through ``pool``
-    (:class:`engine.procs.EnginePool`, started and warm) when given."""
+    (:class:`engine.procs.EnginePool`, started and warm) when given: one input is then split into
+    frame segments over the pool's processes (:func:`engine.segments.run_split`; fast mode)."""
     t = time.perf_counter()
     frames = 0
-    if pool is not None or hasattr(engine, "run_many"):
+    if pool is not None and len(inputs) == 1:
+        from engine.segments import run_split, split_segments
+
+        p = inputs[0]
+        parts = len(split_segments(engine.config, engine.check_input(p), pool.processes))
+        frames = run_split(engine, p, out_dir / p.stem, processes=pool.processes, pool=pool).num_frames
+        how = f"one input split into {parts} segment(s) over {pool.processes} processes (engine.segments)"
+    elif pool is not None or hasattr(engine, "run_many"):
         from engine.many import InputJob
 
         jobs = (InputJob(source=p, out_base=out_dir / p.stem, key=str(i)) for i, p in enumerate(inputs))

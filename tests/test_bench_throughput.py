@@ -126,3 +126,21 @@ def test_smoke_cpu_fan_with_reference(tmp_path, test_video, monkeypatch):
     assert "Reference-style stages: landmarks" in text
     ratio = next(line for line in text.splitlines() if line.startswith("| exact, fan |")).split("|")[5]
     assert ratio.strip().endswith("×")
+
+
+def test_one_input_with_processes_is_split_over_them(tmp_path, test_video, monkeypatch):
+    """``--processes 2`` with one generated video: the fast row runs it as frame segments over the
+    two engine processes (engine.segments) and counts every frame once."""
+    pytest.importorskip("facenet_pytorch", reason="facenet-pytorch (MTCNN) not installed")
+    import engine.segments
+
+    monkeypatch.setattr(engine.segments, "MIN_SEGMENT_FRAMES", 4)  # read by the parent's plan only
+    out = tmp_path / "table.md"
+    code = throughput.main(["--device", "cpu", "--set", "long", "--minutes", str(24 / 25 / 60),
+                            "--width", "256", "--height", "144", "--batch-size", "4", "--stage-frames", "0",
+                            "--landmarks", "mtcnn", "--mode", "fast", "--no-reference", "--processes", "2",
+                            "--clip", str(test_video), "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    assert code == 0
+    fast = next(line for line in out.read_text().splitlines() if line.startswith("| fast, mtcnn |"))
+    assert fast.split("|")[2].strip() == "24", fast  # 24 frames, each once
+    assert "one input split into 3 segment(s) over 2 processes" in fast, fast  # 24 frames in batches of 4: 8 + 8 + 8
