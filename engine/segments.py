@@ -23,6 +23,7 @@ sink wrote a file. Used for fast mode only (see :func:`split_reason`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -133,9 +134,9 @@ class _Progress:
     """One :class:`~engine.progress.Progress` for the whole input from its segments' reports:
     frames done summed (the frames restored from complete segments included)."""
 
-    def __init__(self, reporter: ProgressReporter, total: int) -> None:
+    def __init__(self, reporter: ProgressReporter, total: int, done: dict[int, int]) -> None:
         self.reporter, self.total = reporter, total
-        self._done: dict[int, int] = {}
+        self._done = dict(done)  #: frames done per segment, those restored from saved states included
         self._lock = threading.Lock()
 
     def set(self, key: int, frames: int) -> None:
@@ -208,9 +209,7 @@ def run_split(engine: Engine, source: str | Path | InputItem, out_base: str | Pa
                 saved = [st.saved_frames() for st in states]
                 restored = sum(frames for frames, _ in saved)
                 reporter.begin(restored, info.frame_count)
-                counter = _Progress(reporter, info.frame_count)
-                for i, (frames, _) in enumerate(saved):
-                    counter._done[i] = frames
+                counter = _Progress(reporter, info.frame_count, {i: frames for i, (frames, _) in enumerate(saved)})
                 jobs = [InputJob(item or path, out_base, st.dir, progress=counter.callback(i), should_stop=stop,
                                  key=str(i), segment=segments[i])
                         for i, (st, (_, complete)) in enumerate(zip(states, saved, strict=True)) if not complete]
@@ -226,8 +225,6 @@ def run_split(engine: Engine, source: str | Path | InputItem, out_base: str | Pa
     except BaseException:
         _abort(sinks)
         raise
-    import dataclasses
-
     sha = next((r.checkpoint_sha256 for r in reports if r.checkpoint_sha256), "")
     return dataclasses.replace(report, fps=fps, resumed_from=restored, checkpoint_sha256=sha,
                                seconds=time.perf_counter() - t_start)
@@ -309,8 +306,6 @@ def _drop_other_segments(base: Path, keep: set[Path]) -> None:
     for d in base.iterdir():
         if d.is_dir() and d not in keep and d.name[:10].isdigit():
             _remove_state(_ResumeState(d, ""))
-
-
 
 
 def split_outcomes(engine: Engine, job: InputJob, processes: int) -> Iterator[InputOutcome]:
