@@ -418,8 +418,10 @@ def iter_frames(
 
     Memory is O(batch_size): only the current batch is held. Frames are uint8 RGB
     (H, W, 3), y down, display rotation applied. ``index`` counts frames from 0 in the
-    decoder's output order (the first ``start`` frames are decoded and dropped, so a
-    resumed run continues at frame ``start`` with the same numbering). ``timestamps``
+    decoder's output order; a late ``start`` gives exactly the frames, indices and timestamps
+    of decoding from 0 (it seeks to the keyframe before frame ``start`` where the packets'
+    timestamps prove the numbering, else decodes and drops the first ``start`` frames; see
+    ``_seek_to_frame``), so a resumed run continues at frame ``start``. ``timestamps``
     are presentation times ``pts · time_base`` in seconds as stored in the file (the
     first frame is usually 0.0); a frame without a pts gets the previous time + 1/fps.
 
