@@ -30,6 +30,8 @@ PIRender era ignored it, so a rotated phone video gave sideways frames there.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -416,8 +418,10 @@ def iter_frames(
 
     Memory is O(batch_size): only the current batch is held. Frames are uint8 RGB
     (H, W, 3), y down, display rotation applied. ``index`` counts frames from 0 in the
-    decoder's output order (the first ``start`` frames are decoded and dropped, so a
-    resumed run continues at frame ``start`` with the same numbering). ``timestamps``
+    decoder's output order; a late ``start`` gives exactly the frames, indices and timestamps
+    of decoding from 0 (it seeks to the keyframe before frame ``start`` where the packets'
+    timestamps prove the numbering, else decodes and drops the first ``start`` frames; see
+    ``_seek_to_frame``), so a resumed run continues at frame ``start``. ``timestamps``
     are presentation times ``pts · time_base`` in seconds as stored in the file (the
     first frame is usually 0.0); a frame without a pts gets the previous time + 1/fps.
 
@@ -507,66 +511,278 @@ def _iter_video(path: Path, batch_size: int, start: int, convert_threads: int = 
 
 
 def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecutor | None) -> Iterator[FrameBatch]:
-    """:func:`iter_frames` for a video; RGB conversion in ``pool`` when given (see ``convert_threads``)."""
+    """:func:`iter_frames` for a video; RGB conversion in ``pool`` when given (see ``convert_threads``).
+
+    A late ``start`` seeks to the keyframe before frame ``start`` when :func:`_seek_to_frame`
+    can prove the numbering; otherwise every frame from 0 is decoded and the first ``start``
+    dropped. Both give the same frames, indices and timestamps.
+    """
+    if start > 0:
+        with _open_container(path) as container:
+            stream = _open_video_stream(container, path)
+            resumed = _seek_to_frame(path, container, stream, start)
+            if resumed is not None:
+                frames, size, rotation = resumed
+                yield from _decode_stream(path, container, stream, frames, batch_size, start, pool,
+                                          count=start, size=size, rotation=rotation)
+                return
+    with _open_container(path) as container:
+        stream = _open_video_stream(container, path)
+        yield from _decode_stream(path, container, stream, _decoded_frames(container.demux(stream)),
+                                  batch_size, start, pool)
+
+
+def _open_video_stream(container, path: Path):
+    """The first video stream, set to decode with frame + slice threads (thread_count 0 = one per CPU)."""
+    stream = _video_stream(container, path)
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _decoded_frames(packets: Iterable) -> Iterator:
+    """Frames of ``packets`` in the decoder's output order (the final empty packet flushes it).
+
+    Raises ``av.error.FFmpegError`` as FFmpeg does."""
+    for packet in packets:
+        yield from packet.decode()
+
+
+def _decode_stream(
+    path: Path,
+    container,
+    stream,
+    frames: Iterator,
+    batch_size: int,
+    start: int,
+    pool: ThreadPoolExecutor | None,
+    *,
+    count: int = 0,
+    size: tuple[int, int] | None = None,
+    rotation: int = 0,
+) -> Iterator[FrameBatch]:
+    """Batches of ``frames`` from frame index ``start`` on.
+
+    ``count`` is the index of the first of ``frames`` (0, or ``start`` after a seek); ``size``
+    (W, H) and ``rotation`` are those of frame 0 (None: read from the first of ``frames``).
+    """
     import av
 
-    with _open_container(path) as container:
-        stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"  # frame + slice threads; thread_count stays 0 = one per CPU
-        fps = _stream_fps(stream)
-        step = 1.0 / fps if fps > 0 else 0.0
-        announced = int(stream.frames or 0)
-        duration = _stream_duration(container, stream)
-        stream_end = _stream_start(stream) + duration
+    fps = _stream_fps(stream)
+    step = 1.0 / fps if fps > 0 else 0.0
+    announced = int(stream.frames or 0)
+    duration = _stream_duration(container, stream)
+    stream_end = _stream_start(stream) + duration
 
-        batch: _Batch | None = None  # the batch being filled
-        count = 0  # frames decoded so far (all of them, dropped ones included)
-        last_time: float | None = None
-        rotation = 0
-        size: tuple[int, int] | None = None
-        error: DecodeError | None = None
-        resized = False
-        try:
-            for packet in container.demux(stream):
-                for frame in packet.decode():
-                    if frame.pts is not None and frame.time is not None:
-                        t = float(frame.time)
-                    else:
-                        t = 0.0 if last_time is None else last_time + step
-                    last_time = t
-                    if size is None:
-                        size = (frame.width, frame.height)
-                        rotation = _rotation_cw(frame)
-                    if count >= start:
-                        if (frame.width, frame.height) != size and not resized:
-                            resized = True
-                            log.warning(
-                                "%s: frame %d is %dx%d, the stream started at %dx%d; scaling such frames",
-                                path, count, frame.width, frame.height, *size,
-                            )
-                        if batch is None:
-                            batch = _Batch(batch_size, size, rotation, pool)
-                        batch.add(frame, count, t)
-                        if batch.full:
-                            done, failed = batch.finish()
-                            if failed is not None:
-                                raise failed
-                            yield done
-                            batch = None
-                    count += 1
-        except av.error.FFmpegError as e:
-            error = DecodeError(f"{path}: decoding failed at frame {count} ({_reason(e)})")
-        if batch is not None:
-            done, failed = batch.finish()
-            if failed is not None and error is None:
-                error = DecodeError(f"{path}: decoding failed at frame {batch.index[len(done)]} ({_reason(failed)})")
-            if len(done):
-                yield done
-        if error is not None:
-            raise error
-        if count == 0:
-            raise DecodeError(f"{path}: video stream has no decodable frame")
-        _check_complete(path, count, announced, last_time, step, fps, stream_end, duration)
+    batch: _Batch | None = None  # the batch being filled
+    last_time: float | None = None
+    error: DecodeError | None = None
+    resized = False
+    try:
+        for frame in frames:
+            if frame.pts is not None and frame.time is not None:
+                t = float(frame.time)
+            else:
+                t = 0.0 if last_time is None else last_time + step
+            last_time = t
+            if size is None:
+                size = (frame.width, frame.height)
+                rotation = _rotation_cw(frame)
+            if count >= start:
+                if (frame.width, frame.height) != size and not resized:
+                    resized = True
+                    log.warning(
+                        "%s: frame %d is %dx%d, the stream started at %dx%d; scaling such frames",
+                        path, count, frame.width, frame.height, *size,
+                    )
+                if batch is None:
+                    batch = _Batch(batch_size, size, rotation, pool)
+                batch.add(frame, count, t)
+                if batch.full:
+                    done, failed = batch.finish()
+                    if failed is not None:
+                        raise failed
+                    yield done
+                    batch = None
+            count += 1
+    except av.error.FFmpegError as e:
+        error = DecodeError(f"{path}: decoding failed at frame {count} ({_reason(e)})")
+    if batch is not None:
+        done, failed = batch.finish()
+        if failed is not None and error is None:
+            error = DecodeError(f"{path}: decoding failed at frame {batch.index[len(done)]} ({_reason(failed)})")
+        if len(done):
+            yield done
+    if error is not None:
+        raise error
+    if count == 0:
+        raise DecodeError(f"{path}: video stream has no decodable frame")
+    _check_complete(path, count, announced, last_time, step, fps, stream_end, duration)
+
+
+# ---------------------------------------------------------------------------------------
+# Seeking to a late start
+
+#: Demuxers (``container.format.name`` entries) whose packets carry trusted presentation
+#: timestamps and a keyframe index: MP4/MOV and Matroska/WebM. Others (AVI, MPEG-TS, ...)
+#: always decode from frame 0.
+_SEEKABLE_FORMATS = frozenset({"mov", "matroska"})
+
+
+@dataclass(frozen=True)
+class _SeekPlan:
+    """Where frame ``start`` is, learnt by demuxing (no decoding past frame 0).
+
+    Attributes:
+        target: pts of frame ``start`` (stream time_base units).
+        pts: sorted pts of every frame up to and including ``target``.
+        keyframes: pts of keyframe packets at or before ``target`` (a decoder may start there).
+        landing: (pts, dts) of the last such keyframe, the seek's aim (dts may be None).
+        size: (W, H) of frame 0; rotation: its clockwise display rotation (degrees).
+    """
+
+    target: int
+    pts: tuple[int, ...]
+    keyframes: frozenset[int]
+    landing: tuple[int, int | None]
+    size: tuple[int, int]
+    rotation: int
+
+
+class _NoSeek(Exception):
+    """Why a late start cannot seek exactly (the caller decodes from frame 0 instead)."""
+
+
+def _seek_to_frame(path: Path, container, stream, start: int) -> tuple[Iterator, tuple[int, int], int] | None:
+    """Seek ``container`` so that decoding resumes at frame ``start`` with today's numbering.
+
+    Frame ``i`` is the ``i``-th frame in output order, i.e. the packet with the ``i``-th
+    smallest pts. The seek lands on the last keyframe at or before that pts; the frames
+    decoded after it are checked against the packets' pts (every frame between the keyframe
+    and frame ``start`` must come out, in order, then frame ``start`` itself) before any is
+    kept. Nothing is yielded before that check passes.
+
+    Returns:
+        (frames from frame ``start`` on, frame 0's (W, H), frame 0's rotation), or None when
+        exactness cannot be shown (the reason is logged at debug level); the caller then
+        decodes from frame 0 in a fresh container.
+    """
+    import av
+
+    try:
+        plan = _plan_seek(container, stream, start)
+        frames, land_pts = _land(container, stream, plan)
+    except _NoSeek as e:
+        log.debug("%s: frame %d: decoding from frame 0 and dropping %d frames (no exact seek: %s)",
+                  path, start, start, e)
+        return None
+    except av.error.FFmpegError as e:
+        log.debug("%s: frame %d: decoding from frame 0 and dropping %d frames (seek failed: %s)",
+                  path, start, start, _reason(e))
+        return None
+    landed = plan.pts.index(land_pts)
+    log.debug("%s: frame %d: seeked to the keyframe at frame %d (pts %d); %d frames decoded and dropped",
+              path, start, landed, land_pts, start - landed)
+    return frames, plan.size, plan.rotation
+
+
+def _plan_seek(container, stream, start: int) -> _SeekPlan:
+    """Demux from the start until frame ``start``'s pts is known; decode only frame 0.
+
+    Raises:
+        _NoSeek: the container or its packets leave the numbering in doubt.
+    """
+    names = set((container.format.name or "").split(","))
+    if not names & _SEEKABLE_FORMATS:
+        raise _NoSeek(f"container format {container.format.name!r} is not one whose timestamps are trusted")
+    announced = int(stream.frames or 0)
+    if announced and start >= announced:
+        raise _NoSeek(f"start is at or past the {announced} frames the container announces")
+    smallest: list[int] = []  # max-heap (negated) of the start + 1 smallest pts seen
+    seen: set[int] = set()
+    keyframes: list[tuple[int, int | None]] = []
+    first: tuple[tuple[int, int], int, int] | None = None  # frame 0: size, rotation, pts
+    last_dts: int | None = None
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's final flush packet
+            continue
+        pts, dts = packet.pts, packet.dts
+        if pts is None:
+            raise _NoSeek("a packet has no pts")
+        if packet.is_discard or packet.is_corrupt:
+            raise _NoSeek(f"the packet at pts {pts} is marked {'discard' if packet.is_discard else 'corrupt'}")
+        if not seen and not packet.is_keyframe:
+            raise _NoSeek("the first packet is not a keyframe")
+        if pts in seen:
+            raise _NoSeek(f"two packets share pts {pts}")
+        if dts is not None and ((last_dts is not None and dts < last_dts) or pts < dts):
+            raise _NoSeek(f"the packet at pts {pts} has dts {dts} out of order")
+        seen.add(pts)
+        last_dts = dts if dts is not None else last_dts
+        if packet.is_keyframe:
+            keyframes.append((pts, dts))
+        if first is None:
+            for frame in packet.decode():
+                if frame.pts is None:
+                    raise _NoSeek("frame 0 has no pts")
+                first = ((frame.width, frame.height), _rotation_cw(frame), frame.pts)
+                break
+        if len(smallest) <= start:
+            heapq.heappush(smallest, -pts)
+        elif pts < -smallest[0]:
+            heapq.heapreplace(smallest, -pts)
+        # Every later packet has pts >= its dts >= this dts: frame `start`'s pts is settled.
+        if first is not None and len(smallest) > start and dts is not None and dts > -smallest[0]:
+            break
+    if len(smallest) <= start:
+        raise _NoSeek(f"start is past the {len(smallest)} frames the demuxer sees")
+    if first is None:
+        raise _NoSeek("frame 0 did not decode from the first packets")
+    target = -smallest[0]
+    pts_sorted = tuple(sorted(-p for p in smallest))
+    if first[2] != pts_sorted[0]:
+        raise _NoSeek(f"frame 0 has pts {first[2]}, the smallest packet pts is {pts_sorted[0]}")
+    usable = [(p, d) for p, d in keyframes if p <= target]
+    landing = max(usable)  # the first packet is a keyframe at pts[0] <= target
+    return _SeekPlan(target, pts_sorted, frozenset(p for p, _ in usable), landing, first[0], first[1])
+
+
+def _land(container, stream, plan: _SeekPlan) -> tuple[Iterator, int]:
+    """Seek to ``plan.landing`` and decode up to frame ``start``; the frames from it on, and
+    the pts of the keyframe the seek landed on.
+
+    Raises:
+        _NoSeek: the seek landed elsewhere than on a planned keyframe, or the frames decoded
+            after it are not exactly the planned ones up to the target.
+    """
+    land_pts, land_dts = plan.landing
+    why = "no seek offset"
+    for offset in dict.fromkeys(o for o in (land_pts, land_dts) if o is not None):
+        container.seek(offset, stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)  # ends with the empty packet that drains the decoder
+        packet = next(packets, None)
+        if packet is None or not packet.size or not packet.is_keyframe or packet.pts not in plan.keyframes:
+            why = f"seeking to {offset} landed on pts {None if packet is None else packet.pts}, not a planned keyframe"
+            continue
+        return _lead_in(_decoded_frames(itertools.chain([packet], packets)), packet.pts, plan), packet.pts
+    raise _NoSeek(why)
+
+
+def _lead_in(frames: Iterator, land_pts: int, plan: _SeekPlan) -> Iterator:
+    """Decode ``frames`` up to the planned target; ``frames`` from it on (the target first)."""
+    expected = [p for p in plan.pts if land_pts <= p < plan.target]
+    got = 0
+    for frame in frames:
+        if frame.pts is None:
+            raise _NoSeek("a frame after the seek has no pts")
+        if frame.pts < land_pts:  # leading frames of an open GOP: not what decoding from 0 gives
+            continue
+        if frame.pts == plan.target and got == len(expected):
+            return itertools.chain([frame], frames)
+        due = expected[got] if got < len(expected) else plan.target
+        if frame.pts != due:
+            raise _NoSeek(f"after the seek, a frame with pts {frame.pts} came where pts {due} was due")
+        got += 1
+    raise _NoSeek("the stream ended before the target frame")
 
 
 class _Batch:
