@@ -708,8 +708,10 @@ def _plan_seek(container, stream, start: int) -> _SeekPlan:
         pts, dts = packet.pts, packet.dts
         if pts is None:
             raise _NoSeek("a packet has no pts")
-        if packet.is_discard or packet.is_corrupt:
-            raise _NoSeek(f"the packet at pts {pts} is marked {'discard' if packet.is_discard else 'corrupt'}")
+        # The flags exist on PyAV's Packet from 12.x/14 on; an older one that lacks them marks nothing.
+        discard, corrupt = getattr(packet, "is_discard", False), getattr(packet, "is_corrupt", False)
+        if discard or corrupt:
+            raise _NoSeek(f"the packet at pts {pts} is marked {'discard' if discard else 'corrupt'}")
         if not seen and not packet.is_keyframe:
             raise _NoSeek("the first packet is not a keyframe")
         if pts in seen:
