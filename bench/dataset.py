@@ -352,6 +352,20 @@ class Run:
         return self.frames / self.registry_s if self.registry_s > 0 else float("nan")
 
 
+def worker_spans(jobs) -> dict[str, list[tuple[float, float, int]]]:
+    """Per worker id, its jobs' (start, end, frames): epoch seconds (the registry's times are UTC;
+    SQLite gives them back naive) and ``frames_total`` (0 when unknown). Jobs without a worker,
+    a start or an end are left out."""
+    def epoch(t: datetime.datetime) -> float:
+        return (t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)).timestamp()
+
+    spans: dict[str, list[tuple[float, float, int]]] = {}
+    for j in jobs:
+        if j.worker_id and j.started_at and j.finished_at:
+            spans.setdefault(j.worker_id, []).append((epoch(j.started_at), epoch(j.finished_at), j.frames_total or 0))
+    return spans
+
+
 def all_busy_rate(jobs) -> tuple[float, float]:
     """(frames/s, seconds) while every worker was busy: from the moment the last worker started
     its first job to the moment the first worker finished its last one.
@@ -364,11 +378,7 @@ def all_busy_rate(jobs) -> tuple[float, float]:
     ``jobs``: objects with ``worker_id``, ``started_at``, ``finished_at`` (datetimes) and
     ``frames_total``; jobs lacking any of them are ignored.
     """
-    spans: dict[str, list[tuple[float, float, int]]] = {}
-    for j in jobs:
-        if j.worker_id and j.started_at and j.finished_at and j.frames_total:
-            spans.setdefault(j.worker_id, []).append(
-                (j.started_at.timestamp(), j.finished_at.timestamp(), j.frames_total))
+    spans = worker_spans([j for j in jobs if j.frames_total])
     if not spans:
         return float("nan"), float("nan")
     t_a = max(min(a for a, _, _ in v) for v in spans.values())
@@ -387,14 +397,7 @@ def worker_timeline(jobs, t0: float) -> str:
     """Where a run's seconds went, from the launcher's start ``t0`` (epoch seconds): per worker, its
     first job's start, its last job's end, its jobs and frames; then the spread of the workers' first
     starts (start-up) and last ends (tail). ``jobs`` as for :func:`all_busy_rate`."""
-    def epoch(t: datetime.datetime) -> float:  # the registry's times are UTC, SQLite gives them back naive
-        return (t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)).timestamp()
-
-    spans: dict[str, list] = {}
-    for j in jobs:
-        if j.worker_id and j.started_at and j.finished_at:
-            spans.setdefault(j.worker_id, []).append(
-                (epoch(j.started_at) - t0, epoch(j.finished_at) - t0, j.frames_total or 0))
+    spans = {w: [(a - t0, b - t0, n) for a, b, n in v] for w, v in worker_spans(jobs).items()}
     if not spans:
         return ""
     rows = []
