@@ -144,3 +144,33 @@ def test_one_input_with_processes_is_split_over_them(tmp_path, test_video, monke
     fast = next(line for line in out.read_text().splitlines() if line.startswith("| fast, mtcnn |"))
     assert fast.split("|")[2].strip() == "24", fast  # 24 frames, each once
     assert "one input split into 3 segment(s) over 2 processes" in fast, fast  # 24 frames in batches of 4: 8 + 8 + 8
+
+
+def test_pyav_upload_feeds_the_fast_path_device_frames(tmp_path, test_video, monkeypatch):
+    """``--decoder pyav-upload``: the fast row runs on frames copied to the device (torch tensors,
+    here on the CPU) by UploadingSource; the exact row says it does not apply."""
+    pytest.importorskip("facenet_pytorch", reason="facenet-pytorch (MTCNN) not installed")
+    from engine.frames import on_device
+
+    seen = []
+    original = throughput.UploadingSource.frames
+
+    def frames(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            seen.append(on_device(batch.images))
+            yield batch
+
+    monkeypatch.setattr(throughput.UploadingSource, "frames", frames)
+    out = tmp_path / "table.md"
+    code = throughput.main(["--device", "cpu", "--set", "clips", "--clips", "1", "--seconds", "0.4",
+                            "--width", "256", "--height", "144", "--batch-size", "4", "--stage-frames", "0",
+                            "--landmarks", "mtcnn", "--decoder", "pyav-upload", "--no-reference",
+                            "--clip", str(test_video), "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    text = out.read_text()
+    assert code == 0, text
+    fast = next(line for line in text.splitlines() if line.startswith("| fast, mtcnn |"))
+    assert fast.split("|")[2].strip() == "10", fast  # 0.4 s at 25 fps
+    exact = next(line for line in text.splitlines() if line.startswith("| exact, mtcnn |"))
+    assert "fast path only" in exact, exact
+    assert seen and all(seen)  # every batch the engine read was a tensor
+    assert "copied to the device in the decode thread" in text
