@@ -543,7 +543,6 @@ class Engine:
             Cancelled: ``should_stop`` returned True.
         """
         t_start = time.perf_counter()
-        cfg = self.config
         item = source if isinstance(source, InputItem) else None
         source = item.path if item else Path(source)
         out_base = Path(out_base)
@@ -551,21 +550,37 @@ class Engine:
 
         # 1. Check inputs before any model work; each sink says where its files go.
         info = self.check_input(source)
-        sinks = self._sinks if self._sinks is not None else create_sinks(cfg.formats, self._sink_context)
+        sinks, paths, skipped = self._start_sinks(source, info, out_base)
+        if skipped is not None:
+            return skipped
         try:
-            paths: dict[str, Path] = {}
-            for sink in sinks:
-                paths.update(sink.start(info, out_base))
-            if not cfg.overwrite and paths and all(p.is_file() for p in paths.values()):
-                log.info("%s: outputs exist, skipping (use overwrite to redo)", source)
-                _abort(sinks)
-                return RunReport(input=source, outputs=paths, info=info, skipped=True, config=cfg.to_dict())
             with ProgressReporter(progress, self.progress_interval_s) as reporter:
                 report = self._run(item or source, info, sinks, paths, reporter, stop, state_dir)
         except BaseException:
             _abort(sinks)
             raise
         return dataclasses.replace(report, seconds=time.perf_counter() - t_start)
+
+    def _start_sinks(self, path: Path, info: MediaInfo, out_base: Path,
+                     ) -> tuple[list[Sink], dict[str, Path], RunReport | None]:
+        """The second half of step 1 of :meth:`run` (also the split path's): this input's sinks,
+        started (each says where its files go), and their paths. Without ``overwrite``, when
+        every file is already there, the sinks are aborted and the third item is the skipped
+        :class:`RunReport` (else None). A sink that fails to start aborts them all."""
+        cfg = self.config
+        sinks = self._sinks if self._sinks is not None else create_sinks(cfg.formats, self._sink_context)
+        paths: dict[str, Path] = {}
+        try:
+            for sink in sinks:
+                paths.update(sink.start(info, out_base))
+        except BaseException:
+            _abort(sinks)
+            raise
+        if not cfg.overwrite and paths and all(p.is_file() for p in paths.values()):
+            log.info("%s: outputs exist, skipping (use overwrite to redo)", path)
+            _abort(sinks)
+            return sinks, paths, RunReport(input=path, outputs=paths, info=info, skipped=True, config=cfg.to_dict())
+        return sinks, paths, None
 
     def run_many(self, jobs: Iterable[InputJob], *, concurrency: int | None = None,
                  merge_batches: bool | None = None, processes: int = 1) -> Iterator[InputOutcome]:

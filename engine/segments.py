@@ -168,7 +168,6 @@ def run_split(engine: Engine, source: str | Path | InputItem, out_base: str | Pa
     Returns / Raises: as ``engine.run``; a segment's error names the input and its frames.
     """
     from engine.pipeline import _abort, _ResumeState, segment_fingerprint
-    from engine.stages.sink import create_sinks
 
     t_start = time.perf_counter()
     item = source if isinstance(source, InputItem) else None
@@ -185,18 +184,10 @@ def run_split(engine: Engine, source: str | Path | InputItem, out_base: str | Pa
     log.info("%s: split into %d segments of frames %s over %d processes", path.name, len(segments),
              ", ".join(f"{a}-{'end' if b is None else b}" for a, b in segments), processes)
 
-    cfg = engine.config
-    sinks = engine._sinks if engine._sinks is not None else create_sinks(cfg.formats, engine._sink_context)
+    sinks, paths, skipped = engine._start_sinks(path, info, out_base)
+    if skipped is not None:
+        return skipped
     try:
-        paths: dict[str, Path] = {}
-        for sink in sinks:
-            paths.update(sink.start(info, out_base))
-        if not cfg.overwrite and paths and all(p.is_file() for p in paths.values()):
-            log.info("%s: outputs exist, skipping (use overwrite to redo)", path)
-            _abort(sinks)
-            from engine.pipeline import RunReport
-
-            return RunReport(input=path, outputs=paths, info=info, skipped=True, config=cfg.to_dict())
         with contextlib.ExitStack() as stack:
             if state_dir is None:
                 base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="engine-segments-")))
