@@ -622,10 +622,10 @@ def parse_args(argv=None):
     except ValueError as e:
         ap.error(str(e))
     if args.per_gpu == "auto":  # one K for both runs (the all-GPU run's), so the ratio compares like with like
-        from worker.launch import resolve_per_gpu, visible_devices
+        from worker.launch import resolve_per_gpu, smallest_gpu_gib, visible_devices
 
         devices = visible_devices() if args.device.startswith("cuda") else [args.device]
-        args.per_gpu = resolve_per_gpu("auto", devices)
+        args.per_gpu = resolve_per_gpu("auto", devices, gpu_gib=smallest_gpu_gib(devices))  # as the launcher
     return args
 
 
