@@ -145,9 +145,20 @@ def make_video(faces: list[np.ndarray], dst: Path, frames: int, start: int, spec
     return dst
 
 
-def _make_piece(src: Path, spec: MediaSpec, dst: Path, frames: int, first: int) -> Path:
-    """One piece of a long video, in a child process (it reads the source faces itself)."""
-    return make_video(source_faces(src, spec.face_size), dst, frames, 0, spec, first=first)
+def _make_in_child(src: Path, spec: MediaSpec, dst: Path, frames: int, start: int, first: int) -> Path:
+    """:func:`make_video` in a child process (it reads the source faces itself)."""
+    return make_video(source_faces(src, spec.face_size), dst, frames, start, spec, first=first)
+
+
+def _make_parallel(src: Path, spec: MediaSpec, jobs: int, videos: list[tuple[Path, int, int, int]]) -> None:
+    """:func:`make_video` for each ``(dst, frames, start, first)``, ``jobs`` processes at once."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(videos)), mp_context=ctx) as pool:
+        for future in [pool.submit(_make_in_child, src, spec, *video) for video in videos]:
+            future.result()
 
 
 def concat_videos(parts: list[Path], dst: Path) -> Path:
@@ -181,21 +192,14 @@ def concat_videos(parts: list[Path], dst: Path) -> Path:
 def make_long_video(src: Path, dst: Path, frames: int, spec: MediaSpec, jobs: int) -> Path:
     """One long video made as ``jobs`` pieces in parallel (x264 alone uses few cores well), then
     joined; a 10-minute 1080p video takes ~5 minutes in one encoder on 16 cores."""
-    import concurrent.futures
-    import multiprocessing
-
     if dst.exists():
         return dst
     if jobs <= 1 or frames < 2000:
         return make_video(source_faces(src, spec.face_size), dst, frames, 0, spec)
     bounds = np.linspace(0, frames, jobs + 1).astype(int)
     parts = [dst.with_name(f"{dst.stem}.piece{k:02d}{dst.suffix}") for k in range(jobs)]
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        done = [pool.submit(_make_piece, src, spec, part, int(b - a), int(a))
-                for part, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)]
-        for future in done:
-            future.result()
+    _make_parallel(src, spec, jobs, [(part, int(b - a), 0, int(a))
+                                     for part, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)])
     concat_videos(parts, dst)
     for part in parts:
         part.unlink()
@@ -211,8 +215,12 @@ def make_set(kind: str, args, spec: MediaSpec, workdir: Path) -> list[Path]:
         return [make_long_video(args.clip, workdir / f"long_{tag}_{n}.mp4", n, spec, args.gen_jobs)]
     faces = source_faces(args.clip, spec.face_size)
     n = max(1, round(args.seconds * spec.fps))
-    return [make_video(faces, workdir / f"clips_{tag}_{n}" / f"clip_{k:03d}.mp4", n, (37 * k) % len(faces), spec)
-            for k in range(args.clips)]
+    folder = workdir / f"clips_{tag}_{n}"
+    clips = [(folder / f"clip_{k:03d}.mp4", n, (37 * k) % len(faces), 0) for k in range(args.clips)]
+    todo = [clip for clip in clips if not clip[0].exists()]
+    if args.gen_jobs > 1 and len(todo) > 1:
+        _make_parallel(args.clip, spec, args.gen_jobs, todo)
+    return [make_video(faces, dst, frames, start, spec) for dst, frames, start, _ in clips]
 
 
 # ------------------------------------------------------------------------------------ weights
@@ -872,7 +880,7 @@ def parse_args(argv=None):
     ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--gen-jobs", type=int, default=os.cpu_count() or 1,
-                    help="--set long: processes that encode pieces of the video at once")
+                    help="processes that encode the generated set (pieces of the long video) at once")
     ap.add_argument("--clip", type=Path, default=TEST_CLIP, help="the face video the sets are made from")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--mode", dest="modes", nargs="*", choices=("exact", "fast"), default=["exact", "fast"],
