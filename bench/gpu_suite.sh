@@ -32,8 +32,6 @@ for step in ${STEPS:-equal throughput memory render}; do
     dataset-gen) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --gen-jobs "$(nproc)" --gen-only ;;
     long-fast) python3 bench/throughput.py --device cuda --set long --mode fast --no-reference \
                   --out "$OUT/long_fast.md" ;;
-    clips-upload) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --decoder pyav-upload \
-                  --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 --out "$OUT/clips_upload.md" ;;
     long-split) python3 bench/throughput.py --device cuda --set long --mode fast --landmarks mtcnn fan \
                   --decoder "${DECODER:-nvdec}" --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 \
                   --reference-inputs 1 --reference-max-frames 600 --out "$OUT/long_split.md" ;;

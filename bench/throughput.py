@@ -482,9 +482,7 @@ def make_config(args, mode: str, landmarks: str, ckpt: Path):
     extra = {"mode": mode}
     if mode == "fast" and "detect_every" in fields and args.detect_every:
         extra["detect_every"] = args.detect_every
-    if args.decoder == UPLOAD and mode != "fast":
-        return None, f"--decoder {UPLOAD}: fast path only (the exact path's detectors read host frames)"
-    if args.decoder not in ("pyav", UPLOAD):
+    if args.decoder != "pyav":
         if "decoder" not in fields:
             return None, f"decoder {args.decoder} not available on this branch"
         extra["decoder"] = args.decoder
@@ -494,45 +492,17 @@ def make_config(args, mode: str, landmarks: str, ckpt: Path):
         return None, f"not available ({e})"
 
 
-class UploadingSource:
-    """PyAV frames copied to ``device`` in the decode thread, so the fast path's stages get device
-    frames (as from NVDEC) and the host holds only the batches being decoded: the experiment
-    behind ``--decoder pyav-upload`` (host memory and speed of the fast path with PyAV), not an
-    engine option. Same pixels, indices and timestamps as :class:`engine.stages.source.MediaSource`."""
-
-    def __init__(self, device: str, prefetch_depth: int = 2) -> None:
-        from engine.stages.source import MediaSource
-
-        self.device, self._media = device, MediaSource(prefetch_depth)
-
-    def probe(self, path: Path):
-        return self._media.probe(path)
-
-    def frames(self, path: Path, batch_size: int, start: int = 0):
-        import torch
-
-        from engine.sources import iter_frames, prefetch
-
-        def uploaded():
-            for batch in iter_frames(path, batch_size, start=start):
-                yield dataclasses.replace(batch, images=torch.from_numpy(batch.images).to(self.device))
-
-        return prefetch(uploaded(), depth=self._media.prefetch_depth)
-
-
-def build_engine(cfg, fixed_box: np.ndarray | None = None, upload: bool = False):
+def build_engine(cfg, fixed_box: np.ndarray | None = None):
     """An Engine for ``cfg`` (its mode's stages and its decoder, as ``extract`` builds them), with
-    the detector wrapped in :class:`FixedBox` when S3FD has random weights; with ``upload``, its
-    source is :class:`UploadingSource`. Also what each child process of ``--processes`` builds
-    (its own decoder and stages)."""
+    the detector wrapped in :class:`FixedBox` when S3FD has random weights. Also what each child
+    process of ``--processes`` builds (its own decoder and stages)."""
     from engine import Engine
 
     landmarker = Engine(cfg).landmarker_for(None)  # fan and mtcnn need no input to be built
     detector = getattr(landmarker, "detector", None)
     if fixed_box is not None and detector is not None:
         detector = FixedBox(detector, fixed_box)
-    source = UploadingSource(cfg.device) if upload else None
-    return Engine(cfg, landmarker=landmarker, detector=detector, source=source)
+    return Engine(cfg, landmarker=landmarker, detector=detector)
 
 
 def stage_rates(engine, inputs: list[Path], args) -> dict[str, float]:
@@ -660,7 +630,7 @@ def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path
     row = Row(name)
     try:
         box = fixed_box if landmarks == "fan" else None
-        engine = build_engine(cfg, box, upload=args.decoder == UPLOAD)
+        engine = build_engine(cfg, box)
         with engine, contextlib.ExitStack() as stack:
             engine.run(warm, args.workdir / "out" / "warm")  # loads the models, first CUDA kernels
             if args.stage_frames > 0:
@@ -689,7 +659,7 @@ def start_pool(stack: contextlib.ExitStack, args, cfg, fixed_box: np.ndarray | N
     from engine.many import InputJob
     from engine.procs import EnginePool
 
-    factory = functools.partial(build_engine, cfg, fixed_box, args.decoder == UPLOAD)
+    factory = functools.partial(build_engine, cfg, fixed_box)
     pool = stack.enter_context(EnginePool(factory, args.processes, concurrency=args.concurrency))
     pool.wait_ready()
     warm_jobs = [InputJob(warm, args.workdir / "out" / f"warm{i}") for i in range(args.processes)]
@@ -910,11 +880,9 @@ def parse_args(argv=None):
 
 
 #: ``--decoder``: how the output describes it (each engine builds its source from its config).
-DECODERS = {"pyav": "PyAV (threaded decode, RGB conversion in a thread pool)",
-            "nvdec": "NVDEC (PyNvVideoCodec), frames kept on the GPU (fast path only)",
-            "pyav-upload": "PyAV, each batch copied to the device in the decode thread (bench/throughput.py's "
-                           "UploadingSource, an experiment; fast path only)"}
-UPLOAD = "pyav-upload"
+DECODERS = {"pyav": "PyAV (threaded decode, RGB conversion in a thread pool; on a GPU the fast path's batches "
+                    "are copied there in the decode thread)",
+            "nvdec": "NVDEC (PyNvVideoCodec), frames kept on the GPU (fast path only)"}
 
 
 def main(argv=None) -> int:

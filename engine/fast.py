@@ -63,9 +63,11 @@ def regressor_precision(config: EngineConfig, device: str) -> str:
 
 
 def default_source(config: EngineConfig, device: str):
-    """The source ``config.decoder`` names: PyAV on the host
-    (:class:`~engine.stages.source.MediaSource`), or NVDEC with the frames kept on ``device``
-    (:class:`~engine.stages.nvdec.NvdecSource`).
+    """The source ``config.decoder`` names: PyAV (:class:`~engine.stages.source.MediaSource`),
+    or NVDEC with the frames kept on ``device`` (:class:`~engine.stages.nvdec.NvdecSource`).
+    PyAV's frames stay on the host for the exact path; the fast path has them copied to the
+    GPU in the decode thread (``config.device``, or the GPU when torch sees one): its stages
+    then work on device frames as with NVDEC, and the host holds only the batches being decoded.
 
     Raises:
         NvdecUnavailable: ``nvdec`` without PyNvVideoCodec or without a CUDA ``device``.
@@ -78,7 +80,7 @@ def default_source(config: EngineConfig, device: str):
         return NvdecSource(gpu_id=cuda_index(device), on_device=True)
     from engine.stages.source import MediaSource
 
-    return MediaSource()
+    return MediaSource(device=(config.device or "auto") if config.mode == Mode.FAST else None)
 
 
 def default_aligner(config: EngineConfig, device: str):

@@ -9,8 +9,6 @@ reconstruction weights.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import cv2
 import numpy as np
 import pytest
@@ -21,9 +19,11 @@ from engine.config import Decoder
 from engine.frames import on_device, shrink_area, to_numpy, to_torch, zeros_like_frames
 from engine.landmarks import fan_gpu, mtcnn_gpu
 from engine.resample import resized_crops
+from engine.sources import iter_frames, prefetch
 from engine.stages.align import TorchAligner
 from engine.stages.keyframe import thumbnails
-from engine.stages.source import MediaSource
+from engine.stages.source import MediaSource, _uploaded
+from engine.structures import FrameBatch
 from tests.media import first_frames, make_video
 
 FRAMES = 48
@@ -75,11 +75,41 @@ def test_each_stage_function_gives_the_same_on_host_and_device_frames(frames):
 
 
 class DeviceFrames(MediaSource):
-    """PyAV's frames handed on as tensors: a stand-in for NVDEC with ``on_device=True``."""
+    """PyAV's frames copied to a device in the decode thread, as ``MediaSource`` does on a GPU
+    for the fast path (and a stand-in for NVDEC with ``on_device=True``); the device is the CPU here."""
 
     def frames(self, path, batch_size, start=0):
-        for batch in super().frames(path, batch_size, start):
-            yield replace(batch, images=torch.from_numpy(np.array(batch.images)))
+        return prefetch(_uploaded(iter_frames(path, batch_size, start=start), "cpu"))
+
+
+def test_pyav_frames_go_to_the_gpu_on_the_fast_path_only():
+    from engine.fast import default_source
+
+    assert default_source(EngineConfig(mode="fast", device="cuda:1"), "cuda:1").device == "cuda:1"
+    assert default_source(EngineConfig(mode="fast"), "cuda").device == "auto"
+    assert default_source(EngineConfig(mode="exact", device="cuda"), "cuda").device is None
+    on_cpu = default_source(EngineConfig(mode="fast", device="cpu"), "cpu")
+    assert on_cpu.device == "cpu" and on_cpu._upload_device() is None
+    if not torch.cuda.is_available():
+        assert MediaSource(device="auto")._upload_device() is None
+
+
+def test_uploading_keeps_the_frames_and_closes_the_decoder_when_stopped_early(frames):
+    closed = []
+
+    def decoded():
+        try:
+            for k in range(0, len(frames), 4):
+                yield FrameBatch(frames[k:k + 4], np.arange(k, k + 4), np.arange(k, k + 4) / 25.0)
+        finally:
+            closed.append(True)
+
+    uploaded = _uploaded(decoded(), "cpu")
+    first = next(uploaded)
+    assert isinstance(first.images, torch.Tensor) and np.array_equal(first.images.numpy(), frames[:4])
+    assert np.array_equal(first.index, np.arange(4))
+    uploaded.close()
+    assert closed == [True]
 
 
 def test_the_fast_path_on_device_frames_writes_what_it_writes_on_host_frames(test_video, tmp_path, recon_checkpoint):

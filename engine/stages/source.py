@@ -1,11 +1,13 @@
 """Stage 1, the source: an input file → its :class:`~engine.structures.MediaInfo` and its frames.
 
 The default, :class:`MediaSource`, decodes videos with PyAV and images with Pillow
-(:mod:`engine.sources`), one batch ahead in a background thread.
+(:mod:`engine.sources`), one batch ahead in a background thread; on the fast path on a GPU it
+also copies each batch to the GPU in that thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -34,15 +36,47 @@ class MediaSource:
     FFmpeg decodes with one thread per CPU; ``convert_threads`` threads turn the decoded frames
     into RGB beside it (``None``: :func:`~engine.sources.default_convert_threads`; see
     :func:`~engine.sources.iter_frames`). Pixels, order and timestamps do not depend on either.
+
+    ``device``: a CUDA device to copy each batch to in the decode thread, so ``images`` is a
+    uint8 (B, H, W, 3) tensor there, as from NVDEC (:mod:`engine.frames`); the host then holds
+    only the batches being decoded. ``"auto"``: the GPU when torch sees one. ``None``, a CPU
+    device, or ``"auto"`` without a GPU: numpy frames on the host. The same pixel values either way.
     """
 
-    def __init__(self, prefetch_depth: int = 2, convert_threads: int | None = None) -> None:
+    def __init__(self, prefetch_depth: int = 2, convert_threads: int | None = None,
+                 device: str | None = None) -> None:
         self.prefetch_depth = prefetch_depth
         self.convert_threads = convert_threads
+        self.device = device
 
     def probe(self, path: Path) -> MediaInfo:
         return probe(path)
 
     def frames(self, path: Path, batch_size: int, start: int = 0) -> Iterator[FrameBatch]:
         frames = iter_frames(path, batch_size, start=start, convert_threads=self.convert_threads)
+        device = self._upload_device()
+        if device is not None:
+            frames = _uploaded(frames, device)
         return prefetch(frames, depth=self.prefetch_depth)
+
+    def _upload_device(self) -> str | None:
+        """The CUDA device batches go to, or None (resolved on the first run, when torch is loaded)."""
+        if self.device is None:
+            return None
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else None) if self.device == "auto" else self.device
+        return device if device is not None and torch.device(device).type == "cuda" else None
+
+
+def _uploaded(frames: Iterator[FrameBatch], device: str) -> Iterator[FrameBatch]:
+    """``frames`` with each batch's images copied to ``device`` (the host array is then freed)."""
+    import torch
+
+    try:
+        for batch in frames:
+            yield dataclasses.replace(batch, images=torch.from_numpy(batch.images).to(device))
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
