@@ -30,11 +30,11 @@ PIRender era ignored it, so a rotated phone video gave sideways frames there.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
 import os
-import queue
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -884,41 +884,56 @@ T = TypeVar("T")
 _END = object()
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+def prefetch(items: Iterable[T], depth: int = 2, *, max_bytes: int | None = None) -> Iterator[T]:
     """Run ``items`` in a background thread, keeping up to ``depth`` results ready.
 
     PyAV decodes without the GIL, so decoding the next batch overlaps the caller's work
     on the current one. Exceptions of the source are re-raised in the caller, after the
     items produced before them. Closing the returned generator stops the thread and
-    closes the source. Memory: at most ``depth + 2`` items alive.
+    closes the source.
+
+    Memory: at most ``depth + 2`` items alive (ready, being produced, being used). With
+    ``max_bytes``, an item waits to join the ready ones while their ``images.nbytes``
+    (:class:`~engine.structures.FrameBatch`; 0 for other items) would pass it, though one is
+    always let through: large frames (a batch of 32 1080p frames is 199 MB) then keep fewer
+    batches ready than small ones.
 
     >>> list(prefetch(iter(range(5))))
     [0, 1, 2, 3, 4]
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    ready: collections.deque = collections.deque()  # (item, error, nbytes)
+    held = 0  # bytes of the ready items
+    stop = False
+    changed = threading.Condition()
 
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def room(nbytes: int) -> bool:
+        return not ready or (len(ready) < depth and (max_bytes is None or held + nbytes <= max_bytes))
+
+    def put(item, error=None) -> bool:
+        nonlocal held
+        images = getattr(item, "images", None)
+        nbytes = int(getattr(images, "nbytes", 0)) if max_bytes is not None else 0
+        with changed:
+            changed.wait_for(lambda: stop or room(nbytes))
+            if stop:
+                return False
+            ready.append((item, error, nbytes))
+            held += nbytes
+            changed.notify_all()
+            return True
 
     def produce() -> None:
         source = iter(items)
         try:
             for item in source:
-                if not put((item, None)):
+                if not put(item):
                     break
             else:
-                put((_END, None))
+                put(_END)
         except BaseException as e:  # re-raised in the consumer
-            put((_END, e))
+            put(_END, e)
         finally:
             close = getattr(source, "close", None)
             if close is not None:
@@ -928,14 +943,20 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     worker.start()
     try:
         while True:
-            item, error = slots.get()
+            with changed:
+                changed.wait_for(lambda: ready)
+                item, error, nbytes = ready.popleft()
+                held -= nbytes
+                changed.notify_all()
             if item is _END:
                 if error is not None:
                     raise error
                 return
             yield item
     finally:
-        stop.set()
+        with changed:
+            stop = True
+            changed.notify_all()
         worker.join()
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 import tracemalloc
+import types
 from pathlib import Path
 
 import numpy as np
@@ -506,6 +508,26 @@ def test_nvdec_source_reports_a_stream_that_ends_early(tmp_path, monkeypatch):
 
 
 # --- prefetch -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("max_bytes", "ready"), [(None, 3), (250, 2), (50, 1)])
+def test_prefetch_keeps_at_most_depth_items_and_max_bytes_of_frames_ready(max_bytes, ready):
+    produced = []
+
+    def batches():
+        for i in range(20):
+            produced.append(i)
+            yield types.SimpleNamespace(images=np.zeros(100, np.uint8), i=i)
+
+    gen = prefetch(batches(), depth=3, max_bytes=max_bytes)
+    assert next(gen).i == 0
+    most = 1 + ready + 1  # the one taken, the ready ones, one waiting in the producer
+    deadline = time.monotonic() + 30
+    while len(produced) < most and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(produced) == most
+    assert [b.i for b in gen] == list(range(1, 20))
 
 
 def test_prefetch_reraises_after_items_and_stops_early():

@@ -15,6 +15,10 @@ from typing import Protocol, runtime_checkable
 from engine.sources import iter_frames, prefetch, probe
 from engine.structures import FrameBatch, MediaInfo
 
+#: Host bytes of decoded frames kept ready ahead of the engine, per input (at least one batch):
+#: two batches of 32 frames up to 720p, one of 1080p.
+PREFETCH_BYTES = 256 * 2**20
+
 
 @runtime_checkable
 class Source(Protocol):
@@ -37,6 +41,9 @@ class MediaSource:
     into RGB beside it (``None``: :func:`~engine.sources.default_convert_threads`; see
     :func:`~engine.sources.iter_frames`). Pixels, order and timestamps do not depend on either.
 
+    At most ``prefetch_depth`` batches wait ready, fewer when their frames would pass
+    ``prefetch_bytes`` host bytes (:data:`PREFETCH_BYTES`; one batch always may wait).
+
     ``device``: a CUDA device to copy each batch to in the decode thread, so ``images`` is a
     uint8 (B, H, W, 3) tensor there, as from NVDEC (:mod:`engine.frames`); the host then holds
     only the batches being decoded. ``"auto"``: the GPU when torch sees one. ``None``, a CPU
@@ -44,8 +51,9 @@ class MediaSource:
     """
 
     def __init__(self, prefetch_depth: int = 2, convert_threads: int | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, prefetch_bytes: int | None = PREFETCH_BYTES) -> None:
         self.prefetch_depth = prefetch_depth
+        self.prefetch_bytes = prefetch_bytes
         self.convert_threads = convert_threads
         self.device = device
 
@@ -55,9 +63,9 @@ class MediaSource:
     def frames(self, path: Path, batch_size: int, start: int = 0) -> Iterator[FrameBatch]:
         frames = iter_frames(path, batch_size, start=start, convert_threads=self.convert_threads)
         device = self._upload_device()
-        if device is not None:
-            frames = _uploaded(frames, device)
-        return prefetch(frames, depth=self.prefetch_depth)
+        if device is not None:  # the ready batches are on the device: no host bytes to bound
+            return prefetch(_uploaded(frames, device), depth=self.prefetch_depth)
+        return prefetch(frames, depth=self.prefetch_depth, max_bytes=self.prefetch_bytes)
 
     def _upload_device(self) -> str | None:
         """The CUDA device batches go to, or None (resolved on the first run, when torch is loaded)."""
