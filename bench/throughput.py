@@ -194,7 +194,8 @@ def make_long_video(src: Path, dst: Path, frames: int, spec: MediaSpec, jobs: in
     joined; a 10-minute 1080p video takes ~5 minutes in one encoder on 16 cores."""
     if dst.exists():
         return dst
-    if jobs <= 1 or frames < 2000:
+    jobs = min(jobs, frames // 250)  # pieces of at least 10 s at 25 fps
+    if jobs <= 1:
         return make_video(source_faces(src, spec.face_size), dst, frames, 0, spec)
     bounds = np.linspace(0, frames, jobs + 1).astype(int)
     parts = [dst.with_name(f"{dst.stem}.piece{k:02d}{dst.suffix}") for k in range(jobs)]

@@ -146,31 +146,21 @@ def test_one_input_with_processes_is_split_over_them(tmp_path, test_video, monke
     assert "one input split into 3 segment(s) over 2 processes" in fast, fast  # 24 frames in batches of 4: 8 + 8 + 8
 
 
-def test_pyav_upload_feeds_the_fast_path_device_frames(tmp_path, test_video, monkeypatch):
-    """``--decoder pyav-upload``: the fast row runs on frames copied to the device (torch tensors,
-    here on the CPU) by UploadingSource; the exact row says it does not apply."""
-    pytest.importorskip("facenet_pytorch", reason="facenet-pytorch (MTCNN) not installed")
-    from engine.frames import on_device
+def test_the_long_video_made_in_pieces_plays_as_one_encode(tmp_path, test_video):
+    """``--set long`` encodes pieces in parallel processes and joins their packets: the frames,
+    their timestamps and a seek into the second piece are those of one continuous video."""
+    from engine.sources import iter_frames, probe
 
-    seen = []
-    original = throughput.UploadingSource.frames
-
-    def frames(self, *args, **kwargs):
-        for batch in original(self, *args, **kwargs):
-            seen.append(on_device(batch.images))
-            yield batch
-
-    monkeypatch.setattr(throughput.UploadingSource, "frames", frames)
-    out = tmp_path / "table.md"
-    code = throughput.main(["--device", "cpu", "--set", "clips", "--clips", "1", "--seconds", "0.4",
-                            "--width", "256", "--height", "144", "--batch-size", "4", "--stage-frames", "0",
-                            "--landmarks", "mtcnn", "--decoder", "pyav-upload", "--no-reference",
-                            "--clip", str(test_video), "--workdir", str(tmp_path / "work"), "--out", str(out)])
-    text = out.read_text()
-    assert code == 0, text
-    fast = next(line for line in text.splitlines() if line.startswith("| fast, mtcnn |"))
-    assert fast.split("|")[2].strip() == "10", fast  # 0.4 s at 25 fps
-    exact = next(line for line in text.splitlines() if line.startswith("| exact, mtcnn |"))
-    assert "fast path only" in exact, exact
-    assert seen and all(seen)  # every batch the engine read was a tensor
-    assert "copied to the device in the decode thread" in text
+    spec = throughput.MediaSpec(width=96, height=54, fps=25)
+    one = throughput.make_long_video(test_video, tmp_path / "one.mp4", 600, spec, jobs=1)
+    joined = throughput.make_long_video(test_video, tmp_path / "joined.mp4", 600, spec, jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["joined.mp4", "one.mp4"]  # pieces removed
+    assert probe(joined).frame_count == 600
+    whole = np.concatenate([x.images for x in iter_frames(one, 64)])
+    batches = list(iter_frames(joined, 64))
+    frames = np.concatenate([x.images for x in batches])
+    assert whole.shape == frames.shape == (600, 54, 96, 3)
+    assert np.allclose(np.concatenate([x.timestamps for x in batches]), np.arange(600) / 25.0)
+    assert np.abs(whole.astype(int) - frames).mean() < 3  # the same pictures, encoded apart
+    late = np.concatenate([x.images for x in iter_frames(joined, 64, start=450)])
+    assert np.array_equal(late, frames[450:])
