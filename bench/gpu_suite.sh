@@ -29,6 +29,8 @@ for step in ${STEPS:-equal throughput memory render}; do
                   --out "$OUT/clips_fast.md" ;;
     clips-procs) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --stage-frames 0 \
                   --processes "${PROCESSES:-4}" --concurrency 2 --out "$OUT/clips_procs.md" ;;
+    clips-exact) python3 bench/throughput.py --device cuda --set clips --mode exact --landmarks mtcnn --no-reference \
+                  --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 --out "$OUT/clips_exact.md" ;;
     dataset-gen) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --gen-jobs "$(nproc)" --gen-only ;;
     long-fast) python3 bench/throughput.py --device cuda --set long --mode fast --no-reference \
                   --out "$OUT/long_fast.md" ;;
