@@ -68,7 +68,7 @@ class MediaSource:
         return prefetch(frames, depth=self.prefetch_depth, max_bytes=self.prefetch_bytes)
 
     def _upload_device(self) -> str | None:
-        """The CUDA device batches go to, or None (resolved on the first run, when torch is loaded)."""
+        """The CUDA device batches go to, or None (resolved per input, when torch is loaded)."""
         if self.device is None:
             return None
         import torch
