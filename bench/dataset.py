@@ -633,6 +633,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from bench.throughput import MediaSpec, prepare_fan_weights
+    from engine.cudasync import ENV, cuda_sync_mode
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     base = MediaSpec(args.width, args.height, args.fps)
@@ -664,7 +665,7 @@ def main(argv=None) -> int:
         "",
         f"- command: `{command}`",
         f"- devices: {'; '.join(names) if names else args.device}; host {platform.node()}, "
-        f"{os.cpu_count()} CPUs; {versions()}",
+        f"{os.cpu_count()} CPUs; {versions()}; GPU waits in the workers: {cuda_sync_mode()} ({ENV})",
         f"- inputs: {args.clips} distinct clips × {args.frames} frames, {args.width}×{args.height} at {args.fps} fps "
         f"(from {args.clip.name}: other start frame and drift each), submitted with `python -m engine submit` "
         f"to a fresh SQLite registry per run",

@@ -887,6 +887,8 @@ DECODERS = {"pyav": "PyAV (threaded decode, RGB conversion in a thread pool; on 
 
 
 def main(argv=None) -> int:
+    from engine.cudasync import ENV, cuda_sync_mode
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -922,7 +924,8 @@ def main(argv=None) -> int:
         f"**bench/throughput.py** — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"- command: `python {command}`",
-        f"- device: {device_name(args.device)}; host {platform.node()}, {os.cpu_count()} CPUs; {versions()}",
+        f"- device: {device_name(args.device)}; host {platform.node()}, {os.cpu_count()} CPUs; {versions()}; "
+        f"GPU waits: {cuda_sync_mode()} ({ENV})",
         f"- inputs: {len(inputs)} × {infos[0].width}×{infos[0].height} {infos[0].codec}, {total} frames "
         f"({'generated set ' + args.set if args.set else 'given videos'}); decoder {decoder}; batch {args.batch_size}",
         f"- weights: {'; '.join(notes)}. Speed does not depend on the weights' values.",

@@ -37,6 +37,7 @@ import numpy as np
 from engine import __version__
 from engine import quality as q
 from engine.config import Decoder, EngineConfig, Mode, name_of
+from engine.cudasync import apply_cuda_sync
 from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, storage_error
 from engine.fast import default_source
 from engine.hostmem import return_large_blocks
@@ -401,6 +402,7 @@ class Engine:
     ) -> None:
         self.config = config or EngineConfig()
         return_large_blocks()  # freed frames go back to the OS (engine.hostmem)
+        apply_cuda_sync()  # how threads wait for the GPU, before any CUDA context (engine.cudasync)
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
         # NVDEC decodes on config.device, or on cuda:0 when unset (it needs a GPU either way).
         self.source: Source = source or default_source(self.config, self.config.device or "cuda")
