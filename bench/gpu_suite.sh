@@ -37,7 +37,7 @@ for step in ${STEPS:-equal throughput memory render}; do
     long-split) python3 bench/throughput.py --device cuda --set long --mode fast --landmarks mtcnn fan \
                   --decoder "${DECODER:-nvdec}" --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 \
                   --reference-inputs 1 --reference-max-frames 600 --out "$OUT/long_split.md" ;;
-    nvdec) python3 bench/throughput.py --device cuda --set clips --mode fast --no-reference --decoder nvdec \
+    nvdec) python3 bench/throughput.py --device cuda --set clips --mode fast --decoder nvdec --reference-inputs 1 \
                   --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 --out "$OUT/clips_fast_nvdec.md" ;;
     dataset-nvdec) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
                   --decoder nvdec --per-gpu "${PER_GPU:-4}" --out "$OUT/dataset_nvdec.md" ;;
