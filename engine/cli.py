@@ -26,6 +26,7 @@ from engine.config import (
     OutputFormat,
     output_format,
 )
+from engine.cudasync import cuda_sync_mode
 from engine.errors import StudioError
 from engine.formats import FORMATS
 
@@ -371,6 +372,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        cuda_sync_mode()  # a wrong STUDIO_CUDA_SYNC stops here, not in every job's Engine
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -95,3 +95,13 @@ def test_the_real_library_is_loaded_where_there_is_one():
     except OSError:
         pytest.skip("no NVIDIA driver (libcuda.so.1) on this machine: the stand-in tests cover the calls")
     assert set_cuda_sync("auto") >= 0
+
+
+def test_the_cli_refuses_a_wrong_mode_before_running_anything(monkeypatch, capsys):
+    from engine.cli import main
+
+    monkeypatch.setenv(ENV, "fast")
+    with pytest.raises(SystemExit) as stop:
+        main(["doctor"])
+    assert stop.value.code == 2
+    assert "STUDIO_CUDA_SYNC='fast': use one of auto, spin, yield, blocking" in capsys.readouterr().err
