@@ -41,6 +41,10 @@ for step in ${STEPS:-equal throughput memory render}; do
                   --stage-frames 0 --processes "${PROCESSES:-4}" --concurrency 2 --out "$OUT/clips_fast_nvdec.md" ;;
     dataset-nvdec) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
                   --decoder nvdec --per-gpu "${PER_GPU:-4}" --out "$OUT/dataset_nvdec.md" ;;
+    dataset-sync) for sync in auto blocking; do  # spin (CUDA's default here) vs sleeping waits, same clips
+                    STUDIO_CUDA_SYNC=$sync python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast \
+                      --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-4}" --out "$OUT/dataset_sync_$sync.md"
+                  done ;;
     dataset) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast exact --landmarks mtcnn \
                   --out "$OUT/dataset.md" ;;
     dataset-fast) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
