@@ -19,7 +19,6 @@ from engine.config import Decoder
 from engine.frames import on_device, shrink_area, to_numpy, to_torch, zeros_like_frames
 from engine.landmarks import fan_gpu, mtcnn_gpu
 from engine.resample import resized_crops
-from engine.sources import iter_frames, prefetch
 from engine.stages.align import TorchAligner
 from engine.stages.keyframe import thumbnails
 from engine.stages.source import MediaSource, _uploaded
@@ -75,11 +74,11 @@ def test_each_stage_function_gives_the_same_on_host_and_device_frames(frames):
 
 
 class DeviceFrames(MediaSource):
-    """PyAV's frames copied to a device in the decode thread, as ``MediaSource`` does on a GPU
-    for the fast path (and a stand-in for NVDEC with ``on_device=True``); the device is the CPU here."""
+    """``MediaSource`` copying each batch to a device in the decode thread, as it does on a GPU for
+    the fast path (and a stand-in for NVDEC with ``on_device=True``); the device is the CPU here."""
 
-    def frames(self, path, batch_size, start=0):
-        return prefetch(_uploaded(iter_frames(path, batch_size, start=start), "cpu"))
+    def _upload_device(self):
+        return "cpu"
 
 
 def test_pyav_frames_go_to_the_gpu_on_the_fast_path_only():
@@ -114,6 +113,9 @@ def test_uploading_keeps_the_frames_and_closes_the_decoder_when_stopped_early(fr
 
 def test_the_fast_path_on_device_frames_writes_what_it_writes_on_host_frames(test_video, tmp_path, recon_checkpoint):
     clip = make_video(tmp_path / "clip.mp4", first_frames(test_video, FRAMES), size=(512, 512), fps=25)
+    batches = DeviceFrames().frames(clip, 16)
+    assert on_device(next(batches).images)  # the stand-in really hands on tensors
+    batches.close()
     cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", mode="fast", batch_size=16,
                        formats=("npz",), num_threads=2)
     arrays = {}
