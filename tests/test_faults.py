@@ -503,6 +503,48 @@ def test_a_read_only_results_folder_pauses_instead_of_draining_the_queue(reg, tm
     assert hash_failures(reg) == [] and partial_files(reg.data_dir) == []
 
 
+def test_a_job_requeued_for_a_read_only_disk_is_not_claimed_again_by_a_claim_under_way(
+    reg, tmp_path, mounts, monkeypatch
+):
+    """The claim loop keeps claiming while a job runs (claim-ahead). A claim that had passed
+    the fault check when the job failed must not take the requeued job back, or the job's
+    ``read_only`` reason would be overwritten by the pause's "requeued before it started"."""
+    ro = ReadOnlyFolder(reg.results_dir, mounts)
+    job = _submit(reg, _spec(tmp_path, "clip.mp4"))
+    real_claim, real_requeue = service.claim_next, service.requeue_job
+    requeued_for_fault, claimed = threading.Event(), []
+
+    def requeue(*args, **kw):
+        back = real_requeue(*args, **kw)
+        if kw.get("code") == "read_only":
+            requeued_for_fault.set()
+        return back
+
+    def claim(*args, **kw):
+        if claimed:  # the claim after the job's: let the job fail before it reads the queue
+            requeued_for_fault.wait(5)
+        got = real_claim(*args, **kw)
+        if got is not None:
+            claimed.append(got.id)
+        return got
+
+    monkeypatch.setattr(service, "claim_next", claim)
+    monkeypatch.setattr(service, "requeue_job", requeue)
+    ro.set(True)
+    try:
+        worker = Worker(reg, _options(concurrency=1, prefetch=1), worker_id="w-race", engine_factory=ScriptedEngine)
+        thread = _thread(worker)
+        assert wait_for(lambda: any(w.status == "paused" for w in service.list_workers(reg)), 30)
+        assert wait_for(requeued_for_fault.is_set, 30)
+        back = service.get_job(reg, job.id)
+        assert claimed == [job.id], "the requeued job was claimed again before the pause"
+        assert (back.status, back.attempts, back.error_code) == (JobStatus.QUEUED, 0, "read_only"), back
+        assert "read-only" in back.error
+    finally:
+        ro.set(False)
+    worker.request_stop()
+    thread.join(10)
+
 @pytest.fixture
 def other_fs(tmp_path):
     """A folder on another file system than ``tmp_path`` (under /dev/shm), removed afterwards."""

@@ -400,7 +400,8 @@ class Worker:
         self.jobs_seen = 0
         self.claims = 0
         self._signals = 0
-        self._fault: StudioError | None = None  # set by _settle(): a full or read-only disk
+        self._fault: StudioError | None = None  # set by _requeue_for_fault(): a full or read-only disk
+        self._claiming = threading.Lock()  # held by the claim loop while it checks _fault and claims
         self._faults_in_a_row = 0
         self._db_failures = 0
         self._janitor_quiet_until = 0.0  # monotonic s: no requeueing right after a database outage
@@ -460,10 +461,12 @@ class Worker:
                 self.janitor()
                 next_janitor = now + opts.poll_s
             empty = False
-            while not capped and now >= next_claim and self._fault is None \
-                    and self.held_count() < opts.concurrency + opts.prefetch:
+            while not capped and now >= next_claim and self.held_count() < opts.concurrency + opts.prefetch:
                 try:
-                    job = service.claim_next(self.reg, self.worker_id, device=opts.device)
+                    with self._claiming:  # see _requeue_for_fault
+                        if self._fault is not None:
+                            break
+                        job = service.claim_next(self.reg, self.worker_id, device=opts.device)
                     self._db_failures = 0
                 except Exception as e:  # database locked, full or unreachable: try again later
                     self._db_trouble(e)
@@ -867,7 +870,10 @@ class Worker:
     def _requeue_for_fault(self, job: JobView, fault: StudioError) -> None:
         """A full or read-only disk: give the job back without counting the attempt (its saved
         state in ``work/<id>/`` is kept to resume) and pause before the next claim."""
-        self._fault = fault  # first, so the claim loop claims nothing more (not this job again) meanwhile
+        # First, and under the claim lock: a claim already under way ends before the fault is set,
+        # none starts after it, so this job, requeued below, is not claimed again before the pause.
+        with self._claiming:
+            self._fault = fault
         left = storage.remove_tree(self.reg.result_dir(job.id))  # nothing in it is registered
         reason = f"{fault} (requeued: the worker paused until the disk is fixed)"
         try:
