@@ -244,8 +244,9 @@ def worker_label(cmdline: list[str]) -> str | None:
     return None if device is None else device + (f" #{slot}" if slot is not None else "")
 
 
-def _process_tree(pid: int) -> list[tuple[int, list[str], int]]:
-    """(pid, command line, RSS bytes) of ``pid`` and all its descendants: psutil, else /proc (Linux)."""
+def _process_tree(pid: int) -> list[tuple[int, list[str], int, float]]:
+    """(pid, command line, RSS bytes, CPU seconds used so far, all threads) of ``pid`` and all its
+    descendants: psutil, else /proc (Linux)."""
     try:
         import psutil
     except ImportError:
@@ -259,7 +260,8 @@ def _process_tree(pid: int) -> list[tuple[int, list[str], int]]:
             return []
         for p in procs:
             try:
-                out.append((p.pid, p.cmdline(), p.memory_info().rss))
+                cpu = p.cpu_times()
+                out.append((p.pid, p.cmdline(), p.memory_info().rss, cpu.user + cpu.system))
             except psutil.Error:
                 continue
         return out
@@ -280,33 +282,54 @@ def _process_tree(pid: int) -> list[tuple[int, list[str], int]]:
         try:
             cmdline = (Path("/proc") / str(p) / "cmdline").read_bytes().decode(errors="replace").split("\0")
             rss_pages = int((Path("/proc") / str(p) / "statm").read_text().split()[1])
-            out.append((p, [c for c in cmdline if c], rss_pages * os.sysconf("SC_PAGE_SIZE")))
+            fields = (Path("/proc") / str(p) / "stat").read_text().rsplit(")", 1)[1].split()
+            cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+            out.append((p, [c for c in cmdline if c], rss_pages * os.sysconf("SC_PAGE_SIZE"), cpu_s))
         except (OSError, IndexError, ValueError):
             continue
     return out
 
 
-class RssSampler:
-    """Peak RSS (bytes) of every worker process under ``pid`` (itself included), every :data:`SAMPLE_S` s."""
+def host_cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot from ``/proc/stat`` (None elsewhere)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+class ProcessSampler:
+    """Every :data:`SAMPLE_S` s: the peak RSS and CPU time of every worker process under ``pid``
+    (itself included), and the host's CPU ticks."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peaks: dict[int, tuple[str, int]] = {}  # pid → (device, peak bytes)
+        self.cpu: dict[int, list[tuple[float, float]]] = {}  # pid → [(unix time, CPU s so far): first, last]
+        self.host: list[tuple[float, int, int]] = []  # (unix time, busy ticks, total ticks)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="process-sampler", daemon=True)
 
     def _sample(self) -> None:
-        for pid, cmdline, rss in _process_tree(self.pid):
+        now = time.time()
+        for pid, cmdline, rss, cpu_s in _process_tree(self.pid):
             label = worker_label(cmdline)
             if label is not None:
                 self.peaks[pid] = (label, max(rss, self.peaks.get(pid, (label, 0))[1]))
+                seen = self.cpu.setdefault(pid, [(now, cpu_s)])
+                seen[1:] = [(now, cpu_s)]
+        ticks = host_cpu_ticks()
+        if ticks is not None:
+            self.host.append((now, *ticks))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._sample()
             self._stop.wait(SAMPLE_S)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> ProcessSampler:
         self._thread.start()
         return self
 
@@ -319,6 +342,20 @@ class RssSampler:
             return "n/a"
         rows = sorted(self.peaks.values())
         return ", ".join(f"{dev} {rss / 2**30:.2f} GiB" for dev, rss in rows)
+
+    def cpu_text(self, start: float, end: float) -> str:
+        """CPU cores busy: the host's over ``[start, end]`` (unix s) of its ``os.cpu_count()``, and the
+        range over the workers (each over its own lifetime), e.g. ``host 12.3 of 32; workers 2.9–3.8``."""
+        parts = []
+        window = [h for h in self.host if start <= h[0] <= end]
+        if len(window) >= 2 and window[-1][2] > window[0][2]:
+            share = (window[-1][1] - window[0][1]) / (window[-1][2] - window[0][2])
+            parts.append(f"host {share * (os.cpu_count() or 1):.1f} of {os.cpu_count()}")
+        rates = [(c1 - c0) / (t1 - t0) for (t0, c0), (t1, c1) in
+                 (v for v in self.cpu.values() if len(v) == 2) if t1 - t0 >= 1.0]
+        if rates:
+            parts.append(f"workers {min(rates):.1f}–{max(rates):.1f}")
+        return "; ".join(parts) or "n/a"
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -337,6 +374,7 @@ class Run:
     process_s: float = float("nan")
     gpu_busy: str = "n/a"
     peak_rss: str = "n/a"
+    cpu_busy: str = "n/a"
     note: str = ""
     failures: list[str] = dataclasses.field(default_factory=list)
     busy_fps: float = float("nan")
@@ -492,7 +530,7 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
     with open(log_path, "w") as out, GpuSampler() as gpus:
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra_env}, stdout=out, stderr=subprocess.STDOUT)
-        with RssSampler(proc.pid) as rss:
+        with ProcessSampler(proc.pid) as procs:
             try:
                 code = proc.wait(args.timeout)
             except subprocess.TimeoutExpired:
@@ -501,7 +539,7 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
                 run.note = f"stopped after {args.timeout:.0f} s; "
         t1 = time.time()
     run.process_s = t1 - t0
-    run.peak_rss = rss.text()
+    run.peak_rss = procs.text()
     jobs = read_jobs(data)
     done = [j for j in jobs if j.status == JobStatus.SUCCEEDED]
     run.clips, run.ok = len(jobs), len(done)
@@ -514,6 +552,7 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
         run.registry_s = last - first
         run.busy_fps, run.busy_s = all_busy_rate(done)
         run.timeline = worker_timeline(done, t0)
+        run.cpu_busy = procs.cpu_text(first, last)
         busy = gpus.busy(first, last) if gpus.samples else {}
         if busy:
             run.gpu_busy = ", ".join(f"GPU {i} {b:.0f} %" for i, b in busy.items())
@@ -550,8 +589,9 @@ def _f(x: float, digits: int = 1) -> str:
 def report(pairs: list[tuple[Run, Run | None, str | None]], header: list[str]) -> str:
     lines = [*header, "",
              "| path | workers | clips ok | frames | s (first claim → last done) | s (process) | clips/s | "
-             "frames/s | frames/s, all workers busy (s) | GPU busy | peak RSS per worker | × one GPU | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+             "frames/s | frames/s, all workers busy (s) | GPU busy | CPU cores busy | peak RSS per worker | × one GPU "
+             "| note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"]
     for one, every, why in pairs:
         for run in (one, every):
             if run is None:
@@ -562,11 +602,11 @@ def report(pairs: list[tuple[Run, Run | None, str | None]], header: list[str]) -
                 ratio += f" (all busy: {run.busy_fps / one.busy_fps:.2f}×)"
             cells = [run.name, run.workers, f"{run.ok}/{run.clips}", str(run.frames), _f(run.registry_s),
                      _f(run.process_s), _f(run.clips_per_s, 2), f"**{_f(run.frames_per_s)}**",
-                     f"{_f(run.busy_fps)} ({_f(run.busy_s)})", run.gpu_busy,
+                     f"{_f(run.busy_fps)} ({_f(run.busy_s)})", run.gpu_busy, run.cpu_busy,
                      run.peak_rss, ratio, run.note.strip().rstrip(";")]
             lines.append("| " + " | ".join(cells) + " |")
         if every is None:
-            lines.append(f"| {one.name} | all GPUs |" + " – |" * 11 + f" {why} |")
+            lines.append(f"| {one.name} | all GPUs |" + " – |" * 12 + f" {why} |")
     failures = [f for one, every, _ in pairs for r in (one, every) if r for f in r.failures]
     if failures:
         lines += ["", f"{len(failures)} job(s) did not succeed:", *[f"- {f}" for f in failures[:20]]]
@@ -671,7 +711,8 @@ def main(argv=None) -> int:
         f"to a fresh SQLite registry per run",
         f"- weights: {'; '.join(notes)}. Speed does not depend on the weights' values.",
         "- seconds: from the first job claimed to the last job finished (registry timestamps); "
-        "frames/s and clips/s over that window; GPU busy: mean over it",
+        "frames/s and clips/s over that window; GPU busy: mean over it; CPU cores busy: the host's over it, "
+        "and the range over the workers, each over its life",
         f"- workers: {args.per_gpu} worker process(es) per device (`--per-gpu {args.per_gpu}`) in both runs; "
         f"CPU threads per worker: {args.threads or 'the launcher splits the cores over all of them'}",
     ]

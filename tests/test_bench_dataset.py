@@ -60,7 +60,8 @@ def test_one_worker_per_mode_every_job_succeeds(tmp_path, test_video, monkeypatc
     for mode in ("exact", "fast"):
         cells = _row(text, f"{mode}, mtcnn", "1 device × 1 (cpu, --per-gpu 1)")
         assert cells[2] == f"{CLIPS}/{CLIPS}" and cells[3] == str(CLIPS * FRAMES)
-        assert float(cells[7].strip("*")) > 0 and cells[9] == "n/a" and cells[10].startswith("cpu ")
+        assert float(cells[7].strip("*")) > 0 and cells[9] == "n/a" and cells[11].startswith("cpu ")
+        assert re.fullmatch(r"host \d+\.\d of \d+; workers \d+\.\d–\d+\.\d", cells[10]), cells[10]
         busy_fps, busy_s = cells[8].rstrip(")").split(" (")  # one worker: busy from its first to its last job
         assert float(busy_fps) > 0 and float(busy_s) > 0
         skipped = _row(text, f"{mode}, mtcnn", "all GPUs")
@@ -80,10 +81,10 @@ def test_every_device_run_uses_gpus_all_on_a_fresh_registry(tmp_path, test_video
     assert code == 0, text
     assert "- workers: 2 worker process(es) per device (`--per-gpu 2`)" in text
     one = _row(text, "fast, mtcnn", "1 device × 2 (cpu, --per-gpu 2)")
-    assert one[2] == f"{CLIPS}/{CLIPS}" and one[10].startswith("cpu #")  # peak RSS of the launcher's children
+    assert one[2] == f"{CLIPS}/{CLIPS}" and one[11].startswith("cpu #")  # peak RSS of the launcher's children
     cells = _row(text, "fast, mtcnn", "every device × 2 (--gpus all --per-gpu 2)")
-    assert cells[2] == f"{CLIPS}/{CLIPS}" and re.match(r"\d+\.\d\d×", cells[11])
-    assert "cpu:0 #" in cells[10] or "cpu:1 #" in cells[10]
+    assert cells[2] == f"{CLIPS}/{CLIPS}" and re.match(r"\d+\.\d\d×", cells[12])
+    assert "cpu:0 #" in cells[11] or "cpu:1 #" in cells[11]
     registries = _registries(tmp_path)
     assert [p.name for p in registries] == ["fast-mtcnn-all", "fast-mtcnn-one"]
     for data in registries:
