@@ -51,6 +51,10 @@ for step in ${STEPS:-equal throughput memory render}; do
                       --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" --mode fast --landmarks mtcnn \
                       --decoder nvdec --per-gpu "$1" --out "$OUT/dataset_scale_$1${2:+_$2}.md"
                   done ;;
+    dataset-per) for k in ${PERS:-1 2}; do  # workers per GPU (run with MPS=0 and MPS=1 to compare)
+                    python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
+                      --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "$k" --out "$OUT/dataset_per_$k.md"
+                  done ;;
     dataset) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast exact --landmarks mtcnn \
                   --out "$OUT/dataset.md" ;;
     dataset-fast) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
