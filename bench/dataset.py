@@ -519,6 +519,7 @@ def read_jobs(data: Path):
 def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, args, env: dict,
           data: Path, all_devices: bool) -> Run:
     """Submit ``clips`` to the fresh registry in ``data``, run the burst workers, read back the jobs."""
+    from bench.throughput import py_spy
     from db import JobStatus
 
     submit(clips, data, mode, landmarks, ckpt, args, env)
@@ -530,7 +531,7 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
     with open(log_path, "w") as out, GpuSampler() as gpus:
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra_env}, stdout=out, stderr=subprocess.STDOUT)
-        with ProcessSampler(proc.pid) as procs:
+        with ProcessSampler(proc.pid) as procs, py_spy(args.spy, data.name, pid=proc.pid, views=("gil", "threads")):
             try:
                 code = proc.wait(args.timeout)
             except subprocess.TimeoutExpired:
@@ -645,6 +646,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int,
                     help="worker --threads (default: the launcher splits the cores over devices × --per-gpu)")
     ap.add_argument("--single-only", action="store_true", help="skip the all-GPU run")
+    ap.add_argument("--spy", type=Path, metavar="DIR",
+                    help="py-spy profiles of each run's workers here (<run>.gil.txt, <run>.threads.txt; "
+                         "read them with bench/spy_summary.py); needs py-spy")
     ap.add_argument("--gen-jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes writing the clips (default: min(8, CPUs))")
     ap.add_argument("--timeout", type=float, default=3600.0, help="longest run of one set of workers, seconds")

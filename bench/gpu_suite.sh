@@ -4,7 +4,8 @@
 # Expects: .whl/ (av, facenet-pytorch, diffrp-nvdiffrast, trimesh wheels for the device's Python)
 # and .carry/shared/ (testdata/video + bfm_index, a copy of ../shared that travels with the call).
 set -uo pipefail
-# .whl-db/ (sqlmodel, SQLAlchemy, pydantic ...) only for the registry steps (dataset*): carried apart to fit 64 MiB
+# .whl-db/ (sqlmodel, SQLAlchemy, pydantic ...) only for the registry steps (dataset*): carried apart to fit 64 MiB;
+# those steps need only .carry/shared/testdata of .carry (py-spy's wheel in .whl then still fits, for dataset-spy).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl $(ls .whl-db/*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD STUDIO_SHARED=$PWD/.carry/shared PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
@@ -54,6 +55,17 @@ for step in ${STEPS:-equal throughput memory render}; do
     dataset-per) for k in ${PERS:-1 2}; do  # workers per GPU (run with MPS=0 and MPS=1 to compare)
                     python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
                       --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "$k" --out "$OUT/dataset_per_$k.md"
+                  done ;;
+    dataset-spy) python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
+                   --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-4}" --spy "$OUT/spy" \
+                   --out "$OUT/dataset_spy.md"  # py-spy of every worker: where each kind of thread spends its time
+                 for f in "$OUT"/spy/*.txt; do
+                   echo "--- $f"; python3 bench/spy_summary.py "$f" --match "engine worker" --top 6
+                 done ;;
+    dataset-conc) for c in ${CONCS:-2 4 8}; do  # one worker per GPU with more inputs in flight
+                    python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
+                      --mode fast --landmarks mtcnn --decoder nvdec --per-gpu 1 --concurrency "$c" \
+                      --out "$OUT/dataset_conc_$c.md"
                   done ;;
     dataset) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast exact --landmarks mtcnn \
                   --out "$OUT/dataset.md" ;;

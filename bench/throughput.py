@@ -590,12 +590,16 @@ def end_to_end(engine, inputs: list[Path], out_dir: Path, concurrency: int | Non
 
 
 @contextlib.contextmanager
-def py_spy(folder: Path | None, name: str) -> Iterator[None]:
-    """Sample this process and its children (the engine processes of ``--processes``) with
-    ``py-spy`` (when installed and ``folder`` is given) while the block runs: ``name.gil.txt``,
-    collapsed stacks of the thread holding each process's GIL (100 samples/s per process; fewer
-    samples than seconds × 100 × processes means the GIL was free that share of the time).
-    Sampled without pausing the processes (``--nonblocking``), so the rate is barely changed."""
+def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
+           views: tuple[str, ...] = ("gil",)) -> Iterator[None]:
+    """Sample process ``pid`` (default: this one) and its children with ``py-spy`` (when installed
+    and ``folder`` is given) while the block runs, 100 samples/s per process, one file of collapsed
+    stacks per view: ``name.gil.txt``, the thread holding each process's GIL (fewer samples than
+    seconds × 100 × processes means the GIL was free that share of the time); ``name.threads.txt``,
+    every thread, waiting ones included, each stack under its process and thread name (what a
+    thread waits on shows as its leaf: a lock, a queue, a CUDA synchronize). Sampled without pausing
+    the processes (``--nonblocking``), so the rate is barely changed. ``bench/spy_summary.py``
+    reads the files."""
     places = [Path(sys.executable).parent, *(Path(p) / "bin" for p in sys.path if p)]  # venv, pip --target
     exe = next((str(c / "py-spy") for c in places if (c / "py-spy").is_file()), shutil.which("py-spy"))
     exe = exe if folder else None
@@ -605,22 +609,25 @@ def py_spy(folder: Path | None, name: str) -> Iterator[None]:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [exe, "record", "--pid", str(os.getpid()), "--rate", "100", "--gil", "--subprocesses",
-           "--nonblocking", "--format", "raw",
-           "--output", str(folder / f"{name}.gil.txt")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    procs = []
+    for view in views:
+        flags = {"gil": ["--gil"], "threads": ["--threads", "--idle"]}[view]
+        cmd = [exe, "record", "--pid", str(pid or os.getpid()), "--rate", "100", *flags, "--subprocesses",
+               "--nonblocking", "--format", "raw", "--output", str(folder / f"{name}.{view}.txt")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     t = time.perf_counter()
     try:
         yield
     finally:
-        proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            err = b""
-        print(f"    py-spy {name}: {time.perf_counter() - t:.1f} s sampled; {err.decode()[-300:].strip()}",
-              file=sys.stderr, flush=True)
+        for view, proc in zip(views, procs, strict=True):
+            proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                err = b""
+            print(f"    py-spy {name} ({view}): {time.perf_counter() - t:.1f} s sampled; "
+                  f"{err.decode()[-300:].strip()}", file=sys.stderr, flush=True)
 
 
 def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path, fixed_box) -> Row:
