@@ -60,7 +60,7 @@ for step in ${STEPS:-equal throughput memory render}; do
                    --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-4}" --spy "$OUT/spy" \
                    --out "$OUT/dataset_spy.md"  # py-spy of every worker: where each kind of thread spends its time
                  for f in "$OUT"/spy/*.txt; do
-                   echo "--- $f"; python3 bench/spy_summary.py "$f" --match "engine worker" --top 6
+                   echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 6  # the workers, not their launcher
                  done ;;
     dataset-conc) for c in ${CONCS:-2 4 8}; do  # one worker per GPU with more inputs in flight
                     python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
