@@ -23,7 +23,8 @@ from pathlib import Path
 
 _PROCESS = re.compile(r'^process \d+:"(?P<cmd>.*)"$')
 _THREAD = re.compile(r"^thread \(\w+\)(?::\s*(?P<name>.*))?$")
-_OWN = ("engine/", "worker/", "db/")  # this project's frames, as py-spy prints their paths
+_OWN = ("engine/", "worker/", "db/", "bench/")  # this project's files, as py-spy prints their paths
+_PATH = re.compile(r"\((?P<path>[^()]+?)(?::\d+)?\)$")
 
 
 @dataclass
@@ -49,6 +50,16 @@ def frame_name(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame.strip())
 
 
+def is_own(frame: str) -> bool:
+    """Whether ``frame`` is in a file of this project (not, say, ``sqlalchemy/engine/``).
+
+    >>> is_own("run (engine/many.py:20)"), is_own("do_execute (sqlalchemy/engine/default.py:9)")
+    (True, False)
+    """
+    m = _PATH.search(frame.strip())
+    return m is not None and m["path"].startswith(_OWN)
+
+
 def summarize(lines, match: str = "") -> tuple[int, dict[str, ThreadKind]]:
     """(samples kept, {thread kind: its samples}) from the lines of a raw py-spy file."""
     kinds: dict[str, ThreadKind] = defaultdict(ThreadKind)
@@ -68,7 +79,7 @@ def summarize(lines, match: str = "") -> tuple[int, dict[str, ThreadKind]]:
         kind = kinds[thread_kind(names[-1]) if names else "?"]
         kind.samples += n
         kind.leaves[frame_name(code[-1]) if code else "(no Python frame)"] += n
-        for name in {frame_name(f) for f in code if any(p in f for p in _OWN)}:
+        for name in {frame_name(f) for f in code if is_own(f)}:
             kind.own[name] += n
     return total, dict(kinds)
 

@@ -18,7 +18,8 @@ L = 'process 100:"python -m engine worker --gpus all"'
 RAW = "\n".join([
     f"{L};{W};thread (7): engine;serve (worker/loop.py:700);run (engine/many.py:20);"
     "synchronize (torch/cuda/__init__.py:9) 30",
-    f"{L};{W};thread (7): engine;serve (worker/loop.py:700);fit_batch (engine/align.py:120) 10",
+    f"{L};{W};thread (7): engine;serve (worker/loop.py:700);fit_batch (engine/align.py:120) 6",
+    f"{L};{W};thread (7): engine;serve (worker/loop.py:700);execute (sqlalchemy/engine/base.py:3) 4",
     f"{L};{W};thread (8): Thread-12 (produce);produce (engine/sources.py:50);decode (engine/stages/nvdec.py:80) 15",
     f"{L};{W};thread (9): Thread-31 (produce);produce (engine/sources.py:50);Condition.wait (threading.py:327) 5",
     'process 5:"python -m streamlit run streamlit_app.py";thread (2): MainThread;select (selectors.py:1) 40',
@@ -32,8 +33,10 @@ def test_samples_are_grouped_by_thread_kind_with_their_leaves_and_project_functi
     assert set(kinds) == {"engine", "Thread-N (produce)"}
     engine, decode = kinds["engine"], kinds["Thread-N (produce)"]
     assert engine.samples == 40 and decode.samples == 20
-    assert engine.leaves == {"synchronize (torch/cuda/__init__.py)": 30, "fit_batch (engine/align.py)": 10}
+    assert engine.leaves == {"synchronize (torch/cuda/__init__.py)": 30, "fit_batch (engine/align.py)": 6,
+                             "execute (sqlalchemy/engine/base.py)": 4}
     assert engine.own["serve (worker/loop.py)"] == 40 and engine.own["run (engine/many.py)"] == 30
+    assert "execute (sqlalchemy/engine/base.py)" not in engine.own  # a library's engine/, not this project's
     assert decode.leaves["Condition.wait (threading.py)"] == 5
     text = spy_summary.report(total, kinds, top=2)
     assert text.splitlines()[0] == "60 samples"
