@@ -46,13 +46,7 @@ for step in ${STEPS:-equal throughput memory render}; do
                     STUDIO_CUDA_SYNC=$sync python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast \
                       --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-4}" --out "$OUT/dataset_sync_$sync.md"
                   done ;;
-    dataset-scale) for variant in "2" "4" "4 nopin"; do  # workers per GPU, and without pinning to cores
-                    set -- $variant
-                    STUDIO_PIN_CORES=$([ "${2:-}" = nopin ] && echo 0 || echo 1) python3 bench/dataset.py --device cuda \
-                      --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" --mode fast --landmarks mtcnn \
-                      --decoder nvdec --per-gpu "$1" --out "$OUT/dataset_scale_$1${2:+_$2}.md"
-                  done ;;
-    dataset-per) for k in ${PERS:-1 2}; do  # workers per GPU (run with MPS=0 and MPS=1 to compare)
+    dataset-per) for k in ${PERS:-1 2}; do  # workers per GPU (MPS=0 or 1; STUDIO_PIN_CORES=0: not pinned)
                     python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
                       --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "$k" --out "$OUT/dataset_per_$k.md"
                   done ;;
