@@ -59,6 +59,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, TEST_CLIP, checkpoint_or_random
+from bench.throughput import cpu_jiffies, py_spy
 
 log = logging.getLogger("bench.dataset")
 
@@ -290,16 +291,6 @@ def _process_tree(pid: int) -> list[tuple[int, list[str], int, float]]:
     return out
 
 
-def host_cpu_ticks() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all CPUs since boot from ``/proc/stat`` (None elsewhere)."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return sum(values[:8]) - idle, sum(values[:8])
-
-
 class ProcessSampler:
     """Every :data:`SAMPLE_S` s: the peak RSS and CPU time of every worker process under ``pid``
     (itself included), and the host's CPU ticks."""
@@ -320,7 +311,7 @@ class ProcessSampler:
                 self.peaks[pid] = (label, max(rss, self.peaks.get(pid, (label, 0))[1]))
                 seen = self.cpu.setdefault(pid, [(now, cpu_s)])
                 seen[1:] = [(now, cpu_s)]
-        ticks = host_cpu_ticks()
+        ticks = cpu_jiffies()
         if ticks is not None:
             self.host.append((now, *ticks))
 
@@ -519,7 +510,6 @@ def read_jobs(data: Path):
 def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, args, env: dict,
           data: Path, all_devices: bool) -> Run:
     """Submit ``clips`` to the fresh registry in ``data``, run the burst workers, read back the jobs."""
-    from bench.throughput import py_spy
     from db import JobStatus
 
     submit(clips, data, mode, landmarks, ckpt, args, env)

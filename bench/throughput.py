@@ -314,7 +314,7 @@ class Monitor:
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        self._cpu_start = _cpu_jiffies()
+        self._cpu_start = cpu_jiffies()
         self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
         self._thread.start()
         return self
@@ -327,7 +327,7 @@ class Monitor:
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, _rss())
-        end = _cpu_jiffies()
+        end = cpu_jiffies()
         if self._cpu_start and end and end[1] > self._cpu_start[1]:
             busy, total = end[0] - self._cpu_start[0], end[1] - self._cpu_start[1]
             self.cpu_cores_busy = busy / total * (os.cpu_count() or 1)
@@ -368,12 +368,13 @@ class Monitor:
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
+def cpu_jiffies() -> tuple[int, int] | None:
     """(busy, total) jiffies of all host CPUs since boot, from ``/proc/stat`` (None elsewhere).
-    Busy is everything but idle and iowait."""
+    Busy is everything but idle and iowait. The first 8 columns only: the guest columns after
+    them are already counted in user and nice."""
     try:
         with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
+            values = [int(v) for v in f.readline().split()[1:9]]
     except (OSError, ValueError):
         return None
     idle = values[3] + (values[4] if len(values) > 4 else 0)
