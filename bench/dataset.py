@@ -507,6 +507,22 @@ def read_jobs(data: Path):
         reg.close()
 
 
+def wait_first_claim(data: Path, proc: subprocess.Popen, timeout: float, poll: float = 0.5) -> None:
+    """Return once a job of the registry in ``data`` has started, the workers have exited, or
+    ``timeout`` seconds have passed."""
+    from db import Registry, service
+
+    deadline = time.monotonic() + timeout
+    reg = Registry(data_dir=data)
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(j.started_at for j in service.list_jobs(reg, limit=1_000_000, descending=False)):
+                return
+            time.sleep(poll)
+    finally:
+        reg.close()
+
+
 def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, args, env: dict,
           data: Path, all_devices: bool) -> Run:
     """Submit ``clips`` to the fresh registry in ``data``, run the burst workers, read back the jobs."""
@@ -521,13 +537,16 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
     with open(log_path, "w") as out, GpuSampler() as gpus:
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra_env}, stdout=out, stderr=subprocess.STDOUT)
-        with ProcessSampler(proc.pid) as procs, py_spy(args.spy, data.name, pid=proc.pid, views=("gil", "threads")):
-            try:
-                code = proc.wait(args.timeout)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                code = proc.wait(120)
-                run.note = f"stopped after {args.timeout:.0f} s; "
+        with ProcessSampler(proc.pid) as procs:
+            if args.spy:  # the steady state only: start-up (imports, models) would fill the GIL view
+                wait_first_claim(data, proc, args.timeout)
+            with py_spy(args.spy, data.name, pid=proc.pid, views=("gil", "threads")):
+                try:
+                    code = proc.wait(max(1.0, args.timeout - (time.time() - t0)))
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+                    code = proc.wait(120)
+                    run.note = f"stopped after {args.timeout:.0f} s; "
         t1 = time.time()
     run.process_s = t1 - t0
     run.peak_rss = procs.text()
@@ -637,8 +656,8 @@ def parse_args(argv=None):
                     help="worker --threads (default: the launcher splits the cores over devices × --per-gpu)")
     ap.add_argument("--single-only", action="store_true", help="skip the all-GPU run")
     ap.add_argument("--spy", type=Path, metavar="DIR",
-                    help="py-spy profiles of each run's workers here (<run>.gil.txt, <run>.threads.txt; "
-                         "read them with bench/spy_summary.py); needs py-spy")
+                    help="py-spy profiles of each run's workers from their first job on, here (<run>.gil.txt, "
+                         "<run>.threads.txt; read them with bench/spy_summary.py); needs py-spy")
     ap.add_argument("--gen-jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes writing the clips (default: min(8, CPUs))")
     ap.add_argument("--timeout", type=float, default=3600.0, help="longest run of one set of workers, seconds")

@@ -22,6 +22,7 @@ for step in ${STEPS:-equal throughput memory render}; do
   echo "=== $step"
   case $step in
     equal) python3 bench/bench_gpu_equal.py ;;
+    conv-shapes) python3 bench/conv_shapes.py --device cuda ;;
     checks) python3 bench/gpu_checks.py --device cuda ;;
     compat) python3 bench/compat_diff.py --device cuda --landmarks mtcnn --make-1080p 300 ;;
     throughput) python3 bench/throughput.py --device cuda --set clips --clips 8 --landmarks mtcnn fan \
@@ -55,7 +56,23 @@ for step in ${STEPS:-equal throughput memory render}; do
                    --out "$OUT/dataset_spy.md"  # py-spy of every worker: where each kind of thread spends its time
                  for f in "$OUT"/spy/*.txt; do
                    echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 6  # the workers, not their launcher
-                 done ;;
+                 done; gzip -f "$OUT"/spy/*.txt ;;  # under the 16 MiB a file that comes back
+    dataset-ab) for v in ${VARIANTS:-STUDIO_PIN_CORES=1 STUDIO_PIN_CORES=0 STUDIO_PIN_CORES=1}; do  # env per run (A=1,B=2), same clips
+                  env ${v//,/ } python3 bench/dataset.py --device cuda --clips "${CLIPS:-48}" --frames 250 \
+                    --gen-jobs "$(nproc)" --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-1}" \
+                    ${SINGLE:+--single-only} --out "$OUT/dataset_ab_${v//[^A-Za-z0-9_]/_}.md"
+                done ;;
+    dataset-batch) for b in ${BATCHES:-32 64 128}; do  # frames per batch: the face stages' per-call costs over more frames
+                  python3 bench/dataset.py --device cuda --clips "${CLIPS:-48}" --frames 250 --gen-jobs "$(nproc)" \
+                    --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-1}" --batch-size "$b" \
+                    ${SINGLE:+--single-only} --out "$OUT/dataset_batch_$b.md"
+                done ;;
+    dataset-spy1) python3 bench/dataset.py --device cuda --clips "${CLIPS:-48}" --frames 250 --gen-jobs "$(nproc)" \
+                   --mode fast --landmarks mtcnn --decoder nvdec --per-gpu 1 --single-only --spy "$OUT/spy" \
+                   --out "$OUT/dataset_spy1.md"  # one worker on one GPU, from its first job on
+                 for f in "$OUT"/spy/*.txt; do
+                   echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 8
+                 done; gzip -f "$OUT"/spy/*.txt ;;
     dataset-conc) for c in ${CONCS:-2 4 8}; do  # one worker per GPU with more inputs in flight
                     python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
                       --mode fast --landmarks mtcnn --decoder nvdec --per-gpu 1 --concurrency "$c" \

@@ -595,8 +595,9 @@ def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
            views: tuple[str, ...] = ("gil",)) -> Iterator[None]:
     """Sample process ``pid`` (default: this one) and its children with ``py-spy`` (when installed
     and ``folder`` is given) while the block runs, 100 samples/s per process, one file of collapsed
-    stacks per view: ``name.gil.txt``, the thread holding each process's GIL (fewer samples than
-    seconds × 100 × processes means the GIL was free that share of the time); ``name.threads.txt``,
+    stacks per view: ``name.gil.txt``, the thread holding each process's GIL, under its process and
+    thread name (fewer samples than seconds × 100 × processes means the GIL was free that share of
+    the time); ``name.threads.txt``,
     every thread, waiting ones included, each stack under its process and thread name (what a
     thread waits on shows as its leaf: a lock, a queue, a CUDA synchronize). Sampled without pausing
     the processes (``--nonblocking``), so the rate is barely changed. ``bench/spy_summary.py``
@@ -612,7 +613,7 @@ def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     procs = []
     for view in views:
-        flags = {"gil": ["--gil"], "threads": ["--threads", "--idle"]}[view]
+        flags = {"gil": ["--gil", "--threads"], "threads": ["--threads", "--idle"]}[view]
         cmd = [exe, "record", "--pid", str(pid or os.getpid()), "--rate", "100", *flags, "--subprocesses",
                "--nonblocking", "--format", "raw", "--output", str(folder / f"{name}.{view}.txt")]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))

@@ -172,3 +172,37 @@ def test_the_timeline_shows_each_workers_start_and_end_from_the_launch():
     assert lines == ["a: +2.0 → +7.0 s, 2 jobs, 200 frames", "b: +4.0 → +9.0 s, 1 jobs, 50 frames",
                      "first starts +2.0 … +4.0 s, last ends +7.0 … +9.0 s after the launcher started"]
     assert dataset.worker_timeline([], launch) == ""
+
+
+def test_the_profile_waits_for_the_first_claimed_job_or_the_workers_exit(tmp_path, test_video):
+    """``--spy`` starts sampling at the first job claimed (a real registry, a real child process)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from db import Registry, service
+
+    data = tmp_path / "data"
+    reg = Registry(data_dir=data)
+    try:
+        service.submit_file(reg, test_video, {"landmarks": "mtcnn"}, copy=False)
+        idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            waiting = threading.Thread(target=dataset.wait_first_claim, args=(data, idle, 60.0, 0.05))
+            waiting.start()
+            time.sleep(0.5)
+            assert waiting.is_alive()  # queued, not claimed: still waiting
+            assert service.claim_next(reg, "worker-test", device="cpu") is not None
+            waiting.join(30)
+            assert not waiting.is_alive()
+        finally:
+            idle.kill()
+            idle.wait()
+    finally:
+        reg.close()
+    other = tmp_path / "other"
+    Registry(data_dir=other).close()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dataset.wait_first_claim(other, gone, 60.0, 0.05)  # returns at once: the workers have exited

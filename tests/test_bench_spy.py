@@ -91,7 +91,7 @@ def test_py_spy_records_one_file_per_view_of_the_given_process(tmp_path, fake_py
     threads = (out / "fast-mtcnn-one.threads.txt").read_text().split()
     for args in (gil, threads):
         assert args[:3] == ["record", "--pid", "4242"] and "--subprocesses" in args and "--nonblocking" in args
-    assert "--gil" in gil and "--idle" not in gil
+    assert "--gil" in gil and "--threads" in gil and "--idle" not in gil  # the GIL holder, named
     assert "--threads" in threads and "--idle" in threads and "--gil" not in threads
 
 
