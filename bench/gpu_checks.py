@@ -12,6 +12,9 @@ Usage::
 3. ``BatchedFan`` (random 2D-FAN-4 weights of the real architecture) in fp32 and fp16 against
    face_alignment's per-frame FAN on the same boxes: point differences in % of the inter-ocular
    distance (random weights: this shows fp16 and batching numerics only).
+4. The fast path's keyframe detector: MTCNN's first stage over all pyramid levels at once
+   (``engine.landmarks.mtcnn_gpu.pnet_candidates``) against facenet-pytorch's per-level loop on
+   the 1080p copy shrunk to 640×360, at facenet's threshold and at a low one: the same bits.
 
 Prints one Markdown line per check; exits 1 when a must-be-equal check differs.
 """
@@ -111,6 +114,66 @@ def check_fan(frames, faces, device: str, work: Path) -> None:
               f"max {err.max():.3f}")
 
 
+def facenet_first_stage(pnet, imgs, scales, threshold):
+    """The per-level loop of facenet-pytorch 2.6.0's ``detect_face`` (P-Net, ``generateBoundingBox``,
+    NMS at 0.5 per frame) that ``pnet_candidates`` replaces: (boxes (K, 9), frame of each (K,))."""
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+    from torchvision.ops.boxes import batched_nms
+
+    h, w = imgs.shape[2:4]
+    boxes, inds = [], []
+    for scale in scales:
+        reg, probs = pnet((fd.imresample(imgs, (int(h * scale + 1), int(w * scale + 1))) - 127.5) * 0.0078125)
+        b, i = fd.generateBoundingBox(reg, probs[:, 1], scale, threshold)
+        pick = batched_nms(b[:, :4], b[:, 4], i, 0.5)
+        boxes.append(b[pick])
+        inds.append(i[pick])
+    return torch.cat(boxes), torch.cat(inds)
+
+
+def same_up_to_ties(got, want) -> bool:
+    """(boxes (K, 9), frames (K,)) pairs with the same rows and the same sequence of scores: only
+    boxes of equal score may stand in another order. torchvision's NMS sorts a level of over 5,000
+    boxes (1,000 on a CPU) without keeping the order of equal scores, so facenet's order is not
+    defined there."""
+    import torch
+
+    def rows(pair):
+        return sorted(map(tuple, torch.cat([pair[0], pair[1][:, None].to(pair[0].dtype)], 1).tolist()))
+
+    return torch.equal(got[0][:, 4], want[0][:, 4]) and rows(got) == rows(want)
+
+
+def check_first_stage(frames, device: str) -> bool:
+    import torch
+
+    from engine.frames import shrink_area
+    from engine.landmarks.mtcnn_gpu import RefineMtcnn, pnet_candidates
+
+    net = RefineMtcnn(device)._net
+    small = shrink_area(frames.images, (640, 360))
+    imgs = torch.as_tensor(small, device=device).permute(0, 3, 1, 2).float()
+    m, scales = 12.0 / net.min_face_size, []
+    while 360 * m >= 12:
+        scales.append(m)
+        m *= net.factor
+    ok = True
+    for threshold in (net.thresholds[0], 0.05):
+        with torch.inference_mode():
+            want = facenet_first_stage(net.pnet, imgs, scales, threshold)
+            got = pnet_candidates(net.pnet, imgs, scales, threshold)
+        if all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
+            verdict = "same bits, same order"
+        elif same_up_to_ties(got, want):
+            verdict = "same bits; boxes of equal score in another order (facenet sorts unstably there)"
+        else:
+            verdict, ok = "DIFFERENT", False
+        print(f"- MTCNN first stage, all levels at once vs facenet's loop on {device} ({len(imgs)} frames 640×360, "
+              f"threshold {threshold}, {len(want[0])} boxes): {verdict}")
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -130,6 +193,7 @@ def main() -> int:
     hd_frames = clip_frames(hd, 96)
     _, hd_landmarks = mtcnn_faces(hd_frames, args.device)
     ok &= check_aligner(hd_frames, hd_landmarks, args.device, "1080p copy")
+    ok &= check_first_stage(hd_frames, args.device)
     ok &= check_exact_engine(TEST_CLIP, args.device, args.workdir)
     from engine.structures import rows_of
 

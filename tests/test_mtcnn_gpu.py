@@ -302,3 +302,61 @@ def test_batched_keyframe_detector_matches_facenets_loop(video):
     np.testing.assert_allclose(got.points_img_ydown, want.points_img_ydown, atol=0.01)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
     assert len(got) >= 6
+
+
+@pytest.mark.parametrize("threshold", [0.6, 0.05, 0.999])
+def test_pnet_candidates_are_facenets_first_stage_bit_for_bit(refiner, video, threshold):
+    """All levels at once give facenet's boxes, scores, offsets and frames, in facenet's order:
+    real frames and noise, at facenet's threshold, at a low one (hundreds of overlapping
+    candidates, ties in score among them) and at one nothing but the face passes. Small frames:
+    every level stays under the 1,000 boxes above which torchvision's NMS sorts a level without
+    keeping the order of equal scores (facenet's order is not defined there; ``bench/gpu_checks.py``
+    then asks for the same boxes and scores up to the order of ties)."""
+    import torch
+
+    from bench.gpu_checks import facenet_first_stage
+
+    batch, _ = video
+    rng = np.random.default_rng(3)
+    frames = np.concatenate([batch.images[:4], rng.integers(0, 256, (2, *batch.images.shape[1:]), dtype=np.uint8)])
+    imgs = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    imgs = torch.nn.functional.interpolate(imgs, size=(144, 144), mode="area")  # small: a quick test
+    scales = [0.6 * 0.709**k for k in range(6)]
+    with torch.inference_mode():
+        want_boxes, want_frames = facenet_first_stage(refiner._net.pnet, imgs, scales, threshold)
+        got_boxes, got_frames = mtcnn_gpu.pnet_candidates(refiner._net.pnet, imgs, scales, threshold)
+    if threshold < 0.5:
+        assert len(want_boxes) > 500 and len(torch.unique(want_boxes[:, 4])) < len(want_boxes)  # ties in score
+    assert len(want_boxes) > 0
+    assert torch.equal(got_frames, want_frames)
+    assert torch.equal(got_boxes, want_boxes)
+
+
+def test_pnet_candidates_with_nothing_above_the_threshold_are_empty(refiner):
+    import torch
+
+    imgs = torch.zeros((2, 3, 60, 80))
+    with torch.inference_mode():
+        boxes, frames = mtcnn_gpu.pnet_candidates(refiner._net.pnet, imgs, [0.6, 0.4], 1.01)
+    assert boxes.shape == (0, 9) and frames.shape == (0,) and frames.dtype == torch.int64
+
+
+@pytest.mark.parametrize("count", [300, 3000])  # torchvision's two ways on a CPU: under and over 1,000 boxes
+def test_grouped_nms_keeps_what_batched_nms_keeps(count, monkeypatch):
+    """Integer corners, many groups, many ties in score: the same boxes kept, in the same order of
+    scores; the fallback (corners too large to shift exactly) is batched_nms itself."""
+    import torch
+    from torchvision.ops.boxes import batched_nms
+
+    rng = np.random.default_rng(count)
+    xy = rng.integers(0, 200, (count, 2))
+    size = rng.integers(12, 60, (count, 1))
+    boxes = torch.from_numpy(np.concatenate([xy, xy + size], 1)).float()
+    scores = torch.from_numpy(rng.integers(0, 20, count) / 20).float()  # ties in score
+    groups = torch.from_numpy(rng.integers(0, 40, count))
+    want = batched_nms(boxes, scores, groups, 0.5)
+    got = mtcnn_gpu.grouped_nms(boxes, scores, groups, 0.5, 40 * 261)
+    assert sorted(got.tolist()) == sorted(want.tolist()) and len(want) < count
+    assert torch.equal(scores[got], scores[want])
+    monkeypatch.setattr(mtcnn_gpu, "EXACT_FLOAT32", 100)
+    assert torch.equal(mtcnn_gpu.grouped_nms(boxes, scores, groups, 0.5, 40 * 261), want)

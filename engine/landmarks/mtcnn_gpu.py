@@ -23,9 +23,11 @@ and what differs:
 
 The keyframe detector (:attr:`RefineMtcnn.detector`) is facenet-pytorch's full MTCNN on frames
 shrunk to ``detect_max_side`` (OpenCV area resampling), its boxes and points scaled back to
-full-frame pixels. On CUDA its R-Net/O-Net crops of all candidate boxes are cut at once from
-integral images (:func:`detect_batched`) instead of facenet-pytorch's per-box loop: the same
-boxes and points up to float32 rounding. Coordinates are pixels of the original frame, y down; points in Deep3D's
+full-frame pixels. On CUDA (:func:`detect_batched`) its first stage runs all pyramid levels
+before it looks at any result (:func:`pnet_candidates`: the same candidates, two waits for the
+GPU instead of four per level), and its R-Net/O-Net crops of all candidate boxes are cut at once
+from integral images instead of facenet-pytorch's per-box loop: the same boxes and points up to
+float32 rounding. Coordinates are pixels of the original frame, y down; points in Deep3D's
 5-point order (left eye, right eye, nose, left mouth corner, right mouth corner).
 """
 
@@ -51,6 +53,8 @@ RNET_SIZE, ONET_SIZE = 24, 48
 WINDOW_PIXELS = 8_000_000
 #: The keyframe detector's batched crops (:func:`integral_crops`) take at most this many faces at once.
 CROP_CHUNK = 2048
+#: Integers up to this are exact in float32 (:func:`grouped_nms`).
+EXACT_FLOAT32 = 2**24
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,95 @@ def detect_batched(net, images, frames_per_call: int, device) -> Detections:
     )
 
 
+def corner_bound(height: int, width: int) -> int:
+    """An upper bound of P-Net's box corners (+ 1) on a ``height`` × ``width`` frame: a cell's far
+    corner is ``(2·cell + 12) / scale`` with ``cell < side · scale / 2`` and ``scale >= 12 / side``."""
+    return 2 * max(height, width) + 13
+
+
+def grouped_nms(boxes, scores, groups, iou: float, bound: int):
+    """torchvision's ``batched_nms`` (NMS within each group) for boxes whose corners are integers.
+
+    Always its "coordinate trick" (each group's boxes shifted apart by the largest corner + 1,
+    one NMS call): its other way, for over 5,000 boxes, waits for the GPU once per group. The
+    shifted corners are exact float32 integers, so the overlaps are the same bits, while
+    ``bound`` (number of groups × (largest corner + 1), or more) is under 2**24; else
+    ``batched_nms`` itself.
+
+    Args:
+        boxes: float32 (K, 4) ``x1, y1, x2, y2``; scores: (K,); groups: int64 (K,).
+    Returns: int64 indices of the boxes kept, by decreasing score.
+    """
+    from torchvision.ops.boxes import batched_nms, nms
+
+    if bound >= EXACT_FLOAT32 or not len(boxes):
+        return batched_nms(boxes, scores, groups, iou)
+    return nms(boxes + (groups.to(boxes.dtype) * (boxes.max() + 1))[:, None], scores, iou)
+
+
+def pnet_candidates(pnet, imgs, scales: list[float], threshold: float):
+    """MTCNN's first stage over the image pyramid: what facenet-pytorch's ``detect_face`` (2.6.0)
+    keeps of each level (``generateBoundingBox`` then NMS at IoU 0.5 per frame), levels joined.
+
+    The same values, with two waits for the GPU instead of four per level, and in the same order
+    (where facenet's is defined: torchvision sorts a level of over 5,000 boxes, 1,000 on a CPU,
+    without keeping the order of equal scores):
+    every level's P-Net runs first; the positions above ``threshold`` of all levels are found
+    with one ``nonzero``; one NMS call takes every (level, frame) pair as its own group; a
+    stable sort restores facenet's order (level, then score descending, then position). Box
+    corners are computed per level on the whole grid with facenet's own expression (a float32
+    tensor divided by the Python float ``scale``, which a device may compute as a product with
+    its reciprocal), then gathered, so they are the same bits.
+
+    Args:
+        pnet: facenet-pytorch's P-Net.
+        imgs: float32 (N, 3, H, W) frames, 0…255.
+        scales: the pyramid's scales, largest first.
+        threshold: P-Net's probability threshold.
+
+    Returns:
+        float32 (K, 9) ``x1, y1, x2, y2, score, 4 regression offsets`` (frame pixels, y down) and
+        int64 (K,) the frame of each.
+    """
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+
+    n, dev = len(imgs), imgs.device
+    h, w = imgs.shape[2:4]
+    probs, regs, cols, rows, sizes = [], [], [], [], []
+    for scale in scales:
+        data = fd.imresample(imgs, (int(h * scale + 1), int(w * scale + 1)))
+        reg, prob = pnet((data - 127.5) * 0.0078125)
+        hs, ws = prob.shape[2:4]
+        probs.append(prob[:, 1].reshape(-1))  # (n · hs · ws,) in (frame, y, x) order, as nonzero gives
+        regs.append(reg.permute(0, 2, 3, 1).reshape(-1, 4))
+        for axis, length in ((cols, ws), (rows, hs)):  # facenet's corners of every column, every row
+            cell = torch.arange(length, device=dev, dtype=reg.dtype)
+            axis.append(torch.stack([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor()], 1))
+        sizes.append((hs, ws))
+    prob = torch.cat(probs)
+    flat = (prob >= threshold).nonzero()[:, 0]  # the one wait of the thresholds
+    if not len(flat):
+        return torch.zeros((0, 9), dtype=prob.dtype, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
+    heights, widths = (torch.tensor(v, device=dev) for v in zip(*sizes, strict=True))
+    ends = torch.cumsum(n * heights * widths, 0)  # where each level's positions end in ``prob``
+    level = torch.searchsorted(ends, flat, right=True)
+    local = flat - (ends - n * heights * widths)[level]
+    per_frame = heights[level] * widths[level]
+    frame, cell = local // per_frame, local % per_frame
+    y, x = cell // widths[level], cell % widths[level]
+    col_at = torch.cumsum(widths, 0) - widths  # where each level's columns (rows) start in the joined tables
+    row_at = torch.cumsum(heights, 0) - heights
+    cx, cy = torch.cat(cols)[col_at[level] + x], torch.cat(rows)[row_at[level] + y]
+    score = prob[flat]
+    boxes = torch.cat([cx[:, :1], cy[:, :1], cx[:, 1:], cy[:, 1:], score[:, None], torch.cat(regs)[flat]], dim=1)
+    pick = grouped_nms(boxes[:, :4], score, level * n + frame, 0.5, n * len(scales) * corner_bound(h, w))
+    pick = pick.sort().values  # position order, then score (stable), then level (stable): facenet's
+    pick = pick[torch.sort(-score[pick], stable=True).indices]
+    pick = pick[torch.sort(level[pick], stable=True).indices]
+    return boxes[pick], frame[pick]
+
+
 def detect_chunk(net, images, device) -> Detections:
     """Full MTCNN (facenet-pytorch ``net``'s P/R/O-Nets, thresholds, pyramid) on uint8 (B, H, W, 3)
     RGB ``images``, with R-Net's and O-Net's per-box crops made by :func:`integral_crops`
@@ -288,16 +381,8 @@ def detect_chunk(net, images, device) -> Detections:
             return Detections.empty(n)
         # Exact int64 window sums (the frames' uint8 values): R-/O-Net crops in a few gathers.
         integral = torch.nn.functional.pad(imgs.long().cumsum(2).cumsum(3), (1, 0, 1, 0))
-        boxes, inds = [], []
-        for scale in scales:
-            data = fd.imresample(imgs, (int(h * scale + 1), int(w * scale + 1)))
-            reg, probs = net.pnet((data - 127.5) * 0.0078125)
-            b, i = fd.generateBoundingBox(reg, probs[:, 1], scale, thr[0])
-            pick = batched_nms(b[:, :4], b[:, 4], i, 0.5)
-            boxes.append(b[pick])
-            inds.append(i[pick])
-        boxes, inds = torch.cat(boxes), torch.cat(inds)
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+        boxes, inds = pnet_candidates(net.pnet, imgs, scales, thr[0])
+        pick = grouped_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, n * corner_bound(h, w))
         boxes, inds = boxes[pick], inds[pick]
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         boxes = fd.rerec(torch.stack([boxes[:, 0] + boxes[:, 5] * bw, boxes[:, 1] + boxes[:, 6] * bh,
