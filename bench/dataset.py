@@ -27,8 +27,8 @@ asserts anything about time.
 
 Weights: the checkpoint given, else a random Deep3D checkpoint; MTCNN's are the ones
 facenet-pytorch ships. For ``fan`` without the S3FD/2D-FAN-4 files, random ones in a temporary
-TORCH_HOME (``bench.throughput.prepare_fan_weights``); random S3FD finds no face, so the workers
-are started with ``bench/fixed_box_shim`` on ``PYTHONPATH``, which wraps the detector of both
+TORCH_HOME (``bench.throughput.prepare_fan_weights``); random S3FD finds no face, so the workers'
+``bench/worker_shim`` (always on their ``PYTHONPATH``, inert unless asked) wraps the detector of both
 paths in ``bench.throughput.FixedBox`` (the detector still runs, and a fixed box around the face
 is handed on where it found none). The output says which weights ran.
 """
@@ -64,8 +64,9 @@ from bench.throughput import cpu_jiffies, py_spy
 log = logging.getLogger("bench.dataset")
 
 #: Worker-side shim that wraps the fan backend's detector in FixedBox (see its docstring).
-SHIM_DIR = Path(__file__).resolve().parent / "fixed_box_shim"
-BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
+SHIM_DIR = Path(__file__).resolve().parent / "worker_shim"
+BOX_ENV = "STUDIO_BENCH_FIXED_BOX"  # the worker shim's switches (bench/worker_shim/sitecustomize.py)
+LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
 SAMPLE_S = 0.5
 #: Bumped when the generated clips change, so cached files of an older recipe are not reused.
 SET_VERSION = 1
@@ -128,7 +129,7 @@ def parse_box(text: str) -> np.ndarray:
 
 def install_fixed_box(engine_cls, box_text: str) -> None:
     """Make ``engine_cls.detector_for`` wrap the ``fan`` backend's detector in
-    :class:`bench.throughput.FixedBox` (called by ``bench/fixed_box_shim`` in the worker processes)."""
+    :class:`bench.throughput.FixedBox` (called by ``bench/worker_shim`` in the worker processes)."""
     from bench.throughput import FixedBox
     from engine.config import LandmarkBackend
 
@@ -441,13 +442,12 @@ def worker_timeline(jobs, t0: float) -> str:
 
 
 def child_env(args, workdir: Path, fixed_box: np.ndarray | None) -> dict[str, str]:
-    """The environment of the submit and worker processes: the repo (and the FixedBox shim) on
-    PYTHONPATH, this process's TORCH_HOME (random FAN weights)."""
+    """The environment of the submit and worker processes: the worker shim and the repo on
+    PYTHONPATH, this process's TORCH_HOME (random FAN weights), the shim's FixedBox box when given."""
     env = dict(os.environ)
-    paths = [str(REPO), env.get("PYTHONPATH", "")]
+    paths = [str(SHIM_DIR), str(REPO), env.get("PYTHONPATH", "")]
     env.pop(BOX_ENV, None)
     if fixed_box is not None:
-        paths.insert(0, str(SHIM_DIR))
         env[BOX_ENV] = ",".join(f"{v:.3f}" for v in fixed_box)
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.pop("STUDIO_DATA_DIR", None)
@@ -704,11 +704,13 @@ def main(argv=None) -> int:
     if "fan" in args.landmarks:
         used = prepare_fan_weights(args.workdir)  # sets TORCH_HOME for the children when random
         notes.append(used.replace("a fixed box is used", "the workers' detector is wrapped in FixedBox "
-                                  "(bench/fixed_box_shim)"))
+                                  "(bench/worker_shim)"))
         if used.startswith("RANDOM"):
             fixed_box = base.face_box()
     if "mtcnn" in args.landmarks:
         notes.append("MTCNN: the weights facenet-pytorch ships (real)")
+    if os.environ.get(LEVELS_ENV) == "1":
+        notes.append(f"the fast path's keyframe detector runs MTCNN's first stage level by level ({LEVELS_ENV}=1)")
     env = child_env(args, args.workdir, fixed_box)
 
     command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

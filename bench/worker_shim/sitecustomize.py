@@ -1,0 +1,63 @@
+"""Put on ``PYTHONPATH`` by ``bench/dataset.py`` for the worker processes it starts. Each patch
+below is off unless its environment variable is set; with none set nothing changes.
+
+* ``$STUDIO_BENCH_FIXED_BOX`` (``x1,y1,x2,y2,score`` in full-frame pixels; set by the bench when
+  S3FD has random weights, which find no face): once ``engine.pipeline`` is imported, the
+  detector the engine pairs with the ``fan`` backend is wrapped in ``bench.throughput.FixedBox``.
+  The wrapped detector still runs on every frame it is asked about, so its cost is measured.
+* ``$STUDIO_BENCH_FACENET_LEVELS=1``: the fast path's keyframe detector runs MTCNN's first stage
+  level by level as facenet-pytorch does (``bench.gpu_checks.facenet_first_stage``) instead of
+  all levels at once (``engine.landmarks.mtcnn_gpu.pnet_candidates``): the same candidates, the
+  earlier code's waits for the GPU, for an A/B in one call (``STEPS=dataset-ab``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.abc import MetaPathFinder
+from importlib.machinery import PathFinder
+
+BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
+LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
+
+
+class _PatchAfterImport(MetaPathFinder):
+    """Finds module ``name`` as usual, and calls ``patch(module)`` after the module has run."""
+
+    def __init__(self, name: str, patch) -> None:
+        self.name, self.patch = name, patch
+
+    def find_spec(self, name, path, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = PathFinder.find_spec(name, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _fixed_box(module) -> None:
+    from bench.dataset import install_fixed_box
+
+    install_fixed_box(module.Engine, os.environ[BOX_ENV])
+
+
+def _facenet_levels(module) -> None:
+    from bench.gpu_checks import facenet_first_stage
+
+    module.pnet_candidates = facenet_first_stage
+
+
+if os.environ.get(BOX_ENV):
+    sys.meta_path.insert(0, _PatchAfterImport("engine.pipeline", _fixed_box))
+if os.environ.get(LEVELS_ENV) == "1":
+    sys.meta_path.insert(0, _PatchAfterImport("engine.landmarks.mtcnn_gpu", _facenet_levels))
