@@ -63,9 +63,9 @@ from bench.throughput import cpu_jiffies, py_spy
 
 log = logging.getLogger("bench.dataset")
 
-#: Worker-side shim that wraps the fan backend's detector in FixedBox (see its docstring).
+#: Worker-side shim: its patches are switched on by BOX_ENV and LEVELS_ENV (see its docstring).
 SHIM_DIR = Path(__file__).resolve().parent / "worker_shim"
-BOX_ENV = "STUDIO_BENCH_FIXED_BOX"  # the worker shim's switches (bench/worker_shim/sitecustomize.py)
+BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
 SAMPLE_S = 0.5
 #: Bumped when the generated clips change, so cached files of an older recipe are not reused.
