@@ -599,7 +599,7 @@ def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
     thread name (fewer samples than seconds × 100 × processes means the GIL was free that share of
     the time); ``name.threads.txt``, every thread, waiting ones included, each stack under its
     process and thread name (what a thread waits on shows as its leaf: a lock, a queue, a CUDA
-    synchronize). Thread names come from the OS and can be stale. Sampled without pausing
+    synchronize). py-spy does not always name a thread right. Sampled without pausing
     the processes (``--nonblocking``), so the rate is barely changed. ``bench/spy_summary.py``
     reads the files."""
     places = [Path(sys.executable).parent, *(Path(p) / "bin" for p in sys.path if p)]  # venv, pip --target
