@@ -322,14 +322,21 @@ def test_pnet_candidates_are_facenets_first_stage_bit_for_bit(refiner, video, th
     imgs = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     imgs = torch.nn.functional.interpolate(imgs, size=(144, 144), mode="area")  # small: a quick test
     scales = [0.6 * 0.709**k for k in range(6)]
+    grids: dict = {}
     with torch.inference_mode():
         want_boxes, want_frames = facenet_first_stage(refiner._net.pnet, imgs, scales, threshold)
         got_boxes, got_frames = mtcnn_gpu.pnet_candidates(refiner._net.pnet, imgs, scales, threshold)
+        cached = [mtcnn_gpu.pnet_candidates(refiner._net.pnet, imgs[k:], scales, threshold, grids) for k in (0, 3)]
     if threshold < 0.5:
         assert len(want_boxes) > 500 and len(torch.unique(want_boxes[:, 4])) < len(want_boxes)  # ties in score
     assert len(want_boxes) > 0
     assert torch.equal(got_frames, want_frames)
     assert torch.equal(got_boxes, want_boxes)
+    assert len(grids) == 1  # one pyramid: its cells made once, for 6 frames then for 3
+    assert torch.equal(cached[0][0], want_boxes) and torch.equal(cached[0][1], want_frames)
+    with torch.inference_mode():
+        want_3 = facenet_first_stage(refiner._net.pnet, imgs[3:], scales, threshold)
+    assert torch.equal(cached[1][0], want_3[0]) and torch.equal(cached[1][1], want_3[1])
 
 
 def test_pnet_candidates_with_nothing_above_the_threshold_are_empty(refiner):

@@ -242,10 +242,10 @@ def integral_crops(integral, rows, regions: np.ndarray, size: int):
     return torch.cat(parts)
 
 
-def detect_batched(net, images, frames_per_call: int, device) -> Detections:
+def detect_batched(net, images, frames_per_call: int, device, grids: dict | None = None) -> Detections:
     """:func:`detect_chunk` on ``frames_per_call`` frames at a time (numpy, or a tensor on the
     device), joined."""
-    parts = [detect_chunk(net, images[lo:lo + frames_per_call], device)
+    parts = [detect_chunk(net, images[lo:lo + frames_per_call], device, grids)
              for lo in range(0, len(images), max(1, frames_per_call))]
     parts_with = [k for k, p in enumerate(parts) if len(p)]
     if not parts_with:
@@ -287,7 +287,45 @@ def grouped_nms(boxes, scores, groups, iou: float, bound: int):
     return nms(boxes + (groups.to(boxes.dtype) * (boxes.max() + 1))[:, None], scores, iou)
 
 
-def pnet_candidates(pnet, imgs, scales: list[float], threshold: float):
+@dataclass(frozen=True)
+class LevelGrid:
+    """P-Net's output cells on every level of one pyramid, joined level after level (device tensors).
+
+    Attributes:
+        corners_x: float32 (sum of widths, 2): facenet's ``x1, x2`` of each column's box,
+            ``floor((2·col + 1) / scale)`` and ``floor((2·col + 12) / scale)``, frame pixels.
+        corners_y: float32 (sum of heights, 2): the same of each row (``y1, y2``).
+        heights, widths: int64 (L,): each level's P-Net output size.
+        col_at, row_at: int64 (L,): where each level's columns (rows) start in ``corners_x`` (``_y``).
+    """
+
+    corners_x: object
+    corners_y: object
+    heights: object
+    widths: object
+    col_at: object
+    row_at: object
+
+    @classmethod
+    def of(cls, sizes: list[tuple[int, int]], scales: list[float], device, dtype) -> LevelGrid:
+        """The grid of levels of output ``sizes`` (hs, ws) made at ``scales``.
+
+        Corners with facenet's own expression (a float32 tensor divided by the Python float
+        ``scale``, which a device may compute as a product with its reciprocal): the same bits."""
+        import torch
+
+        def corners(length: int, scale: float):
+            cell = torch.arange(length, device=device, dtype=dtype)
+            return torch.stack([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor()], 1)
+
+        heights, widths = (torch.tensor(v, device=device) for v in zip(*sizes, strict=True))
+        return cls(corners_x=torch.cat([corners(ws, s) for (_, ws), s in zip(sizes, scales, strict=True)]),
+                   corners_y=torch.cat([corners(hs, s) for (hs, _), s in zip(sizes, scales, strict=True)]),
+                   heights=heights, widths=widths,
+                   col_at=torch.cumsum(widths, 0) - widths, row_at=torch.cumsum(heights, 0) - heights)
+
+
+def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: dict | None = None):
     """MTCNN's first stage over the image pyramid: what facenet-pytorch's ``detect_face`` (2.6.0)
     keeps of each level (``generateBoundingBox`` then NMS at IoU 0.5 per frame), levels joined.
 
@@ -297,15 +335,15 @@ def pnet_candidates(pnet, imgs, scales: list[float], threshold: float):
     every level's P-Net runs first; the positions above ``threshold`` of all levels are found
     with one ``nonzero``; one NMS call takes every (level, frame) pair as its own group; a
     stable sort restores facenet's order (level, then score descending, then position). Box
-    corners are computed per level on the whole grid with facenet's own expression (a float32
-    tensor divided by the Python float ``scale``, which a device may compute as a product with
-    its reciprocal), then gathered, so they are the same bits.
+    corners are gathered from a :class:`LevelGrid` computed with facenet's own expression, so
+    they are the same bits.
 
     Args:
         pnet: facenet-pytorch's P-Net.
         imgs: float32 (N, 3, H, W) frames, 0…255.
         scales: the pyramid's scales, largest first.
         threshold: P-Net's probability threshold.
+        grids: a cache of :class:`LevelGrid` by pyramid (the caller's; None: none kept).
 
     Returns:
         float32 (K, 9) ``x1, y1, x2, y2, score, 4 regression offsets`` (frame pixels, y down) and
@@ -316,31 +354,32 @@ def pnet_candidates(pnet, imgs, scales: list[float], threshold: float):
 
     n, dev = len(imgs), imgs.device
     h, w = imgs.shape[2:4]
-    probs, regs, cols, rows, sizes = [], [], [], [], []
+    probs, regs, sizes = [], [], []
     for scale in scales:
         data = fd.imresample(imgs, (int(h * scale + 1), int(w * scale + 1)))
         reg, prob = pnet((data - 127.5) * 0.0078125)
-        hs, ws = prob.shape[2:4]
         probs.append(prob[:, 1].reshape(-1))  # (n · hs · ws,) in (frame, y, x) order, as nonzero gives
         regs.append(reg.permute(0, 2, 3, 1).reshape(-1, 4))
-        for axis, length in ((cols, ws), (rows, hs)):  # facenet's corners of every column, every row
-            cell = torch.arange(length, device=dev, dtype=reg.dtype)
-            axis.append(torch.stack([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor()], 1))
-        sizes.append((hs, ws))
+        sizes.append(tuple(prob.shape[2:4]))
     prob = torch.cat(probs)
     flat = (prob >= threshold).nonzero()[:, 0]  # the one wait of the thresholds
     if not len(flat):
         return torch.zeros((0, 9), dtype=prob.dtype, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
-    heights, widths = (torch.tensor(v, device=dev) for v in zip(*sizes, strict=True))
-    ends = torch.cumsum(n * heights * widths, 0)  # where each level's positions end in ``prob``
+    key = (tuple(sizes), tuple(scales), str(dev), prob.dtype)
+    grid = grids.get(key) if grids is not None else None
+    if grid is None:
+        grid = LevelGrid.of(sizes, scales, dev, prob.dtype)
+        if grids is not None:
+            if len(grids) >= 64:  # one entry per frame size seen: bounded all the same
+                grids.clear()
+            grids[key] = grid
+    ends = torch.cumsum(n * grid.heights * grid.widths, 0)  # where each level's positions end in ``prob``
     level = torch.searchsorted(ends, flat, right=True)
-    local = flat - (ends - n * heights * widths)[level]
-    per_frame = heights[level] * widths[level]
+    local = flat - (ends - n * grid.heights * grid.widths)[level]
+    per_frame = grid.heights[level] * grid.widths[level]
     frame, cell = local // per_frame, local % per_frame
-    y, x = cell // widths[level], cell % widths[level]
-    col_at = torch.cumsum(widths, 0) - widths  # where each level's columns (rows) start in the joined tables
-    row_at = torch.cumsum(heights, 0) - heights
-    cx, cy = torch.cat(cols)[col_at[level] + x], torch.cat(rows)[row_at[level] + y]
+    y, x = cell // grid.widths[level], cell % grid.widths[level]
+    cx, cy = grid.corners_x[grid.col_at[level] + x], grid.corners_y[grid.row_at[level] + y]
     score = prob[flat]
     boxes = torch.cat([cx[:, :1], cy[:, :1], cx[:, 1:], cy[:, 1:], score[:, None], torch.cat(regs)[flat]], dim=1)
     pick = grouped_nms(boxes[:, :4], score, level * n + frame, 0.5, n * len(scales) * corner_bound(h, w))
@@ -350,7 +389,7 @@ def pnet_candidates(pnet, imgs, scales: list[float], threshold: float):
     return boxes[pick], frame[pick]
 
 
-def detect_chunk(net, images, device) -> Detections:
+def detect_chunk(net, images, device, grids: dict | None = None) -> Detections:
     """Full MTCNN (facenet-pytorch ``net``'s P/R/O-Nets, thresholds, pyramid) on uint8 (B, H, W, 3)
     RGB ``images``, with R-Net's and O-Net's per-box crops made by :func:`integral_crops`
     (a few batched gathers) instead of facenet-pytorch's Python loop over the boxes.
@@ -381,7 +420,7 @@ def detect_chunk(net, images, device) -> Detections:
             return Detections.empty(n)
         # Exact int64 window sums (the frames' uint8 values): R-/O-Net crops in a few gathers.
         integral = torch.nn.functional.pad(imgs.long().cumsum(2).cumsum(3), (1, 0, 1, 0))
-        boxes, inds = pnet_candidates(net.pnet, imgs, scales, thr[0])
+        boxes, inds = pnet_candidates(net.pnet, imgs, scales, thr[0], grids)
         pick = grouped_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, n * corner_bound(h, w))
         boxes, inds = boxes[pick], inds[pick]
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -470,6 +509,7 @@ class RefineMtcnn:
         self._net = MTCNN(device=self.device, select_largest=False, keep_all=True,
                           thresholds=list(THRESHOLDS))
         self._net.eval()
+        self._grids: dict = {}  # the keyframe detector's P-Net cells by pyramid (LevelGrid)
 
     # --- keyframe detection ------------------------------------------------------------------
 
@@ -491,7 +531,7 @@ class RefineMtcnn:
         sh, sw = images.shape[1:3]
         step = max(1, self.max_pixels // max(1, sh * sw))
         if self.batched_crops:
-            found = detect_batched(self._net, images, step, self.device)
+            found = detect_batched(self._net, images, step, self.device, self._grids)
         else:
             found = detect_faces(self._net, to_numpy(images), step)
         if (sh, sw) == (h, w) or len(found) == 0:
