@@ -4,7 +4,12 @@ Several inputs run at once, each in its own thread and its own :class:`~engine.p
 built on the calling engine's loaded stages (``Engine(cfg, **shared)``): one regressor, one
 landmark backend (``file`` is built per input), one aligner (its thread pool shared), the
 tracker and temporal policy (stateless objects: their state travels per input). What is per
-input: its sinks, its landmark thread, its resume state, its progress reporter, its errors.
+input: its sinks, its resume state, its progress reporter, its errors.
+
+The threads outlive the inputs: ``concurrency`` input threads, and as many landmark threads,
+each lent to one input at a time. PyTorch keeps cuDNN's execution plans per thread (one per
+layer and input shape, milliseconds to build), so a thread made for each input would build them
+all again for every clip; reused threads build each one once.
 
 ::
 
@@ -23,6 +28,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,6 +142,7 @@ class _Models:
         self._shared: dict | None = None
         self._numerics: contextlib.ExitStack = contextlib.ExitStack()
         self.merger = None
+        self._idle_lm: list[ThreadPoolExecutor] = []  # landmark threads between two inputs
 
     def shared(self, source: Path | InputItem) -> dict:
         """``Engine(cfg, **shared)`` keyword arguments: the loaded, shared stages."""
@@ -164,6 +171,17 @@ class _Models:
                 }
             return self._shared
 
+    @contextlib.contextmanager
+    def landmark_thread(self) -> Iterator[ThreadPoolExecutor]:
+        """A one-thread executor for an input's face stages, kept for the next input after it."""
+        with self._lock:
+            lent = self._idle_lm.pop() if self._idle_lm else ThreadPoolExecutor(1, thread_name_prefix="landmarks")
+        try:
+            yield lent
+        finally:
+            with self._lock:
+                self._idle_lm.append(lent)
+
     def face_model(self):
         """The calling engine's face model (BFM), loaded once for every input."""
         with self._face_lock:
@@ -173,6 +191,10 @@ class _Models:
         if self.merger is not None:
             self.merger.close()
         self._numerics.close()
+        with self._lock:
+            idle, self._idle_lm = self._idle_lm, []
+        for lm in idle:
+            lm.shutdown(wait=True)
 
 
 def feed_jobs(jobs: Iterable[InputJob], slots: threading.Semaphore, stop: threading.Event,
@@ -224,7 +246,7 @@ def run_many(engine: Engine, jobs: Iterable[InputJob], *, concurrency: int | Non
 
     feeder = threading.Thread(target=feed_jobs, args=(jobs, slots, stop_all, events), name="run-many-feed",
                               daemon=True)
-    threads: list[threading.Thread] = []
+    inputs = ThreadPoolExecutor(concurrency, thread_name_prefix="input")  # ≤ concurrency jobs at once (slots)
     running, fed, feed_error = 0, True, None
     try:
         feeder.start()
@@ -232,20 +254,16 @@ def run_many(engine: Engine, jobs: Iterable[InputJob], *, concurrency: int | Non
             kind, item = events.get()
             if kind == "job":
                 running += 1
-                t = threading.Thread(target=one, args=(item,), name=f"input-{len(threads)}", daemon=True)
-                threads.append(t)
-                t.start()
+                inputs.submit(one, item)
             elif kind == "done":
                 running -= 1
-                threads = [t for t in threads if t.is_alive()]
                 yield item
             else:
                 fed, feed_error = False, item
     finally:
         stop_all.set()  # the consumer stopped early (or an error): cancel the inputs still open
         slots.release()  # let a feeder waiting for a slot see the stop
-        for t in threads:
-            t.join()
+        inputs.shutdown(wait=True)
         models.close()
     if feed_error is not None:
         raise feed_error
@@ -261,25 +279,27 @@ def _run_one(models: _Models, job: InputJob, stop_all: threading.Event) -> Input
         return stop_all.is_set() or bool(own_stop and own_stop())
 
     child = None
-    try:
-        models.engine.check_input(job.source)  # a bad input fails as itself, before any model loads
-        shared = models.shared(job.source)
-        child = Engine(models.engine.config, **shared)
-        child.face_model = models.face_model  # one BFM for every input (overlay, lm68 extras)
-        user = models.merger.user() if models.merger is not None else contextlib.nullcontext()
-        with user:
-            if job.segment is not None:
-                if job.state_dir is None:
-                    raise ValueError("a segment job needs a state_dir (its results are kept there)")
-                report = child.run_segment(job.source, job.segment, job.state_dir, progress=job.progress,
-                                           should_stop=should_stop)
-            else:
-                report = child.run(job.source, job.out_base, progress=job.progress, should_stop=should_stop,
-                                   state_dir=job.state_dir)
-        return InputOutcome(job, report, None)
-    except Exception as e:  # each input fails alone, with its own error
-        log.debug("input %s failed", job.source, exc_info=True)
-        return InputOutcome(job, None, e)
-    finally:
-        if child is not None:
-            child.close_threads()  # its landmark thread; the shared stages stay open
+    with contextlib.ExitStack() as stack:  # the landmark thread goes back after close_threads
+        try:
+            models.engine.check_input(job.source)  # a bad input fails as itself, before any model loads
+            shared = models.shared(job.source)
+            lm_thread = stack.enter_context(models.landmark_thread())
+            child = Engine(models.engine.config, **shared, landmark_thread=lm_thread)
+            child.face_model = models.face_model  # one BFM for every input (overlay, lm68 extras)
+            user = models.merger.user() if models.merger is not None else contextlib.nullcontext()
+            with user:
+                if job.segment is not None:
+                    if job.state_dir is None:
+                        raise ValueError("a segment job needs a state_dir (its results are kept there)")
+                    report = child.run_segment(job.source, job.segment, job.state_dir, progress=job.progress,
+                                               should_stop=should_stop)
+                else:
+                    report = child.run(job.source, job.out_base, progress=job.progress, should_stop=should_stop,
+                                       state_dir=job.state_dir)
+            return InputOutcome(job, report, None)
+        except Exception as e:  # each input fails alone, with its own error
+            log.debug("input %s failed", job.source, exc_info=True)
+            return InputOutcome(job, None, e)
+        finally:
+            if child is not None:
+                child.close_threads()  # its own threads; the shared stages and the lent thread stay

@@ -383,6 +383,9 @@ class Engine:
             :class:`~engine.stages.temporal.NoFacePolicyStage` for ``config.no_face``.
         progress_interval_s: longest gap between two progress reports (seconds).
         limits: what an input may be (default: :meth:`~engine.limits.InputLimits.from_env`).
+        landmark_thread: a one-thread executor to run the face stages on, the caller's (left
+            open by :meth:`close`); default: the engine's own, made on first use. A thread that
+            lives on keeps what PyTorch caches per thread (cuDNN's plans) for the next input.
     """
 
     def __init__(
@@ -399,6 +402,7 @@ class Engine:
         temporal_policy: TemporalPolicy | None = None,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
         limits: InputLimits | None = None,
+        landmark_thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         return_large_blocks()  # freed frames go back to the OS (engine.hostmem)
@@ -419,7 +423,9 @@ class Engine:
         ) if stage is not None)
         self.temporal_policy: TemporalPolicy = temporal_policy or NoFacePolicyStage.from_config(self.config)
         self.progress_interval_s = progress_interval_s
-        self._lm_thread: ThreadPoolExecutor | None = None
+        #: The face stages' thread (one worker); a caller's (``landmark_thread``) is kept open at close.
+        self._lm_thread: ThreadPoolExecutor | None = landmark_thread
+        self._own_lm_thread = landmark_thread is None
         self._face_model = None  # (key, ParametricFaceModel), loaded on first use
 
     # ------------------------------------------------------------------ components
@@ -488,9 +494,9 @@ class Engine:
 
     def close_threads(self) -> None:
         """Stop this engine's threads but keep its models (to hand them on with :attr:`components`)."""
-        if self._lm_thread is not None:
+        if self._lm_thread is not None and self._own_lm_thread:
             self._lm_thread.shutdown(wait=True)
-            self._lm_thread = None
+        self._lm_thread = None
         if self._aligner is not None and hasattr(self._aligner, "close"):
             self._aligner.close()
 
@@ -849,6 +855,7 @@ class Engine:
         """One thread that runs the face stages (always the same thread, one call at a time)."""
         if self._lm_thread is None:
             self._lm_thread = ThreadPoolExecutor(1, thread_name_prefix="landmarks")
+            self._own_lm_thread = True
         return self._lm_thread
 
     def _sink_context(self, fmt: str) -> SinkContext:

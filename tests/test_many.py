@@ -150,6 +150,33 @@ def test_jobs_are_pulled_lazily(test_images, cfg, tmp_path):
     assert max(open_when_pulled) <= 1  # when a job is pulled, at most one other is still open
 
 
+def test_the_threads_outlive_the_inputs(clips, cfg, one_by_one, tmp_path):
+    """Four clips, two at a time: the face stages run on at most two threads, the same from clip
+    to clip (PyTorch keeps cuDNN's plans per thread), and every thread of the run is gone once
+    it ends. Outputs as one by one."""
+    from engine.landmarks.mtcnn import MtcnnLandmarker
+
+    seen: dict[str, set] = {"landmarks": set()}
+
+    class Recording(MtcnnLandmarker):
+        def __call__(self, frames, faces=None):
+            seen["landmarks"].add(threading.current_thread())
+            return super().__call__(frames, faces)
+
+    before = set(threading.enumerate())
+    with Engine(cfg, landmarker=Recording("cpu", batch_frames=False)) as engine:
+        outcomes = list(engine.run_many([InputJob(p, tmp_path / p.stem, key=p.stem) for p in clips[1]],
+                                        concurrency=2))
+    assert sorted(o.job.key for o in outcomes) == sorted(p.stem for p in clips[1])
+    assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
+    for o in outcomes:
+        assert_same_outputs(o.report.outputs, one_by_one[o.job.key])
+    assert 1 <= len(seen["landmarks"]) <= 2, seen
+    assert all(t.name.startswith("landmarks") for t in seen["landmarks"])
+    assert not any(t.is_alive() for t in seen["landmarks"])
+    assert set(threading.enumerate()) <= before | {threading.current_thread()}
+
+
 def test_a_failing_jobs_iterable_raises_after_the_started_inputs(test_images, cfg, tmp_path):
     def jobs():
         yield InputJob(test_images / "000002.jpg", tmp_path / "a")
