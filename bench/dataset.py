@@ -63,10 +63,11 @@ from bench.throughput import cpu_jiffies, py_spy
 
 log = logging.getLogger("bench.dataset")
 
-#: Worker-side shim: its patches are switched on by BOX_ENV and LEVELS_ENV (see its docstring).
+#: Worker-side shim: its patches are switched on by BOX_ENV, LEVELS_ENV and THREADS_ENV (see its docstring).
 SHIM_DIR = Path(__file__).resolve().parent / "worker_shim"
 BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
+THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 SAMPLE_S = 0.5
 #: Bumped when the generated clips change, so cached files of an older recipe are not reused.
 SET_VERSION = 1
@@ -711,6 +712,8 @@ def main(argv=None) -> int:
         notes.append("MTCNN: the weights facenet-pytorch ships (real)")
     if os.environ.get(LEVELS_ENV) == "1":
         notes.append(f"the fast path's keyframe detector runs MTCNN's first stage level by level ({LEVELS_ENV}=1)")
+    if os.environ.get(THREADS_ENV) == "1":
+        notes.append(f"a new landmark thread for each input, as before they were reused ({THREADS_ENV}=1)")
     env = child_env(args, args.workdir, fixed_box)
 
     command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

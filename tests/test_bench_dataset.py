@@ -208,19 +208,26 @@ def test_the_profile_waits_for_the_first_claimed_job_or_the_workers_exit(tmp_pat
     dataset.wait_first_claim(other, gone, 60.0, 0.05)  # returns at once: the workers have exited
 
 
-@pytest.mark.parametrize("levels", ["1", ""])
-def test_the_worker_shim_swaps_the_first_stage_only_when_asked(tmp_path, levels, monkeypatch):
+@pytest.mark.parametrize("switch", ["1", ""])
+def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     """A child process started with the bench's environment: facenet's per-level loop stands in
-    for ``pnet_candidates`` with ``STUDIO_BENCH_FACENET_LEVELS=1``, and nothing changes without."""
+    for ``pnet_candidates`` with ``STUDIO_BENCH_FACENET_LEVELS=1``, a landmark thread per input
+    with ``STUDIO_BENCH_THREAD_PER_INPUT=1``; nothing changes without."""
     import subprocess
     import sys
 
-    monkeypatch.setenv(dataset.LEVELS_ENV, levels)
+    monkeypatch.setenv(dataset.LEVELS_ENV, switch)
+    monkeypatch.setenv(dataset.THREADS_ENV, switch)
     env = dataset.child_env(None, tmp_path, None)
     assert env["PYTHONPATH"].split(":")[0] == str(dataset.SHIM_DIR)
     code = ("from engine.landmarks import mtcnn_gpu; from bench.gpu_checks import facenet_first_stage; "
-            "print(mtcnn_gpu.pnet_candidates is facenet_first_stage)")
+            "from engine.many import _Models; from engine import Engine, EngineConfig\n"
+            "models = _Models(Engine(EngineConfig(device='cpu')), merge=False)\n"
+            "with models.landmark_thread() as a: pass\n"
+            "with models.landmark_thread() as b: pass\n"
+            "models.close()\n"
+            "print(mtcnn_gpu.pnet_candidates is facenet_first_stage, a is b)")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("True" if levels == "1" else "False")
+    assert out.stdout.split() == (["True", "False"] if switch == "1" else ["False", "True"])

@@ -9,6 +9,9 @@ below is off unless its environment variable is set; with none set nothing chang
   level by level as facenet-pytorch does (``bench.gpu_checks.facenet_first_stage``) instead of
   all levels at once (``engine.landmarks.mtcnn_gpu.pnet_candidates``): the same candidates, the
   earlier code's waits for the GPU, for an A/B in one call (``STEPS=dataset-ab``).
+* ``$STUDIO_BENCH_THREAD_PER_INPUT=1``: ``run_many`` makes a landmark thread for each input and
+  ends it after, as it did before its threads outlived the inputs (each new thread builds
+  cuDNN's plans again), for the same kind of A/B.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from importlib.machinery import PathFinder
 
 BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
+THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 
 
 class _PatchAfterImport(MetaPathFinder):
@@ -57,7 +61,24 @@ def _facenet_levels(module) -> None:
     module.pnet_candidates = facenet_first_stage
 
 
+def _thread_per_input(module) -> None:
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    @contextlib.contextmanager
+    def landmark_thread(self):
+        lent = ThreadPoolExecutor(1, thread_name_prefix="landmarks")
+        try:
+            yield lent
+        finally:
+            lent.shutdown(wait=True)
+
+    module._Models.landmark_thread = landmark_thread
+
+
 if os.environ.get(BOX_ENV):
     sys.meta_path.insert(0, _PatchAfterImport("engine.pipeline", _fixed_box))
 if os.environ.get(LEVELS_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("engine.landmarks.mtcnn_gpu", _facenet_levels))
+if os.environ.get(THREADS_ENV) == "1":
+    sys.meta_path.insert(0, _PatchAfterImport("engine.many", _thread_per_input))
