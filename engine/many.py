@@ -142,6 +142,7 @@ class _Models:
         self._shared: dict | None = None
         self._numerics: contextlib.ExitStack = contextlib.ExitStack()
         self.merger = None
+        self._lm_lock = threading.Lock()
         self._idle_lm: list[ThreadPoolExecutor] = []  # landmark threads between two inputs
 
     def shared(self, source: Path | InputItem) -> dict:
@@ -174,12 +175,12 @@ class _Models:
     @contextlib.contextmanager
     def landmark_thread(self) -> Iterator[ThreadPoolExecutor]:
         """A one-thread executor for an input's face stages, kept for the next input after it."""
-        with self._lock:
+        with self._lm_lock:
             lent = self._idle_lm.pop() if self._idle_lm else ThreadPoolExecutor(1, thread_name_prefix="landmarks")
         try:
             yield lent
         finally:
-            with self._lock:
+            with self._lm_lock:
                 self._idle_lm.append(lent)
 
     def face_model(self):
@@ -191,7 +192,7 @@ class _Models:
         if self.merger is not None:
             self.merger.close()
         self._numerics.close()
-        with self._lock:
+        with self._lm_lock:
             idle, self._idle_lm = self._idle_lm, []
         for lm in idle:
             lm.shutdown(wait=True)

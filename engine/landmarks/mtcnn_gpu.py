@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +43,9 @@ from engine.frames import shrink_area, to_numpy, to_torch, zeros_like_frames
 from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_array
 from engine.landmarks.mtcnn import NAME, detect_faces
 from engine.structures import Detections, FrameBatch, Landmarks
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -299,12 +303,12 @@ class LevelGrid:
         col_at, row_at: int64 (L,): where each level's columns (rows) start in ``corners_x`` (``_y``).
     """
 
-    corners_x: object
-    corners_y: object
-    heights: object
-    widths: object
-    col_at: object
-    row_at: object
+    corners_x: torch.Tensor
+    corners_y: torch.Tensor
+    heights: torch.Tensor
+    widths: torch.Tensor
+    col_at: torch.Tensor
+    row_at: torch.Tensor
 
     @classmethod
     def of(cls, sizes: list[tuple[int, int]], scales: list[float], device, dtype) -> LevelGrid:
