@@ -594,10 +594,11 @@ class Engine:
                  merge_batches: bool | None = None, processes: int = 1) -> Iterator[InputOutcome]:
         """Run several inputs at once on this engine's models; yield each one's outcome as it ends.
 
-        Each input runs in its own thread and its own :class:`Engine` sharing this one's loaded
-        stages (:mod:`engine.many`): its own sinks, landmark thread, resume state (``state_dir``),
-        progress and error: an input that fails (``StudioError``, ``Cancelled`` ...) gives an
-        :class:`~engine.many.InputOutcome` with its error and the others go on. Results per input
+        Each input runs in one of ``concurrency`` threads and its own :class:`Engine` sharing this
+        one's loaded stages (:mod:`engine.many`; the threads, landmark threads included, serve input
+        after input): its own sinks, resume state (``state_dir``), progress and error: an input
+        that fails (``StudioError``, ``Cancelled`` ...) gives an :class:`~engine.many.InputOutcome`
+        with its error and the others go on. Results per input
         are the same as :meth:`run`'s (on the CPU bit for bit; on CUDA the merged regressor
         batches may change float rounding, as another ``batch_size`` would).
 
