@@ -5,12 +5,13 @@ has, P-Net on however many keyframes) pays that again and again.
 
 ``python bench/conv_shapes.py --device cuda [--sizes 1 2 3 5 7 ...]``
 
-For each network (MTCNN's P-Net on 640×360 frames, R-Net, O-Net; ResNet-50 on 224² crops, the
+For each network (MTCNN's P-Net on 384×216, the first pyramid level of a 640×360 keyframe;
+R-Net; O-Net; ResNet-50 on 224² crops, the
 Deep3D regressor's backbone, random weights) and each batch size: the wall time of the first
 forward at that size, of a second one, and of a third in a new thread, each followed by a
 synchronize (ms). PyTorch keeps cuDNN's plans per thread: where the new thread's call costs
-what a first call does, a stage that runs in a new thread per input builds them all again. Prints a
-markdown table; run on the GPU it is about.
+what a first call does, a stage that runs in a new thread per input builds them all again.
+Prints a markdown table; run it on the GPU it is about.
 """
 
 from __future__ import annotations
