@@ -149,15 +149,12 @@ def check_first_stage(frames, device: str) -> bool:
     import torch
 
     from engine.frames import shrink_area
-    from engine.landmarks.mtcnn_gpu import RefineMtcnn, pnet_candidates
+    from engine.landmarks.mtcnn_gpu import RefineMtcnn, pnet_candidates, pyramid_scales
 
     net = RefineMtcnn(device)._net
     small = shrink_area(frames.images, (640, 360))
     imgs = torch.as_tensor(small, device=device).permute(0, 3, 1, 2).float()
-    m, scales = 12.0 / net.min_face_size, []
-    while 360 * m >= 12:
-        scales.append(m)
-        m *= net.factor
+    scales = pyramid_scales(net, 360, 640)
     ok = True
     for threshold in (net.thresholds[0], 0.05):
         with torch.inference_mode():

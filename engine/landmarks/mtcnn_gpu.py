@@ -329,6 +329,18 @@ class LevelGrid:
                    col_at=torch.cumsum(widths, 0) - widths, row_at=torch.cumsum(heights, 0) - heights)
 
 
+def pyramid_scales(net, height: int, width: int) -> list[float]:
+    """The scales of facenet-pytorch's image pyramid for ``height`` × ``width`` frames (its
+    ``detect_face``): from 12 / ``net.min_face_size`` down by ``net.factor`` while the shorter
+    side stays at least 12 pixels; empty for frames smaller than the minimum face."""
+    m = 12.0 / net.min_face_size
+    scales, minl = [], min(height, width) * m
+    while minl >= 12:
+        scales.append(m)
+        m, minl = m * net.factor, minl * net.factor
+    return scales
+
+
 def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: dict | None = None):
     """MTCNN's first stage over the image pyramid: what facenet-pytorch's ``detect_face`` (2.6.0)
     keeps of each level (``generateBoundingBox`` then NMS at IoU 0.5 per frame), levels joined.
@@ -415,11 +427,7 @@ def detect_chunk(net, images, device, grids: dict | None = None) -> Detections:
     with torch.inference_mode():
         imgs = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float()
         h, w = imgs.shape[2:4]
-        m = 12.0 / net.min_face_size
-        scales, minl = [], min(h, w) * m
-        while minl >= 12:
-            scales.append(m)
-            m, minl = m * net.factor, minl * net.factor
+        scales = pyramid_scales(net, h, w)
         if not scales:  # frames smaller than the minimum face
             return Detections.empty(n)
         # Exact int64 window sums (the frames' uint8 values): R-/O-Net crops in a few gathers.
