@@ -18,6 +18,10 @@ if [ "${MPS:-0}" = 1 ]; then  # CUDA MPS for the steps that run several processe
   mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d && echo "CUDA MPS on"
   trap 'echo quit | nvidia-cuda-mps-control' EXIT
 fi
+fast_nvdec() {  # bench/dataset.py on the fast path with NVDEC and MTCNN, 250-frame 1080p clips; more flags follow
+  python3 bench/dataset.py --device cuda --frames 250 --gen-jobs "$(nproc)" --mode fast --landmarks mtcnn \
+    --decoder nvdec "$@"
+}
 for step in ${STEPS:-equal throughput memory render}; do
   echo "=== $step"
   case $step in
@@ -48,35 +52,23 @@ for step in ${STEPS:-equal throughput memory render}; do
                       --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-4}" --out "$OUT/dataset_sync_$sync.md"
                   done ;;
     dataset-per) for k in ${PERS:-1 2}; do  # workers per GPU (MPS=0 or 1; STUDIO_PIN_CORES=0: not pinned)
-                    python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
-                      --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "$k" --out "$OUT/dataset_per_$k.md"
+                    fast_nvdec --clips "${CLIPS:-100}" --per-gpu "$k" --out "$OUT/dataset_per_$k.md"
                   done ;;
-    dataset-spy) python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
-                   --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-4}" --spy "$OUT/spy" \
-                   --out "$OUT/dataset_spy.md"  # py-spy of every worker: where each kind of thread spends its time
+    dataset-spy) fast_nvdec --clips "${CLIPS:-100}" --per-gpu "${PER_GPU:-4}" ${SINGLE:+--single-only} \
+                   --spy "$OUT/spy" --out "$OUT/dataset_spy.md"  # py-spy of every worker, from its first job on
                  for f in "$OUT"/spy/*.txt; do
-                   echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 6  # the workers, not their launcher
+                   echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 8  # the workers, not their launcher
                  done; gzip -f "$OUT"/spy/*.txt ;;  # under the 16 MiB a file that comes back
     dataset-ab) for v in ${VARIANTS:-STUDIO_PIN_CORES=1 STUDIO_PIN_CORES=0 STUDIO_PIN_CORES=1}; do  # env per run (A=1,B=2), same clips
-                  env ${v//,/ } python3 bench/dataset.py --device cuda --clips "${CLIPS:-48}" --frames 250 \
-                    --gen-jobs "$(nproc)" --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-1}" \
-                    ${SINGLE:+--single-only} --out "$OUT/dataset_ab_${v//[^A-Za-z0-9_]/_}.md"
+                  (export ${v//,/ }; fast_nvdec --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" ${SINGLE:+--single-only} \
+                    --out "$OUT/dataset_ab_${v//[^A-Za-z0-9_]/_}.md")
                 done ;;
     dataset-batch) for b in ${BATCHES:-32 64 128}; do  # frames per batch: the face stages' per-call costs over more frames
-                  python3 bench/dataset.py --device cuda --clips "${CLIPS:-48}" --frames 250 --gen-jobs "$(nproc)" \
-                    --mode fast --landmarks mtcnn --decoder nvdec --per-gpu "${PER_GPU:-1}" --batch-size "$b" \
-                    ${SINGLE:+--single-only} --out "$OUT/dataset_batch_$b.md"
+                  fast_nvdec --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" --batch-size "$b" ${SINGLE:+--single-only} \
+                    --out "$OUT/dataset_batch_$b.md"
                 done ;;
-    dataset-spy1) python3 bench/dataset.py --device cuda --clips "${CLIPS:-48}" --frames 250 --gen-jobs "$(nproc)" \
-                   --mode fast --landmarks mtcnn --decoder nvdec --per-gpu 1 --single-only --spy "$OUT/spy" \
-                   --out "$OUT/dataset_spy1.md"  # one worker on one GPU, from its first job on
-                 for f in "$OUT"/spy/*.txt; do
-                   echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 8
-                 done; gzip -f "$OUT"/spy/*.txt ;;
     dataset-conc) for c in ${CONCS:-2 4 8}; do  # one worker per GPU with more inputs in flight
-                    python3 bench/dataset.py --device cuda --clips "${CLIPS:-100}" --frames 250 --gen-jobs "$(nproc)" \
-                      --mode fast --landmarks mtcnn --decoder nvdec --per-gpu 1 --concurrency "$c" \
-                      --out "$OUT/dataset_conc_$c.md"
+                    fast_nvdec --clips "${CLIPS:-100}" --per-gpu 1 --concurrency "$c" --out "$OUT/dataset_conc_$c.md"
                   done ;;
     dataset) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast exact --landmarks mtcnn \
                   --out "$OUT/dataset.md" ;;
