@@ -63,11 +63,13 @@ from bench.throughput import cpu_jiffies, py_spy
 
 log = logging.getLogger("bench.dataset")
 
-#: Worker-side shim: its patches are switched on by BOX_ENV, LEVELS_ENV and THREADS_ENV (see its docstring).
+#: Worker-side shim: its patches are switched on by BOX_ENV, LEVELS_ENV, THREADS_ENV and LOAD_ENV (see its
+#: docstring).
 SHIM_DIR = Path(__file__).resolve().parent / "worker_shim"
 BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
 THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
+LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 SAMPLE_S = 0.5
 #: Bumped when the generated clips change, so cached files of an older recipe are not reused.
 SET_VERSION = 1
@@ -714,6 +716,8 @@ def main(argv=None) -> int:
         notes.append(f"the fast path's keyframe detector runs MTCNN's first stage level by level ({LEVELS_ENV}=1)")
     if os.environ.get(THREADS_ENV) == "1":
         notes.append(f"a new landmark thread for each input, as before they were reused ({THREADS_ENV}=1)")
+    if os.environ.get(LOAD_ENV) == "1":
+        notes.append(f"workers load their models after their first claim, as before ({LOAD_ENV}=1)")
     env = child_env(args, args.workdir, fixed_box)
 
     command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

@@ -63,6 +63,23 @@ for step in ${STEPS:-equal throughput memory render}; do
                   (export ${v//,/ }; fast_nvdec --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" ${SINGLE:+--single-only} \
                     --out "$OUT/dataset_ab_${v//[^A-Za-z0-9_]/_}.md")
                 done ;;
+    dataset-pair) python3 bench/cpu_topology.py --probe  # is it what the GPUs' workers share? A B C C B A:
+                  halves=($(python3 bench/cpu_topology.py --split 2))  # whole cores, by NUMA node
+                  pair() {  # each GPU its own launcher and registry, at once; $1: run name, $2 $3: taskset lists
+                    for g in 0 1; do
+                      (cpus=$([ $g = 0 ] && echo "${2:-}" || echo "${3:-}"); [ -n "$cpus" ] && taskset -cp "$cpus" $BASHPID
+                       CUDA_VISIBLE_DEVICES=$g fast_nvdec --clips "${CLIPS:-48}" --per-gpu 1 --single-only \
+                         --out "$OUT/dataset_pair_$1_gpu$g.md") &
+                    done; wait
+                    for g in 0 1; do echo "pair $1, GPU $g: $(grep '^| fast' "$OUT/dataset_pair_$1_gpu$g.md")"; done
+                  }
+                  for r in std unpinned pinned pinned unpinned std; do  # std: --gpus 0, then --gpus all
+                    case $r in
+                      std) fast_nvdec --clips "${CLIPS:-48}" --per-gpu 1 --out "$OUT/dataset_pair_std.md" ;;
+                      unpinned) pair unpinned ;;
+                      pinned) pair pinned "${halves[0]}" "${halves[1]}" ;;
+                    esac
+                  done ;;
     dataset-batch) for b in ${BATCHES:-32 64 128}; do  # frames per batch: the face stages' per-call costs over more frames
                   fast_nvdec --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" --batch-size "$b" ${SINGLE:+--single-only} \
                     --out "$OUT/dataset_batch_$b.md"

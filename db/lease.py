@@ -173,6 +173,22 @@ def device_accepts(requested: str | None, worker_device: str | None) -> bool:
     return requested == worker_device
 
 
+def _queued(limit: int = CLAIM_WINDOW):
+    """The oldest queued jobs first: the order claims take them in."""
+    return (select(Job).where(Job.status == JobStatus.QUEUED.value)
+            .order_by(Job.created_at.asc(), Job.id.asc()).limit(limit))
+
+
+def peek_next(reg: Registry, *, device: str | None = None) -> JobView | None:
+    """The job :func:`claim_next` would take now, without taking it (None when there is none);
+    another worker may claim it first. A worker reads its settings to load their models before
+    it claims anything."""
+    with reg.session() as s:
+        job = next((j for j in s.exec(_queued()) if device_accepts((j.settings or {}).get("device"), device)), None)
+        job_id = None if job is None else job.id
+    return None if job_id is None else get_job(reg, job_id)
+
+
 def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> JobView | None:
     """Atomically take the oldest queued job that ``device`` may run (None when there is none).
 
@@ -184,12 +200,7 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
     workers can never claim the same job.
     """
     now = utcnow()
-    q = (
-        select(Job)
-        .where(Job.status == JobStatus.QUEUED.value)
-        .order_by(Job.created_at.asc(), Job.id.asc())
-        .limit(CLAIM_WINDOW)
-    )
+    q = _queued()
     if not reg.is_sqlite:
         q = q.with_for_update(skip_locked=True)
     with reg.write() as s:

@@ -21,8 +21,8 @@ module                        what it holds
 :mod:`db.actions`             :func:`cancel_job`, :func:`retry_job`, :func:`delete_job`
 :mod:`db.bundle`              :func:`build_bundle` (and the checked reads of result files)
 :mod:`db.lease`               the worker side: :func:`register_worker`, :func:`worker_heartbeat`,
-                              :func:`stop_worker`, :func:`requeue_stale`, :func:`claim_next`,
-                              :func:`claim_job`,
+                              :func:`stop_worker`, :func:`requeue_stale`, :func:`peek_next`,
+                              :func:`claim_next`, :func:`claim_job`,
                               :func:`report_progress`, :func:`read_control`,
                               :func:`complete_job`, :func:`fail_job`, :func:`requeue_job`,
                               :func:`finish_cancelled`, :func:`adopt_job`
@@ -49,6 +49,7 @@ from db.lease import (
     fail_job,
     finish_cancelled,
     give_up_message,
+    peek_next,
     read_control,
     register_worker,
     report_progress,
@@ -103,6 +104,7 @@ __all__ = [
     "list_jobs",
     "list_workers",
     "normalize_settings",
+    "peek_next",
     "read_control",
     "register_worker",
     "report_progress",

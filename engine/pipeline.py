@@ -468,8 +468,9 @@ class Engine:
                                              regressor_precision(self.config, self.device))
         return self._regressor
 
-    def landmarker_for(self, source: Path | InputItem) -> Landmarker:
-        """The landmark backend for ``source`` (built per input for ``"file"``, else shared)."""
+    def landmarker_for(self, source: Path | InputItem | None) -> Landmarker:
+        """The landmark backend for ``source`` (built per input for ``"file"``, else shared; ``source``
+        unused then)."""
         from engine.landmarks import create_landmarker, needs_source
 
         if self._landmarker is None and needs_source(self.config):
@@ -485,6 +486,18 @@ class Engine:
     def detector_for(self, landmarker: Landmarker) -> Detector | None:
         """The detector handed in, else the one ``landmarker`` pairs with (None: it needs none)."""
         return self._detector if self._detector is not None else getattr(landmarker, "detector", None)
+
+    def load(self) -> Engine:
+        """Load the models now rather than on the first :meth:`run`: the regressor, the landmark
+        backend (unless it is built per input, as ``file``) and the aligner. A worker calls it
+        before it claims a job, so no claimed job waits while models load. Returns ``self``;
+        raises what the first run would (a missing or wrong weight file)."""
+        from engine.landmarks import needs_source
+
+        _ = self.regressor, self.aligner
+        if not needs_source(self.config):
+            self.landmarker_for(None)
+        return self
 
     @property
     def components(self) -> dict:

@@ -481,3 +481,19 @@ def test_claim_respects_the_requested_device(tmp_path, short_clip):
     assert service.claim_next(reg, "w-gpu0", device="cuda:0") is None
     assert service.claim_next(reg, "w-gpu1", device="cuda:1").id == gpu_job.id
     assert service.claim_next(reg, "w-cpu", device="cpu").id == cpu_job.id
+
+
+def test_peek_next_names_the_job_a_claim_would_take_and_takes_nothing(tmp_path, short_clip):
+    from db import JobStatus, Registry, service
+
+    reg = Registry(data_dir=tmp_path / "data")
+    assert service.peek_next(reg, device="cpu") is None
+    gpu_job = service.submit_file(reg, short_clip, {"device": "cuda:1", "landmarks": "mtcnn"}, copy=False)
+    cpu_job = service.submit_file(reg, short_clip, {"device": "cpu", "landmarks": "fan"}, copy=False)
+    for _ in range(2):  # looking changes nothing
+        seen = service.peek_next(reg, device="cpu")
+        assert (seen.id, seen.settings["landmarks"]) == (cpu_job.id, "fan")
+    assert service.peek_next(reg, device="cuda:1").id == gpu_job.id
+    assert {j.status for j in service.list_jobs(reg)} == {JobStatus.QUEUED}
+    assert service.claim_next(reg, "w-cpu", device="cpu").id == cpu_job.id
+    assert service.peek_next(reg, device="cpu") is None

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import scipy.io as sio
 
 from engine import Cancelled, Engine, EngineConfig, NoFaceError, OutputFormat
-from engine.errors import OutputError
+from engine.errors import OutputError, StudioError
 from engine.pipeline import longest_run
 from engine.progress import Progress, ProgressReporter
 from engine.stages.temporal import NoFacePolicyStage
@@ -394,3 +395,17 @@ def test_progress_reporter_frame_rate_from_an_injected_clock():
     reporter.update(stage="write")
     reporter.report()
     assert seen == [Progress(12, 20, 2.0, "extract", frames_new=4), Progress(12, 20, 0.0, "write", frames_new=4)]
+
+
+def test_load_builds_the_models_a_run_would_and_reports_a_bad_checkpoint(tmp_path, recon_checkpoint):
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", formats=("npz",))
+    with Engine(cfg) as engine:
+        assert engine.components == {"regressor": None, "landmarker": None, "detector": None}
+        assert engine.load() is engine
+        models = engine.components
+        assert models["regressor"] is not None and models["landmarker"] is not None
+        assert engine.components["regressor"] is engine.regressor  # kept: a run uses these
+    bad = tmp_path / "epoch_20.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with Engine(replace(cfg, checkpoint=bad)) as engine, pytest.raises(StudioError, match=r"epoch_20\.pth"):
+        engine.load()

@@ -296,3 +296,45 @@ def test_threads_option_sets_the_jobs_num_threads_and_torchs(tmp_path, monkeypat
     assert service.get_job(reg, job.id).status == JobStatus.SUCCEEDED
     assert limited == [3] and [cfg.num_threads for cfg, _ in ScriptedEngine.built] == [3]
     reg.close()
+
+
+# ============================================================================ models before the first claim
+
+
+def test_the_models_load_before_the_first_claim(tmp_path, caplog):
+    """A worker loads the models of the queue's next job before it claims anything, then runs every
+    job of that config on them: no claimed job waits for a model load."""
+    reg = Registry(data_dir=tmp_path / "data")
+    jobs = [_submit(reg, _spec(tmp_path, f"clip{i}.mp4")) for i in range(3)]
+    statuses_at_load = []
+
+    class LoadingEngine(ScriptedEngine):
+        def load(self):
+            statuses_at_load.append([service.get_job(reg, j.id).status for j in jobs])
+            return self
+
+    built = len(ScriptedEngine.built)
+    caplog.set_level(logging.INFO, logger="worker")
+    worker = Worker(reg, WorkerOptions(**{**FAST.__dict__, "burst": True}), worker_id="w",
+                    engine_factory=LoadingEngine)
+    assert worker.work() == 0
+    assert statuses_at_load == [[JobStatus.QUEUED] * 3]
+    assert [service.get_job(reg, j.id).status for j in jobs] == [JobStatus.SUCCEEDED] * 3
+    assert len(ScriptedEngine.built) - built == 1, "the jobs did not run on the models loaded ahead"
+    assert "before the first claim" in caplog.text
+
+
+def test_a_load_ahead_that_fails_leaves_the_error_to_the_job(tmp_path, caplog):
+    reg = Registry(data_dir=tmp_path / "data")
+    job = _submit(reg, _spec(tmp_path, "clip.mp4"))
+
+    def missing_weights(cfg, **components):
+        raise FileNotFoundError("checkpoints/epoch_20.pth is missing")
+
+    caplog.set_level(logging.INFO, logger="worker")
+    worker = Worker(reg, WorkerOptions(**{**FAST.__dict__, "burst": True}), worker_id="w",
+                    engine_factory=missing_weights)
+    assert worker.work() == 0
+    assert "could not load the models ahead" in caplog.text
+    failed = service.get_job(reg, job.id)
+    assert failed.status == JobStatus.FAILED and "epoch_20.pth is missing" in failed.error

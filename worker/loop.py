@@ -421,6 +421,7 @@ class Worker:
             import_torch()     # hold up the heartbeats of the jobs claimed meanwhile
         self.register()
         restore = self._install_signal_handlers()
+        self._load_ahead()
         engine = threading.Thread(target=self.serve, args=(self._queue,), name="engine", daemon=True)
         engine.start()
         clean = False
@@ -435,6 +436,33 @@ class Worker:
             self.teardown(close_engine=clean)
             restore()
         return 0
+
+    def _load_ahead(self) -> None:
+        """Load the models of the job next in the queue before claiming anything, so no claimed
+        job waits while they load (if another worker takes that job meanwhile, only the load was
+        early). Nothing queued: the first job loads them. A failure is only logged: the job that
+        needs those models reports it."""
+        try:
+            job = service.peek_next(self.reg, device=self.options.device)
+            cfg = None if job is None else self._config(job)
+        except StudioError:  # invalid settings: its claim fails the job with the reason
+            return
+        except Exception as e:
+            self._db_trouble(e)
+            log.warning("could not look at the queue: %s", faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s))
+            return
+        if cfg is None:
+            return
+        self._idle(0.0, message="loading models")
+        t0 = time.monotonic()
+        try:
+            engine = self.engines.get(cfg)
+            if hasattr(engine, "load"):
+                engine.load()
+        except Exception as e:
+            log.warning("could not load the models ahead (%s); the first job that needs them will say why", e)
+            return
+        log.info("models loaded in %.1f s, before the first claim", time.monotonic() - t0)
 
     def _claim_loop(self) -> None:
         """Claim while fewer than ``concurrency + prefetch`` jobs are held; returns on a stop

@@ -12,6 +12,8 @@ below is off unless its environment variable is set; with none set nothing chang
 * ``$STUDIO_BENCH_THREAD_PER_INPUT=1``: ``run_many`` makes a landmark thread for each input and
   ends it after, as it did before its threads outlived the inputs (each new thread builds
   cuDNN's plans again), for the same kind of A/B.
+* ``$STUDIO_BENCH_NO_LOAD_AHEAD=1``: a worker loads its models after its first claim, as it did
+  before :meth:`worker.loop.Worker._load_ahead` (the claimed jobs wait meanwhile).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from importlib.machinery import PathFinder
 BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
 THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
+LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 
 
 class _PatchAfterImport(MetaPathFinder):
@@ -76,9 +79,15 @@ def _thread_per_input(module) -> None:
     module._Models.landmark_thread = landmark_thread
 
 
+def _no_load_ahead(module) -> None:
+    module.Worker._load_ahead = lambda self: None
+
+
 if os.environ.get(BOX_ENV):
     sys.meta_path.insert(0, _PatchAfterImport("engine.pipeline", _fixed_box))
 if os.environ.get(LEVELS_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("engine.landmarks.mtcnn_gpu", _facenet_levels))
 if os.environ.get(THREADS_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("engine.many", _thread_per_input))
+if os.environ.get(LOAD_ENV) == "1":
+    sys.meta_path.insert(0, _PatchAfterImport("worker.loop", _no_load_ahead))
