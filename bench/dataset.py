@@ -610,14 +610,16 @@ def report(pairs: list[tuple[Run, Run | None, str | None]], header: list[str]) -
             if run is None:
                 continue
             ratio = "1×" if run is one else (f"{run.frames_per_s / one.frames_per_s:.2f}×"
-                                             if one.frames_per_s > 0 and run.frames_per_s > 0 else "–")
-            if run is not one and one.busy_fps > 0 and run.busy_fps > 0:
+                                             if one and one.frames_per_s > 0 and run.frames_per_s > 0 else "–")
+            if run is not one and one and one.busy_fps > 0 and run.busy_fps > 0:
                 ratio += f" (all busy: {run.busy_fps / one.busy_fps:.2f}×)"
             cells = [run.name, run.workers, f"{run.ok}/{run.clips}", str(run.frames), _f(run.registry_s),
                      _f(run.process_s), _f(run.clips_per_s, 2), f"**{_f(run.frames_per_s)}**",
                      f"{_f(run.busy_fps)} ({_f(run.busy_s)})", run.gpu_busy, run.cpu_busy,
                      run.peak_rss, ratio, run.note.strip().rstrip(";")]
             lines.append("| " + " | ".join(cells) + " |")
+        if one is None:
+            lines.append(f"| {every.name} | 1 GPU |" + " – |" * 12 + " skipped (--all-only) |")
         if every is None:
             lines.append(f"| {one.name} | all GPUs |" + " – |" * 12 + f" {why} |")
     failures = [f for one, every, _ in pairs for r in (one, every) if r for f in r.failures]
@@ -657,7 +659,10 @@ def parse_args(argv=None):
     ap.add_argument("--prefetch", type=int, help="worker --prefetch (default: the worker's)")
     ap.add_argument("--threads", type=int,
                     help="worker --threads (default: the launcher splits the cores over devices × --per-gpu)")
-    ap.add_argument("--single-only", action="store_true", help="skip the all-GPU run")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--single-only", action="store_true", help="skip the all-GPU run")
+    only.add_argument("--all-only", action="store_true",
+                      help="skip the one-GPU run (the other half of a --single-only call, when both do not fit one)")
     ap.add_argument("--spy", type=Path, metavar="DIR",
                     help="py-spy profiles of each run's workers from their first job on, here (<run>.gil.txt, "
                          "<run>.threads.txt; read them with bench/spy_summary.py); needs py-spy")
@@ -688,6 +693,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.all_only and (why := all_devices_reason(args)):
+        print(f"--all-only, but there is no all-GPU run: {why}", file=sys.stderr)
+        return 2
     from bench.throughput import MediaSpec, prepare_fan_weights
     from engine.cudasync import ENV, cuda_sync_mode
 
@@ -750,8 +758,8 @@ def main(argv=None) -> int:
             k = args.per_gpu
             one_label = (f"1 GPU × {k} (--gpus 0 --per-gpu {k})" if args.device.startswith("cuda")
                          else f"1 device × {k} ({args.device}, --per-gpu {k})")
-            one = serve(Run(name, one_label), clips, mode, landmarks, ckpt, args, env,
-                        runs_dir / f"{mode}-{landmarks}-one", all_devices=False)
+            one = None if args.all_only else serve(Run(name, one_label), clips, mode, landmarks, ckpt, args, env,
+                                                   runs_dir / f"{mode}-{landmarks}-one", all_devices=False)
             every = None
             if why_not_all is None:
                 all_label = (f"all GPUs × {k} (--gpus all --per-gpu {k})" if args.device.startswith("cuda")

@@ -63,7 +63,7 @@ def _workers(reg) -> None:
         device = worker_device(w.worker_id, w.device) + (f" ({w.device_name})" if w.device_name else "")
         st.markdown(
             f":green-badge[:material/bolt: alive] **{w.worker_id}** on {w.hostname} · {device} · "
-            f"{w.status}{jobs}{speed} · "
+            f"{w.status}{f' ({md_escape(w.message)})' if w.message else ''}{jobs}{speed} · "
             f"{w.jobs_done} done, {w.jobs_failed} failed · seen {fmt_age(w.heartbeat_at)}"
         )
     if load.frames_left:

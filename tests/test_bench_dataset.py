@@ -91,6 +91,24 @@ def test_every_device_run_uses_gpus_all_on_a_fresh_registry(tmp_path, test_video
         _assert_every_job_succeeded(data)
 
 
+def test_all_only_runs_the_every_device_half_alone(tmp_path, test_video, monkeypatch):
+    """``--all-only``: the other half of a ``--single-only`` call, for a set whose two runs do not fit
+    one call; refused at once where there is no all-device run."""
+    monkeypatch.delenv("STUDIO_DEVICES", raising=False)
+    assert dataset.main(["--device", "cpu", "--all-only", "--workdir", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()  # refused before any clip was written
+    monkeypatch.setenv("STUDIO_DEVICES", "cpu:0,cpu:1")
+    code, text = _run(tmp_path, test_video, "--mode", "fast", "--landmarks", "mtcnn", "--threads", "1",
+                      "--per-gpu", "1", "--all-only")
+    assert code == 0, text
+    assert "skipped (--all-only)" in _row(text, "fast, mtcnn", "1 GPU")[-1]
+    cells = _row(text, "fast, mtcnn", "every device × 1 (--gpus all --per-gpu 1)")
+    assert cells[2] == f"{CLIPS}/{CLIPS}" and cells[12] == "–"  # no one-device run to divide by
+    [data] = _registries(tmp_path)
+    assert data.name == "fast-mtcnn-all"
+    _assert_every_job_succeeded(data)
+
+
 def test_random_s3fd_finds_the_fixed_box_in_the_workers(tmp_path, test_video, monkeypatch):
     """Random S3FD weights find no face: without the worker-side FixedBox every fast-path job would
     fail with "no face found"."""
@@ -212,22 +230,24 @@ def test_the_profile_waits_for_the_first_claimed_job_or_the_workers_exit(tmp_pat
 def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     """A child process started with the bench's environment: facenet's per-level loop stands in
     for ``pnet_candidates`` with ``STUDIO_BENCH_FACENET_LEVELS=1``, a landmark thread per input
-    with ``STUDIO_BENCH_THREAD_PER_INPUT=1``; nothing changes without."""
+    with ``STUDIO_BENCH_THREAD_PER_INPUT=1``, no models loaded before the first claim with
+    ``STUDIO_BENCH_NO_LOAD_AHEAD=1``; nothing changes without."""
     import subprocess
     import sys
 
     monkeypatch.setenv(dataset.LEVELS_ENV, switch)
     monkeypatch.setenv(dataset.THREADS_ENV, switch)
+    monkeypatch.setenv(dataset.LOAD_ENV, switch)
     env = dataset.child_env(None, tmp_path, None)
     assert env["PYTHONPATH"].split(":")[0] == str(dataset.SHIM_DIR)
     code = ("from engine.landmarks import mtcnn_gpu; from bench.gpu_checks import facenet_first_stage; "
-            "from engine.many import _Models; from engine import Engine, EngineConfig\n"
+            "from engine.many import _Models; from engine import Engine, EngineConfig; from worker.loop import Worker\n"
             "models = _Models(Engine(EngineConfig(device='cpu')), merge=False)\n"
             "with models.landmark_thread() as a: pass\n"
             "with models.landmark_thread() as b: pass\n"
             "models.close()\n"
-            "print(mtcnn_gpu.pnet_candidates is facenet_first_stage, a is b)")
+            "print(mtcnn_gpu.pnet_candidates is facenet_first_stage, a is b, Worker._load_ahead.__name__)")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == (["True", "False"] if switch == "1" else ["False", "True"])
+    assert out.stdout.split() == (["True", "False", "<lambda>"] if switch == "1" else ["False", "True", "_load_ahead"])

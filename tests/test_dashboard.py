@@ -102,9 +102,11 @@ def test_overview_names_the_slot_of_several_workers_of_one_gpu(studio):
     for slot in (0, 1):
         service.register_worker(reg, f"gpubox-{100 + slot}-cuda0#{slot}", hostname="gpubox", pid=100 + slot,
                                 device="cuda:0", device_name="NVIDIA H200")
+    service.worker_heartbeat(reg, "gpubox-101-cuda0#1", status="idle", message="loading models")
     body = texts(open_page("overview"))
     assert "cuda:0 #0 (NVIDIA H200)" in body and "cuda:0 #1 (NVIDIA H200)" in body
     assert "cpu (CPU)" in body  # a worker without a slot: its device alone
+    assert "idle (loading models)" in body  # what a worker says before its first claim
 
 
 def test_overview_without_workers_says_so(studio, monkeypatch):
