@@ -210,7 +210,7 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
         _start(s, job, worker_id, device, now)
         w = s.get(WorkerRow, worker_id)
         if w is not None:
-            w.status, w.current_job_id, w.heartbeat_at = WorkerStatus.BUSY.value, job.id, now
+            w.status, w.current_job_id, w.heartbeat_at, w.message = WorkerStatus.BUSY.value, job.id, now, None
             s.add(w)
         job_id = job.id
     return get_job(reg, job_id)
@@ -458,7 +458,7 @@ def adopt_job(
             s.add(job)
             w = s.get(WorkerRow, worker_id)
             if w is not None:
-                w.status, w.current_job_id, w.heartbeat_at = WorkerStatus.BUSY.value, job.id, now
+                w.status, w.current_job_id, w.heartbeat_at, w.message = WorkerStatus.BUSY.value, job.id, now, None
                 s.add(w)
     if gave_up is not None:
         remove_job_files(reg, job_id)

@@ -495,5 +495,9 @@ def test_peek_next_names_the_job_a_claim_would_take_and_takes_nothing(tmp_path, 
         assert (seen.id, seen.settings["landmarks"]) == (cpu_job.id, "fan")
     assert service.peek_next(reg, device="cuda:1").id == gpu_job.id
     assert {j.status for j in service.list_jobs(reg)} == {JobStatus.QUEUED}
+    service.register_worker(reg, "w-cpu", hostname="h", pid=1, device="cpu")
+    service.worker_heartbeat(reg, "w-cpu", status="idle", message="loading models")  # what it says meanwhile
     assert service.claim_next(reg, "w-cpu", device="cpu").id == cpu_job.id
     assert service.peek_next(reg, device="cpu") is None
+    [w] = service.list_workers(reg)
+    assert (w.status, w.message) == ("busy", None)  # the claim replaces the message
