@@ -44,12 +44,8 @@ def cpu_table(cpus: list[int]) -> list[dict]:
 
 
 def whole_core_split(rows: list[dict], parts: int) -> list[list[int]]:
-    """``parts`` CPU lists, each of whole cores (all siblings together), filled node by node.
-
-    >>> rows = [{"cpu": c, "package": "0", "core": str(c % 4), "node": 0} for c in range(8)]
-    >>> whole_core_split(rows, 2)
-    [[0, 4, 1, 5], [2, 6, 3, 7]]
-    """
+    """``parts`` CPU lists, each of whole cores (all siblings together), filled node by node; rows as
+    :func:`cpu_table` makes them."""
     cores: dict[tuple, list[int]] = {}
     for r in sorted(rows, key=lambda r: (r["node"], r["cpu"])):
         cores.setdefault((r["node"], r["package"], r["core"]), []).append(r["cpu"])
