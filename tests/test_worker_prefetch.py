@@ -10,6 +10,7 @@ flight" is shown by that job still being held at its gate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -315,13 +316,14 @@ def test_the_models_load_before_the_first_claim(tmp_path, caplog):
 
     built = len(ScriptedEngine.built)
     caplog.set_level(logging.INFO, logger="worker")
-    worker = Worker(reg, WorkerOptions(**{**FAST.__dict__, "burst": True}), worker_id="w",
+    worker = Worker(reg, dataclasses.replace(FAST, burst=True), worker_id="w",
                     engine_factory=LoadingEngine)
     assert worker.work() == 0
     assert statuses_at_load == [[JobStatus.QUEUED] * 3]
     assert [service.get_job(reg, j.id).status for j in jobs] == [JobStatus.SUCCEEDED] * 3
     assert len(ScriptedEngine.built) - built == 1, "the jobs did not run on the models loaded ahead"
     assert "before the first claim" in caplog.text
+    reg.close()
 
 
 def test_a_load_ahead_that_fails_leaves_the_error_to_the_job(tmp_path, caplog):
@@ -332,9 +334,10 @@ def test_a_load_ahead_that_fails_leaves_the_error_to_the_job(tmp_path, caplog):
         raise FileNotFoundError("checkpoints/epoch_20.pth is missing")
 
     caplog.set_level(logging.INFO, logger="worker")
-    worker = Worker(reg, WorkerOptions(**{**FAST.__dict__, "burst": True}), worker_id="w",
+    worker = Worker(reg, dataclasses.replace(FAST, burst=True), worker_id="w",
                     engine_factory=missing_weights)
     assert worker.work() == 0
     assert "could not load the models ahead" in caplog.text
     failed = service.get_job(reg, job.id)
     assert failed.status == JobStatus.FAILED and "epoch_20.pth is missing" in failed.error
+    reg.close()
