@@ -157,24 +157,32 @@ def _run_worker(reg, factory, **opts):
 
 
 def test_model_loading_is_shown_as_a_stage(wreg, tmp_path):
-    """While the engine (its models) is being built, the job says "loading", not 0 frames and nothing."""
+    """While the engine (its models) is being built for a claimed job, the job says "loading", not 0 frames
+    and nothing. The first job's models are loaded before the worker claims anything; the second job
+    needs other models (another landmark backend), built once it is claimed."""
     import threading
 
     from tests.test_worker import WAIT_S, ScriptedEngine, _spec, _submit
     from worker.loop import wait_for
 
     loaded = threading.Event()
+    builds = []
 
     def slow_to_load(cfg, **components):
-        assert loaded.wait(WAIT_S), "the test never let the models load"
+        builds.append(cfg.landmarks)
+        if len(builds) > 1:
+            assert loaded.wait(WAIT_S), "the test never let the models load"
         return ScriptedEngine(cfg, **components)
 
-    job = _submit(wreg, _spec(tmp_path, "clip.mp4", frames=4))
-    worker, thread = _run_worker(wreg, slow_to_load)
+    first = _submit(wreg, _spec(tmp_path, "first.mp4", frames=4))
+    job = _submit(wreg, _spec(tmp_path, "clip.mp4", frames=4), landmarks="fan")
+    worker, thread = _run_worker(wreg, slow_to_load, concurrency=1, prefetch=0)
     assert wait_for(lambda: service.get_job(wreg, job.id).stage == "loading", WAIT_S)
     assert service.get_job(wreg, job.id).status == JobStatus.RUNNING
+    assert service.get_job(wreg, first.id).status == JobStatus.SUCCEEDED
     loaded.set()
     assert wait_for(lambda: service.get_job(wreg, job.id).status == JobStatus.SUCCEEDED, WAIT_S)
+    assert [b.value for b in builds] == ["mtcnn", "fan"]
     worker.request_stop()
     thread.join(WAIT_S)
     assert not thread.is_alive()
