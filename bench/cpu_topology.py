@@ -77,12 +77,12 @@ def _spin(cpu: int, n: int, start: float) -> float:
 def probe(cpus: list[int], work_s: float) -> list[tuple[int, float]]:
     """CPU 0's speed with CPU j busy too, relative to CPU 0 alone, for each other j."""
     first = cpus[0]
-    n = 200_000
-    while _spin(first, n, 0) < 0.05:
-        n *= 2
-    n = int(n * work_s / _spin(first, n, 0))
     ctx = mp.get_context("fork")
-    with ctx.Pool(2) as pool:
+    with ctx.Pool(2) as pool:  # every loop in a child, each pinned there (this process stays unpinned)
+        n = 200_000
+        while pool.apply(_spin, (first, n, 0)) < 0.05:
+            n *= 2
+        n = int(n * work_s / pool.apply(_spin, (first, n, 0)))
         alone = min(pool.apply(_spin, (first, n, 0)) for _ in range(3))
         speeds = []
         for j in cpus[1:]:

@@ -70,6 +70,12 @@ BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
 THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
+#: What each of the shim's on/off switches puts back, as the bench's output says it.
+SHIM_SWITCHES = {
+    LEVELS_ENV: "the fast path's keyframe detector runs MTCNN's first stage level by level",
+    THREADS_ENV: "a new landmark thread for each input, as before they were reused",
+    LOAD_ENV: "workers load their models after their first claim, as before",
+}
 SAMPLE_S = 0.5
 #: Bumped when the generated clips change, so cached files of an older recipe are not reused.
 SET_VERSION = 1
@@ -720,12 +726,7 @@ def main(argv=None) -> int:
             fixed_box = base.face_box()
     if "mtcnn" in args.landmarks:
         notes.append("MTCNN: the weights facenet-pytorch ships (real)")
-    if os.environ.get(LEVELS_ENV) == "1":
-        notes.append(f"the fast path's keyframe detector runs MTCNN's first stage level by level ({LEVELS_ENV}=1)")
-    if os.environ.get(THREADS_ENV) == "1":
-        notes.append(f"a new landmark thread for each input, as before they were reused ({THREADS_ENV}=1)")
-    if os.environ.get(LOAD_ENV) == "1":
-        notes.append(f"workers load their models after their first claim, as before ({LOAD_ENV}=1)")
+    notes += [f"{said} ({name}=1)" for name, said in SHIM_SWITCHES.items() if os.environ.get(name) == "1"]
     env = child_env(args, args.workdir, fixed_box)
 
     command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

@@ -210,7 +210,7 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
         _start(s, job, worker_id, device, now)
         w = s.get(WorkerRow, worker_id)
         if w is not None:
-            w.status, w.current_job_id, w.heartbeat_at, w.message = WorkerStatus.BUSY.value, job.id, now, None
+            _busy(w, job.id, now)
             s.add(w)
         job_id = job.id
     return get_job(reg, job_id)
@@ -289,6 +289,11 @@ def read_control(reg: Registry, job_id: int, worker_id: str) -> JobControl:
         if job is None:
             return JobControl(cancel_requested=False, owned=False)
         return JobControl(cancel_requested=bool(job.cancel_requested), owned=True)
+
+
+def _busy(w: WorkerRow, job_id: int, now: datetime) -> None:
+    """Worker ``w`` took job ``job_id``: ``busy`` with it (a new status: its message goes)."""
+    w.status, w.current_job_id, w.heartbeat_at, w.message = WorkerStatus.BUSY.value, job_id, now, None
 
 
 def _after_job(s: Session, w: WorkerRow) -> None:
@@ -458,7 +463,7 @@ def adopt_job(
             s.add(job)
             w = s.get(WorkerRow, worker_id)
             if w is not None:
-                w.status, w.current_job_id, w.heartbeat_at, w.message = WorkerStatus.BUSY.value, job.id, now, None
+                _busy(w, job.id, now)
                 s.add(w)
     if gave_up is not None:
         remove_job_files(reg, job_id)

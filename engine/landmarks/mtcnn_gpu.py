@@ -389,12 +389,14 @@ def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: di
             if len(grids) >= 64:  # one entry per frame size seen: bounded all the same
                 grids.clear()
             grids[key] = grid
-    ends = torch.cumsum(n * grid.heights * grid.widths, 0)  # where each level's positions end in ``prob``
+    counts = n * grid.heights * grid.widths  # positions of each level in ``prob``
+    ends = torch.cumsum(counts, 0)
     level = torch.searchsorted(ends, flat, right=True)
-    local = flat - (ends - n * grid.heights * grid.widths)[level]
-    per_frame = grid.heights[level] * grid.widths[level]
+    local = flat - (ends - counts)[level]
+    width = grid.widths[level]
+    per_frame = grid.heights[level] * width
     frame, cell = local // per_frame, local % per_frame
-    y, x = cell // grid.widths[level], cell % grid.widths[level]
+    y, x = cell // width, cell % width
     cx, cy = grid.corners_x[grid.col_at[level] + x], grid.corners_y[grid.row_at[level] + y]
     score = prob[flat]
     boxes = torch.cat([cx[:, :1], cy[:, :1], cx[:, 1:], cy[:, 1:], score[:, None], torch.cat(regs)[flat]], dim=1)
