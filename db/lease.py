@@ -189,11 +189,19 @@ def peek_next(reg: Registry, *, device: str | None = None) -> JobView | None:
     return None if job_id is None else get_job(reg, job_id)
 
 
-def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> JobView | None:
+def claim_next(
+    reg: Registry, worker_id: str, *, device: str | None = None, ahead: bool = False, alive_within_s: float = 30.0,
+) -> JobView | None:
     """Atomically take the oldest queued job that ``device`` may run (None when there is none).
 
     Jobs whose settings ask for another device (``settings["device"]``) are left for a worker
     that has it (see :func:`device_accepts`).
+
+    ``ahead``: the worker already holds a job, so this one would wait on it or share its engine.
+    Such a claim is made only while more jobs it may run are queued (among the oldest
+    :data:`CLAIM_WINDOW`) than there are other live workers that may run the oldest of them
+    (``idle`` or ``busy``, heard from within ``alive_within_s`` seconds): the queue's last jobs
+    then go one each to workers that have none, instead of queueing behind another worker's.
 
     SQLite: the select and update run under one ``BEGIN IMMEDIATE`` write lock;
     PostgreSQL: the row is locked with ``FOR UPDATE SKIP LOCKED``. Either way two
@@ -204,9 +212,13 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
     if not reg.is_sqlite:
         q = q.with_for_update(skip_locked=True)
     with reg.write() as s:
-        job = next((j for j in s.exec(q) if device_accepts((j.settings or {}).get("device"), device)), None)
-        if job is None:
+        jobs = [j for j in s.exec(q) if device_accepts((j.settings or {}).get("device"), device)]
+        if not jobs:
             return None
+        heard_since = now - timedelta(seconds=alive_within_s)
+        if ahead and len(jobs) <= _other_live_workers(s, worker_id, jobs[0], heard_since):
+            return None  # the queue's last jobs: left to workers that have none
+        job = jobs[0]
         _start(s, job, worker_id, device, now)
         w = s.get(WorkerRow, worker_id)
         if w is not None:
@@ -214,6 +226,17 @@ def claim_next(reg: Registry, worker_id: str, *, device: str | None = None) -> J
             s.add(w)
         job_id = job.id
     return get_job(reg, job_id)
+
+
+def _other_live_workers(s: Session, worker_id: str, job: Job, heard_since: datetime) -> int:
+    """Workers other than ``worker_id`` that could claim ``job`` now: not stopped or paused, heard
+    from since ``heard_since``, on a device the job accepts."""
+    rows = s.exec(select(WorkerRow).where(
+        WorkerRow.worker_id != worker_id, WorkerRow.stopped_at.is_(None), WorkerRow.heartbeat_at >= heard_since,
+        WorkerRow.status.in_([WorkerStatus.IDLE.value, WorkerStatus.BUSY.value]),
+    )).all()
+    wanted = (job.settings or {}).get("device")
+    return sum(device_accepts(wanted, w.device) for w in rows)
 
 
 def claim_job(reg: Registry, job_id: int, worker_id: str, *, device: str | None = None) -> JobView | None:

@@ -24,7 +24,7 @@ from db import (
     SchemaError,
     service,
 )
-from db.models import Job, Meta, utcnow
+from db.models import Job, Meta, WorkerRow, utcnow
 from db.views import ArtifactFile, QualitySummary
 from tests.media import make_video
 
@@ -263,6 +263,36 @@ def test_claim_is_oldest_first_and_exclusive_across_threads(reg, tmp_path):
         assert got == sorted(got), "claims must go oldest first"
     views = service.list_jobs(reg, limit=100)
     assert all(v.status == JobStatus.RUNNING and v.attempts == 1 for v in views)
+
+
+def test_a_claim_ahead_leaves_the_last_jobs_to_workers_that_have_none(reg, tmp_path):
+    ids = [service.submit_file(reg, _file(tmp_path, f"{i}.mp4", bytes([i])), SETTINGS).id for i in range(4)]
+    for wid, device in (("w1", "cpu"), ("w2", "cpu"), ("w3", "cpu"), ("w-gpu", "cuda:0"), ("w-gone", "cpu"),
+                        ("w-silent", "cpu"), ("w-paused", "cpu")):
+        service.register_worker(reg, wid, hostname="h", pid=1, device=device)
+    service.stop_worker(reg, "w-gone")
+    service.worker_heartbeat(reg, "w-paused", status="paused", message="disk full")
+    with reg.write() as s:  # heard from 31 s ago: not counted as live
+        w = s.get(WorkerRow, "w-silent")
+        w.heartbeat_at = utcnow() - timedelta(seconds=31)
+        s.add(w)
+
+    assert service.claim_next(reg, "w1", device="cpu").id == ids[0]  # holds nothing: always
+    # 3 queued, and w2 and w3 could take them (the CUDA job-less worker too: these jobs ask for no
+    # device): 3 <= 3, so w1 leaves them
+    assert service.claim_next(reg, "w1", device="cpu", ahead=True) is None
+    service.stop_worker(reg, "w-gpu")
+    assert service.claim_next(reg, "w1", device="cpu", ahead=True).id == ids[1]  # 3 queued > w2, w3
+    assert service.claim_next(reg, "w1", device="cpu", ahead=True) is None  # 2 queued, 2 others
+    assert service.claim_next(reg, "w2", device="cpu").id == ids[2]
+    assert service.claim_next(reg, "w2", device="cpu", ahead=True) is None  # 1 queued, 2 others
+    assert service.claim_next(reg, "w3", device="cpu").id == ids[3]
+    assert service.claim_next(reg, "w1", device="cpu") is None  # the queue is empty
+    # a window of 60 s counts w-silent as live too: 3 others instead of 2
+    more = [service.submit_file(reg, _file(tmp_path, f"m{i}.mp4", bytes([50 + i])), SETTINGS).id for i in range(4)]
+    assert service.claim_next(reg, "w1", device="cpu", ahead=True, alive_within_s=60).id == more[0]  # 4 > 3
+    assert service.claim_next(reg, "w1", device="cpu", ahead=True, alive_within_s=60) is None  # 3 <= 3
+    assert service.claim_next(reg, "w1", device="cpu", ahead=True).id == more[1]  # 3 > 2
 
 
 def test_transition_table_is_enforced(reg, tmp_path):

@@ -6,6 +6,7 @@ conftest), compared with the local worker.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -203,6 +204,26 @@ def test_per_gpu_starts_k_slots_per_device_each_under_its_own_lock(tmp_path, mon
             os.close(c.pass_fds[0])
     with pytest.raises(ValueError, match="--per-gpu"):
         launch.worker_children(["cuda:0"], data, {}, per_gpu=0)
+
+
+def test_several_workers_per_gpu_without_cuda_mps_are_warned_about(tmp_path, caplog):
+    from worker import launch
+
+    pipes = tmp_path / "mps"
+    pipes.mkdir()
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipes)}
+    caplog.set_level(logging.WARNING, logger="worker.launch")
+    for devices, per_gpu, control, warned in ((["cuda:0"], 2, False, True), (["cuda:0"], 2, True, False),
+                                               (["cuda:0"], 1, False, False), (["cpu"], 2, False, False)):
+        (pipes / "control").unlink(missing_ok=True)
+        if control:
+            (pipes / "control").touch()  # the daemon's pipe, as a path check sees it
+        caplog.clear()
+        children, _ = launch.worker_children(devices, tmp_path / "data", env, per_gpu=per_gpu)
+        for c in children:
+            os.close(c.pass_fds[0])
+        assert (f"without CUDA MPS (no control pipe in {pipes})" in caplog.text) == warned, (
+            devices, per_gpu, control, caplog.text)
 
 
 def test_workers_are_pinned_to_disjoint_core_shares(tmp_path, monkeypatch):

@@ -299,6 +299,24 @@ def test_threads_option_sets_the_jobs_num_threads_and_torchs(tmp_path, monkeypat
     reg.close()
 
 
+def test_the_queues_last_jobs_are_left_to_workers_that_have_none(tmp_path):
+    """With another live worker, a worker that holds a job claims more only while more are queued
+    than the other could take: of 3 jobs it claims 2 at once and the last only once it holds
+    none. Shown by the registry's claim and finish times, so the speed of the machine does not matter."""
+    reg = Registry(data_dir=tmp_path / "data")
+    jobs = [_submit(reg, _spec(tmp_path, f"clip{i}.mp4")) for i in range(3)]
+    service.register_worker(reg, "other", hostname="h", pid=1, device="cpu")  # live, never claims here
+    worker = Worker(reg, dataclasses.replace(FAST, burst=True, stale_after_s=600), worker_id="w",
+                    engine_factory=ScriptedEngine)
+    assert worker.work() == 0
+    first, second, last = (service.get_job(reg, j.id) for j in jobs)
+    assert all(j.status == JobStatus.SUCCEEDED and j.worker_id == "w" for j in (first, second, last))
+    assert second.started_at < first.finished_at, "did not claim ahead while 2 were queued for 1 other worker"
+    assert last.started_at >= max(first.finished_at, second.finished_at), (
+        "claimed the last job ahead although another worker could take it")
+    reg.close()
+
+
 # ============================================================================ models before the first claim
 
 

@@ -7,7 +7,10 @@
     engine loop (a thread) { take claimed jobs → worker.feed.run_jobs → settle each outcome }
 
 **Claim-ahead**: the worker holds up to ``concurrency`` jobs in flight plus ``prefetch`` claimed
-ahead. A claimed job is ``running`` in the registry from its claim on, with its own
+ahead; a worker that holds a job claims another only while more are queued than other live
+workers could take (``db.lease.claim_next(ahead=True)``), so the queue's last jobs are spread one
+per worker rather than left behind a busy worker's while others idle. A claimed job is
+``running`` in the registry from its claim on, with its own
 :class:`~worker.monitor.JobMonitor` (heartbeat, progress, cancel flag), so a crashed worker's
 claims are requeued by another worker's janitor like any running job. A waiting job whose cancel
 is seen is dropped from the queue and marked ``cancelled`` at once (stage ``waiting``: it never
@@ -491,10 +494,12 @@ class Worker:
             empty = False
             while not capped and now >= next_claim and self.held_count() < opts.concurrency + opts.prefetch:
                 try:
+                    ahead = self.held_count() > 0
                     with self._claiming:  # see _requeue_for_fault
                         if self._fault is not None:
                             break
-                        job = service.claim_next(self.reg, self.worker_id, device=opts.device)
+                        job = service.claim_next(self.reg, self.worker_id, device=opts.device, ahead=ahead,
+                                                 alive_within_s=opts.stale_after_s)
                     self._db_failures = 0
                 except Exception as e:  # database locked, full or unreachable: try again later
                     self._db_trouble(e)
@@ -504,8 +509,9 @@ class Worker:
                                 faults.describe(e, busy_timeout_s=self.reg.busy_timeout_s), wait)
                     next_claim = now + wait
                     break
-                if job is None:
-                    empty, next_claim = True, now + opts.poll_s
+                if job is None:  # queue empty, or (ahead) its last jobs left to others: look again on a wake
+                    if not ahead:
+                        empty, next_claim = True, now + opts.poll_s
                     break
                 self.claims += 1
                 capped = opts.max_jobs is not None and self.claims >= opts.max_jobs
