@@ -231,13 +231,15 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     """A child process started with the bench's environment: facenet's per-level loop stands in
     for ``pnet_candidates`` with ``STUDIO_BENCH_FACENET_LEVELS=1``, a landmark thread per input
     with ``STUDIO_BENCH_THREAD_PER_INPUT=1``, no models loaded before the first claim with
-    ``STUDIO_BENCH_NO_LOAD_AHEAD=1``; nothing changes without."""
+    ``STUDIO_BENCH_NO_LOAD_AHEAD=1``, claims ahead down to the last job with
+    ``STUDIO_BENCH_CLAIM_TO_THE_END=1``; nothing changes without."""
     import subprocess
     import sys
 
     monkeypatch.setenv(dataset.LEVELS_ENV, switch)
     monkeypatch.setenv(dataset.THREADS_ENV, switch)
     monkeypatch.setenv(dataset.LOAD_ENV, switch)
+    monkeypatch.setenv(dataset.TAIL_ENV, switch)
     env = dataset.child_env(None, tmp_path, None)
     assert env["PYTHONPATH"].split(":")[0] == str(dataset.SHIM_DIR)
     code = ("from engine.landmarks import mtcnn_gpu; from bench.gpu_checks import facenet_first_stage; "
@@ -246,8 +248,14 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
             "with models.landmark_thread() as a: pass\n"
             "with models.landmark_thread() as b: pass\n"
             "models.close()\n"
-            "print(mtcnn_gpu.pnet_candidates is facenet_first_stage, a is b, Worker._load_ahead.__name__)")
+            "from pathlib import Path; from db import Registry, service\n"  # one job queued, one other worker
+            "reg = Registry(data_dir='data'); Path('clip.mp4').write_bytes(b'x')\n"
+            "service.register_worker(reg, 'other', hostname='h', pid=1, device='cpu')\n"
+            "service.submit_file(reg, Path('clip.mp4'), {'landmarks': 'mtcnn'})\n"
+            "left = service.claim_next(reg, 'w', device='cpu', ahead=True) is None\n"
+            "print(mtcnn_gpu.pnet_candidates is facenet_first_stage, a is b, Worker._load_ahead.__name__, left)")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == (["True", "False", "<lambda>"] if switch == "1" else ["False", "True", "_load_ahead"])
+    assert out.stdout.split() == (["True", "False", "<lambda>", "False"] if switch == "1"
+                                  else ["False", "True", "_load_ahead", "True"])

@@ -14,6 +14,8 @@ below is off unless its environment variable is set; with none set nothing chang
   cuDNN's plans again), for the same kind of A/B.
 * ``$STUDIO_BENCH_NO_LOAD_AHEAD=1``: a worker loads its models after its first claim, as it did
   before :meth:`worker.loop.Worker._load_ahead` (the claimed jobs wait meanwhile).
+* ``$STUDIO_BENCH_CLAIM_TO_THE_END=1``: a worker claims ahead down to the queue's last job, as it
+  did before ``db.lease.claim_next(ahead=True)`` left the last jobs to workers that hold none.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
 THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
+TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 
 
 class _PatchAfterImport(MetaPathFinder):
@@ -83,6 +86,15 @@ def _no_load_ahead(module) -> None:
     module.Worker._load_ahead = lambda self: None
 
 
+def _claim_to_the_end(module) -> None:
+    claim_next = module.claim_next
+
+    def claim_regardless(*args, ahead=False, **kwargs):
+        return claim_next(*args, **kwargs)
+
+    module.claim_next = claim_regardless
+
+
 if os.environ.get(BOX_ENV):
     sys.meta_path.insert(0, _PatchAfterImport("engine.pipeline", _fixed_box))
 if os.environ.get(LEVELS_ENV) == "1":
@@ -91,3 +103,5 @@ if os.environ.get(THREADS_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("engine.many", _thread_per_input))
 if os.environ.get(LOAD_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("worker.loop", _no_load_ahead))
+if os.environ.get(TAIL_ENV) == "1":
+    sys.meta_path.insert(0, _PatchAfterImport("db.service", _claim_to_the_end))
