@@ -278,8 +278,7 @@ def test_a_claim_ahead_leaves_the_last_jobs_to_workers_that_have_none(reg, tmp_p
         s.add(w)
 
     assert service.claim_next(reg, "w1", device="cpu").id == ids[0]  # holds nothing: always
-    # 3 queued, and w2 and w3 could take them (the CUDA job-less worker too: these jobs ask for no
-    # device): 3 <= 3, so w1 leaves them
+    # 3 queued, and 3 others could take them: w2, w3 and w-gpu (these jobs ask for no device)
     assert service.claim_next(reg, "w1", device="cpu", ahead=True) is None
     service.stop_worker(reg, "w-gpu")
     assert service.claim_next(reg, "w1", device="cpu", ahead=True).id == ids[1]  # 3 queued > w2, w3

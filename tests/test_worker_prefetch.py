@@ -304,7 +304,8 @@ def test_the_queues_last_jobs_are_left_to_workers_that_have_none(tmp_path):
     than the other could take: of 3 jobs it claims 2 at once and the last only once it holds
     none. Shown by the registry's claim and finish times, so the speed of the machine does not matter."""
     reg = Registry(data_dir=tmp_path / "data")
-    jobs = [_submit(reg, _spec(tmp_path, f"clip{i}.mp4")) for i in range(3)]
+    # the first takes 2 s (two batches of 1 s), far longer than the claim of the second right after it
+    jobs = [_submit(reg, _spec(tmp_path, f"clip{i}.mp4", delay=1.0 if i == 0 else 0)) for i in range(3)]
     service.register_worker(reg, "other", hostname="h", pid=1, device="cpu")  # live, never claims here
     worker = Worker(reg, dataclasses.replace(FAST, burst=True, stale_after_s=600), worker_id="w",
                     engine_factory=ScriptedEngine)
