@@ -91,9 +91,11 @@ for step in ${STEPS:-equal throughput memory render}; do
                   --out "$OUT/dataset.md" ;;
     dataset-fast) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
                   --out "$OUT/dataset_fast.md" ;;
-    dataset-exact) python3 bench/dataset.py --device cuda --clips "${CLIPS:-200}" --frames 250 --mode exact --landmarks mtcnn \
-                  --gen-jobs "$(nproc)" ${SINGLE:+--single-only} ${ALL:+--all-only} --out "$OUT/dataset_exact.md" ;;
-                  # the two runs and the clips' generation do not fit one call: SINGLE=1, then ALL=1 in the next
+    dataset-exact) python3 bench/dataset.py --device cuda --clips "${CLIPS:-200}" --frames 250 --mode exact \
+                  --landmarks mtcnn --gen-jobs "$(nproc)" ${SINGLE:+--single-only} ${ALL:+--all-only} \
+                  --out "$OUT/dataset_exact.md" ;;
+                  # with 200 clips the two runs and the clips' generation do not fit one call: SINGLE=1, then
+                  # ALL=1 in the next (MPS=1 for several workers per GPU); CLIPS=100 fits one call
     memory) python3 bench/bench_memory.py --device cuda --frames 600 2400 --batch-size 64 ;;
     render) python3 bench/gpu_render_compare.py --index .carry/shared/bfm_index --out "$OUT" ;;
   esac 2>&1 | tee "$OUT/$step.log"
