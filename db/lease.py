@@ -215,8 +215,7 @@ def claim_next(
         jobs = [j for j in s.exec(q) if device_accepts((j.settings or {}).get("device"), device)]
         if not jobs:
             return None
-        heard_since = now - timedelta(seconds=alive_within_s)
-        if ahead and len(jobs) <= _other_live_workers(s, worker_id, jobs[0], heard_since):
+        if ahead and len(jobs) <= _other_live_workers(s, worker_id, jobs[0], now, alive_within_s):
             return None  # the queue's last jobs: left to workers that have none
         job = jobs[0]
         _start(s, job, worker_id, device, now)
@@ -228,15 +227,15 @@ def claim_next(
     return get_job(reg, job_id)
 
 
-def _other_live_workers(s: Session, worker_id: str, job: Job, heard_since: datetime) -> int:
-    """Workers other than ``worker_id`` that could claim ``job`` now: not stopped or paused, heard
-    from since ``heard_since``, on a device the job accepts."""
-    rows = s.exec(select(WorkerRow).where(
-        WorkerRow.worker_id != worker_id, WorkerRow.stopped_at.is_(None), WorkerRow.heartbeat_at >= heard_since,
-        WorkerRow.status.in_([WorkerStatus.IDLE.value, WorkerStatus.BUSY.value]),
-    )).all()
+def _other_live_workers(s: Session, worker_id: str, job: Job, now: datetime, alive_within_s: float) -> int:
+    """Workers other than ``worker_id`` that could claim ``job`` at ``now``: ``idle`` or ``busy`` and
+    alive as :func:`~db.mappers.worker_view` tells it (not stopped, heard from within
+    ``alive_within_s`` seconds), on a device the job accepts."""
     wanted = (job.settings or {}).get("device")
-    return sum(device_accepts(wanted, w.device) for w in rows)
+    rows = s.exec(select(WorkerRow).where(WorkerRow.worker_id != worker_id))
+    views = (worker_view(w, now, alive_within_s) for w in rows)
+    return sum(v.alive and v.status in (WorkerStatus.IDLE.value, WorkerStatus.BUSY.value)
+               and device_accepts(wanted, v.device) for v in views)
 
 
 def claim_job(reg: Registry, job_id: int, worker_id: str, *, device: str | None = None) -> JobView | None:

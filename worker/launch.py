@@ -304,10 +304,16 @@ def _ranges(cores: tuple[int, ...]) -> str:
 MPS_PIPE_DIR = "/tmp/nvidia-mps"
 
 
+def mps_pipe_dir(env: dict[str, str]) -> Path:
+    """The folder of the CUDA MPS pipes for processes started with ``env``: ``$CUDA_MPS_PIPE_DIRECTORY``,
+    else :data:`MPS_PIPE_DIR`."""
+    return Path(env.get("CUDA_MPS_PIPE_DIRECTORY") or MPS_PIPE_DIR)
+
+
 def mps_running(env: dict[str, str]) -> bool:
     """Whether a CUDA MPS control daemon serves processes started with ``env``: its ``control`` pipe
-    is in ``$CUDA_MPS_PIPE_DIRECTORY`` (default :data:`MPS_PIPE_DIR`)."""
-    return (Path(env.get("CUDA_MPS_PIPE_DIRECTORY") or MPS_PIPE_DIR) / "control").exists()
+    is in :func:`mps_pipe_dir`."""
+    return (mps_pipe_dir(env) / "control").exists()
 
 
 #: Thread-count variables of the numeric libraries, set for each worker child unless already set.
@@ -336,7 +342,7 @@ def worker_children(
         log.warning("%d workers will share each GPU without CUDA MPS (no control pipe in %s), so their GPU work "
                     "takes turns: on an H200, 4 exact-path workers made about 40 frames/s without MPS and 156 "
                     "with it. Start it before the workers: nvidia-cuda-mps-control -d (docs/scale-out.md)",
-                    per_gpu, env.get("CUDA_MPS_PIPE_DIRECTORY") or MPS_PIPE_DIR)
+                    per_gpu, mps_pipe_dir(env))
     threads = threads or split_threads(len(devices) * per_gpu)
     child_env = {**{k: str(threads) for k in THREAD_ENV}, **env}
     core_sets = iter(split_cores(len(devices) * per_gpu))
