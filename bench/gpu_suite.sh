@@ -22,6 +22,9 @@ fast_nvdec() {  # bench/dataset.py on the fast path with NVDEC and MTCNN, 250-fr
   python3 bench/dataset.py --device cuda --frames 250 --gen-jobs "$(nproc)" --mode fast --landmarks mtcnn \
     --decoder nvdec "$@"
 }
+exact_mtcnn() {  # the same on the exact path (PyAV's frames)
+  python3 bench/dataset.py --device cuda --frames 250 --gen-jobs "$(nproc)" --mode exact --landmarks mtcnn "$@"
+}
 for step in ${STEPS:-equal throughput memory render}; do
   echo "=== $step"
   case $step in
@@ -60,8 +63,10 @@ for step in ${STEPS:-equal throughput memory render}; do
                    echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 8  # the workers, not their launcher
                  done; gzip -f "$OUT"/spy/*.txt ;;  # under the 16 MiB a file that comes back
     dataset-ab) for v in ${VARIANTS:-STUDIO_PIN_CORES=1 STUDIO_PIN_CORES=0 STUDIO_PIN_CORES=1}; do  # env per run (A=1,B=2), same clips
-                  (export ${v//,/ }; fast_nvdec --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" ${SINGLE:+--single-only} \
-                    --out "$OUT/dataset_ab_${v//[^A-Za-z0-9_]/_}.md")
+                  (export ${v//,/ }  # THREADS=N in a variant: the workers' --threads; AB_MODE=exact: the exact path
+                   $([ "${AB_MODE:-fast}" = exact ] && echo exact_mtcnn || echo fast_nvdec) --clips "${CLIPS:-48}" \
+                     --per-gpu "${PER_GPU:-1}" ${THREADS:+--threads "$THREADS"} ${SINGLE:+--single-only} \
+                     --out "$OUT/dataset_ab_${AB_MODE:-fast}_${v//[^A-Za-z0-9_]/_}.md")
                 done ;;
     dataset-pair) python3 bench/cpu_topology.py --probe  # is it what the GPUs' workers share? A B C C B A:
                   halves=($(python3 bench/cpu_topology.py --split 2))  # whole cores, by NUMA node
