@@ -65,7 +65,7 @@ for step in ${STEPS:-equal throughput memory render}; do
     dataset-ab) for v in ${VARIANTS:-STUDIO_PIN_CORES=1 STUDIO_PIN_CORES=0 STUDIO_PIN_CORES=1}; do  # env per run (A=1,B=2), same clips
                   (export ${v//,/ }  # THREADS=N in a variant: the workers' --threads; AB_MODE=exact: the exact path
                    $([ "${AB_MODE:-fast}" = exact ] && echo exact_mtcnn || echo fast_nvdec) --clips "${CLIPS:-48}" \
-                     --per-gpu "${PER_GPU:-1}" ${THREADS:+--threads "$THREADS"} ${SINGLE:+--single-only} \
+                     --per-gpu "${PER_GPU:-1}" ${THREADS:+--threads "$THREADS"} ${SINGLE:+--single-only} ${ALL:+--all-only} \
                      --out "$OUT/dataset_ab_${AB_MODE:-fast}_${v//[^A-Za-z0-9_]/_}.md")
                 done ;;
     dataset-pair) python3 bench/cpu_topology.py --probe  # is it what the GPUs' workers share? A B C C B A:
