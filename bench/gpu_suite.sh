@@ -25,6 +25,9 @@ fast_nvdec() {  # bench/dataset.py on the fast path with NVDEC and MTCNN, 250-fr
 exact_mtcnn() {  # the same on the exact path (PyAV's frames)
   python3 bench/dataset.py --device cuda --frames 250 --gen-jobs "$(nproc)" --mode exact --landmarks mtcnn "$@"
 }
+by_mode() {  # MODE=exact: exact_mtcnn, else fast_nvdec (dataset-ab, dataset-spy)
+  if [ "${MODE:-fast}" = exact ]; then exact_mtcnn "$@"; else fast_nvdec "$@"; fi
+}
 for step in ${STEPS:-equal throughput memory render}; do
   echo "=== $step"
   case $step in
@@ -57,16 +60,16 @@ for step in ${STEPS:-equal throughput memory render}; do
     dataset-per) for k in ${PERS:-1 2}; do  # workers per GPU (MPS=0 or 1; STUDIO_PIN_CORES=0: not pinned)
                     fast_nvdec --clips "${CLIPS:-100}" --per-gpu "$k" --out "$OUT/dataset_per_$k.md"
                   done ;;
-    dataset-spy) fast_nvdec --clips "${CLIPS:-100}" --per-gpu "${PER_GPU:-4}" ${SINGLE:+--single-only} \
+    dataset-spy) by_mode --clips "${CLIPS:-100}" --per-gpu "${PER_GPU:-4}" ${SINGLE:+--single-only} \
                    --spy "$OUT/spy" --out "$OUT/dataset_spy.md"  # py-spy of every worker, from its first job on
                  for f in "$OUT"/spy/*.txt; do
                    echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 8  # the workers, not their launcher
                  done; gzip -f "$OUT"/spy/*.txt ;;  # under the 16 MiB a file that comes back
     dataset-ab) for v in ${VARIANTS:-STUDIO_PIN_CORES=1 STUDIO_PIN_CORES=0 STUDIO_PIN_CORES=1}; do  # env per run (A=1,B=2), same clips
-                  (export ${v//,/ }  # THREADS=N in a variant: the workers' --threads; AB_MODE=exact: the exact path
-                   $([ "${AB_MODE:-fast}" = exact ] && echo exact_mtcnn || echo fast_nvdec) --clips "${CLIPS:-48}" \
+                  (export ${v//,/ }  # THREADS=N in a variant: the workers' --threads
+                   by_mode --clips "${CLIPS:-48}" \
                      --per-gpu "${PER_GPU:-1}" ${THREADS:+--threads "$THREADS"} ${SINGLE:+--single-only} ${ALL:+--all-only} \
-                     --out "$OUT/dataset_ab_${AB_MODE:-fast}_${v//[^A-Za-z0-9_]/_}.md")
+                     --out "$OUT/dataset_ab_${MODE:-fast}_${v//[^A-Za-z0-9_]/_}.md")
                 done ;;
     dataset-pair) python3 bench/cpu_topology.py --probe  # is it what the GPUs' workers share? A B C C B A:
                   halves=($(python3 bench/cpu_topology.py --split 2))  # whole cores, by NUMA node
