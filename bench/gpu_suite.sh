@@ -99,8 +99,7 @@ for step in ${STEPS:-equal throughput memory render}; do
                   --out "$OUT/dataset.md" ;;
     dataset-fast) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
                   --out "$OUT/dataset_fast.md" ;;
-    dataset-exact) python3 bench/dataset.py --device cuda --clips "${CLIPS:-200}" --frames 250 --mode exact \
-                  --landmarks mtcnn --gen-jobs "$(nproc)" --per-gpu "${PER_GPU:-auto}" ${SINGLE:+--single-only} \
+    dataset-exact) exact_mtcnn --clips "${CLIPS:-200}" --per-gpu "${PER_GPU:-auto}" ${SINGLE:+--single-only} \
                   ${ALL:+--all-only} --out "$OUT/dataset_exact.md" ;;
                   # with 200 clips the two runs and the clips' generation do not fit one call: SINGLE=1, then
                   # ALL=1 in the next (MPS=1 for several workers per GPU); CLIPS=100 fits one call
