@@ -315,8 +315,9 @@ class EnginePool:
 
         Same contract as :meth:`Engine.run_many <engine.pipeline.Engine.run_many>`: ``jobs`` is
         pulled lazily (never more than ``processes × slots`` open), each input fails alone,
-        closing the generator early cancels the inputs still open, and an error raised by
-        iterating ``jobs`` is raised after the started inputs have ended.
+        closing the generator early cancels the inputs still open and waits until they have ended
+        in their children, and an error raised by iterating ``jobs`` is raised after the started
+        inputs have ended.
         """
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("EnginePool.run_many is already running")
@@ -386,10 +387,17 @@ class EnginePool:
         finally:
             stop.set()
             slots.release()  # let a feeder waiting for a slot see the stop
-            for tid, o in opened.items():  # the consumer stopped early: cancel what is still open
-                if o.child is not None:
-                    o.child.send(("cancel", tid))
+            self._cancel_open(opened)
             out.put(("end", feed_error))
+
+    def _cancel_open(self, opened: dict[int, _Open]) -> None:
+        """The consumer stopped early: cancel the inputs still open in the children and wait (up to
+        :data:`JOIN_TIMEOUT_S`) until each has ended there, as ``Engine.run_many`` waits for its
+        threads, so none still writes its outputs or resume state once ``run_many`` returns."""
+        sent = {tid: o.child for tid, o in opened.items() if o.child is not None and o.child.send(("cancel", tid))}
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while any(tid in c.held and not c.dead for tid, c in sent.items()) and time.monotonic() < deadline:
+            self._receive({}, None)  # "done" (or the child's death) takes each off its child's held set
 
     def _assign(self, waiting: collections.deque, opened: dict[int, _Open], end) -> None:
         """Send waiting inputs to the live children with a free slot (fewest held first)."""

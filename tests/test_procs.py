@@ -78,6 +78,31 @@ def test_should_stop_cancels_only_its_input(clips, one_by_one, pool, tmp_path): 
     assert_same_outputs(outcomes["clip0"].report.outputs, one_by_one["clip0"])
 
 
+def test_closing_early_returns_once_the_open_inputs_have_ended_in_their_children(clips, pool, test_video,  # noqa: F811
+                                                                                    tmp_path):
+    """The consumer stops after the first outcome while the 200-frame video still runs in the other
+    child: once the generator is closed, that input has ended there (cancelled, its resume state
+    kept, no outputs), so nothing of it still writes, and the children live on for the next call."""
+    _, paths = clips
+    pids = pool.pids
+    started = []
+    jobs = [InputJob(test_video, tmp_path / "out" / "long", state_dir=tmp_path / "state", key="long",
+                     progress=started.append),
+            InputJob(paths[0], tmp_path / "out" / "clip0", key="clip0")]
+    outcomes = pool.run_many(jobs)
+    first = next(outcomes)
+    assert first.job.key == "clip0" and first.error is None, first.error
+    assert started, "the video had not started when the clip ended"
+    outcomes.close()
+    assert not any(c.held for c in pool._children), "closed while an input still ran in a child"
+    assert not (tmp_path / "out" / "long.npz").exists()
+    state = {p: p.stat().st_mtime_ns for p in (tmp_path / "state").rglob("*") if p.is_file()}
+    assert pool.pids == pids  # cancelled, not killed
+    outcomes = {o.job.key: o for o in pool.run_many([InputJob(paths[1], tmp_path / "out" / "clip1", key="clip1")])}
+    assert outcomes["clip1"].error is None, outcomes["clip1"].error
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "state").rglob("*") if p.is_file()} == state
+
+
 def test_a_killed_process_fails_its_input_and_the_others_go_on(clips, one_by_one, pool, test_video, tmp_path):  # noqa: F811
     """The first job (a 200-frame video) goes to the first child; SIGKILL it on that input's first
     progress report: that input ends with an error, the others end well (on the other child or
