@@ -15,6 +15,9 @@ Usage::
 4. The fast path's keyframe detector: MTCNN's first stage over all pyramid levels at once
    (``engine.landmarks.mtcnn_gpu.pnet_candidates``) against facenet-pytorch's per-level loop on
    the 1080p copy shrunk to 640×360, at facenet's threshold and at a low one: the same bits.
+5. The exact path's MTCNN with all crops of a stage at once (``engine.landmarks.mtcnn_exact``)
+   against facenet-pytorch's per-box loop, on the shared clip and the 1080p copy, at facenet's
+   thresholds and at low ones: the same bits; with wall and CPU time per frame of each.
 
 Prints one Markdown line per check; exits 1 when a must-be-equal check differs.
 """
@@ -171,23 +174,66 @@ def check_first_stage(frames, device: str) -> bool:
     return ok
 
 
+def check_exact_mtcnn(frames, device: str, name: str, repeats: int = 3) -> bool:
+    """Item 5: ``MtcnnLandmarker`` with ``batched_crops`` against facenet's loop, bit for bit."""
+    import time
+
+    import torch
+
+    from engine.landmarks.mtcnn import MtcnnLandmarker
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    ok = True
+    for thresholds in ([0.6, 0.7, 0.7], [0.1, 0.1, 0.1]):
+        found, cost = {}, {}
+        for batched in (False, True):
+            mt = MtcnnLandmarker(device, batched_crops=batched)
+            mt._net.thresholds = thresholds
+            found[batched] = mt.detect(frames)  # warm-up (cuDNN plans, the probe), and the result
+            sync()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(repeats):
+                mt.detect(frames)
+            sync()
+            n = repeats * len(frames)
+            cost[batched] = (1e3 * (time.perf_counter() - wall) / n, 1e3 * (time.process_time() - cpu) / n)
+        want, got = found[False], found[True]
+        same = got.num_frames == want.num_frames and all(
+            np.array_equal(getattr(got, f), getattr(want, f)) and getattr(got, f).dtype == getattr(want, f).dtype
+            for f in ("boxes_img_ydown", "scores", "frame_rows", "points_img_ydown"))
+        ok &= same
+        print(f"- exact MTCNN, batched crops vs facenet's loop ({name}, {len(frames)} frames, thresholds "
+              f"{thresholds}, {len(want)} faces, rule {mt._area_rule or 'none'}): "
+              f"{'same bits' if same else 'DIFFERENT'}; ms per frame, wall / CPU: facenet's loop "
+              f"{cost[False][0]:.2f} / {cost[False][1]:.2f}, batched {cost[True][0]:.2f} / {cost[True][1]:.2f}")
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--fan-frames", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-gpu-checks")
+    ap.add_argument("--only-exact-mtcnn", action="store_true", help="check 5 alone")
     args = ap.parse_args()
     print(f"# GPU checks, {datetime.date.today()}, device {args.device}\n")
     ok = True
     frames = clip_frames(TEST_CLIP, args.frames)
-    faces, landmarks = mtcnn_faces(frames, args.device)
-    ok &= check_aligner(frames, landmarks, args.device, TEST_CLIP.name)
     from bench.throughput import MediaSpec, make_video, source_faces
 
     spec = MediaSpec()
     hd = make_video(source_faces(TEST_CLIP, spec.face_size), args.workdir / "clip1080p-96.mp4", 96, 0, spec)
     hd_frames = clip_frames(hd, 96)
+    ok &= check_exact_mtcnn(frames, args.device, TEST_CLIP.name)
+    ok &= check_exact_mtcnn(hd_frames, args.device, "1080p copy")
+    if args.only_exact_mtcnn:
+        return 0 if ok else 1
+    faces, landmarks = mtcnn_faces(frames, args.device)
+    ok &= check_aligner(frames, landmarks, args.device, TEST_CLIP.name)
     _, hd_landmarks = mtcnn_faces(hd_frames, args.device)
     ok &= check_aligner(hd_frames, hd_landmarks, args.device, "1080p copy")
     ok &= check_first_stage(hd_frames, args.device)

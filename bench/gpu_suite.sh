@@ -34,6 +34,7 @@ for step in ${STEPS:-equal throughput memory render}; do
     equal) python3 bench/bench_gpu_equal.py ;;
     conv-shapes) python3 bench/conv_shapes.py --device cuda ;;
     checks) python3 bench/gpu_checks.py --device cuda ;;
+    checks-exact) python3 bench/gpu_checks.py --device cuda --only-exact-mtcnn ;;  # the exact path's MTCNN only
     compat) python3 bench/compat_diff.py --device cuda --landmarks mtcnn --make-1080p 300 ;;
     throughput) python3 bench/throughput.py --device cuda --set clips --clips 8 --landmarks mtcnn fan \
                   --reference-inputs 4 --out "$OUT/throughput.md" ;;

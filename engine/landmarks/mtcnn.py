@@ -59,18 +59,25 @@ class MtcnnLandmarker:
             independent of the batch size. ``None``: batched on CUDA, per-frame on CPU.
         max_pixels: when batched, at most this many pixels go through one call
             (bounds the image pyramid's memory on large frames).
+        batched_crops: cut the second and third stages' crops of all candidate boxes at once
+            (:mod:`engine.landmarks.mtcnn_exact`: the same bits, without facenet-pytorch's
+            per-box loop, which waits for a GPU at every box). ``None``: on CUDA.
     """
 
     name = NAME
     num_points = 5
 
-    def __init__(self, device: str = "cpu", batch_frames: bool | None = None, max_pixels: int = 16_000_000):
+    def __init__(self, device: str = "cpu", batch_frames: bool | None = None, max_pixels: int = 16_000_000,
+                 batched_crops: bool | None = None):
         import torch
         from facenet_pytorch.models.mtcnn import MTCNN
 
         self.device = torch.device(device)
-        self.batch_frames = self.device.type == "cuda" if batch_frames is None else batch_frames
+        on_cuda = self.device.type == "cuda"
+        self.batch_frames = on_cuda if batch_frames is None else batch_frames
         self.max_pixels = max_pixels
+        self.batched_crops = on_cuda if batched_crops is None else batched_crops
+        self._area_rule: str | None = None  # asked on first use (engine.landmarks.mtcnn_exact.area_rule)
         self._net = MTCNN(device=self.device, select_largest=False, keep_all=True)
 
     @property
@@ -89,6 +96,13 @@ class MtcnnLandmarker:
             step = max(1, self.max_pixels // max(1, h * w))
         else:
             step = 1
+        if self.batched_crops:
+            from engine.landmarks import mtcnn_exact
+
+            if self._area_rule is None:
+                self._area_rule = mtcnn_exact.area_rule(self.device) or ""
+            if self._area_rule:
+                return mtcnn_exact.detect_faces(self._net, images, step, self.device, self._area_rule)
         return detect_faces(self._net, images, step)
 
     def __call__(self, frames: FrameBatch, faces: Detections | None = None) -> Landmarks:

@@ -211,14 +211,23 @@ def area_crops(images, rows: np.ndarray, regions: np.ndarray, size: int, device)
     return torch.cat(parts)
 
 
-def integral_crops(integral, rows, regions: np.ndarray, size: int):
+def float64_average(total, rows, cols):
+    """float32 averages: ``total`` (exact window sums, integer tensor) divided by the window's pixel
+    count ``rows · cols`` in float64, then rounded once (the keyframe detector's default)."""
+    return (total.double() / (rows * cols).double()).float()
+
+
+def integral_crops(integral, rows, regions: np.ndarray, size: int, average=float64_average):
     """float32 torch (M, 3, size, size): area resampling of each face's region from integral images.
 
-    ``integral``: int64 torch (B, 3, H + 1, W + 1) zero-padded cumulative sums of the frames
+    ``integral``: integer torch (B, 3, H + 1, W + 1) zero-padded cumulative sums of the frames
     (exact integers); ``rows``: int64 torch (M,) frame of each face; ``regions``: int64 (M, 4)
     ``x0, y0, x1, y1`` (non-empty). Cell i averages ``[floor(i·n/size), ceil((i+1)·n/size))``
-    like ``interpolate(mode="area")``: an exact integer window sum divided by the window's pixel
-    count in float64, then rounded to float32 (facenet-pytorch's float32 average up to that rounding).
+    like ``interpolate(mode="area")``: an exact integer window sum turned into an average by
+    ``average(total, rows, cols)`` (``total`` (m, 3, size, size), ``rows`` (m, 1, size, 1) and
+    ``cols`` (m, 1, 1, size) the window's pixel rows and columns). The default, one float64
+    division, is facenet-pytorch's float32 average up to that rounding;
+    :mod:`engine.landmarks.mtcnn_exact` passes the installed kernel's own float32 rule.
     """
     import torch
 
@@ -241,28 +250,43 @@ def integral_crops(integral, rows, regions: np.ndarray, size: int):
     for c in range(0, len(reg), CROP_CHUNK):  # bounds the (chunk, 3, size, size) index tensors
         k = slice(c, c + CROP_CHUNK)
         total = at(y1[k], x1[k]) - at(y0[k], x1[k]) - at(y1[k], x0[k]) + at(y0[k], x0[k])
-        count = (y1[k] - y0[k])[:, :, None] * (x1[k] - x0[k])[:, None, :]
-        parts.append((total.double() / count[:, None].double()).float())
+        parts.append(average(total, (y1[k] - y0[k])[:, None, :, None], (x1[k] - x0[k])[:, None, None, :]))
     return torch.cat(parts)
 
 
 def detect_batched(net, images, frames_per_call: int, device, grids: dict | None = None) -> Detections:
     """:func:`detect_chunk` on ``frames_per_call`` frames at a time (numpy, or a tensor on the
     device), joined."""
-    parts = [detect_chunk(net, images[lo:lo + frames_per_call], device, grids)
-             for lo in range(0, len(images), max(1, frames_per_call))]
-    parts_with = [k for k, p in enumerate(parts) if len(p)]
-    if not parts_with:
-        return Detections.empty(len(images))
-    offsets = np.cumsum([0] + [p.num_frames for p in parts[:-1]])
-    parts, offsets = [parts[k] for k in parts_with], offsets[parts_with]
+    return join_detections([detect_chunk(net, images[lo:lo + frames_per_call], device, grids)
+                            for lo in range(0, len(images), max(1, frames_per_call))])
+
+
+def join_detections(parts: list[Detections]) -> Detections:
+    """The detections of consecutive chunks of one batch as one (frame rows shifted, in order)."""
+    offsets = np.cumsum([0] + [p.num_frames for p in parts])
+    with_faces = [k for k, p in enumerate(parts) if len(p)]
+    if not with_faces:
+        return Detections.empty(int(offsets[-1]))
+    found = [parts[k] for k in with_faces]
     return Detections(
-        boxes_img_ydown=np.concatenate([p.boxes_img_ydown for p in parts]),
-        scores=np.concatenate([p.scores for p in parts]),
-        frame_rows=np.concatenate([p.frame_rows + o for p, o in zip(parts, offsets, strict=True)]),
-        num_frames=len(images),
-        points_img_ydown=np.concatenate([p.points_img_ydown.reshape(-1, 5, 2) for p in parts]).astype(np.float32),
+        boxes_img_ydown=np.concatenate([p.boxes_img_ydown for p in found]),
+        scores=np.concatenate([p.scores for p in found]),
+        frame_rows=np.concatenate([parts[k].frame_rows + offsets[k] for k in with_faces]),
+        num_frames=int(offsets[-1]),
+        points_img_ydown=np.concatenate([p.points_img_ydown.reshape(-1, 5, 2) for p in found]).astype(np.float32),
     )
+
+
+def packed_faces(boxes, points, inds, n: int) -> Detections:
+    """What facenet-pytorch's ``detect_face`` returns, packed: ``boxes`` float32 (K, 5) ``x1, y1, x2,
+    y2, probability``, ``points`` (K, 5, 2) and ``inds`` int64 (K,) frames (device tensors, in its
+    final NMS order) grouped by frame, that order kept within each (its ``np.where`` per frame)."""
+    rows = inds.cpu().numpy().astype(np.int64)
+    order = np.argsort(rows, kind="stable")
+    b = boxes.cpu().numpy()[order]
+    return Detections(boxes_img_ydown=b[:, :4].astype(np.float64), scores=b[:, 4].astype(np.float64),
+                      frame_rows=rows[order], num_frames=n,
+                      points_img_ydown=points.cpu().numpy()[order].astype(np.float32))
 
 
 def corner_bound(height: int, width: int) -> int:
@@ -471,12 +495,7 @@ def detect_chunk(net, images, device, grids: dict | None = None) -> Detections:
                 boxes, inds, points = boxes[pick], inds[pick], points[pick]
         if size != ONET_SIZE or not len(boxes):  # no box reached (or survived) O-Net
             return Detections.empty(n)
-        rows = inds.cpu().numpy().astype(np.int64)
-        order = np.argsort(rows, kind="stable")  # facenet-pytorch's per-frame grouping, NMS order within
-        b = boxes.cpu().numpy()[order]
-        return Detections(boxes_img_ydown=b[:, :4].astype(np.float64), scores=b[:, 4].astype(np.float64),
-                          frame_rows=rows[order], num_frames=n,
-                          points_img_ydown=points.cpu().numpy()[order].astype(np.float32))
+        return packed_faces(boxes, points, inds, n)
 
 
 def scale_back(values: np.ndarray, ratio_x: float, ratio_y: float) -> np.ndarray:

@@ -1,0 +1,247 @@
+"""facenet-pytorch's MTCNN detection bit for bit, without its per-box loop (the exact path on CUDA).
+
+facenet-pytorch 2.6.0's ``detect_face`` cuts the inputs of its second and third stages one
+candidate box at a time: a slice of the frame at a device-tensor index (``.item()``: the host
+waits for the GPU) and one ``interpolate(mode="area")`` per box. A 1080p talking-head frame has
+~160 candidates at the second stage, so a worker waited for its GPU some 170 times per frame.
+
+:func:`detect` runs the same steps with facenet-pytorch's own functions and networks in the same
+order and batches (pyramid levels, P-Net, ``generateBoundingBox``, the NMS calls, box
+regression, ``rerec``, ``bbreg``, R-/O-Net through ``fixed_batch_process``, the point formula),
+and cuts all crops of a stage at once from integral images
+(:func:`engine.landmarks.mtcnn_gpu.integral_crops`). The crops are the same bits as facenet's:
+frame values are integers, so every crop cell's window sum is an exact integer in float32,
+whatever the order of summation, while it stays below 2**24 (:func:`sums_exact`); what is left
+is the division by the window's pixel count, and :func:`area_rule` asks the installed torch's
+own kernel which float32 expression it uses (:data:`AREA_RULES`). Where no rule matches, or a
+window is too large for exact sums, :class:`~engine.landmarks.mtcnn.MtcnnLandmarker` runs
+facenet-pytorch's ``detect_face`` itself.
+
+One difference: a candidate box whose crop lies outside the frame is dropped, where
+facenet-pytorch raises (its crop list gets shorter than its box list).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from engine.landmarks.mtcnn_gpu import (
+    ONET_SIZE,
+    RNET_SIZE,
+    crop_regions,
+    integral_crops,
+    join_detections,
+    packed_faces,
+    pyramid_scales,
+)
+from engine.structures import Detections
+
+log = logging.getLogger(__name__)
+
+#: Integers up to this are exact in float32: a window sum (255 per pixel) must stay below it.
+EXACT_FLOAT32 = 2**24
+
+
+def _two_divisions(total, rows, cols):
+    """``sum / rows / cols`` in float32 (torch's CUDA kernel for contiguous NCHW input)."""
+    return total.float() / rows.float() / cols.float()
+
+
+def _one_division(total, rows, cols):
+    """``sum / (rows · cols)`` in float32 (torch's CPU kernel for contiguous input)."""
+    return total.float() / (rows * cols).float()
+
+
+def _reciprocal(total, rows, cols):
+    """``sum · (1 / (rows · cols))`` in float32 (torch's channels-last CUDA kernel)."""
+    import torch
+
+    count = (rows * cols).float()
+    return total.float() * torch.div(torch.ones_like(count), count)
+
+
+#: Candidate float32 expressions of an area average, exact window sum → value.
+AREA_RULES: dict[str, Callable] = {"two_divisions": _two_divisions, "one_division": _one_division,
+                                   "reciprocal": _reciprocal}
+
+
+def area_rule(device) -> str | None:
+    """The :data:`AREA_RULES` entry that gives facenet-pytorch's crops on ``device``, or None.
+
+    Asks the kernel itself: facenet's per-box call (a slice of the frames permuted to
+    (B, 3, H, W) and converted to float32, ``interpolate(mode="area")`` to 24² and 48²) on 96
+    windows of random sizes (1…300 px a side) and random pixel values, against each rule on
+    the same windows. A rule that differs in any bit is out; the first that matches all is kept.
+    """
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 300, 320, 3), dtype=np.uint8)
+    x0 = rng.integers(0, 319, 96)
+    y0 = rng.integers(0, 299, 96)
+    regions = np.stack([x0, y0, x0 + 1 + rng.integers(0, 320 - x0), y0 + 1 + rng.integers(0, 300 - y0)], axis=1)
+    rows = rng.integers(0, 2, 96)
+    with torch.inference_mode():
+        imgs = torch.as_tensor(frames, device=device).permute(0, 3, 1, 2).float()  # facenet's layout
+        integral = frame_integral(torch.as_tensor(frames, device=device))
+        dev_rows = torch.as_tensor(rows, device=device)
+        matching = list(AREA_RULES)
+        for size in (RNET_SIZE, ONET_SIZE):
+            want = torch.cat([fd.imresample(imgs[int(r), :, b:d, a:c].unsqueeze(0), (size, size))
+                              for r, (a, b, c, d) in zip(rows, regions.tolist(), strict=True)])
+            matching = [name for name in matching
+                        if torch.equal(integral_crops(integral, dev_rows, regions, size, AREA_RULES[name]), want)]
+    if not matching:
+        log.warning("no float32 rule reproduces interpolate(mode='area') on %s: MTCNN crops one box at a time",
+                    device)
+        return None
+    return matching[0]
+
+
+def frame_integral(frames):
+    """int32 (or int64 for frames over 8.4 MP) torch (B, 3, H + 1, W + 1): zero-padded cumulative
+    sums of uint8 (B, H, W, 3) ``frames`` (a tensor on their device), exact."""
+    import torch
+
+    height, width = frames.shape[1:3]
+    dtype = torch.int32 if 255 * height * width < 2**31 else torch.int64
+    planes = frames.permute(0, 3, 1, 2)
+    return torch.nn.functional.pad(planes.cumsum(2, dtype=dtype).cumsum(3, dtype=dtype), (1, 0, 1, 0))
+
+
+def sums_exact(regions: np.ndarray, size: int) -> bool:
+    """Whether every cell of these crops (int64 (M, 4) ``x0, y0, x1, y1``) resampled to ``size``²
+    sums fewer than 2**24 / 255 pixels (so float32 holds its sum exactly, as facenet's kernel does)."""
+    if not len(regions):
+        return True
+    sides = regions[:, 2:] - regions[:, :2]
+    cell = (-(-sides // size) + 1).prod(axis=1)  # a cell spans at most ceil(n / size) + 1 pixels a side
+    return bool(255 * int(cell.max()) < EXACT_FLOAT32)
+
+
+def detect(net, images, device, rule: str) -> Detections | None:
+    """facenet-pytorch's ``detect_face`` for ``net`` (its MTCNN) on uint8 (B, H, W, 3) RGB ``images``
+    (numpy), one call: every face with box, probability and 5 points, pixels of ``images``, y down,
+    frames in order and facenet's order within a frame. None where a crop is too large for exact
+    float32 sums (:func:`sums_exact`): run facenet-pytorch's own ``detect_face`` then.
+
+    ``rule``: :func:`area_rule`'s answer for ``device``.
+    """
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+
+    n = len(images)
+    if n == 0:
+        return Detections.empty(0)
+    with torch.inference_mode():
+        frames = torch.as_tensor(np.ascontiguousarray(images), device=device)
+        imgs = frames.permute(0, 3, 1, 2).float()  # channels-last strides, as facenet's: the same kernels
+        h, w = imgs.shape[2:4]
+        boxes, inds = _first_stage(net, imgs, pyramid_scales(net, h, w), net.thresholds[0])
+        if not len(boxes):
+            return Detections.empty(n)
+        integral = frame_integral(frames)
+        average = AREA_RULES[rule]
+        found = None
+        for stage, size in ((net.rnet, RNET_SIZE), (net.onet, ONET_SIZE)):
+            regions = crop_regions(boxes[:, :4].double().cpu().numpy(), w, h)  # facenet's ``pad``
+            ok = (regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1])
+            if not ok.all():  # facenet-pytorch raises here: its crops would not line up with its boxes
+                keep = torch.as_tensor(ok, device=device)
+                boxes, inds, regions = boxes[keep], inds[keep], regions[ok]
+            if not len(boxes):
+                return Detections.empty(n)
+            if not sums_exact(regions, size):
+                return None
+            crops = integral_crops(integral, inds, regions, size, average)
+            out = fd.fixed_batch_process((crops - 127.5) * 0.0078125, stage)
+            if size == RNET_SIZE:
+                boxes, inds = _second_stage(out, boxes, inds, net.thresholds[1])
+                if not len(boxes):
+                    return Detections.empty(n)
+            else:
+                found = _third_stage(out, boxes, inds, net.thresholds[2])
+        boxes, points, inds = found
+        return packed_faces(boxes, points, inds, n) if len(boxes) else Detections.empty(n)
+
+
+def detect_faces(net, images, frames_per_call: int, device, rule: str) -> Detections:
+    """:func:`detect` on ``frames_per_call`` frames at a time, joined; a chunk it declines goes
+    through facenet-pytorch's ``detect_face`` (:func:`engine.landmarks.mtcnn.detect_faces`)."""
+    from engine.landmarks.mtcnn import detect_faces as facenet_faces
+
+    parts = []
+    for lo in range(0, len(images), max(1, frames_per_call)):
+        chunk = images[lo:lo + frames_per_call]
+        found = detect(net, chunk, device, rule)
+        parts.append(facenet_faces(net, chunk, len(chunk)) if found is None else found)
+    return join_detections(parts)
+
+
+def _first_stage(net, imgs, scales: list[float], threshold: float):
+    """facenet's first stage on float32 (N, 3, H, W) ``imgs``: per pyramid level P-Net, the cells
+    above ``threshold``, NMS 0.5 per frame; then NMS 0.7 per frame over all levels, the box
+    regression and squaring. Returns float32 (K, 5) boxes with score and int64 (K,) frames."""
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+    from torchvision.ops.boxes import batched_nms
+
+    h, w = imgs.shape[2:4]
+    boxes, inds, picks, offset = [], [], [], 0
+    for scale in scales:
+        data = fd.imresample(imgs, (int(h * scale + 1), int(w * scale + 1)))
+        reg, prob = net.pnet((data - 127.5) * 0.0078125)
+        level_boxes, level_inds = fd.generateBoundingBox(reg, prob[:, 1], scale, threshold)
+        picks.append(batched_nms(level_boxes[:, :4], level_boxes[:, 4], level_inds, 0.5) + offset)
+        boxes.append(level_boxes)
+        inds.append(level_inds)
+        offset += level_boxes.shape[0]
+    if not scales:  # frames smaller than the minimum face: facenet's empty result
+        return torch.zeros((0, 5), device=imgs.device), torch.zeros(0, dtype=torch.int64, device=imgs.device)
+    pick = torch.cat(picks)
+    boxes, inds = torch.cat(boxes)[pick], torch.cat(inds)[pick]
+    pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+    boxes, inds = boxes[pick], inds[pick]
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * bw, boxes[:, 1] + boxes[:, 6] * bh,
+                         boxes[:, 2] + boxes[:, 7] * bw, boxes[:, 3] + boxes[:, 8] * bh, boxes[:, 4]], dim=1)
+    return fd.rerec(boxes), inds
+
+
+def _second_stage(out, boxes, inds, threshold: float):
+    """R-Net's verdict (``out``: regression (K, 4), probabilities (K, 2)) on the candidates: those
+    above ``threshold`` with R-Net's score, NMS 0.7 per frame, regressed and squared."""
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+    from torchvision.ops.boxes import batched_nms
+
+    score = out[1][:, 1]
+    keep = score > threshold
+    boxes = torch.cat((boxes[keep, :4], score[keep, None]), dim=1)
+    inds, reg = inds[keep], out[0][keep]
+    pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+    return fd.rerec(fd.bbreg(boxes[pick], reg[pick])), inds[pick]
+
+
+def _third_stage(out, boxes, inds, threshold: float):
+    """O-Net's verdict (``out``: regression (K, 4), points (K, 10), probabilities (K, 2)): the faces
+    above ``threshold`` with their 5 points (from the box before regression), regressed, NMS
+    0.7 per frame by the smaller area ("Min"). Returns boxes (F, 5), points (F, 5, 2), frames (F,)."""
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+
+    score = out[2][:, 1]
+    keep = score > threshold
+    marks = out[1][keep]
+    boxes = torch.cat((boxes[keep, :4], score[keep, None]), dim=1)
+    inds, reg = inds[keep], out[0][keep]
+    bw, bh = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+    points = torch.stack((bw[:, None] * marks[:, :5] + boxes[:, 0:1] - 1,
+                          bh[:, None] * marks[:, 5:10] + boxes[:, 1:2] - 1), dim=2)
+    boxes = fd.bbreg(boxes, reg)
+    pick = fd.batched_nms_numpy(boxes[:, :4], boxes[:, 4], inds, 0.7, "Min")
+    return boxes[pick], points[pick], inds[pick]
