@@ -61,7 +61,7 @@ for step in ${STEPS:-equal throughput memory render}; do
     dataset-per) for k in ${PERS:-1 2}; do  # workers per GPU (MPS=0 or 1; STUDIO_PIN_CORES=0: not pinned)
                     fast_nvdec --clips "${CLIPS:-100}" --per-gpu "$k" --out "$OUT/dataset_per_$k.md"
                   done ;;
-    dataset-spy) by_mode --clips "${CLIPS:-100}" --per-gpu "${PER_GPU:-4}" ${SINGLE:+--single-only} \
+    dataset-spy) by_mode --clips "${CLIPS:-100}" --per-gpu "${PER_GPU:-4}" ${SINGLE:+--single-only} ${ALL:+--all-only} \
                    --spy "$OUT/spy" --out "$OUT/dataset_spy.md"  # py-spy of every worker, from its first job on
                  for f in "$OUT"/spy/*.txt; do
                    echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 8  # the workers, not their launcher

@@ -5,7 +5,9 @@ offline. Its five points are, in order, left eye, right eye, nose, left mouth co
 right mouth corner ("left" = smaller image x), which is Deep3D's 5-point order, in
 image pixels with y down. The most probable face of each frame is kept. Detection
 thresholds, minimum face size and pyramid factor are facenet-pytorch's defaults
-([0.6, 0.7, 0.7], 20 px, 0.709). About 0.05 s per 512² frame on one CPU core.
+([0.6, 0.7, 0.7], 20 px, 0.709). About 0.05 s per 512² frame on one CPU core. On CUDA the
+second and third stages cut all their crops at once (:mod:`engine.landmarks.mtcnn_exact`, the
+same bits as facenet-pytorch's per-box loop, which waits for the GPU at every box).
 """
 
 from __future__ import annotations
