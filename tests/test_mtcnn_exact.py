@@ -95,6 +95,16 @@ def test_windows_too_large_for_exact_sums_go_through_facenet(frames, rule, monke
     _assert_same(mtcnn_exact.detect_faces(net, frames[:4], 2, "cpu", rule), want)
 
 
+@pytest.mark.parametrize("side", [15, 19])
+def test_frames_smaller_than_the_minimum_face_have_no_face(rule, side):
+    """Under 20 px (facenet's minimum face) the pyramid is empty: no face on either path
+    (facenet-pytorch itself raises on an empty pyramid)."""
+    net = _facenet()
+    tiny = np.full((2, side, side + 4, 3), 128, np.uint8)
+    for found in (detect_faces(net, tiny, 2), mtcnn_exact.detect_faces(net, tiny, 2, "cpu", rule)):
+        assert len(found) == 0 and found.num_frames == 2
+
+
 def test_sums_exact_bounds_the_largest_cell():
     # A 48-px crop to 24²: cells of at most 3×3 pixels (windows overlap by one where n/size is not whole).
     assert mtcnn_exact.sums_exact(np.array([[0, 0, 48, 48]]), 24)

@@ -126,7 +126,10 @@ def create(config, device: str, source=None) -> MtcnnLandmarker:
 def detect_faces(net, images: np.ndarray, frames_per_call: int) -> Detections:
     """Every face facenet-pytorch's MTCNN ``net`` finds in each of ``images`` (uint8 (B, H, W, 3)
     RGB), ``frames_per_call`` frames per ``net.detect`` call: box, probability and 5 points, in
-    the pixels of ``images``."""
+    the pixels of ``images``. Frames smaller than the minimum face have none (facenet-pytorch
+    would raise: its image pyramid is empty)."""
+    if len(images) and min(images.shape[1:3]) * 12.0 / net.min_face_size < 12:
+        return Detections.empty(len(images))
     per_frame = []
     for lo in range(0, len(images), frames_per_call):
         boxes, probs, points = net.detect(images[lo : lo + frames_per_call], landmarks=True)

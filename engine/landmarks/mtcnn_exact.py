@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from engine.landmarks.mtcnn_gpu import (
+    EXACT_FLOAT32,
     ONET_SIZE,
     RNET_SIZE,
     crop_regions,
@@ -40,9 +41,6 @@ from engine.landmarks.mtcnn_gpu import (
 from engine.structures import Detections
 
 log = logging.getLogger(__name__)
-
-#: Integers up to this are exact in float32: a window sum (255 per pixel) must stay below it.
-EXACT_FLOAT32 = 2**24
 
 
 def _two_divisions(total, rows, cols):
@@ -190,6 +188,8 @@ def _first_stage(net, imgs, scales: list[float], threshold: float):
     from facenet_pytorch.models.utils import detect_face as fd
     from torchvision.ops.boxes import batched_nms
 
+    if not scales:  # frames smaller than the minimum face (facenet-pytorch would raise)
+        return torch.zeros((0, 5), device=imgs.device), torch.zeros(0, dtype=torch.int64, device=imgs.device)
     h, w = imgs.shape[2:4]
     boxes, inds, picks, offset = [], [], [], 0
     for scale in scales:
@@ -200,8 +200,6 @@ def _first_stage(net, imgs, scales: list[float], threshold: float):
         boxes.append(level_boxes)
         inds.append(level_inds)
         offset += level_boxes.shape[0]
-    if not scales:  # frames smaller than the minimum face: facenet's empty result
-        return torch.zeros((0, 5), device=imgs.device), torch.zeros(0, dtype=torch.int64, device=imgs.device)
     pick = torch.cat(picks)
     boxes, inds = torch.cat(boxes)[pick], torch.cat(inds)[pick]
     pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
