@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from engine.frames import to_torch
 from engine.landmarks.mtcnn_gpu import (
     EXACT_FLOAT32,
     ONET_SIZE,
@@ -123,7 +124,7 @@ def sums_exact(regions: np.ndarray, size: int) -> bool:
 
 def detect(net, images, device, rule: str) -> Detections | None:
     """facenet-pytorch's ``detect_face`` for ``net`` (its MTCNN) on uint8 (B, H, W, 3) RGB ``images``
-    (numpy), one call: every face with box, probability and 5 points, pixels of ``images``, y down,
+    (numpy, or a tensor), one call: every face with box, probability and 5 points, pixels of ``images``, y down,
     frames in order and facenet's order within a frame. None where a crop is too large for exact
     float32 sums (:func:`sums_exact`): run facenet-pytorch's own ``detect_face`` then.
 
@@ -136,7 +137,7 @@ def detect(net, images, device, rule: str) -> Detections | None:
     if n == 0:
         return Detections.empty(0)
     with torch.inference_mode():
-        frames = torch.as_tensor(np.ascontiguousarray(images), device=device)
+        frames = to_torch(images, device)
         imgs = frames.permute(0, 3, 1, 2).float()  # channels-last strides, as facenet's: the same kernels
         h, w = imgs.shape[2:4]
         boxes, inds = _first_stage(net, imgs, pyramid_scales(net, h, w), net.thresholds[0])
