@@ -45,12 +45,12 @@ log = logging.getLogger(__name__)
 
 
 def _two_divisions(total, rows, cols):
-    """``sum / rows / cols`` in float32 (torch's CUDA kernel for contiguous NCHW input)."""
+    """``sum / rows / cols`` in float32 (torch's kernels for contiguous input: CUDA; CPU in 2.14)."""
     return total.float() / rows.float() / cols.float()
 
 
 def _one_division(total, rows, cols):
-    """``sum / (rows · cols)`` in float32 (torch's CPU kernel for contiguous input)."""
+    """``sum / (rows · cols)`` in float32 (the CPU kernel of older torch source)."""
     return total.float() / (rows * cols).float()
 
 
@@ -124,9 +124,9 @@ def sums_exact(regions: np.ndarray, size: int) -> bool:
 
 def detect(net, images, device, rule: str) -> Detections | None:
     """facenet-pytorch's ``detect_face`` for ``net`` (its MTCNN) on uint8 (B, H, W, 3) RGB ``images``
-    (numpy, or a tensor), one call: every face with box, probability and 5 points, pixels of ``images``, y down,
-    frames in order and facenet's order within a frame. None where a crop is too large for exact
-    float32 sums (:func:`sums_exact`): run facenet-pytorch's own ``detect_face`` then.
+    (numpy, or a tensor), one call: every face with box, probability and 5 points, pixels of
+    ``images``, y down, frames in order and facenet's order within a frame. None where a crop is
+    too large for exact float32 sums (:func:`sums_exact`): run facenet-pytorch's own ``detect_face`` then.
 
     ``rule``: :func:`area_rule`'s answer for ``device``.
     """
