@@ -33,11 +33,12 @@ from engine.landmarks.mtcnn_gpu import (
     EXACT_FLOAT32,
     ONET_SIZE,
     RNET_SIZE,
-    crop_regions,
     integral_crops,
     join_detections,
+    later_stages,
     packed_faces,
     pyramid_scales,
+    regressed_candidates,
 )
 from engine.structures import Detections
 
@@ -143,27 +144,10 @@ def detect(net, images, device, rule: str) -> Detections | None:
         boxes, inds = _first_stage(net, imgs, pyramid_scales(net, h, w), net.thresholds[0])
         if not len(boxes):
             return Detections.empty(n)
-        integral = frame_integral(frames)
-        average = AREA_RULES[rule]
-        found = None
-        for stage, size in ((net.rnet, RNET_SIZE), (net.onet, ONET_SIZE)):
-            regions = crop_regions(boxes[:, :4].double().cpu().numpy(), w, h)  # facenet's ``pad``
-            ok = (regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1])
-            if not ok.all():  # facenet-pytorch raises here: its crops would not line up with its boxes
-                keep = torch.as_tensor(ok, device=device)
-                boxes, inds, regions = boxes[keep], inds[keep], regions[ok]
-            if not len(boxes):
-                return Detections.empty(n)
-            if not sums_exact(regions, size):
-                return None
-            crops = integral_crops(integral, inds, regions, size, average)
-            out = fd.fixed_batch_process((crops - 127.5) * 0.0078125, stage)
-            if size == RNET_SIZE:
-                boxes, inds = _second_stage(out, boxes, inds, net.thresholds[1])
-                if not len(boxes):
-                    return Detections.empty(n)
-            else:
-                found = _third_stage(out, boxes, inds, net.thresholds[2])
+        found = later_stages(net, frame_integral(frames), boxes, inds, w, h, average=AREA_RULES[rule],
+                             forward=lambda stage, x: fd.fixed_batch_process(x, stage), crops_ok=sums_exact)
+        if found is None:
+            return None
         boxes, points, inds = found
         return packed_faces(boxes, points, inds, n) if len(boxes) else Detections.empty(n)
 
@@ -204,43 +188,4 @@ def _first_stage(net, imgs, scales: list[float], threshold: float):
     pick = torch.cat(picks)
     boxes, inds = torch.cat(boxes)[pick], torch.cat(inds)[pick]
     pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
-    boxes, inds = boxes[pick], inds[pick]
-    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * bw, boxes[:, 1] + boxes[:, 6] * bh,
-                         boxes[:, 2] + boxes[:, 7] * bw, boxes[:, 3] + boxes[:, 8] * bh, boxes[:, 4]], dim=1)
-    return fd.rerec(boxes), inds
-
-
-def _second_stage(out, boxes, inds, threshold: float):
-    """R-Net's verdict (``out``: regression (K, 4), probabilities (K, 2)) on the candidates: those
-    above ``threshold`` with R-Net's score, NMS 0.7 per frame, regressed and squared."""
-    import torch
-    from facenet_pytorch.models.utils import detect_face as fd
-    from torchvision.ops.boxes import batched_nms
-
-    score = out[1][:, 1]
-    keep = score > threshold
-    boxes = torch.cat((boxes[keep, :4], score[keep, None]), dim=1)
-    inds, reg = inds[keep], out[0][keep]
-    pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
-    return fd.rerec(fd.bbreg(boxes[pick], reg[pick])), inds[pick]
-
-
-def _third_stage(out, boxes, inds, threshold: float):
-    """O-Net's verdict (``out``: regression (K, 4), points (K, 10), probabilities (K, 2)): the faces
-    above ``threshold`` with their 5 points (from the box before regression), regressed, NMS
-    0.7 per frame by the smaller area ("Min"). Returns boxes (F, 5), points (F, 5, 2), frames (F,)."""
-    import torch
-    from facenet_pytorch.models.utils import detect_face as fd
-
-    score = out[2][:, 1]
-    keep = score > threshold
-    marks = out[1][keep]
-    boxes = torch.cat((boxes[keep, :4], score[keep, None]), dim=1)
-    inds, reg = inds[keep], out[0][keep]
-    bw, bh = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
-    points = torch.stack((bw[:, None] * marks[:, :5] + boxes[:, 0:1] - 1,
-                          bh[:, None] * marks[:, 5:10] + boxes[:, 1:2] - 1), dim=2)
-    boxes = fd.bbreg(boxes, reg)
-    pick = fd.batched_nms_numpy(boxes[:, :4], boxes[:, 4], inds, 0.7, "Min")
-    return boxes[pick], points[pick], inds[pick]
+    return regressed_candidates(boxes[pick]), inds[pick]

@@ -443,8 +443,6 @@ def detect_chunk(net, images, device, grids: dict | None = None) -> Detections:
     5 points, pixels of ``images``, y down.
     """
     import torch
-    from facenet_pytorch.models.utils import detect_face as fd
-    from torchvision.ops.boxes import batched_nms
 
     n = len(images)
     if n == 0:
@@ -461,41 +459,98 @@ def detect_chunk(net, images, device, grids: dict | None = None) -> Detections:
         boxes, inds = pnet_candidates(net.pnet, imgs, scales, thr[0], grids)
         pick = grouped_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, n * corner_bound(h, w))
         boxes, inds = boxes[pick], inds[pick]
-        bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        boxes = fd.rerec(torch.stack([boxes[:, 0] + boxes[:, 5] * bw, boxes[:, 1] + boxes[:, 6] * bh,
-                                      boxes[:, 2] + boxes[:, 7] * bw, boxes[:, 3] + boxes[:, 8] * bh,
-                                      boxes[:, 4]], dim=1))
-        points = torch.zeros(0, 5, 2, device=device)
-        for stage, size in ((net.rnet, RNET_SIZE), (net.onet, ONET_SIZE)):
-            if not len(boxes):
-                break
-            regions = crop_regions(boxes[:, :4].double().cpu().numpy(), w, h)
-            ok = (regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1])
-            keep = torch.as_tensor(ok, device=device)
+        boxes, points, inds = later_stages(net, integral, regressed_candidates(boxes), inds, w, h)
+        return packed_faces(boxes, points, inds, n) if len(boxes) else Detections.empty(n)
+
+
+def regressed_candidates(boxes):
+    """facenet's end of the first stage: P-Net candidates (K, 9) ``x1, y1, x2, y2, score, 4 offsets``
+    moved by their offsets (fractions of the box's ``x2 - x1``, ``y2 - y1``) and squared
+    (``rerec``): float32 (K, 5) ``x1, y1, x2, y2, score``."""
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return fd.rerec(torch.stack([boxes[:, 0] + boxes[:, 5] * bw, boxes[:, 1] + boxes[:, 6] * bh,
+                                 boxes[:, 2] + boxes[:, 7] * bw, boxes[:, 3] + boxes[:, 8] * bh, boxes[:, 4]], dim=1))
+
+
+def later_stages(net, integral, boxes, inds, width: int, height: int, *, average=float64_average,
+                 forward=None, crops_ok=None):
+    """facenet-pytorch's second and third stages (R-Net, then O-Net) on first-stage candidates.
+
+    Each stage crops every box as facenet's ``pad`` does (a box whose crop misses the frame is
+    dropped), resamples the crops from ``integral`` (:func:`integral_crops` with ``average``),
+    scales them as facenet does and runs the stage's network through ``forward(net, x)``
+    (default: one call), then :func:`rnet_verdict` or :func:`onet_verdict`.
+
+    Args:
+        net: facenet-pytorch's MTCNN (its R-/O-Nets and thresholds).
+        integral: the frames' integral images (:func:`integral_crops`).
+        boxes: float32 (K, 5) squared candidates ``x1, y1, x2, y2, score``; inds: int64 (K,) frames.
+        width, height: frame size, pixels.
+        crops_ok: ``crops_ok(regions, size)`` False declines a stage's crops: None is returned.
+
+    Returns:
+        float32 boxes (F, 5), points (F, 5, 2) and int64 frames (F,) of the faces, facenet's
+        final NMS order (device tensors; F may be 0), or None.
+    """
+    import torch
+
+    points = torch.zeros(0, 5, 2, device=boxes.device)
+    for stage, size in ((net.rnet, RNET_SIZE), (net.onet, ONET_SIZE)):
+        regions = crop_regions(boxes[:, :4].double().cpu().numpy(), width, height)  # facenet's ``pad``
+        ok = (regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1])
+        if not ok.all():  # facenet-pytorch raises here: its crops would no longer line up with its boxes
+            keep = torch.as_tensor(ok, device=boxes.device)
             boxes, inds, regions = boxes[keep], inds[keep], regions[ok]
-            if not len(boxes):
-                break
-            crops = integral_crops(integral, inds, regions, size)
-            out = stage((crops - 127.5) * 0.0078125)
-            score = out[-1][:, 1]
-            ipass = score > thr[1 if size == RNET_SIZE else 2]
-            boxes = torch.cat((boxes[ipass, :4], score[ipass, None]), dim=1)
-            inds, mv = inds[ipass], out[0][ipass]
-            if size == RNET_SIZE:
-                pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
-                boxes = fd.rerec(fd.bbreg(boxes[pick], mv[pick]))
-                inds = inds[pick]
-            else:
-                marks = out[1][ipass]
-                bw, bh = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
-                points = torch.stack((bw[:, None] * marks[:, :5] + boxes[:, 0:1] - 1,
-                                      bh[:, None] * marks[:, 5:10] + boxes[:, 1:2] - 1), dim=2)
-                boxes = fd.bbreg(boxes, mv)
-                pick = fd.batched_nms_numpy(boxes[:, :4], boxes[:, 4], inds, 0.7, "Min")
-                boxes, inds, points = boxes[pick], inds[pick], points[pick]
-        if size != ONET_SIZE or not len(boxes):  # no box reached (or survived) O-Net
-            return Detections.empty(n)
-        return packed_faces(boxes, points, inds, n)
+        if not len(boxes):
+            return boxes, points, inds
+        if crops_ok is not None and not crops_ok(regions, size):
+            return None
+        x = (integral_crops(integral, inds, regions, size, average) - 127.5) * 0.0078125
+        out = stage(x) if forward is None else forward(stage, x)
+        if size == RNET_SIZE:
+            boxes, inds = rnet_verdict(out, boxes, inds, net.thresholds[1])
+        else:
+            boxes, points, inds = onet_verdict(out, boxes, inds, net.thresholds[2])
+    return boxes, points, inds
+
+
+def rnet_verdict(out, boxes, inds, threshold: float):
+    """R-Net's verdict (``out``: regression (K, 4), probabilities (K, 2)) on the candidates, as
+    facenet's: those above ``threshold`` with R-Net's score, NMS 0.7 per frame, regressed, squared."""
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+    from torchvision.ops.boxes import batched_nms
+
+    score = out[1][:, 1]
+    keep = score > threshold
+    boxes = torch.cat((boxes[keep, :4], score[keep, None]), dim=1)
+    inds, reg = inds[keep], out[0][keep]
+    pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+    return fd.rerec(fd.bbreg(boxes[pick], reg[pick])), inds[pick]
+
+
+def onet_verdict(out, boxes, inds, threshold: float):
+    """O-Net's verdict (``out``: regression (K, 4), points (K, 10), probabilities (K, 2)), as
+    facenet's: the faces above ``threshold`` with their 5 points (from the box before
+    regression), regressed, NMS 0.7 per frame by the smaller area ("Min").
+    Returns boxes (F, 5), points (F, 5, 2), frames (F,)."""
+    import torch
+    from facenet_pytorch.models.utils import detect_face as fd
+
+    score = out[2][:, 1]
+    keep = score > threshold
+    marks = out[1][keep]
+    boxes = torch.cat((boxes[keep, :4], score[keep, None]), dim=1)
+    inds, reg = inds[keep], out[0][keep]
+    bw, bh = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+    points = torch.stack((bw[:, None] * marks[:, :5] + boxes[:, 0:1] - 1,
+                          bh[:, None] * marks[:, 5:10] + boxes[:, 1:2] - 1), dim=2)
+    boxes = fd.bbreg(boxes, reg)
+    pick = fd.batched_nms_numpy(boxes[:, :4], boxes[:, 4], inds, 0.7, "Min")
+    return boxes[pick], points[pick], inds[pick]
 
 
 def scale_back(values: np.ndarray, ratio_x: float, ratio_y: float) -> np.ndarray:
