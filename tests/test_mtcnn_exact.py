@@ -128,4 +128,4 @@ def test_landmarker_with_batched_crops_is_the_exact_path(frames, batch_frames, m
     monkeypatch.setattr(mtcnn_exact, "AREA_RULES", {"float64": float64_average})
     unmatched = MtcnnLandmarker("cpu", batch_frames=batch_frames, batched_crops=True, max_pixels=3 * 512 * 512)
     _assert_same(unmatched.detect(batch), want)
-    assert unmatched._area_rule == ""
+    assert unmatched._area_rule is None

@@ -63,7 +63,9 @@ class MtcnnLandmarker:
             (bounds the image pyramid's memory on large frames).
         batched_crops: cut the second and third stages' crops of all candidate boxes at once
             (:mod:`engine.landmarks.mtcnn_exact`: the same bits, without facenet-pytorch's
-            per-box loop, which waits for a GPU at every box). ``None``: on CUDA.
+            per-box loop, which waits for a GPU at every box). ``None``: on CUDA. Which float32
+            rule the installed kernel follows is asked here (:func:`~engine.landmarks.mtcnn_exact.area_rule`);
+            when none matches, facenet's loop stays.
     """
 
     name = NAME
@@ -78,9 +80,14 @@ class MtcnnLandmarker:
         on_cuda = self.device.type == "cuda"
         self.batch_frames = on_cuda if batch_frames is None else batch_frames
         self.max_pixels = max_pixels
-        self.batched_crops = on_cuda if batched_crops is None else batched_crops
-        self._area_rule: str | None = None  # asked on first use (engine.landmarks.mtcnn_exact.area_rule)
         self._net = MTCNN(device=self.device, select_largest=False, keep_all=True)
+        if batched_crops is None:
+            batched_crops = on_cuda
+        self._area_rule: str | None = None  # None: facenet's per-box loop
+        if batched_crops:
+            from engine.landmarks import mtcnn_exact
+
+            self._area_rule = mtcnn_exact.area_rule(self.device)
 
     @property
     def detector(self) -> BoundDetector:
@@ -98,13 +105,10 @@ class MtcnnLandmarker:
             step = max(1, self.max_pixels // max(1, h * w))
         else:
             step = 1
-        if self.batched_crops:
+        if self._area_rule is not None:
             from engine.landmarks import mtcnn_exact
 
-            if self._area_rule is None:
-                self._area_rule = mtcnn_exact.area_rule(self.device) or ""
-            if self._area_rule:
-                return mtcnn_exact.detect_faces(self._net, images, step, self.device, self._area_rule)
+            return mtcnn_exact.detect_faces(self._net, images, step, self.device, self._area_rule)
         return detect_faces(self._net, images, step)
 
     def __call__(self, frames: FrameBatch, faces: Detections | None = None) -> Landmarks:
@@ -123,12 +127,24 @@ def create(config, device: str, source=None) -> MtcnnLandmarker:
     return MtcnnLandmarker(device=device)
 
 
+def pyramid_scales(net, height: int, width: int) -> list[float]:
+    """The scales of facenet-pytorch's image pyramid for ``height`` × ``width`` frames (its
+    ``detect_face``): from 12 / ``net.min_face_size`` down by ``net.factor`` while the shorter
+    side stays at least 12 pixels; empty for frames smaller than the minimum face."""
+    m = 12.0 / net.min_face_size
+    scales, minl = [], min(height, width) * m
+    while minl >= 12:
+        scales.append(m)
+        m, minl = m * net.factor, minl * net.factor
+    return scales
+
+
 def detect_faces(net, images: np.ndarray, frames_per_call: int) -> Detections:
     """Every face facenet-pytorch's MTCNN ``net`` finds in each of ``images`` (uint8 (B, H, W, 3)
     RGB), ``frames_per_call`` frames per ``net.detect`` call: box, probability and 5 points, in
     the pixels of ``images``. Frames smaller than the minimum face have none (facenet-pytorch
     would raise: its image pyramid is empty)."""
-    if len(images) and min(images.shape[1:3]) * 12.0 / net.min_face_size < 12:
+    if len(images) and not pyramid_scales(net, *images.shape[1:3]):
         return Detections.empty(len(images))
     per_frame = []
     for lo in range(0, len(images), frames_per_call):

@@ -29,15 +29,16 @@ from collections.abc import Callable
 import numpy as np
 
 from engine.frames import to_torch
+from engine.landmarks.mtcnn import pyramid_scales
 from engine.landmarks.mtcnn_gpu import (
     EXACT_FLOAT32,
     ONET_SIZE,
     RNET_SIZE,
+    frame_integral,
     integral_crops,
     join_detections,
     later_stages,
     packed_faces,
-    pyramid_scales,
     regressed_candidates,
 )
 from engine.structures import Detections
@@ -86,8 +87,9 @@ def area_rule(device) -> str | None:
     regions = np.stack([x0, y0, x0 + 1 + rng.integers(0, 320 - x0), y0 + 1 + rng.integers(0, 300 - y0)], axis=1)
     rows = rng.integers(0, 2, 96)
     with torch.inference_mode():
-        imgs = torch.as_tensor(frames, device=device).permute(0, 3, 1, 2).float()  # facenet's layout
-        integral = frame_integral(torch.as_tensor(frames, device=device))
+        planes = torch.as_tensor(frames, device=device)
+        imgs = planes.permute(0, 3, 1, 2).float()  # facenet's layout
+        integral = frame_integral(planes)
         dev_rows = torch.as_tensor(rows, device=device)
         matching = list(AREA_RULES)
         for size in (RNET_SIZE, ONET_SIZE):
@@ -100,17 +102,6 @@ def area_rule(device) -> str | None:
                     device)
         return None
     return matching[0]
-
-
-def frame_integral(frames):
-    """int32 (or int64 for frames over 8.4 MP) torch (B, 3, H + 1, W + 1): zero-padded cumulative
-    sums of uint8 (B, H, W, 3) ``frames`` (a tensor on their device), exact."""
-    import torch
-
-    height, width = frames.shape[1:3]
-    dtype = torch.int32 if 255 * height * width < 2**31 else torch.int64
-    planes = frames.permute(0, 3, 1, 2)
-    return torch.nn.functional.pad(planes.cumsum(2, dtype=dtype).cumsum(3, dtype=dtype), (1, 0, 1, 0))
 
 
 def sums_exact(regions: np.ndarray, size: int) -> bool:

@@ -41,7 +41,7 @@ import numpy as np
 
 from engine.frames import shrink_area, to_numpy, to_torch, zeros_like_frames
 from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_array
-from engine.landmarks.mtcnn import NAME, detect_faces
+from engine.landmarks.mtcnn import NAME, detect_faces, pyramid_scales
 from engine.structures import Detections, FrameBatch, Landmarks
 
 if TYPE_CHECKING:
@@ -217,6 +217,17 @@ def float64_average(total, rows, cols):
     return (total.double() / (rows * cols).double()).float()
 
 
+def frame_integral(frames):
+    """int32 (or int64 for frames over 8.4 MP) torch (B, 3, H + 1, W + 1): zero-padded cumulative
+    sums of uint8 (B, H, W, 3) ``frames`` (a tensor on their device), exact."""
+    import torch
+
+    height, width = frames.shape[1:3]
+    dtype = torch.int32 if 255 * height * width < 2**31 else torch.int64
+    planes = frames.permute(0, 3, 1, 2)
+    return torch.nn.functional.pad(planes.cumsum(2, dtype=dtype).cumsum(3, dtype=dtype), (1, 0, 1, 0))
+
+
 def integral_crops(integral, rows, regions: np.ndarray, size: int, average=float64_average):
     """float32 torch (M, 3, size, size): area resampling of each face's region from integral images.
 
@@ -353,18 +364,6 @@ class LevelGrid:
                    col_at=torch.cumsum(widths, 0) - widths, row_at=torch.cumsum(heights, 0) - heights)
 
 
-def pyramid_scales(net, height: int, width: int) -> list[float]:
-    """The scales of facenet-pytorch's image pyramid for ``height`` × ``width`` frames (its
-    ``detect_face``): from 12 / ``net.min_face_size`` down by ``net.factor`` while the shorter
-    side stays at least 12 pixels; empty for frames smaller than the minimum face."""
-    m = 12.0 / net.min_face_size
-    scales, minl = [], min(height, width) * m
-    while minl >= 12:
-        scales.append(m)
-        m, minl = m * net.factor, minl * net.factor
-    return scales
-
-
 def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: dict | None = None):
     """MTCNN's first stage over the image pyramid: what facenet-pytorch's ``detect_face`` (2.6.0)
     keeps of each level (``generateBoundingBox`` then NMS at IoU 0.5 per frame), levels joined.
@@ -449,13 +448,13 @@ def detect_chunk(net, images, device, grids: dict | None = None) -> Detections:
         return Detections.empty(0)
     thr = net.thresholds
     with torch.inference_mode():
-        imgs = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float()
+        frames = torch.as_tensor(images, device=device)
+        imgs = frames.permute(0, 3, 1, 2).float()
         h, w = imgs.shape[2:4]
         scales = pyramid_scales(net, h, w)
         if not scales:  # frames smaller than the minimum face
             return Detections.empty(n)
-        # Exact int64 window sums (the frames' uint8 values): R-/O-Net crops in a few gathers.
-        integral = torch.nn.functional.pad(imgs.long().cumsum(2).cumsum(3), (1, 0, 1, 0))
+        integral = frame_integral(frames)  # exact window sums: R-/O-Net crops in a few gathers
         boxes, inds = pnet_candidates(net.pnet, imgs, scales, thr[0], grids)
         pick = grouped_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, n * corner_bound(h, w))
         boxes, inds = boxes[pick], inds[pick]
