@@ -84,6 +84,7 @@ class MtcnnLandmarker:
         if batched_crops is None:
             batched_crops = on_cuda
         self._area_rule: str | None = None  # None: facenet's per-box loop
+        self._grids: dict = {}  # the P-Net cells' corners by pyramid (mtcnn_gpu.LevelGrid)
         if batched_crops:
             from engine.landmarks import mtcnn_exact
 
@@ -108,7 +109,7 @@ class MtcnnLandmarker:
         if self._area_rule is not None:
             from engine.landmarks import mtcnn_exact
 
-            return mtcnn_exact.detect_faces(self._net, images, step, self.device, self._area_rule)
+            return mtcnn_exact.detect_faces(self._net, images, step, self.device, self._area_rule, self._grids)
         return detect_faces(self._net, images, step)
 
     def __call__(self, frames: FrameBatch, faces: Detections | None = None) -> Landmarks:

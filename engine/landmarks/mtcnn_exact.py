@@ -39,6 +39,7 @@ from engine.landmarks.mtcnn_gpu import (
     join_detections,
     later_stages,
     packed_faces,
+    pnet_cells,
     regressed_candidates,
 )
 from engine.structures import Detections
@@ -114,13 +115,14 @@ def sums_exact(regions: np.ndarray, size: int) -> bool:
     return bool(255 * int(cell.max()) < EXACT_FLOAT32)
 
 
-def detect(net, images, device, rule: str) -> Detections | None:
+def detect(net, images, device, rule: str, grids: dict | None = None) -> Detections | None:
     """facenet-pytorch's ``detect_face`` for ``net`` (its MTCNN) on uint8 (B, H, W, 3) RGB ``images``
     (numpy, or a tensor), one call: every face with box, probability and 5 points, pixels of
     ``images``, y down, frames in order and facenet's order within a frame. None where a crop is
     too large for exact float32 sums (:func:`sums_exact`): run facenet-pytorch's own ``detect_face`` then.
 
-    ``rule``: :func:`area_rule`'s answer for ``device``.
+    ``rule``: :func:`area_rule`'s answer for ``device``; ``grids``: the caller's cache of P-Net
+    cell corners (:class:`~engine.landmarks.mtcnn_gpu.LevelGrid`), None: made at each call.
     """
     import torch
     from facenet_pytorch.models.utils import detect_face as fd
@@ -132,7 +134,7 @@ def detect(net, images, device, rule: str) -> Detections | None:
         frames = to_torch(images, device)
         imgs = frames.permute(0, 3, 1, 2).float()  # channels-last strides, as facenet's: the same kernels
         h, w = imgs.shape[2:4]
-        boxes, inds = _first_stage(net, imgs, pyramid_scales(net, h, w), net.thresholds[0])
+        boxes, inds = _first_stage(net, imgs, pyramid_scales(net, h, w), net.thresholds[0], grids)
         if not len(boxes):
             return Detections.empty(n)
         found = later_stages(net, frame_integral(frames), boxes, inds, w, h, average=AREA_RULES[rule],
@@ -143,7 +145,7 @@ def detect(net, images, device, rule: str) -> Detections | None:
         return packed_faces(boxes, points, inds, n) if len(boxes) else Detections.empty(n)
 
 
-def detect_faces(net, images, frames_per_call: int, device, rule: str) -> Detections:
+def detect_faces(net, images, frames_per_call: int, device, rule: str, grids: dict | None = None) -> Detections:
     """:func:`detect` on ``frames_per_call`` frames at a time, joined; a chunk it declines goes
     through facenet-pytorch's ``detect_face`` (:func:`engine.landmarks.mtcnn.detect_faces`)."""
     from engine.landmarks.mtcnn import detect_faces as facenet_faces
@@ -151,32 +153,34 @@ def detect_faces(net, images, frames_per_call: int, device, rule: str) -> Detect
     parts = []
     for lo in range(0, len(images), max(1, frames_per_call)):
         chunk = images[lo:lo + frames_per_call]
-        found = detect(net, chunk, device, rule)
+        found = detect(net, chunk, device, rule, grids)
         parts.append(facenet_faces(net, chunk, len(chunk)) if found is None else found)
     return join_detections(parts)
 
 
-def _first_stage(net, imgs, scales: list[float], threshold: float):
+def _first_stage(net, imgs, scales: list[float], threshold: float, grids: dict | None = None):
     """facenet's first stage on float32 (N, 3, H, W) ``imgs``: per pyramid level P-Net, the cells
     above ``threshold``, NMS 0.5 per frame; then NMS 0.7 per frame over all levels, the box
-    regression and squaring. Returns float32 (K, 5) boxes with score and int64 (K,) frames."""
+    regression and squaring. Returns float32 (K, 5) boxes with score and int64 (K,) frames.
+
+    The cells of all levels come from :func:`~engine.landmarks.mtcnn_gpu.pnet_cells` (facenet's
+    values and order, one wait for the GPU). The NMS stays one ``batched_nms`` call per level
+    on exactly facenet's array of that level: a call over all levels would sort a different
+    array, and torchvision's sort does not keep the order of equal scores, so the other one of
+    two tied, overlapping boxes could survive. ``grids``: as ``pnet_cells``'.
+    """
     import torch
-    from facenet_pytorch.models.utils import detect_face as fd
     from torchvision.ops.boxes import batched_nms
 
-    if not scales:  # frames smaller than the minimum face (facenet-pytorch would raise)
-        return torch.zeros((0, 5), device=imgs.device), torch.zeros(0, dtype=torch.int64, device=imgs.device)
-    h, w = imgs.shape[2:4]
-    boxes, inds, picks, offset = [], [], [], 0
-    for scale in scales:
-        data = fd.imresample(imgs, (int(h * scale + 1), int(w * scale + 1)))
-        reg, prob = net.pnet((data - 127.5) * 0.0078125)
-        level_boxes, level_inds = fd.generateBoundingBox(reg, prob[:, 1], scale, threshold)
-        picks.append(batched_nms(level_boxes[:, :4], level_boxes[:, 4], level_inds, 0.5) + offset)
-        boxes.append(level_boxes)
-        inds.append(level_inds)
-        offset += level_boxes.shape[0]
+    dev = imgs.device
+    boxes, inds, level = pnet_cells(net.pnet, imgs, scales, threshold, grids) if scales else (
+        torch.zeros((0, 9), device=dev), torch.zeros(0, dtype=torch.int64, device=dev), None)
+    if not len(boxes):  # nothing found, or frames smaller than the minimum face (facenet would raise)
+        return boxes[:, :5], inds
+    ends = torch.searchsorted(level, torch.arange(len(scales), device=dev), right=True).tolist()
+    picks = [batched_nms(boxes[lo:hi, :4], boxes[lo:hi, 4], inds[lo:hi], 0.5) + lo
+             for lo, hi in zip([0, *ends[:-1]], ends, strict=True) if hi > lo]
     pick = torch.cat(picks)
-    boxes, inds = torch.cat(boxes)[pick], torch.cat(inds)[pick]
+    boxes, inds = boxes[pick], inds[pick]
     pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
     return regressed_candidates(boxes[pick]), inds[pick]

@@ -364,18 +364,14 @@ class LevelGrid:
                    col_at=torch.cumsum(widths, 0) - widths, row_at=torch.cumsum(heights, 0) - heights)
 
 
-def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: dict | None = None):
-    """MTCNN's first stage over the image pyramid: what facenet-pytorch's ``detect_face`` (2.6.0)
-    keeps of each level (``generateBoundingBox`` then NMS at IoU 0.5 per frame), levels joined.
+def pnet_cells(pnet, imgs, scales: list[float], threshold: float, grids: dict | None = None):
+    """Every pyramid level's P-Net cells above ``threshold``, as facenet-pytorch's
+    ``generateBoundingBox`` (2.6.0) gives them level by level, joined: the same values in the same
+    order (level, then frame, row, column), with one wait for the GPU instead of three per level.
 
-    The same values, with two waits for the GPU instead of four per level, and in the same order
-    (where facenet's is defined: torchvision sorts a level of over 5,000 boxes, 1,000 on a CPU,
-    without keeping the order of equal scores):
-    every level's P-Net runs first; the positions above ``threshold`` of all levels are found
-    with one ``nonzero``; one NMS call takes every (level, frame) pair as its own group; a
-    stable sort restores facenet's order (level, then score descending, then position). Box
-    corners are gathered from a :class:`LevelGrid` computed with facenet's own expression, so
-    they are the same bits.
+    Every level's P-Net runs first; the positions above ``threshold`` of all levels are found with
+    one ``nonzero``; box corners are gathered from a :class:`LevelGrid` computed with facenet's own
+    expression, so they are the same bits.
 
     Args:
         pnet: facenet-pytorch's P-Net.
@@ -385,8 +381,8 @@ def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: di
         grids: a cache of :class:`LevelGrid` by pyramid (the caller's; None: none kept).
 
     Returns:
-        float32 (K, 9) ``x1, y1, x2, y2, score, 4 regression offsets`` (frame pixels, y down) and
-        int64 (K,) the frame of each.
+        float32 (K, 9) ``x1, y1, x2, y2, score, 4 regression offsets`` (frame pixels, y down),
+        int64 (K,) the frame of each and int64 (K,) its level (index into ``scales``).
     """
     import torch
     from facenet_pytorch.models.utils import detect_face as fd
@@ -403,7 +399,8 @@ def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: di
     prob = torch.cat(probs)
     flat = (prob >= threshold).nonzero()[:, 0]  # the one wait of the thresholds
     if not len(flat):
-        return torch.zeros((0, 9), dtype=prob.dtype, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
+        none = torch.zeros(0, dtype=torch.int64, device=dev)
+        return torch.zeros((0, 9), dtype=prob.dtype, device=dev), none, none
     key = (tuple(sizes), tuple(scales), str(dev), prob.dtype)
     grid = grids.get(key) if grids is not None else None
     if grid is None:
@@ -423,6 +420,34 @@ def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: di
     cx, cy = grid.corners_x[grid.col_at[level] + x], grid.corners_y[grid.row_at[level] + y]
     score = prob[flat]
     boxes = torch.cat([cx[:, :1], cy[:, :1], cx[:, 1:], cy[:, 1:], score[:, None], torch.cat(regs)[flat]], dim=1)
+    return boxes, frame, level
+
+
+def pnet_candidates(pnet, imgs, scales: list[float], threshold: float, grids: dict | None = None):
+    """MTCNN's first stage over the image pyramid: what facenet-pytorch's ``detect_face`` (2.6.0)
+    keeps of each level (``generateBoundingBox`` then NMS at IoU 0.5 per frame), levels joined.
+
+    The same values, with two waits for the GPU instead of four per level, and in the same order
+    (where facenet's is defined: torchvision sorts a level of over 5,000 boxes, 1,000 on a CPU,
+    without keeping the order of equal scores): the cells of :func:`pnet_cells`; one NMS call
+    takes every (level, frame) pair as its own group; a stable sort restores facenet's order
+    (level, then score descending, then position). Two tied boxes that overlap may keep the
+    other one of the pair than facenet's per-level call would: the exact path keeps one NMS call
+    per level (:func:`engine.landmarks.mtcnn_exact.detect`).
+
+    Args and the frames' pixels: as :func:`pnet_cells`.
+
+    Returns:
+        float32 (K, 9) ``x1, y1, x2, y2, score, 4 regression offsets`` (frame pixels, y down) and
+        int64 (K,) the frame of each.
+    """
+    import torch
+
+    boxes, frame, level = pnet_cells(pnet, imgs, scales, threshold, grids)
+    if not len(boxes):
+        return boxes, frame
+    n, (h, w) = len(imgs), imgs.shape[2:4]
+    score = boxes[:, 4]
     pick = grouped_nms(boxes[:, :4], score, level * n + frame, 0.5, n * len(scales) * corner_bound(h, w))
     pick = pick.sort().values  # position order, then score (stable), then level (stable): facenet's
     pick = pick[torch.sort(-score[pick], stable=True).indices]
