@@ -59,7 +59,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, TEST_CLIP, checkpoint_or_random
-from bench.throughput import cpu_jiffies, py_spy
+from bench.throughput import SPY_VIEWS, cpu_jiffies, py_spy
 
 log = logging.getLogger("bench.dataset")
 
@@ -551,7 +551,7 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
         with ProcessSampler(proc.pid) as procs:
             if args.spy:  # the steady state only: start-up (imports, models) would fill the GIL view
                 wait_first_claim(data, proc, args.timeout)
-            with py_spy(args.spy, data.name, pid=proc.pid, views=("gil", "threads")):
+            with py_spy(args.spy, data.name, pid=proc.pid, views=tuple(args.spy_views)):
                 try:
                     code = proc.wait(max(1.0, args.timeout - (time.time() - t0)))
                 except subprocess.TimeoutExpired:
@@ -674,6 +674,9 @@ def parse_args(argv=None):
     ap.add_argument("--spy", type=Path, metavar="DIR",
                     help="py-spy profiles of each run's workers from their first job on, here (<run>.gil.txt, "
                          "<run>.threads.txt; read them with bench/spy_summary.py); needs py-spy")
+    ap.add_argument("--spy-views", nargs="+", choices=sorted(SPY_VIEWS), default=["gil", "threads"],
+                    help="which profiles --spy records (bench.throughput.py_spy): gil, threads, and cpu "
+                         "(running threads with native frames; pauses the workers at each sample)")
     ap.add_argument("--gen-jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes writing the clips (default: min(8, CPUs))")
     ap.add_argument("--timeout", type=float, default=3600.0, help="longest run of one set of workers, seconds")

@@ -62,7 +62,8 @@ for step in ${STEPS:-equal throughput memory render}; do
                     fast_nvdec --clips "${CLIPS:-100}" --per-gpu "$k" --out "$OUT/dataset_per_$k.md"
                   done ;;
     dataset-spy) by_mode --clips "${CLIPS:-100}" --per-gpu "${PER_GPU:-4}" ${SINGLE:+--single-only} ${ALL:+--all-only} \
-                   --spy "$OUT/spy" --out "$OUT/dataset_spy.md"  # py-spy of every worker, from its first job on
+                   --spy "$OUT/spy" ${SPY_VIEWS:+--spy-views $SPY_VIEWS} \
+                   --out "$OUT/dataset_spy.md"  # py-spy of every worker, from its first job on (SPY_VIEWS="cpu": native)
                  for f in "$OUT"/spy/*.txt; do
                    echo "--- $f"; python3 bench/spy_summary.py "$f" --match=--device --top 8  # the workers, not their launcher
                  done; gzip -f "$OUT"/spy/*.txt ;;  # under the 16 MiB a file that comes back

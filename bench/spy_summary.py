@@ -10,7 +10,10 @@ contains ``--match`` (all when it is empty). Threads are grouped by name with di
 (``Thread-12 (produce)`` and ``Thread-31 (produce)`` are one kind), and for each kind the
 summary gives its share of the samples, then its leaf frames (where it was: running Python, or
 waiting on a lock, a queue, a CUDA synchronize) and the functions of this project it spent its
-time under, each as a share of that kind's samples.
+time under, each as a share of that kind's samples. Native frames (py-spy's ``--native``, the
+``cpu`` view of ``bench/dataset.py --spy-views``) end in a shared library, e.g.
+``decode_slice (libavcodec.so.61)``: the summary then also gives, per kind, the library each
+sample's leaf frame was in ("Python" for Python code).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ _PROCESS = re.compile(r'^process \d+:"(?P<cmd>.*)"$')
 _THREAD = re.compile(r"^thread \(\w+\)(?::\s*(?P<name>.*))?$")
 _OWN = ("engine/", "worker/", "db/", "bench/")  # this project's files, as py-spy prints their paths
 _PATH = re.compile(r"\((?P<path>[^()]+?)(?::\d+)?\)$")
+_SHARED = re.compile(r"\.so(\.\d+)*$")  # libavcodec.so.61, libc.so.6, x.cpython-312-x86_64-linux-gnu.so
 
 
 @dataclass
@@ -34,6 +38,7 @@ class ThreadKind:
     samples: int = 0
     leaves: Counter = field(default_factory=Counter)
     own: Counter = field(default_factory=Counter)  # project functions anywhere in the stack (inclusive)
+    libraries: Counter = field(default_factory=Counter)  # the leaf's shared library, or "Python"
 
 
 def thread_kind(name: str) -> str:
@@ -60,6 +65,22 @@ def is_own(frame: str) -> bool:
     return m is not None and m["path"].startswith(_OWN)
 
 
+def library(frame: str) -> str:
+    """The shared library of a native frame, without version or ABI tag; "Python" for Python code.
+
+    >>> library("decode_slice (libavcodec.so.61)"), library("0x7f12 (libc.so.6)")
+    ('libavcodec', 'libc')
+    >>> library("DOUBLE_add (numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so)")
+    '_multiarray_umath'
+    >>> library("fit_batch (engine/align.py:120)")
+    'Python'
+    """
+    m = _PATH.search(frame.strip())
+    if m is None or not _SHARED.search(m["path"]):
+        return "Python"
+    return _SHARED.sub("", m["path"].rsplit("/", 1)[-1]).split(".", 1)[0]
+
+
 def summarize(lines, match: str = "") -> tuple[int, dict[str, ThreadKind]]:
     """(samples kept, {thread kind: its samples}) from the lines of a raw py-spy file."""
     kinds: dict[str, ThreadKind] = defaultdict(ThreadKind)
@@ -79,6 +100,7 @@ def summarize(lines, match: str = "") -> tuple[int, dict[str, ThreadKind]]:
         kind = kinds[thread_kind(names[-1]) if names else "?"]
         kind.samples += n
         kind.leaves[frame_name(code[-1]) if code else "(no Python frame)"] += n
+        kind.libraries[library(code[-1]) if code else "Python"] += n
         for name in {frame_name(f) for f in code if is_own(f)}:
             kind.own[name] += n
     return total, dict(kinds)
@@ -92,6 +114,8 @@ def report(total: int, kinds: dict[str, ThreadKind], top: int = 8) -> str:
         out.append(f"\n{name}: {kind.samples} samples, {100 * kind.samples / total:.1f} % of all")
         out += [f"    {100 * n / kind.samples:5.1f} %  at   {leaf}" for leaf, n in kind.leaves.most_common(top)]
         out += [f"    {100 * n / kind.samples:5.1f} %  under {fn}" for fn, n in kind.own.most_common(top)]
+        if set(kind.libraries) != {"Python"}:  # native frames were sampled
+            out += [f"    {100 * n / kind.samples:5.1f} %  in   {lib}" for lib, n in kind.libraries.most_common(top)]
     return "\n".join(out)
 
 

@@ -590,6 +590,14 @@ def end_to_end(engine, inputs: list[Path], out_dir: Path, concurrency: int | Non
     return frames, time.perf_counter() - t, how
 
 
+#: py-spy's flags for each view of :func:`py_spy`.
+SPY_VIEWS = {
+    "gil": ["--gil", "--threads", "--nonblocking"],
+    "threads": ["--threads", "--idle", "--nonblocking"],
+    "cpu": ["--threads", "--native"],  # py-spy pauses a process for its native stacks
+}
+
+
 @contextlib.contextmanager
 def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
            views: tuple[str, ...] = ("gil",)) -> Iterator[None]:
@@ -599,9 +607,11 @@ def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
     thread name (fewer samples than seconds × 100 × processes means the GIL was free that share of
     the time); ``name.threads.txt``, every thread, waiting ones included, each stack under its
     process and thread name (what a thread waits on shows as its leaf: a lock, a queue, a CUDA
-    synchronize). py-spy does not always name a thread right. Sampled without pausing
-    the processes (``--nonblocking``), so the rate is barely changed. ``bench/spy_summary.py``
-    reads the files."""
+    synchronize); ``name.cpu.txt``, the threads running on a CPU, with native frames (where
+    decoding, colour conversion, copies and CUDA's spinning waits spend the cores). py-spy does
+    not always name a thread right. The first two are sampled without pausing the processes
+    (``--nonblocking``), so the rate is barely changed; native stacks need each sample to pause
+    the process, which slows it. ``bench/spy_summary.py`` reads the files."""
     places = [Path(sys.executable).parent, *(Path(p) / "bin" for p in sys.path if p)]  # venv, pip --target
     exe = next((str(c / "py-spy") for c in places if (c / "py-spy").is_file()), shutil.which("py-spy"))
     exe = exe if folder else None
@@ -613,9 +623,9 @@ def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     procs = []
     for view in views:
-        flags = {"gil": ["--gil", "--threads"], "threads": ["--threads", "--idle"]}[view]
+        flags = SPY_VIEWS[view]
         cmd = [exe, "record", "--pid", str(pid or os.getpid()), "--rate", "100", *flags, "--subprocesses",
-               "--nonblocking", "--format", "raw", "--output", str(folder / f"{name}.{view}.txt")]
+               "--format", "raw", "--output", str(folder / f"{name}.{view}.txt")]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     t = time.perf_counter()
     try:

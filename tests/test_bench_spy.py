@@ -95,6 +95,34 @@ def test_py_spy_records_one_file_per_view_of_the_given_process(tmp_path, fake_py
     assert "--threads" in threads and "--idle" in threads and "--gil" not in threads
 
 
+def test_the_cpu_view_samples_running_threads_with_native_frames_pausing_the_process(tmp_path, fake_py_spy):
+    out = tmp_path / "spy"
+    with py_spy(out, "exact-mtcnn-all", pid=4243, views=("cpu",)):
+        ready = out / "exact-mtcnn-all.cpu.txt.ready"
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+    args = (out / "exact-mtcnn-all.cpu.txt").read_text().split()
+    assert args[:3] == ["record", "--pid", "4243"] and "--subprocesses" in args
+    assert "--native" in args and "--threads" in args
+    assert "--nonblocking" not in args and "--idle" not in args  # py-spy refuses native stacks without pausing
+
+
+def test_native_samples_are_also_summed_by_the_library_they_were_in():
+    raw = "\n".join([
+        f"{L};{W};thread (8): Thread-12 (produce);produce (engine/sources.py:50);decode_slice (libavcodec.so.61) 6",
+        f"{L};{W};thread (8): Thread-12 (produce);produce (engine/sources.py:50);0x7f12 (libc.so.6) 3",
+        f"{L};{W};thread (8): Thread-12 (produce);produce (engine/sources.py:50);_convert (engine/sources.py:9) 1",
+    ])
+    total, kinds = spy_summary.summarize(raw.splitlines())
+    produce = kinds["Thread-N (produce)"]
+    assert produce.libraries == {"libavcodec": 6, "libc": 3, "Python": 1}
+    text = spy_summary.report(total, kinds)
+    assert " 60.0 %  in   libavcodec" in text and " 10.0 %  in   Python" in text
+    assert "  in   " not in spy_summary.report(*spy_summary.summarize(RAW.splitlines()))  # no native frames
+
+
 def test_py_spy_without_a_folder_or_without_py_spy_does_nothing(tmp_path, monkeypatch, caplog):
     with py_spy(None, "x"):
         pass
