@@ -26,7 +26,7 @@ from engine.config import (
     OutputFormat,
     output_format,
 )
-from engine.cudasync import cuda_sync_mode, long_waits_sleep
+from engine.cudasync import cuda_sync_mode
 from engine.errors import StudioError
 from engine.formats import FORMATS
 
@@ -373,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cuda_sync_mode()  # a wrong STUDIO_CUDA_SYNC (or _LONG_WAITS) stops here, not in every job's Engine
-        long_waits_sleep()
+        cuda_sync_mode()  # a wrong STUDIO_CUDA_SYNC stops here, not in every job's Engine
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(

@@ -13,13 +13,6 @@ before that context is created, so :func:`apply_cuda_sync` runs from ``Engine.__
 any model is loaded. It is chosen with the environment variable :data:`ENV`
 (``STUDIO_CUDA_SYNC=auto|spin|yield|blocking``; unset: ``auto``, CUDA's own choice, untouched).
 Process-wide, like :mod:`engine.hostmem`.
-
-Long waits apart (:data:`LONG_ENV`, ``STUDIO_CUDA_LONG_WAITS=sleep``): a few waits are known to
-be long (the detector's whole image pyramid, a regressor batch). :func:`settle`, called just
-before them, then sleeps on a blocking CUDA event until the GPU has done the queued work, so the
-read-back that follows finds it done and spins only for its own few microseconds. The many
-short waits keep the context's mode (no wake-up latency on each); the long ones stop holding a
-core while other processes' kernels run. Unset (or ``spin``): :func:`settle` does nothing.
 """
 
 from __future__ import annotations
@@ -33,10 +26,6 @@ log = logging.getLogger(__name__)
 
 #: The environment variable that picks the mode.
 ENV = "STUDIO_CUDA_SYNC"
-#: The environment variable that makes the long waits sleep (:func:`settle`): ``spin`` or ``sleep``.
-LONG_ENV = "STUDIO_CUDA_LONG_WAITS"
-#: What :func:`apply_cuda_sync` found in :data:`LONG_ENV` (process-wide, as the context's flag).
-_sleep_long_waits = False
 #: ``CU_CTX_SCHED_*`` values of the CUDA driver API (``cuda.h``), by mode.
 SCHED_FLAGS = {"auto": 0x0, "spin": 0x1, "yield": 0x2, "blocking": 0x4}
 #: The scheduling bits of a context's flags.
@@ -53,31 +42,6 @@ def cuda_sync_mode(environ: Mapping[str, str] | None = None) -> str:
     if value not in SCHED_FLAGS:
         raise ValueError(f"{ENV}={value!r}: use one of {', '.join(SCHED_FLAGS)}")
     return value
-
-
-def long_waits_sleep(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether :data:`LONG_ENV` asks the long waits to sleep (``sleep``; ``spin``, empty or unset: no).
-
-    Raises:
-        ValueError: any other value.
-    """
-    value = (os.environ if environ is None else environ).get(LONG_ENV, "").strip().lower() or "spin"
-    if value not in ("spin", "sleep"):
-        raise ValueError(f"{LONG_ENV}={value!r}: use spin or sleep")
-    return value == "sleep"
-
-
-def settle(device) -> None:
-    """Before a long wait on ``device`` (a ``torch.device``): with long waits set to sleep, sleep
-    until the GPU has done everything queued on the current stream (a blocking CUDA event); else,
-    or on a CPU, nothing. The results are untouched: only how the thread waits changes."""
-    if not _sleep_long_waits or device.type != "cuda":
-        return
-    import torch
-
-    done = torch.cuda.Event(blocking=True)
-    done.record(torch.cuda.current_stream(device))
-    done.synchronize()
 
 
 def _load_driver():
@@ -116,12 +80,9 @@ def set_cuda_sync(mode: str, driver=None) -> int:
 
 
 def apply_cuda_sync(environ: Mapping[str, str] | None = None, driver=None) -> str:
-    """:func:`set_cuda_sync` with the mode :data:`ENV` names; nothing at all for ``auto``; and
-    :func:`settle` on or off as :data:`LONG_ENV` says. A driver error is logged, not raised (the
-    run goes on with CUDA's default). Returns the mode."""
-    global _sleep_long_waits
+    """:func:`set_cuda_sync` with the mode :data:`ENV` names; nothing at all for ``auto``.
+    A driver error is logged, not raised (the run goes on with CUDA's default). Returns the mode."""
     mode = cuda_sync_mode(environ)
-    _sleep_long_waits = long_waits_sleep(environ)
     if mode != "auto":
         try:
             devices = set_cuda_sync(mode, driver)
@@ -137,5 +98,4 @@ def _check(result: int, call: str) -> None:
         raise RuntimeError(f"{call} returned CUresult {result}")
 
 
-__all__ = ["ENV", "LONG_ENV", "SCHED_FLAGS", "apply_cuda_sync", "cuda_sync_mode", "long_waits_sleep",
-           "set_cuda_sync", "settle"]
+__all__ = ["ENV", "SCHED_FLAGS", "apply_cuda_sync", "cuda_sync_mode", "set_cuda_sync"]

@@ -31,7 +31,6 @@ from torch import nn
 
 from engine.align import crops_to_tensor_input, uint8_to_unit_table
 from engine.checks import check_shape
-from engine.cudasync import settle
 from engine.errors import CheckpointError
 from engine.layout import HEAD_SIZES, NUM_COEFFS
 from engine.safe_load import UnsafeWeightsError, load_weights
@@ -616,5 +615,4 @@ class Regressor:
                 dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
                 stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
             out = self.net(self._input(crops))
-        settle(out.device)  # the whole batch is queued: a long wait (engine.cudasync)
         return out.float().cpu().numpy()

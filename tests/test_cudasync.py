@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from engine import Engine, EngineConfig
-from engine.cudasync import ENV, LONG_ENV, apply_cuda_sync, cuda_sync_mode, long_waits_sleep, set_cuda_sync, settle
+from engine.cudasync import ENV, apply_cuda_sync, cuda_sync_mode, set_cuda_sync
 
 
 class FakeDriver:
@@ -105,47 +105,3 @@ def test_the_cli_refuses_a_wrong_mode_before_running_anything(monkeypatch, capsy
         main(["doctor"])
     assert stop.value.code == 2
     assert "STUDIO_CUDA_SYNC='fast': use one of auto, spin, yield, blocking" in capsys.readouterr().err
-
-
-def test_long_waits_sleep_only_when_asked_and_only_on_cuda(monkeypatch):
-    """``settle`` sleeps on a blocking event of the current stream with ``sleep`` and a CUDA
-    device; with ``spin`` (or unset), or on a CPU, it touches nothing."""
-    import torch
-
-    from engine import cudasync
-
-    events = []
-
-    class Event:
-        def __init__(self, blocking=False):
-            events.append(("new", blocking))
-
-        def record(self, stream):
-            events.append(("record", stream))
-
-        def synchronize(self):
-            events.append(("sleep",))
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
-    cuda = torch.device("cuda", 1)
-    for environ in ({}, {LONG_ENV: "spin"}, {LONG_ENV: "sleep"}):
-        apply_cuda_sync(environ, FakeDriver([0x0]))
-        settle(torch.device("cpu"))
-        settle(cuda)
-    assert events == [("new", True), ("record", "stream of cuda:1"), ("sleep",)]
-    apply_cuda_sync({}, FakeDriver([0x0]))
-    assert not cudasync._sleep_long_waits
-
-
-def test_a_wrong_long_wait_mode_is_refused_by_the_engine_and_the_cli(monkeypatch, capsys):
-    from engine.cli import main
-
-    assert not long_waits_sleep({}) and long_waits_sleep({LONG_ENV: " Sleep "})
-    monkeypatch.setenv(LONG_ENV, "nap")
-    with pytest.raises(ValueError, match="STUDIO_CUDA_LONG_WAITS='nap': use spin or sleep"):
-        Engine(EngineConfig(device="cpu"))
-    with pytest.raises(SystemExit) as stop:
-        main(["doctor"])
-    assert stop.value.code == 2
-    assert "STUDIO_CUDA_LONG_WAITS='nap': use spin or sleep" in capsys.readouterr().err

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.cudasync import settle
 from engine.frames import shrink_area, to_numpy, to_torch, zeros_like_frames
 from engine.landmarks.base import BoundDetector, faces_to_mark, landmarks_from_array
 from engine.landmarks.mtcnn import NAME, detect_faces, pyramid_scales
@@ -398,7 +397,6 @@ def pnet_cells(pnet, imgs, scales: list[float], threshold: float, grids: dict | 
         regs.append(reg.permute(0, 2, 3, 1).reshape(-1, 4))
         sizes.append(tuple(prob.shape[2:4]))
     prob = torch.cat(probs)
-    settle(prob.device)  # the whole pyramid is queued: a long wait (engine.cudasync)
     flat = (prob >= threshold).nonzero()[:, 0]  # the one wait of the thresholds
     if not len(flat):
         none = torch.zeros(0, dtype=torch.int64, device=dev)
@@ -536,7 +534,6 @@ def later_stages(net, integral, boxes, inds, width: int, height: int, *, average
             return None
         x = (integral_crops(integral, inds, regions, size, average) - 127.5) * 0.0078125
         out = stage(x) if forward is None else forward(stage, x)
-        settle(x.device)
         if size == RNET_SIZE:
             boxes, inds = rnet_verdict(out, boxes, inds, net.thresholds[1])
         else:
