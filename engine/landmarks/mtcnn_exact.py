@@ -6,9 +6,11 @@ waits for the GPU) and one ``interpolate(mode="area")`` per box. A 1080p talking
 ~160 candidates at the second stage, so a worker waited for its GPU some 170 times per frame.
 
 :func:`detect` runs the same steps with facenet-pytorch's own functions and networks in the same
-order and batches (pyramid levels, P-Net, ``generateBoundingBox``, the NMS calls, box
-regression, ``rerec``, ``bbreg``, R-/O-Net through ``fixed_batch_process``, the point formula),
-and cuts all crops of a stage at once from integral images
+order and batches (pyramid levels, P-Net, the NMS calls, box regression, ``rerec``, ``bbreg``,
+R-/O-Net through ``fixed_batch_process``, the point formula). It finds the P-Net cells of all
+levels with one wait for the GPU (:func:`engine.landmarks.mtcnn_gpu.pnet_cells`: the values and
+order of facenet's ``generateBoundingBox``, level by level), and cuts all crops of a stage at
+once from integral images
 (:func:`engine.landmarks.mtcnn_gpu.integral_crops`). The crops are the same bits as facenet's:
 frame values are integers, so every crop cell's window sum is an exact integer in float32,
 whatever the order of summation, while it stays below 2**24 (:func:`sums_exact`); what is left
