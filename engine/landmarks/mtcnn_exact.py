@@ -175,11 +175,12 @@ def _first_stage(net, imgs, scales: list[float], threshold: float, grids: dict |
     from torchvision.ops.boxes import batched_nms
 
     dev = imgs.device
-    boxes, inds, level = pnet_cells(net.pnet, imgs, scales, threshold, grids) if scales else (
-        torch.zeros((0, 9), device=dev), torch.zeros(0, dtype=torch.int64, device=dev), None)
-    if not len(boxes):  # nothing found, or frames smaller than the minimum face (facenet would raise)
+    if not scales:  # frames smaller than the minimum face (facenet-pytorch would raise)
+        return torch.zeros((0, 5), device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
+    boxes, inds, level = pnet_cells(net.pnet, imgs, scales, threshold, grids)
+    if not len(boxes):
         return boxes[:, :5], inds
-    ends = torch.searchsorted(level, torch.arange(len(scales), device=dev), right=True).tolist()
+    ends = torch.searchsorted(level, torch.arange(len(scales), device=dev), right=True).tolist()  # level ends
     picks = [batched_nms(boxes[lo:hi, :4], boxes[lo:hi, 4], inds[lo:hi], 0.5) + lo
              for lo, hi in zip([0, *ends[:-1]], ends, strict=True) if hi > lo]
     pick = torch.cat(picks)
