@@ -129,3 +129,34 @@ def test_landmarker_with_batched_crops_is_the_exact_path(frames, batch_frames, m
     unmatched = MtcnnLandmarker("cpu", batch_frames=batch_frames, batched_crops=True, max_pixels=3 * 512 * 512)
     _assert_same(unmatched.detect(batch), want)
     assert unmatched._area_rule is None
+
+
+def test_the_first_stage_nms_sees_exactly_facenets_arrays_level_by_level(frames, rule, monkeypatch):
+    """Each per-level NMS call gets facenet's own boxes, scores and frames for that level (same
+    values, same order): one call over all levels could keep the other of two tied boxes, which
+    no equality test on a few frames would be sure to show."""
+    import torch
+    import torchvision.ops.boxes as tv_boxes
+    from facenet_pytorch.models.utils import detect_face as fd
+
+    real = tv_boxes.batched_nms
+    calls: dict[str, list] = {"facenet": [], "ours": []}
+
+    def recording(who):
+        def nms(boxes, scores, idxs, iou):
+            calls[who].append((boxes.clone(), scores.clone(), idxs.clone(), iou))
+            return real(boxes, scores, idxs, iou)
+        return nms
+
+    net = _facenet((0.1, 0.1, 0.1))
+    chunk = frames[:3]
+    monkeypatch.setattr(fd, "batched_nms", recording("facenet"))  # facenet imported it by name
+    detect_faces(net, chunk, 3)
+    monkeypatch.setattr(tv_boxes, "batched_nms", recording("ours"))  # mtcnn_exact imports it when called
+    mtcnn_exact.detect_faces(net, chunk, 3, "cpu", rule)
+    levels_of = {who: [c for c in made if c[3] == 0.5] for who, made in calls.items()}
+    want = [c for c in levels_of["facenet"] if len(c[0])]  # we skip the empty levels' calls
+    assert len(levels_of["ours"]) == len(want) >= 5
+    for ours, theirs in zip(levels_of["ours"], want, strict=True):
+        for a, b in zip(ours[:3], theirs[:3], strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
