@@ -25,7 +25,7 @@ fast_nvdec() {  # bench/dataset.py on the fast path with NVDEC and MTCNN, 250-fr
 exact_mtcnn() {  # the same on the exact path (PyAV's frames)
   python3 bench/dataset.py --device cuda --frames 250 --gen-jobs "$(nproc)" --mode exact --landmarks mtcnn "$@"
 }
-by_mode() {  # MODE=exact: exact_mtcnn, else fast_nvdec (dataset-ab, dataset-spy)
+by_mode() {  # MODE=exact: exact_mtcnn, else fast_nvdec (dataset-ab, dataset-spy, dataset-pair)
   if [ "${MODE:-fast}" = exact ]; then exact_mtcnn "$@"; else fast_nvdec "$@"; fi
 }
 for step in ${STEPS:-equal throughput memory render}; do
@@ -75,17 +75,19 @@ for step in ${STEPS:-equal throughput memory render}; do
                 done ;;
     dataset-pair) python3 bench/cpu_topology.py --probe  # is it what the GPUs' workers share? A B C C B A:
                   halves=($(python3 bench/cpu_topology.py --split 2))  # whole cores, by NUMA node
+                  # MODE=exact, PER_GPU=K, THREADS=N as for dataset-ab; PAIR_RUNS: the runs, in order
                   pair() {  # each GPU its own launcher and registry, at once; $1: run name, $2 $3: taskset lists
                     for g in 0 1; do
                       (cpus=$([ $g = 0 ] && echo "${2:-}" || echo "${3:-}"); [ -n "$cpus" ] && taskset -cp "$cpus" $BASHPID
-                       CUDA_VISIBLE_DEVICES=$g fast_nvdec --clips "${CLIPS:-48}" --per-gpu 1 --single-only \
-                         --out "$OUT/dataset_pair_$1_gpu$g.md") &
+                       CUDA_VISIBLE_DEVICES=$g by_mode --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" --single-only \
+                         ${THREADS:+--threads "$THREADS"} --out "$OUT/dataset_pair_$1_gpu$g.md") &
                     done; wait
-                    for g in 0 1; do echo "pair $1, GPU $g: $(grep '^| fast' "$OUT/dataset_pair_$1_gpu$g.md")"; done
+                    for g in 0 1; do echo "pair $1, GPU $g: $(grep "^| ${MODE:-fast}" "$OUT/dataset_pair_$1_gpu$g.md")"; done
                   }
-                  for r in std unpinned pinned pinned unpinned std; do  # std: --gpus 0, then --gpus all
+                  for r in ${PAIR_RUNS:-std unpinned pinned pinned unpinned std}; do  # std: --gpus 0, then --gpus all
                     case $r in
-                      std) fast_nvdec --clips "${CLIPS:-48}" --per-gpu 1 --out "$OUT/dataset_pair_std.md" ;;
+                      std) by_mode --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" ${THREADS:+--threads "$THREADS"} \
+                             --out "$OUT/dataset_pair_std.md" ;;
                       unpinned) pair unpinned ;;
                       pinned) pair pinned "${halves[0]}" "${halves[1]}" ;;
                     esac
