@@ -63,20 +63,22 @@ from bench.throughput import SPY_VIEWS, cpu_jiffies, py_spy
 
 log = logging.getLogger("bench.dataset")
 
-#: Worker-side shim: its patches are switched on by BOX_ENV, LEVELS_ENV, THREADS_ENV, LOAD_ENV and TAIL_ENV
-#: (see its docstring).
+#: Worker-side shim: its patches are switched on by BOX_ENV, LEVELS_ENV, THREADS_ENV, LOAD_ENV, TAIL_ENV
+#: and STREAM_ENV (see its docstring).
 SHIM_DIR = Path(__file__).resolve().parent / "worker_shim"
 BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
 THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
+STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
 #: What each of the shim's on/off switches puts back, as the bench's output says it.
 SHIM_SWITCHES = {
     LEVELS_ENV: "the fast path's keyframe detector runs MTCNN's first stage level by level",
     THREADS_ENV: "a new landmark thread for each input, as before they were reused",
     LOAD_ENV: "workers load their models after their first claim, as before",
     TAIL_ENV: "workers claim ahead down to the queue's last job, as before",
+    STREAM_ENV: "the exact path's MTCNN runs on a CUDA stream of its own (a candidate)",
 }
 SAMPLE_S = 0.5
 #: Bumped when the generated clips change, so cached files of an older recipe are not reused.

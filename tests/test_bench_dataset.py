@@ -232,7 +232,8 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     for ``pnet_candidates`` with ``STUDIO_BENCH_FACENET_LEVELS=1``, a landmark thread per input
     with ``STUDIO_BENCH_THREAD_PER_INPUT=1``, no models loaded before the first claim with
     ``STUDIO_BENCH_NO_LOAD_AHEAD=1``, claims ahead down to the last job with
-    ``STUDIO_BENCH_CLAIM_TO_THE_END=1``; nothing changes without."""
+    ``STUDIO_BENCH_CLAIM_TO_THE_END=1``, the exact MTCNN's own stream with
+    ``STUDIO_BENCH_MTCNN_STREAM=1`` (on a CPU it still detects); nothing changes without."""
     import subprocess
     import sys
 
@@ -240,6 +241,7 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     monkeypatch.setenv(dataset.THREADS_ENV, switch)
     monkeypatch.setenv(dataset.LOAD_ENV, switch)
     monkeypatch.setenv(dataset.TAIL_ENV, switch)
+    monkeypatch.setenv(dataset.STREAM_ENV, switch)
     env = dataset.child_env(None, tmp_path, None)
     assert env["PYTHONPATH"].split(":")[0] == str(dataset.SHIM_DIR)
     code = ("from engine.landmarks import mtcnn_gpu; from bench.gpu_checks import facenet_first_stage; "
@@ -253,9 +255,14 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
             "service.register_worker(reg, 'other', hostname='h', pid=1, device='cpu')\n"
             "service.submit_file(reg, Path('clip.mp4'), {'landmarks': 'mtcnn'})\n"
             "left = service.claim_next(reg, 'w', device='cpu', ahead=True) is None\n"
-            "print(mtcnn_gpu.pnet_candidates is facenet_first_stage, a is b, Worker._load_ahead.__name__, left)")
+            "import numpy as np; from engine.landmarks.mtcnn import MtcnnLandmarker\n"
+            "from engine.structures import FrameBatch\n"
+            "mt = MtcnnLandmarker(device='cpu'); tiny = np.zeros((1, 16, 16, 3), np.uint8)\n"
+            "found = mt.detect(FrameBatch(images=tiny, index=np.zeros(1, np.int64), timestamps=np.zeros(1)))\n"
+            "print(mtcnn_gpu.pnet_candidates is facenet_first_stage, a is b, Worker._load_ahead.__name__, left,\n"
+            "      MtcnnLandmarker.detect.__name__, found.num_frames, len(found))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == (["True", "False", "<lambda>", "False"] if switch == "1"
-                                  else ["False", "True", "_load_ahead", "True"])
+    assert out.stdout.split() == (["True", "False", "<lambda>", "False", "on_own_stream", "1", "0"] if switch == "1"
+                                  else ["False", "True", "_load_ahead", "True", "detect", "1", "0"])

@@ -16,6 +16,11 @@ below is off unless its environment variable is set; with none set nothing chang
   before :meth:`worker.loop.Worker._load_ahead` (the claimed jobs wait meanwhile).
 * ``$STUDIO_BENCH_CLAIM_TO_THE_END=1``: a worker claims ahead down to the queue's last job, as it
   did before ``db.lease.claim_next(ahead=True)`` left the last jobs to workers that hold none.
+* ``$STUDIO_BENCH_MTCNN_STREAM=1``: on CUDA, the exact path's MTCNN (``MtcnnLandmarker.detect``)
+  runs on a CUDA stream of its own instead of the default stream every thread of a worker
+  shares, so its waits for the GPU no longer include the regressor's and the crops' queued work.
+  Its stream first waits for the caller's (inputs made there are ready), and each call ends
+  with its results copied to the host (its own work done). A candidate, not yet the engine's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
 THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
+STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
 
 
 class _PatchAfterImport(MetaPathFinder):
@@ -95,6 +101,24 @@ def _claim_to_the_end(module) -> None:
     module.claim_next = claim_regardless
 
 
+def _mtcnn_stream(module) -> None:
+    detect = module.MtcnnLandmarker.detect
+
+    def on_own_stream(self, frames):
+        import torch
+
+        if self.device.type != "cuda":
+            return detect(self, frames)
+        stream = self.__dict__.get("_bench_stream")
+        if stream is None:
+            stream = self._bench_stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            return detect(self, frames)
+
+    module.MtcnnLandmarker.detect = on_own_stream
+
+
 if os.environ.get(BOX_ENV):
     sys.meta_path.insert(0, _PatchAfterImport("engine.pipeline", _fixed_box))
 if os.environ.get(LEVELS_ENV) == "1":
@@ -105,3 +129,5 @@ if os.environ.get(LOAD_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("worker.loop", _no_load_ahead))
 if os.environ.get(TAIL_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("db.service", _claim_to_the_end))
+if os.environ.get(STREAM_ENV) == "1":
+    sys.meta_path.insert(0, _PatchAfterImport("engine.landmarks.mtcnn", _mtcnn_stream))
