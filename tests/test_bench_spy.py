@@ -78,15 +78,20 @@ def fake_py_spy(tmp_path, monkeypatch):
     return exe
 
 
+def _wait_started(output) -> None:
+    """Wait (60 s at most) until the stand-in writing ``output`` has set its SIGINT handler."""
+    ready = output.with_name(output.name + ".ready")
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists()
+
+
 def test_py_spy_records_one_file_per_view_of_the_given_process(tmp_path, fake_py_spy):
     out = tmp_path / "spy"
     with py_spy(out, "fast-mtcnn-one", pid=4242, views=("gil", "threads")):
-        for view in ("gil", "threads"):  # started: each stand-in has set its SIGINT handler
-            ready = out / f"fast-mtcnn-one.{view}.txt.ready"
-            deadline = time.monotonic() + 60
-            while not ready.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert ready.exists()
+        for view in ("gil", "threads"):
+            _wait_started(out / f"fast-mtcnn-one.{view}.txt")
     gil = (out / "fast-mtcnn-one.gil.txt").read_text().split()
     threads = (out / "fast-mtcnn-one.threads.txt").read_text().split()
     for args in (gil, threads):
@@ -98,11 +103,7 @@ def test_py_spy_records_one_file_per_view_of_the_given_process(tmp_path, fake_py
 def test_the_cpu_view_samples_running_threads_with_native_frames_pausing_the_process(tmp_path, fake_py_spy):
     out = tmp_path / "spy"
     with py_spy(out, "exact-mtcnn-all", pid=4243, views=("cpu",)):
-        ready = out / "exact-mtcnn-all.cpu.txt.ready"
-        deadline = time.monotonic() + 60
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists()
+        _wait_started(out / "exact-mtcnn-all.cpu.txt")
     args = (out / "exact-mtcnn-all.cpu.txt").read_text().split()
     assert args[:3] == ["record", "--pid", "4243"] and "--subprocesses" in args
     assert "--native" in args and "--threads" in args
