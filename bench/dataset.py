@@ -72,6 +72,8 @@ THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
+DECODE_ENV = "STUDIO_BENCH_DECODE_THREADS"
+THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
 #: What each of the shim's on/off switches puts back, as the bench's output says it.
 SHIM_SWITCHES = {
     LEVELS_ENV: "the fast path's keyframe detector runs MTCNN's first stage level by level",
@@ -385,6 +387,7 @@ class Run:
     busy_fps: float = float("nan")
     busy_s: float = float("nan")
     timeline: str = ""
+    thread_cpu: str = ""
 
     @property
     def clips_per_s(self) -> float:
@@ -543,6 +546,8 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
 
     submit(clips, data, mode, landmarks, ckpt, args, env)
     cmd, extra_env = worker_command(args, data, all_devices)
+    if args.thread_cpu:
+        extra_env[THREAD_CPU_ENV] = str(data / "thread-cpu")
     log_path = data / "workers.log"
     shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
     print(f"... {run.name}, {run.workers}: {shown + ' ' if shown else ''}{shlex.join(cmd[1:])} (log {log_path})",
@@ -579,11 +584,55 @@ def serve(run: Run, clips: list[Path], mode: str, landmarks: str, ckpt: Path, ar
         busy = gpus.busy(first, last) if gpus.samples else {}
         if busy:
             run.gpu_busy = ", ".join(f"GPU {i} {b:.0f} %" for i, b in busy.items())
+    if args.thread_cpu:
+        run.thread_cpu = thread_cpu_table(data / "thread-cpu", run.frames)
     if code != 0:
         run.note += f"workers exited with code {code} (see {log_path}); "
     if run.failures:
         run.note += f"{len(run.failures)} not succeeded, first: {run.failures[0][:200]}"
     return run
+
+
+def thread_role(name: str) -> str:
+    """A thread's name without what numbers one of a kind (``rgb_3`` → ``rgb``, ``job-12-monitor`` →
+    ``job-monitor``, ``input-7f3a`` → ``input``).
+
+    >>> [thread_role(n) for n in ("rgb_3", "job-12-monitor", "input-7f3a", "native:av:h264:df2", "MainThread")]
+    ['rgb', 'job-monitor', 'input', 'native:av:h264:df', 'MainThread']
+    """
+    if name.startswith("input-"):
+        return "input"
+    return re.sub(r"[_-]?\d+$", "", re.sub(r"-\d+-", "-", name))
+
+
+def thread_cpu_table(folder: Path, frames: int) -> str:
+    """The workers' CPU time by thread role (the shim's ``$STUDIO_BENCH_THREAD_CPU`` files; the
+    launcher and ``submit`` left out), as Markdown rows: core-seconds, share and core-ms per frame."""
+    import json
+
+    roles: dict[str, float] = {}
+    total, workers = 0.0, 0
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        if "--device" not in record["argv"]:
+            continue
+        workers += 1
+        total += record["total_s"]
+        for name, seconds in record["threads"]:
+            roles[thread_role(name)] = roles.get(thread_role(name), 0.0) + seconds
+    if not workers:
+        return ""
+    roles["(threads that ended between two samples)"] = max(0.0, total - sum(roles.values()))
+    per_frame = 1e3 / frames if frames else float("nan")
+    lines = [f"CPU time of the {workers} workers by thread (total {total:.0f} core-s, "
+             f"{_f(total * per_frame)} core-ms per frame):", "",
+             "| thread | core-s | share | core-ms per frame |", "|---|---:|---:|---:|"]
+    for role, seconds in sorted(roles.items(), key=lambda kv: -kv[1]):
+        if seconds >= 0.005 * total:
+            lines.append(f"| {role} | {seconds:.1f} | {100 * seconds / total:.1f} % | {_f(seconds * per_frame, 2)} |")
+    small = sum(v for v in roles.values() if v < 0.005 * total)
+    lines.append(f"| (each < 0.5 %) | {small:.1f} | {100 * small / total:.1f} % | {_f(small * per_frame, 2)} |")
+    return "\n".join(lines)
 
 
 def all_devices_reason(args) -> str | None:
@@ -632,6 +681,9 @@ def report(pairs: list[tuple[Run, Run | None, str | None]], header: list[str]) -
             lines.append(f"| {every.name} | 1 GPU |" + " – |" * 12 + " skipped (--all-only) |")
         if every is None:
             lines.append(f"| {one.name} | all GPUs |" + " – |" * 12 + f" {why} |")
+    for one, every, _ in pairs:
+        lines += [x for r in (one, every) if r and r.thread_cpu
+                  for x in ("", f"*{r.name}, {r.workers}.* {r.thread_cpu}")]
     failures = [f for one, every, _ in pairs for r in (one, every) if r for f in r.failures]
     if failures:
         lines += ["", f"{len(failures)} job(s) did not succeed:", *[f"- {f}" for f in failures[:20]]]
@@ -679,6 +731,9 @@ def parse_args(argv=None):
     ap.add_argument("--spy-views", nargs="+", choices=sorted(SPY_VIEWS), default=["gil", "threads"],
                     help="which profiles --spy records (bench.throughput.py_spy): gil, threads, and cpu "
                          "(running threads with native frames; pauses the workers at each sample)")
+    ap.add_argument("--thread-cpu", action="store_true",
+                    help="the workers' CPU time by thread (decoding, RGB conversion, landmarks, ...), from "
+                         "/proc once a second (bench/worker_shim), in a table after the runs'")
     ap.add_argument("--gen-jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes writing the clips (default: min(8, CPUs))")
     ap.add_argument("--timeout", type=float, default=3600.0, help="longest run of one set of workers, seconds")
@@ -734,6 +789,8 @@ def main(argv=None) -> int:
     if "mtcnn" in args.landmarks:
         notes.append("MTCNN: the weights facenet-pytorch ships (real)")
     notes += [f"{said} ({name}=1)" for name, said in SHIM_SWITCHES.items() if os.environ.get(name) == "1"]
+    if os.environ.get(DECODE_ENV):
+        notes.append(f"FFmpeg decodes each video with {os.environ[DECODE_ENV]} threads ({DECODE_ENV})")
     env = child_env(args, args.workdir, fixed_box)
 
     command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

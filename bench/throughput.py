@@ -626,7 +626,8 @@ def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
         flags = SPY_VIEWS[view]
         cmd = [exe, "record", "--pid", str(pid or os.getpid()), "--rate", "100", *flags, "--subprocesses",
                "--format", "raw", "--output", str(folder / f"{name}.{view}.txt")]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        # py-spy reports (errors too) on stdout
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     t = time.perf_counter()
     try:
         yield
@@ -634,12 +635,13 @@ def py_spy(folder: Path | None, name: str, *, pid: int | None = None,
         for view, proc in zip(views, procs, strict=True):
             proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
             try:
-                _, err = proc.communicate(timeout=60)
+                said, _ = proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                err = b""
-            print(f"    py-spy {name} ({view}): {time.perf_counter() - t:.1f} s sampled; "
-                  f"{err.decode()[-300:].strip()}", file=sys.stderr, flush=True)
+                said = b"(no answer to SIGINT within 60 s: killed)"
+            print(f"    py-spy {name} ({view}): {time.perf_counter() - t:.1f} s sampled, "
+                  f"exit status {proc.returncode}; {said.decode(errors='replace')[-400:].strip()}",
+                  file=sys.stderr, flush=True)
 
 
 def measure_mode(mode: str, landmarks: str, args, inputs, warm: Path, ckpt: Path, fixed_box) -> Row:

@@ -21,6 +21,14 @@ below is off unless its environment variable is set; with none set nothing chang
   shares, so its waits for the GPU no longer include the regressor's and the crops' queued work.
   Its stream first waits for the caller's (inputs made there are ready), and each call ends
   with its results copied to the host (its own work done). A candidate, not yet the engine's.
+* ``$STUDIO_BENCH_DECODE_THREADS=N``: FFmpeg decodes each video with ``N`` threads
+  (``thread_count``) instead of its default, one per CPU of the process's mask (at most 16 for
+  H.264). The frames are the same; only the decoder's threading changes.
+* ``$STUDIO_BENCH_THREAD_CPU=DIR``: a thread of the process reads the CPU time of each of its
+  threads from ``/proc/self/task`` once a second and writes ``DIR/<pid>.json``: seconds per
+  thread, under the thread's Python name, or ``native:<name>`` for threads Python did not start
+  (FFmpeg's decoders, torch's and CUDA's), and the process's total (threads that ended between
+  two samples count only there). ``bench/dataset.py --thread-cpu`` sums them by role.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
+DECODE_ENV = "STUDIO_BENCH_DECODE_THREADS"
+THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
+THREAD_CPU_PERIOD_S = 1.0
 
 
 class _PatchAfterImport(MetaPathFinder):
@@ -119,6 +130,66 @@ def _mtcnn_stream(module) -> None:
     module.MtcnnLandmarker.detect = on_own_stream
 
 
+def _decode_threads(module) -> None:
+    open_stream, count = module._open_video_stream, int(os.environ[DECODE_ENV])
+
+    def with_thread_count(container, path):
+        stream = open_stream(container, path)
+        stream.thread_count = count
+        return stream
+
+    module._open_video_stream = with_thread_count
+
+
+def _task_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) and kernel name of each thread of this process, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        found[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)  # utime, stime: fields 14, 15
+    return found
+
+
+def _sample_thread_cpu(folder: str) -> None:
+    """Every THREAD_CPU_PERIOD_S: this process's threads' CPU seconds into ``folder/<pid>.json``."""
+    import json
+    import threading
+    import time
+
+    live: dict[int, tuple[str, str, float]] = {}  # tid -> (role, kernel name, seconds at the last sample)
+    ended: list[tuple[str, float]] = []  # (role, seconds) of threads whose id the kernel gave again
+    path = os.path.join(folder, f"{os.getpid()}.json")
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        python = {t.native_id: t.name for t in threading.enumerate()}
+        for tid, (kernel_name, seconds) in _task_cpu().items():
+            before = live.get(tid)
+            if before is not None and (seconds < before[2] or kernel_name != before[1]):  # another thread now
+                ended.append((before[0], before[2]))
+                before = None
+            role = python.get(tid) or (before[0] if before else f"native:{kernel_name}")
+            live[tid] = (role, kernel_name, seconds)
+        times = os.times()
+        record = {"pid": os.getpid(), "argv": sys.argv, "total_s": times.user + times.system,
+                  "threads": [[role, seconds] for role, _, seconds in live.values()] + [list(e) for e in ended]}
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+        time.sleep(THREAD_CPU_PERIOD_S)
+
+
+def _start_thread_cpu_sampler(folder: str) -> None:
+    import threading
+
+    threading.Thread(target=_sample_thread_cpu, args=(folder,), name="bench-thread-cpu", daemon=True).start()
+
+
 if os.environ.get(BOX_ENV):
     sys.meta_path.insert(0, _PatchAfterImport("engine.pipeline", _fixed_box))
 if os.environ.get(LEVELS_ENV) == "1":
@@ -131,3 +202,7 @@ if os.environ.get(TAIL_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("db.service", _claim_to_the_end))
 if os.environ.get(STREAM_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("engine.landmarks.mtcnn", _mtcnn_stream))
+if os.environ.get(DECODE_ENV):
+    sys.meta_path.insert(0, _PatchAfterImport("engine.sources", _decode_threads))
+if os.environ.get(THREAD_CPU_ENV):
+    _start_thread_cpu_sampler(os.environ[THREAD_CPU_ENV])
