@@ -72,7 +72,6 @@ THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
-DECODE_ENV = "STUDIO_BENCH_DECODE_THREADS"
 THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
 #: What each of the shim's on/off switches puts back, as the bench's output says it.
 SHIM_SWITCHES = {
@@ -506,10 +505,10 @@ def worker_command(args, data: Path, all_devices: bool) -> tuple[list[str], dict
         cmd += ["--gpus", "all"]
         extra_env[DEVICES_ENV] = args.device
     cmd += ["--per-gpu", str(args.per_gpu)]
-    for flag in ("concurrency", "prefetch", "threads"):
+    for flag in ("concurrency", "prefetch", "threads", "decode_threads"):
         value = getattr(args, flag)
         if value is not None:
-            cmd += [f"--{flag}", str(value)]
+            cmd += [f"--{flag.replace('_', '-')}", str(value)]
     return cmd, extra_env
 
 
@@ -719,6 +718,9 @@ def parse_args(argv=None):
                     help="the fast path's jobs' decoder (the exact path's is always pyav)")
     ap.add_argument("--concurrency", type=int, help="worker --concurrency (default: the worker's)")
     ap.add_argument("--prefetch", type=int, help="worker --prefetch (default: the worker's)")
+    ap.add_argument("--decode-threads", type=int, metavar="N",
+                    help="worker --decode-threads: FFmpeg's threads per video, 0: FFmpeg's choice (default: the "
+                         "launcher's, 1 with several workers)")
     ap.add_argument("--threads", type=int,
                     help="worker --threads (default: the launcher splits the cores over devices × --per-gpu)")
     only = ap.add_mutually_exclusive_group()
@@ -789,12 +791,12 @@ def main(argv=None) -> int:
     if "mtcnn" in args.landmarks:
         notes.append("MTCNN: the weights facenet-pytorch ships (real)")
     notes += [f"{said} ({name}=1)" for name, said in SHIM_SWITCHES.items() if os.environ.get(name) == "1"]
-    if os.environ.get(DECODE_ENV):
-        notes.append(f"FFmpeg decodes each video with {os.environ[DECODE_ENV]} threads ({DECODE_ENV})")
     env = child_env(args, args.workdir, fixed_box)
 
     command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     names = gpu_names() if args.device.startswith("cuda") else []
+    decode_threads = "the launcher's default (1 with several workers)" if args.decode_threads is None \
+        else args.decode_threads
     header = [
         f"**bench/dataset.py** — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
@@ -809,7 +811,8 @@ def main(argv=None) -> int:
         "frames/s and clips/s over that window; GPU busy: mean over it; CPU cores busy: the host's over it, "
         "and the range over the workers, each over its life",
         f"- workers: {args.per_gpu} worker process(es) per device (`--per-gpu {args.per_gpu}`) in both runs; "
-        f"CPU threads per worker: {args.threads or 'the launcher splits the cores over all of them'}",
+        f"CPU threads per worker: {args.threads or 'the launcher splits the cores over all of them'}; "
+        f"FFmpeg's threads per video: {decode_threads}",
     ]
     print("\n".join(header), flush=True)
 

@@ -25,9 +25,10 @@ fast_nvdec() {  # bench/dataset.py on the fast path with NVDEC and MTCNN, 250-fr
 exact_mtcnn() {  # the same on the exact path (PyAV's frames)
   python3 bench/dataset.py --device cuda --frames 250 --gen-jobs "$(nproc)" --mode exact --landmarks mtcnn "$@"
 }
-by_mode() {  # MODE=exact: exact_mtcnn, else fast_nvdec (dataset-ab, dataset-spy, dataset-pair); THREAD_CPU=1: --thread-cpu
-  if [ "${MODE:-fast}" = exact ]; then exact_mtcnn ${THREAD_CPU:+--thread-cpu} "$@"
-  else fast_nvdec ${THREAD_CPU:+--thread-cpu} "$@"; fi
+by_mode() {  # MODE=exact: exact_mtcnn, else fast_nvdec (dataset-ab, dataset-spy, dataset-pair)
+  # THREAD_CPU=1: --thread-cpu; DECODE_THREADS=N: the workers' --decode-threads (0: FFmpeg's choice)
+  local more=(${THREAD_CPU:+--thread-cpu} ${DECODE_THREADS:+--decode-threads "$DECODE_THREADS"})
+  if [ "${MODE:-fast}" = exact ]; then exact_mtcnn "${more[@]}" "$@"; else fast_nvdec "${more[@]}" "$@"; fi
 }
 for step in ${STEPS:-equal throughput memory render}; do
   echo "=== $step"

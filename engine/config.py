@@ -172,6 +172,10 @@ class EngineConfig:
             with :class:`~engine.errors.NoFaceError`; 0 means "at least one frame".
         overwrite: rewrite outputs that already exist (otherwise they are skipped).
         num_threads: CPU threads for alignment (speed only); default: the CPU count, at most 8.
+        decode_threads: FFmpeg's threads for decoding one video (speed only; the frames are the
+            same bits): 0 (default) lets FFmpeg choose, one per CPU of the process (at most 16
+            for H.264); 1 decodes on the reading thread. Where many videos decode at once (a
+            worker among several on one machine), 1 costs the fewest CPU cycles per frame.
         keep_person: which face to keep when there are several (see :class:`KeepPerson`);
             changes results (part of the resume fingerprint).
         smooth_window: 0 (default, the exact path): no smoothing. An odd number >= 3: the
@@ -198,6 +202,7 @@ class EngineConfig:
     min_valid_ratio: float = 0.0
     overwrite: bool = False
     num_threads: int = field(default_factory=lambda: min(8, usable_cpus()))
+    decode_threads: int = 0
     keep_person: KeepPerson = KeepPerson.REFERENCE
     smooth_window: int = 0
     mode: Mode = Mode.EXACT
@@ -229,6 +234,9 @@ class EngineConfig:
                 object.__setattr__(self, name, Path(value))
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        threads = self.decode_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"decode_threads must be an integer >= 0 (0: FFmpeg's choice), got {threads!r}")
         if not self.formats:
             raise ValueError("formats must name at least one output format")
         if not 0.0 <= self.min_valid_ratio <= 1.0:

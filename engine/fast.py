@@ -80,7 +80,8 @@ def default_source(config: EngineConfig, device: str):
         return NvdecSource(gpu_id=cuda_index(device), on_device=True)
     from engine.stages.source import MediaSource
 
-    return MediaSource(device=(config.device or "auto") if config.mode == Mode.FAST else None)
+    return MediaSource(device=(config.device or "auto") if config.mode == Mode.FAST else None,
+                       decode_threads=config.decode_threads)
 
 
 def default_aligner(config: EngineConfig, device: str):

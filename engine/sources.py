@@ -412,7 +412,8 @@ def declared_frame_count(path: str | Path) -> int:
 
 
 def iter_frames(
-    path: str | Path, batch_size: int, start: int = 0, *, convert_threads: int | None = None
+    path: str | Path, batch_size: int, start: int = 0, *, convert_threads: int | None = None,
+    decode_threads: int = 0,
 ) -> Iterator[FrameBatch]:
     """Decode an input into batches of consecutive frames, streaming.
 
@@ -436,9 +437,13 @@ def iter_frames(
             without the GIL) while the demux/decode thread goes on; frames keep their order.
             ``None``: :func:`default_convert_threads`; 0 or 1: convert on the decode thread.
             The pixels are the same either way.
+        decode_threads: FFmpeg's decoding threads for a video (``thread_count``): 0, FFmpeg's
+            choice (one per CPU of the process, frame and slice threading); 1, decode on the
+            reading thread. The pixels are the same either way.
 
     Raises:
-        ValueError: ``batch_size < 1``, ``start < 0`` or ``convert_threads < 0`` (at the call).
+        ValueError: ``batch_size < 1``, ``start < 0``, ``convert_threads < 0`` or
+            ``decode_threads < 0`` (at the call).
         InputError: missing, empty or unsupported file (at the call).
         DecodeError: as :func:`probe` (at the first ``next()``).
         TruncatedVideoError: after the last decodable frame was yielded, when the stream
@@ -453,11 +458,13 @@ def iter_frames(
     threads = default_convert_threads() if convert_threads is None else convert_threads
     if threads < 0:
         raise ValueError(f"convert_threads must be >= 0, got {convert_threads}")
+    if decode_threads < 0:
+        raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
     path = Path(path)
     kind = _check_file(path)
     if kind == "image":
         return _iter_image(path, start)
-    return _iter_video(path, batch_size, start, threads)
+    return _iter_video(path, batch_size, start, threads, decode_threads)
 
 
 def default_convert_threads(cpu_count: int | None = None) -> int:
@@ -501,17 +508,20 @@ def _iter_image(path: Path, start: int) -> Iterator[FrameBatch]:
     )
 
 
-def _iter_video(path: Path, batch_size: int, start: int, convert_threads: int = 1) -> Iterator[FrameBatch]:
+def _iter_video(path: Path, batch_size: int, start: int, convert_threads: int = 1,
+                decode_threads: int = 0) -> Iterator[FrameBatch]:
     pool = ThreadPoolExecutor(convert_threads, thread_name_prefix="rgb") if convert_threads > 1 else None
     try:
-        yield from _decode_video(path, batch_size, start, pool)
+        yield from _decode_video(path, batch_size, start, pool, decode_threads)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecutor | None) -> Iterator[FrameBatch]:
-    """:func:`iter_frames` for a video; RGB conversion in ``pool`` when given (see ``convert_threads``).
+def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecutor | None,
+                  decode_threads: int = 0) -> Iterator[FrameBatch]:
+    """:func:`iter_frames` for a video; RGB conversion in ``pool`` when given (see ``convert_threads``),
+    ``decode_threads`` FFmpeg threads (0: FFmpeg's choice).
 
     A late ``start`` seeks to the keyframe before frame ``start`` when :func:`_seek_to_frame`
     can prove the numbering; otherwise every frame from 0 is decoded and the first ``start``
@@ -519,7 +529,7 @@ def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecu
     """
     if start > 0:
         with _open_container(path) as container:
-            stream = _open_video_stream(container, path)
+            stream = _open_video_stream(container, path, decode_threads)
             resumed = _seek_to_frame(path, container, stream, start)
             if resumed is not None:
                 frames, size, rotation = resumed
@@ -527,15 +537,17 @@ def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecu
                                           count=start, size=size, rotation=rotation)
                 return
     with _open_container(path) as container:
-        stream = _open_video_stream(container, path)
+        stream = _open_video_stream(container, path, decode_threads)
         yield from _decode_stream(path, container, stream, _decoded_frames(container.demux(stream)),
                                   batch_size, start, pool)
 
 
-def _open_video_stream(container, path: Path):
-    """The first video stream, set to decode with frame + slice threads (thread_count 0 = one per CPU)."""
+def _open_video_stream(container, path: Path, threads: int = 0):
+    """The first video stream, set to decode with frame + slice threads, ``threads`` of them
+    (FFmpeg's ``thread_count``; 0: one per CPU)."""
     stream = _video_stream(container, path)
     stream.thread_type = "AUTO"
+    stream.thread_count = threads
     return stream
 
 

@@ -266,3 +266,35 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == (["True", "False", "<lambda>", "False", "on_own_stream", "1", "0"] if switch == "1"
                                   else ["False", "True", "_load_ahead", "True", "detect", "1", "0"])
+
+
+def test_the_shim_records_each_threads_cpu_time_when_asked(tmp_path, monkeypatch):
+    """``STUDIO_BENCH_THREAD_CPU``: a worker-like child process (``--device`` in its arguments) with a
+    named thread that burns CPU; ``thread_cpu_table`` finds that thread's role with most of the time.
+    Without the variable the child writes nothing."""
+    import subprocess
+    import sys
+
+    code = ("import threading, time\n"
+            "def burn():\n"
+            "    t = time.process_time()\n"
+            "    while time.process_time() - t < 0.6: sum(range(1000))\n"
+            "    time.sleep(2.5)\n"  # alive at the sampler's next look (once a second)
+            "th = threading.Thread(target=burn, name='burner_3'); th.start(); th.join()\n"
+            "time.sleep(1.5)\n")
+    folder = tmp_path / "thread-cpu"
+    monkeypatch.setenv(dataset.THREAD_CPU_ENV, str(folder))
+    env = dataset.child_env(None, tmp_path, None)
+    out = subprocess.run([sys.executable, "-c", code, "--device", "cpu"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    table = dataset.thread_cpu_table(folder, frames=10)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "burner" in rows and "1 workers" in table, table
+    burner_s = float(rows["burner"].split("|")[2])
+    assert burner_s >= 0.4, table
+    monkeypatch.delenv(dataset.THREAD_CPU_ENV)
+    quiet = tmp_path / "quiet"
+    env = dataset.child_env(None, tmp_path, None)
+    assert subprocess.run([sys.executable, "-c", "pass", "--device", "cpu"], env=env, timeout=300).returncode == 0
+    assert not quiet.exists() and dataset.thread_cpu_table(quiet, frames=10) == ""

@@ -159,8 +159,8 @@ def test_gpus_all_takes_each_device_once(tmp_path, monkeypatch):
     first, notes = worker_children(["cuda:0", "cuda:1", "cuda:1"], data, {}, ("--burst",), once=True, per_gpu=1)
     try:
         assert notes == [] and [c.name for c in first] == ["worker[cuda:0]", "worker[cuda:1]"]
-        assert first[1].cmd[-8:] == ["worker", "--device", "cuda:1", "--data-dir", str(data),
-                                     "--threads", str(split_threads(2)), "--burst"]
+        assert first[1].cmd[-10:] == ["worker", "--device", "cuda:1", "--data-dir", str(data),
+                                      "--threads", str(split_threads(2)), "--decode-threads", "1", "--burst"]
         assert all(c.once and len(c.pass_fds) == 1 for c in first)
         second, notes = worker_children(["cuda:0", "cuda:1"], data, {}, per_gpu=1)
         assert second == [] and notes == [f"a worker already serves {d} for {data}: not starting another"
@@ -185,8 +185,8 @@ def test_per_gpu_starts_k_slots_per_device_each_under_its_own_lock(tmp_path, mon
     try:
         assert notes == [] and [c.name for c in first] == [
             "worker[cuda:0 #0]", "worker[cuda:0 #1]", "worker[cuda:1 #0]", "worker[cuda:1 #1]"]
-        assert first[1].cmd[-10:] == ["worker", "--device", "cuda:0", "--data-dir", str(data), "--threads", "8",
-                                      "--slot", "1", "--burst"]
+        assert first[1].cmd[-12:] == ["worker", "--device", "cuda:0", "--data-dir", str(data), "--threads", "8",
+                                      "--slot", "1", "--decode-threads", "1", "--burst"]
         assert all(c.env["OMP_NUM_THREADS"] == "8" for c in first)
         assert sorted(p.name for p in (data / "locks").iterdir()) == [
             "worker-cuda0-1.lock", "worker-cuda0.lock", "worker-cuda1-1.lock", "worker-cuda1.lock"]
@@ -197,7 +197,7 @@ def test_per_gpu_starts_k_slots_per_device_each_under_its_own_lock(tmp_path, mon
         assert [c.name for c in more] == ["worker[cuda:1 #2]"] and len(notes) == 2
         assert more[0].cmd[more[0].cmd.index("--threads") + 1] == str(launch.split_threads(3, 32))
         os.close(more[0].pass_fds[0])
-        single, notes = launch.worker_children(["cuda:0"], data, {}, per_gpu=1)
+        single, notes = launch.worker_children(["cuda:0"], data, {}, per_gpu=1)  # a lone worker: the jobs' setting
         assert single == [] and notes == [f"a worker already serves cuda:0 for {data}: not starting another"]
     finally:
         for c in first:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.config import EngineConfig
 from engine.errors import DecodeError, InputError
 from engine.sources import (
     InputItem,
@@ -360,6 +361,73 @@ def test_media_source_passes_convert_threads(test_video, clip_decoded):
     source = MediaSource(convert_threads=2)
     index = np.concatenate([b.index for b in source.frames(test_video, 64, start=10)])
     assert np.array_equal(index, clip_decoded["index"][10:])
+
+
+# --- FFmpeg's decoding threads ---------------------------------------------------------------
+
+
+def _frames_with(path, decode_threads, start=0):
+    batches = list(iter_frames(path, 16, start=start, convert_threads=0, decode_threads=decode_threads))
+    return (np.concatenate([b.images for b in batches]), np.concatenate([b.index for b in batches]),
+            np.concatenate([b.timestamps for b in batches]))
+
+
+@pytest.mark.parametrize("start", [0, 150])
+def test_decode_threads_give_the_same_frames(test_video, clip_decoded, start):
+    """One decoding thread, FFmpeg's choice, or four: the shared clip's frames are the same bits, in
+    the same order, with the same indices and timestamps, from frame 0 and from a resume start."""
+    auto = _frames_with(test_video, 0, start)
+    for threads in (1, 4):
+        got = _frames_with(test_video, threads, start)
+        assert np.array_equal(got[0], auto[0]) and np.array_equal(got[1], auto[1])
+        assert np.array_equal(got[2], auto[2])
+    assert np.array_equal(auto[1], np.arange(start, 200))
+    assert np.array_equal(auto[0][150 - start], clip_decoded["frame150"])
+
+
+def test_decode_threads_same_frames_of_an_h264_clip_with_b_frames(tmp_path):
+    """The same on H.264 (frame threading reorders work across B-frames): distinct frames, one
+    thread against FFmpeg's choice."""
+    if not media.has_encoder("libx264"):
+        pytest.skip("PyAV build has no libx264 encoder")
+    frames = []
+    for i in range(40):
+        f = media.quadrant_frame((96, 64))
+        f[:8, : 2 * (i + 1)] = 0
+        frames.append(np.roll(f, i, axis=0))
+    path = media.make_video(tmp_path / "h264.mp4", frames, codec="libx264")
+    one, auto = _frames_with(path, 1), _frames_with(path, 0)
+    assert len(one[0]) == 40
+    for a, b in zip(one, auto, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_decode_threads_reach_ffmpeg_and_are_checked(test_video, monkeypatch):
+    """``MediaSource(decode_threads=N)`` (what ``EngineConfig.decode_threads`` builds) sets the
+    stream's ``thread_count`` to N; a negative count is refused at the call."""
+    from engine import sources
+    from engine.fast import default_source
+    from engine.stages.source import MediaSource
+
+    seen = []
+    opened = sources._open_video_stream
+
+    def spy(container, path, threads=0):
+        stream = opened(container, path, threads)
+        seen.append(stream.thread_count)
+        return stream
+
+    monkeypatch.setattr(sources, "_open_video_stream", spy)
+    assert len(list(MediaSource(decode_threads=1).frames(test_video, 64))) == 4
+    source = default_source(EngineConfig(device="cpu", decode_threads=3), "cpu")
+    assert len(list(source.frames(test_video, 64))) == 4
+    assert seen == [1, 3]
+    with pytest.raises(ValueError, match="decode_threads"):
+        iter_frames(test_video, 8, decode_threads=-1)
+    with pytest.raises(ValueError, match="decode_threads"):
+        EngineConfig(decode_threads=-1)
+    cfg = EngineConfig(decode_threads=2)
+    assert EngineConfig.from_dict(cfg.to_dict()).decode_threads == 2
 
 
 # --- NVDEC (optional) -----------------------------------------------------------------------

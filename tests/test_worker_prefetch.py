@@ -278,13 +278,20 @@ def test_workers_of_several_gpus_split_the_cpu_threads(tmp_path, monkeypatch):
     for c in children:
         assert c.cmd[c.cmd.index("--threads") + 1] == "16"
         assert (c.env["OMP_NUM_THREADS"], c.env["MKL_NUM_THREADS"]) == ("16", "3")  # a set variable is kept
+        assert c.cmd[c.cmd.index("--decode-threads") + 1] == "1"  # several workers: one FFmpeg thread a video
     again, notes = launch.worker_children(["cuda:1"], tmp_path, env, threads=4, per_gpu=1)
     assert again == [] and "a worker already serves cuda:1" in notes[0]
     for c in children:
         os.close(c.pass_fds[0])
+    lone, _ = launch.worker_children(["cuda:0"], tmp_path / "lone", env, per_gpu=1)
+    assert "--decode-threads" not in lone[0].cmd  # one worker: each job's setting (FFmpeg's choice)
+    os.close(lone[0].pass_fds[0])
+    chosen, _ = launch.worker_children(["cuda:0"], tmp_path / "chosen", env, per_gpu=1, decode_threads=0)
+    assert chosen[0].cmd[chosen[0].cmd.index("--decode-threads") + 1] == "0"
+    os.close(chosen[0].pass_fds[0])
 
 
-def test_threads_option_sets_the_jobs_num_threads_and_torchs(tmp_path, monkeypatch):
+def test_threads_options_set_the_jobs_num_threads_decode_threads_and_torchs(tmp_path, monkeypatch):
     from worker import loop
 
     limited: list[int] = []
@@ -296,6 +303,15 @@ def test_threads_option_sets_the_jobs_num_threads_and_torchs(tmp_path, monkeypat
     assert Worker(reg, options, worker_id="w", engine_factory=ScriptedEngine).work() == 0
     assert service.get_job(reg, job.id).status == JobStatus.SUCCEEDED
     assert limited == [3] and [cfg.num_threads for cfg, _ in ScriptedEngine.built] == [3]
+    assert [cfg.decode_threads for cfg, _ in ScriptedEngine.built] == [0]  # the job's own setting
+    ScriptedEngine.built = []
+    second = _submit(reg, _spec(tmp_path, "b.mp4"))
+    options = WorkerOptions(**{**FAST.__dict__, "burst": True, "decode_threads": 1})
+    assert Worker(reg, options, worker_id="w", engine_factory=ScriptedEngine).work() == 0
+    assert service.get_job(reg, second.id).status == JobStatus.SUCCEEDED
+    assert [cfg.decode_threads for cfg, _ in ScriptedEngine.built] == [1]
+    with pytest.raises(ValueError, match="decode threads"):
+        WorkerOptions(decode_threads=-1)
     reg.close()
 
 

@@ -77,6 +77,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for alignment and torch (default: each job's num_threads; "
                    "--gpus splits the cores between the workers)")
+    p.add_argument("--decode-threads", type=int, metavar="N",
+                   help="FFmpeg's threads for decoding each video, 0: FFmpeg's choice, one per CPU (default: "
+                   "each job's setting; 1 when --gpus starts several workers, where it costs the fewest cycles)")
     p.add_argument("--heartbeat", type=float, default=2.0, metavar="S",
                    help="heartbeat interval of a running job, seconds (default: 2)")
     p.add_argument("--stale-after", type=float, default=30.0, metavar="S",
@@ -177,6 +180,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             device=device, poll_s=args.poll, heartbeat_s=args.heartbeat, stale_after_s=args.stale_after,
             burst=args.burst, max_jobs=args.max_jobs, pause_s=args.pause, max_pause_s=args.max_pause,
             concurrency=args.concurrency, prefetch=args.prefetch, num_threads=args.threads,
+            decode_threads=args.decode_threads,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -266,6 +266,18 @@ def split_threads(workers: int, cores: int | None = None) -> int:
     return max(1, (cores or usable_cores()) // max(1, workers))
 
 
+def default_decode_threads(workers: int) -> int | None:
+    """FFmpeg's threads per video for each of ``workers`` workers on one machine: 1 for two or more
+    (each decodes two or more videos at once, so FFmpeg's own threads only add its frame threading's
+    hand-offs: on a 32-vCPU host 16 exact-path workers decoding 1080p made 744.8 frames/s with 1
+    against 690.7 with FFmpeg's choice, docs/PERFORMANCE.md), None (each job's setting) for one.
+
+    >>> default_decode_threads(16), default_decode_threads(1)
+    (1, None)
+    """
+    return 1 if workers > 1 else None
+
+
 def split_cores(workers: int, cores: list[int] | None = None) -> list[tuple[int, ...]]:
     """Disjoint CPU sets, one per worker, for pinning ``workers`` children to their share of ``cores``
     (default: this process's affinity mask): consecutive blocks of ``len(cores) // workers``. Empty
@@ -322,7 +334,7 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 def worker_children(
     devices: list[str], data_dir: Path, env: dict[str, str], extra_args: tuple[str, ...] = (), *, once: bool = False,
-    threads: int | None = None, per_gpu: int = DEFAULT_PER_GPU,
+    threads: int | None = None, per_gpu: int = DEFAULT_PER_GPU, decode_threads: int | None = None,
 ) -> tuple[list[Child], list[str]]:
     """``per_gpu`` ``python -m engine worker --device D`` children per device, one per slot whose lock
     (:func:`lock_device`) this process could take.
@@ -330,8 +342,9 @@ def worker_children(
     With ``per_gpu`` above 1 each child also gets ``--slot S`` (its id ends in ``#S``). Each gets
     ``--threads N`` (and ``OMP_NUM_THREADS`` etc. unless set) with ``N = threads``, by default
     :func:`split_threads` over all the children (devices × ``per_gpu``), served slots included,
-    and is pinned to its own share of the CPUs (:func:`split_cores`). Returns the children and a
-    note for each slot that a worker already serves.
+    and is pinned to its own share of the CPUs (:func:`split_cores`), and ``--decode-threads M``
+    with ``M = decode_threads``, by default :func:`default_decode_threads`. Returns the children
+    and a note for each slot that a worker already serves.
     """
     notes: list[str] = []
     children: list[Child] = []
@@ -344,6 +357,8 @@ def worker_children(
                     "with it. Start it before the workers: nvidia-cuda-mps-control -d (docs/scale-out.md)",
                     per_gpu, mps_pipe_dir(env))
     threads = threads or split_threads(len(devices) * per_gpu)
+    if decode_threads is None:
+        decode_threads = default_decode_threads(len(devices) * per_gpu)
     child_env = {**{k: str(threads) for k in THREAD_ENV}, **env}
     core_sets = iter(split_cores(len(devices) * per_gpu))
     for device in devices:
@@ -355,7 +370,8 @@ def worker_children(
                 notes.append(f"a worker already serves {label} for {data_dir}: not starting another")
                 continue
             cmd = [sys.executable, "-m", "engine", "worker", "--device", device, "--data-dir", str(data_dir),
-                   "--threads", str(threads), *(["--slot", str(slot)] if per_gpu > 1 else []), *extra_args]
+                   "--threads", str(threads), *(["--slot", str(slot)] if per_gpu > 1 else []),
+                   *(["--decode-threads", str(decode_threads)] if decode_threads is not None else []), *extra_args]
             children.append(Child(f"worker[{label}]", cmd, child_env, pass_fds=(fd,), once=once, cores=cores))
     return children, notes
 
@@ -528,7 +544,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     if args.max_jobs is not None:
         extra += ["--max-jobs", str(args.max_jobs)]
     children, notes = worker_children(devices, data_dir, env, tuple(extra), once=True, threads=args.threads,
-                                      per_gpu=per_gpu)
+                                      per_gpu=per_gpu, decode_threads=args.decode_threads)
     return serve(children, notes)
 
 

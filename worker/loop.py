@@ -87,6 +87,8 @@ class WorkerOptions:
             (heartbeat, cancel, crash recovery) exactly like a running job.
         num_threads: CPU threads for alignment (the jobs' ``num_threads``) and for torch
             (``torch.set_num_threads``); None keeps each job's setting and torch's default.
+        decode_threads: FFmpeg's threads per video for every job (the jobs'
+            ``decode_threads``; 0: FFmpeg's choice); None keeps each job's setting.
         poll_s: sleep between two looks at an empty queue.
         heartbeat_s: longest gap between two heartbeats of a running job.
         stale_after_s: a running job whose heartbeat is older than this is requeued by the
@@ -105,6 +107,7 @@ class WorkerOptions:
     concurrency: int = 2
     prefetch: int = 2
     num_threads: int | None = None
+    decode_threads: int | None = None
     poll_s: float = 2.0
     heartbeat_s: float = 2.0
     stale_after_s: float = 30.0
@@ -122,6 +125,8 @@ class WorkerOptions:
                 f"concurrency must be >= 1, prefetch >= 0 and threads >= 1 (got {self.concurrency}, "
                 f"{self.prefetch}, {self.num_threads})"
             )
+        if self.decode_threads is not None and self.decode_threads < 0:
+            raise ValueError(f"decode threads must be >= 0 (0: FFmpeg's choice), got {self.decode_threads}")
         if self.stale_after_s <= 2 * self.heartbeat_s:
             raise ValueError(
                 f"stale_after_s ({self.stale_after_s}) must exceed twice heartbeat_s ({self.heartbeat_s}), "
@@ -838,6 +843,8 @@ class Worker:
         cfg = dataclasses.replace(cfg, device=self.options.device, overwrite=True)
         if self.options.num_threads:
             cfg = dataclasses.replace(cfg, num_threads=self.options.num_threads)
+        if self.options.decode_threads is not None:
+            cfg = dataclasses.replace(cfg, decode_threads=self.options.decode_threads)
         return cfg
 
     def _succeed(self, job: JobView, report) -> None:

@@ -21,9 +21,6 @@ below is off unless its environment variable is set; with none set nothing chang
   shares, so its waits for the GPU no longer include the regressor's and the crops' queued work.
   Its stream first waits for the caller's (inputs made there are ready), and each call ends
   with its results copied to the host (its own work done). A candidate, not yet the engine's.
-* ``$STUDIO_BENCH_DECODE_THREADS=N``: FFmpeg decodes each video with ``N`` threads
-  (``thread_count``) instead of its default, one per CPU of the process's mask (at most 16 for
-  H.264). The frames are the same; only the decoder's threading changes.
 * ``$STUDIO_BENCH_THREAD_CPU=DIR``: a thread of the process reads the CPU time of each of its
   threads from ``/proc/self/task`` once a second and writes ``DIR/<pid>.json``: seconds per
   thread, under the thread's Python name, or ``native:<name>`` for threads Python did not start
@@ -44,7 +41,6 @@ THREADS_ENV = "STUDIO_BENCH_THREAD_PER_INPUT"
 LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
-DECODE_ENV = "STUDIO_BENCH_DECODE_THREADS"
 THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
 THREAD_CPU_PERIOD_S = 1.0
 
@@ -130,17 +126,6 @@ def _mtcnn_stream(module) -> None:
     module.MtcnnLandmarker.detect = on_own_stream
 
 
-def _decode_threads(module) -> None:
-    open_stream, count = module._open_video_stream, int(os.environ[DECODE_ENV])
-
-    def with_thread_count(container, path):
-        stream = open_stream(container, path)
-        stream.thread_count = count
-        return stream
-
-    module._open_video_stream = with_thread_count
-
-
 def _task_cpu() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) and kernel name of each thread of this process, by thread id."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -202,7 +187,5 @@ if os.environ.get(TAIL_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("db.service", _claim_to_the_end))
 if os.environ.get(STREAM_ENV) == "1":
     sys.meta_path.insert(0, _PatchAfterImport("engine.landmarks.mtcnn", _mtcnn_stream))
-if os.environ.get(DECODE_ENV):
-    sys.meta_path.insert(0, _PatchAfterImport("engine.sources", _decode_threads))
 if os.environ.get(THREAD_CPU_ENV):
     _start_thread_cpu_sampler(os.environ[THREAD_CPU_ENV])

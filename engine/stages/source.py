@@ -37,9 +37,10 @@ class Source(Protocol):
 class MediaSource:
     """Videos (PyAV) and images (Pillow), decoded ``prefetch_depth`` batches ahead in a thread.
 
-    FFmpeg decodes with one thread per CPU; ``convert_threads`` threads turn the decoded frames
-    into RGB beside it (``None``: :func:`~engine.sources.default_convert_threads`; see
-    :func:`~engine.sources.iter_frames`). Pixels, order and timestamps do not depend on either.
+    FFmpeg decodes a video with ``decode_threads`` threads (0: one per CPU, FFmpeg's choice);
+    ``convert_threads`` threads turn the decoded frames into RGB beside it (``None``:
+    :func:`~engine.sources.default_convert_threads`; see :func:`~engine.sources.iter_frames`).
+    Pixels, order and timestamps do not depend on either.
 
     At most ``prefetch_depth`` batches wait ready, fewer when their frames would pass
     ``prefetch_bytes`` host bytes (:data:`PREFETCH_BYTES`; one batch always may wait).
@@ -51,17 +52,20 @@ class MediaSource:
     """
 
     def __init__(self, prefetch_depth: int = 2, convert_threads: int | None = None,
-                 device: str | None = None, prefetch_bytes: int | None = PREFETCH_BYTES) -> None:
+                 device: str | None = None, prefetch_bytes: int | None = PREFETCH_BYTES,
+                 decode_threads: int = 0) -> None:
         self.prefetch_depth = prefetch_depth
         self.prefetch_bytes = prefetch_bytes
         self.convert_threads = convert_threads
+        self.decode_threads = decode_threads
         self.device = device
 
     def probe(self, path: Path) -> MediaInfo:
         return probe(path)
 
     def frames(self, path: Path, batch_size: int, start: int = 0) -> Iterator[FrameBatch]:
-        frames = iter_frames(path, batch_size, start=start, convert_threads=self.convert_threads)
+        frames = iter_frames(path, batch_size, start=start, convert_threads=self.convert_threads,
+                             decode_threads=self.decode_threads)
         device = self._upload_device()
         if device is not None:  # the ready batches are on the device: no host bytes to bound
             return prefetch(_uploaded(frames, device), depth=self.prefetch_depth)
