@@ -95,7 +95,8 @@ for step in ${STEPS:-equal throughput memory render}; do
                     esac
                   done ;;
     dataset-batch) for b in ${BATCHES:-32 64 128}; do  # frames per batch: the face stages' per-call costs over more frames
-                  fast_nvdec --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" --batch-size "$b" ${SINGLE:+--single-only} \
+                  by_mode --clips "${CLIPS:-48}" --per-gpu "${PER_GPU:-1}" --batch-size "$b" ${SINGLE:+--single-only} \
+                    ${ALL:+--all-only} ${THREADS:+--threads "$THREADS"} \
                     --out "$OUT/dataset_batch_$b.md"
                 done ;;
     dataset-conc) for c in ${CONCS:-2 4 8}; do  # one worker per GPU with more inputs in flight
