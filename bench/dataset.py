@@ -73,6 +73,7 @@ LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
 THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
+MAX_PIXELS_ENV = "STUDIO_BENCH_MTCNN_MAX_PIXELS"
 #: What each of the shim's on/off switches puts back, as the bench's output says it.
 SHIM_SWITCHES = {
     LEVELS_ENV: "the fast path's keyframe detector runs MTCNN's first stage level by level",
@@ -791,6 +792,9 @@ def main(argv=None) -> int:
     if "mtcnn" in args.landmarks:
         notes.append("MTCNN: the weights facenet-pytorch ships (real)")
     notes += [f"{said} ({name}=1)" for name, said in SHIM_SWITCHES.items() if os.environ.get(name) == "1"]
+    if os.environ.get(MAX_PIXELS_ENV):
+        notes.append(f"MTCNN puts up to {os.environ[MAX_PIXELS_ENV]} pixels through one detector call "
+                     f"({MAX_PIXELS_ENV})")
     env = child_env(args, args.workdir, fixed_box)
 
     command = shlex.join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

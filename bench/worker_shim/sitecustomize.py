@@ -21,6 +21,11 @@ below is off unless its environment variable is set; with none set nothing chang
   shares, so its waits for the GPU no longer include the regressor's and the crops' queued work.
   Its stream first waits for the caller's (inputs made there are ready), and each call ends
   with its results copied to the host (its own work done). A candidate, not yet the engine's.
+* ``$STUDIO_BENCH_MTCNN_MAX_PIXELS=N``: ``MtcnnLandmarker`` puts up to ``N`` pixels through one
+  detector call instead of its default 16 M (7 frames of 1080p a call; a 32-frame batch makes
+  five calls, each with the whole per-call cost of the pyramid and the later stages). On CUDA
+  the detections can move by ~1e-4 px with the frames per call (cuDNN's kernels differ by batch
+  size); each call is still facenet-pytorch's ``detect_face`` bit for bit.
 * ``$STUDIO_BENCH_THREAD_CPU=DIR``: a thread of the process reads the CPU time of each of its
   threads from ``/proc/self/task`` once a second and writes ``DIR/<pid>.json``: seconds per
   thread, under the thread's Python name, or ``native:<name>`` for threads Python did not start
@@ -42,14 +47,15 @@ LOAD_ENV = "STUDIO_BENCH_NO_LOAD_AHEAD"
 TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
 THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
+MAX_PIXELS_ENV = "STUDIO_BENCH_MTCNN_MAX_PIXELS"
 THREAD_CPU_PERIOD_S = 1.0
 
 
 class _PatchAfterImport(MetaPathFinder):
-    """Finds module ``name`` as usual, and calls ``patch(module)`` after the module has run."""
+    """Finds module ``name`` as usual, and calls each of ``patches`` on the module after it has run."""
 
     def __init__(self, name: str, patch) -> None:
-        self.name, self.patch = name, patch
+        self.name, self.patches = name, [patch]
 
     def find_spec(self, name, path, target=None):
         if name != self.name:
@@ -62,7 +68,8 @@ class _PatchAfterImport(MetaPathFinder):
 
         def exec_module(module):
             run_module(module)
-            self.patch(module)
+            for patch in self.patches:
+                patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -126,6 +133,16 @@ def _mtcnn_stream(module) -> None:
     module.MtcnnLandmarker.detect = on_own_stream
 
 
+def _mtcnn_max_pixels(module) -> None:
+    init, pixels = module.MtcnnLandmarker.__init__, int(os.environ[MAX_PIXELS_ENV])
+
+    def with_max_pixels(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.max_pixels = pixels
+
+    module.MtcnnLandmarker.__init__ = with_max_pixels
+
+
 def _task_cpu() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) and kernel name of each thread of this process, by thread id."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -175,17 +192,29 @@ def _start_thread_cpu_sampler(folder: str) -> None:
     threading.Thread(target=_sample_thread_cpu, args=(folder,), name="bench-thread-cpu", daemon=True).start()
 
 
+def _after_import(name: str, patch) -> None:
+    """Call ``patch(module)`` once module ``name`` has been imported (one finder per module, so
+    several switches can patch the same module)."""
+    for finder in sys.meta_path:
+        if isinstance(finder, _PatchAfterImport) and finder.name == name:
+            finder.patches.append(patch)
+            return
+    sys.meta_path.insert(0, _PatchAfterImport(name, patch))
+
+
 if os.environ.get(BOX_ENV):
-    sys.meta_path.insert(0, _PatchAfterImport("engine.pipeline", _fixed_box))
+    _after_import("engine.pipeline", _fixed_box)
 if os.environ.get(LEVELS_ENV) == "1":
-    sys.meta_path.insert(0, _PatchAfterImport("engine.landmarks.mtcnn_gpu", _facenet_levels))
+    _after_import("engine.landmarks.mtcnn_gpu", _facenet_levels)
 if os.environ.get(THREADS_ENV) == "1":
-    sys.meta_path.insert(0, _PatchAfterImport("engine.many", _thread_per_input))
+    _after_import("engine.many", _thread_per_input)
 if os.environ.get(LOAD_ENV) == "1":
-    sys.meta_path.insert(0, _PatchAfterImport("worker.loop", _no_load_ahead))
+    _after_import("worker.loop", _no_load_ahead)
 if os.environ.get(TAIL_ENV) == "1":
-    sys.meta_path.insert(0, _PatchAfterImport("db.service", _claim_to_the_end))
+    _after_import("db.service", _claim_to_the_end)
 if os.environ.get(STREAM_ENV) == "1":
-    sys.meta_path.insert(0, _PatchAfterImport("engine.landmarks.mtcnn", _mtcnn_stream))
+    _after_import("engine.landmarks.mtcnn", _mtcnn_stream)
+if os.environ.get(MAX_PIXELS_ENV):
+    _after_import("engine.landmarks.mtcnn", _mtcnn_max_pixels)
 if os.environ.get(THREAD_CPU_ENV):
     _start_thread_cpu_sampler(os.environ[THREAD_CPU_ENV])
