@@ -7,8 +7,9 @@ Usage::
 1. ``TorchAligner`` on the device against Pillow (``Deep3DAligner``): crops, ``trans_params`` and
    ``crop_box`` of every frame of the shared clip and of a 1080p copy, with MTCNN's landmarks;
    the crops must be the same bits.
-2. The exact path end to end on the device with the default aligner (GPU crops) and with Pillow's:
-   every npz array the same.
+2. The exact path end to end on the device with the default aligner (GPU crops), with Pillow's,
+   and with the frames made RGB on the device from their YUV planes (``MediaSource(rgb_device=)``,
+   ``engine.yuv``): every npz array the same.
 3. ``BatchedFan`` (random 2D-FAN-4 weights of the real architecture) in fp32 and fp16 against
    face_alignment's per-frame FAN on the same boxes: point differences in % of the inter-ocular
    distance (random weights: this shows fp16 and batching numerics only).
@@ -18,6 +19,10 @@ Usage::
 5. The exact path's MTCNN with all crops of a stage at once (``engine.landmarks.mtcnn_exact``)
    against facenet-pytorch's per-box loop, on the shared clip and the 1080p copy, at facenet's
    thresholds and at low ones: the same bits; with wall and CPU time per frame of each.
+6. Frames made RGB on the device from their YUV planes (``iter_frames(rgb_device=...)``,
+   ``engine.yuv``) against FFmpeg's RGB on the host (PyAV), every frame of the shared clip and of
+   the 1080p copy: the same bytes; with the decode thread's CPU time per frame of each
+   (``--only-rgb``: this check and the exact path's end to end with it).
 
 Prints one Markdown line per check; exits 1 when a must-be-equal check differs.
 """
@@ -83,17 +88,49 @@ def check_exact_engine(video: Path, device: str, work: Path) -> bool:
 
     ckpt = random_checkpoint(work / "random_epoch_20.pth")
     cfg = EngineConfig(checkpoint=ckpt, landmarks="mtcnn", formats=("npz",), device=device, overwrite=True)
+    from engine.stages.source import MediaSource
+
     outs = {}
-    for label, aligner in (("gpu-crops", None), ("pillow", Deep3DAligner(4))):
-        with Engine(cfg, aligner=aligner) as engine:
+    variants = {"gpu-crops": {}, "pillow": {"aligner": Deep3DAligner(4)},
+                "rgb-on-device": {"source": MediaSource(rgb_device=device)}}
+    for label, parts in variants.items():
+        with Engine(cfg, **parts) as engine:
             report = engine.run(video, work / label / video.stem)
         with np.load(report.outputs["npz"], allow_pickle=False) as z:
             outs[label] = {k: z[k] for k in z.files}
-    a, b = outs["gpu-crops"], outs["pillow"]
-    diff = [k for k in a if not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
-    print(f"- exact path on {device}, {video.name}: default (GPU crops) vs Pillow aligner: "
-          f"{'every npz array identical' if not diff else 'DIFFERENT: ' + ', '.join(diff)} ({len(a['coeff'])} frames)")
-    return not diff
+    a = outs["gpu-crops"]
+    ok = True
+    for label, said in (("pillow", "Pillow aligner"), ("rgb-on-device", "frames made RGB on the device")):
+        b = outs[label]
+        diff = [k for k in a if not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
+        print(f"- exact path on {device}, {video.name}: default (GPU crops) vs {said}: "
+              f"{'every npz array identical' if not diff else 'DIFFERENT: ' + ', '.join(diff)} "
+              f"({len(a['coeff'])} frames)")
+        ok &= not diff
+    return ok
+
+
+def check_rgb_on_device(video: Path, device: str, name: str) -> bool:
+    """Every frame of ``video`` made RGB on ``device`` (engine.yuv) against FFmpeg's host RGB."""
+    import time
+
+    import torch
+
+    from engine.sources import iter_frames
+
+    got = {}
+    for label, where in (("host", None), ("device", device)):
+        t = time.process_time()
+        batches = [(b.images.cpu().numpy() if isinstance(b.images, torch.Tensor) else b.images)
+                   for b in iter_frames(video, 32, convert_threads=0, rgb_device=where)]
+        got[label] = (np.concatenate(batches), time.process_time() - t)
+    (host, host_s), (dev, dev_s) = got["host"], got["device"]
+    same = host.shape == dev.shape and np.array_equal(host, dev)
+    print(f"- RGB made on {device} from YUV planes vs FFmpeg's on the host, {name}: "
+          f"{'same bytes' if same else 'DIFFERENT'} ({len(host)} frames {host.shape[2]}×{host.shape[1]}; "
+          f"CPU time per frame, decoding included: host {1e3 * host_s / len(host):.2f} ms, "
+          f"device {1e3 * dev_s / len(host):.2f} ms)")
+    return same
 
 
 def check_fan(frames, faces, device: str, work: Path) -> None:
@@ -218,7 +255,8 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--fan-frames", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-gpu-checks")
-    ap.add_argument("--only-exact-mtcnn", action="store_true", help="check 5 alone")
+    ap.add_argument("--only-exact-mtcnn", action="store_true", help="checks 5 and 6 alone")
+    ap.add_argument("--only-rgb", action="store_true", help="check 6 and the exact path end to end")
     args = ap.parse_args()
     print(f"# GPU checks, {datetime.date.today()}, device {args.device}\n")
     ok = True
@@ -227,6 +265,11 @@ def main() -> int:
 
     spec = MediaSpec()
     hd = make_video(source_faces(TEST_CLIP, spec.face_size), args.workdir / "clip1080p-96.mp4", 96, 0, spec)
+    ok &= check_rgb_on_device(TEST_CLIP, args.device, TEST_CLIP.name)
+    ok &= check_rgb_on_device(hd, args.device, "1080p copy")
+    if args.only_rgb:
+        ok &= check_exact_engine(hd, args.device, args.workdir)
+        return 0 if ok else 1
     hd_frames = clip_frames(hd, 96)
     ok &= check_exact_mtcnn(frames, args.device, TEST_CLIP.name)
     ok &= check_exact_mtcnn(hd_frames, args.device, "1080p copy")

@@ -37,6 +37,7 @@ for step in ${STEPS:-equal throughput memory render}; do
     conv-shapes) python3 bench/conv_shapes.py --device cuda ;;
     checks) python3 bench/gpu_checks.py --device cuda ;;
     checks-exact) python3 bench/gpu_checks.py --device cuda --only-exact-mtcnn ;;  # the exact path's MTCNN only
+    checks-rgb) python3 bench/gpu_checks.py --device cuda --only-rgb ;;  # RGB made on the GPU (engine.yuv), exact path
     compat) python3 bench/compat_diff.py --device cuda --landmarks mtcnn --make-1080p 300 ;;
     throughput) python3 bench/throughput.py --device cuda --set clips --clips 8 --landmarks mtcnn fan \
                   --reference-inputs 4 --out "$OUT/throughput.md" ;;

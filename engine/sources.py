@@ -413,7 +413,7 @@ def declared_frame_count(path: str | Path) -> int:
 
 def iter_frames(
     path: str | Path, batch_size: int, start: int = 0, *, convert_threads: int | None = None,
-    decode_threads: int = 0,
+    decode_threads: int = 0, rgb_device: str | None = None,
 ) -> Iterator[FrameBatch]:
     """Decode an input into batches of consecutive frames, streaming.
 
@@ -440,6 +440,13 @@ def iter_frames(
         decode_threads: FFmpeg's decoding threads for a video (``thread_count``): 0, FFmpeg's
             choice (one per CPU of the process, frame and slice threading); 1, decode on the
             reading thread. The pixels are the same either way.
+        rgb_device: a torch device (``"cuda:0"``, or ``"cpu"``) on which a video's frames become
+            RGB with FFmpeg's own arithmetic (:mod:`engine.yuv`): the decode thread only copies
+            each frame's YUV planes (half the bytes of RGB), and a batch's ``images`` is then a
+            uint8 (B, H, W, 3) tensor on that device. Frames :func:`engine.yuv.frame_matrix`
+            declines, scaled frames and rotated videos are converted by FFmpeg on the host as
+            usual (and copied there). None: FFmpeg converts every frame, ``images`` is numpy.
+            The pixels are the same either way.
 
     Raises:
         ValueError: ``batch_size < 1``, ``start < 0``, ``convert_threads < 0`` or
@@ -464,7 +471,7 @@ def iter_frames(
     kind = _check_file(path)
     if kind == "image":
         return _iter_image(path, start)
-    return _iter_video(path, batch_size, start, threads, decode_threads)
+    return _iter_video(path, batch_size, start, threads, decode_threads, rgb_device)
 
 
 def default_convert_threads(cpu_count: int | None = None) -> int:
@@ -509,19 +516,19 @@ def _iter_image(path: Path, start: int) -> Iterator[FrameBatch]:
 
 
 def _iter_video(path: Path, batch_size: int, start: int, convert_threads: int = 1,
-                decode_threads: int = 0) -> Iterator[FrameBatch]:
+                decode_threads: int = 0, rgb_device: str | None = None) -> Iterator[FrameBatch]:
     pool = ThreadPoolExecutor(convert_threads, thread_name_prefix="rgb") if convert_threads > 1 else None
     try:
-        yield from _decode_video(path, batch_size, start, pool, decode_threads)
+        yield from _decode_video(path, batch_size, start, pool, decode_threads, rgb_device)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecutor | None,
-                  decode_threads: int = 0) -> Iterator[FrameBatch]:
+                  decode_threads: int = 0, rgb_device: str | None = None) -> Iterator[FrameBatch]:
     """:func:`iter_frames` for a video; RGB conversion in ``pool`` when given (see ``convert_threads``),
-    ``decode_threads`` FFmpeg threads (0: FFmpeg's choice).
+    or on ``rgb_device``; ``decode_threads`` FFmpeg threads (0: FFmpeg's choice).
 
     A late ``start`` seeks to the keyframe before frame ``start`` when :func:`_seek_to_frame`
     can prove the numbering; otherwise every frame from 0 is decoded and the first ``start``
@@ -534,12 +541,12 @@ def _decode_video(path: Path, batch_size: int, start: int, pool: ThreadPoolExecu
             if resumed is not None:
                 frames, size, rotation = resumed
                 yield from _decode_stream(path, container, stream, frames, batch_size, start, pool,
-                                          count=start, size=size, rotation=rotation)
+                                          count=start, size=size, rotation=rotation, rgb_device=rgb_device)
                 return
     with _open_container(path) as container:
         stream = _open_video_stream(container, path, decode_threads)
         yield from _decode_stream(path, container, stream, _decoded_frames(container.demux(stream)),
-                                  batch_size, start, pool)
+                                  batch_size, start, pool, rgb_device=rgb_device)
 
 
 def _open_video_stream(container, path: Path, threads: int = 0):
@@ -571,8 +578,9 @@ def _decode_stream(
     count: int = 0,
     size: tuple[int, int] | None = None,
     rotation: int = 0,
+    rgb_device: str | None = None,
 ) -> Iterator[FrameBatch]:
-    """Batches of ``frames`` from frame index ``start`` on.
+    """Batches of ``frames`` from frame index ``start`` on (RGB made on ``rgb_device`` where it can be).
 
     ``count`` is the index of the first of ``frames`` (0, or ``start`` after a seek); ``size``
     (W, H) and ``rotation`` are those of frame 0 (None: read from the first of ``frames``).
@@ -607,7 +615,7 @@ def _decode_stream(
                         path, count, frame.width, frame.height, *size,
                     )
                 if batch is None:
-                    batch = _Batch(batch_size, size, rotation, pool)
+                    batch = _Batch(batch_size, size, rotation, pool, rgb_device)
                 batch.add(frame, count, t)
                 if batch.full:
                     done, failed = batch.finish()
@@ -802,33 +810,74 @@ def _lead_in(frames: Iterator, land_pts: int, plan: _SeekPlan) -> Iterator:
 class _Batch:
     """One batch being decoded: each frame is converted (on the decode thread, or in ``pool``)
     straight into its row of one uint8 (capacity, H, W, 3) array, so the decode thread never
-    copies or stacks frames (a ``np.stack`` of 32 fresh 1080p frames cost it ~4 ms a frame)."""
+    copies or stacks frames (a ``np.stack`` of 32 fresh 1080p frames cost it ~4 ms a frame).
 
-    def __init__(self, capacity: int, size: tuple[int, int], rotation: int, pool: ThreadPoolExecutor | None) -> None:
+    With ``rgb_device`` each frame's YUV planes are copied into rows of three plane arrays
+    instead, and the batch becomes RGB on that device when it is finished (:mod:`engine.yuv`);
+    a frame :func:`engine.yuv.frame_matrix` declines, a scaled or rotated one, or one whose
+    matrix differs from the batch's first is converted by FFmpeg on the host and copied into
+    its row there."""
+
+    def __init__(self, capacity: int, size: tuple[int, int], rotation: int, pool: ThreadPoolExecutor | None,
+                 rgb_device: str | None = None) -> None:
         width, height = size
-        rows, cols = (width, height) if rotation in (90, 270) else (height, width)
-        self.images = np.empty((capacity, rows, cols, 3), dtype=np.uint8)  # pages are touched by the converters
-        self.size, self.rotation, self.pool = size, rotation, pool
+        self.shape = (width, height) if rotation in (90, 270) else (height, width)  # rows, columns upright
+        self.capacity = capacity
+        self.size, self.rotation, self.pool, self.rgb_device = size, rotation, pool, rgb_device
         self.index: list[int] = []
         self.times: list[float] = []
         self.pending: list[Future | None] = []
+        if rgb_device is None:
+            self.images = np.empty((capacity, *self.shape, 3), dtype=np.uint8)  # pages are touched by the converters
+        self.planes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # made for the first planes row
+        self.matrix: tuple[str, bool] | None = None  # (colour matrix, full range) of the planes rows
+        self.on_host: dict[int, np.ndarray] = {}  # with rgb_device: row -> RGB converted by FFmpeg
 
     @property
     def full(self) -> bool:
-        return len(self.index) == len(self.images)
+        return len(self.index) == self.capacity
 
     def add(self, frame, index: int, t: float) -> None:
         row = len(self.index)
         self.index.append(index)
         self.times.append(t)
+        convert = self._copy_planes if self._takes_planes(frame) else self._convert
         if self.pool is None:
-            self._convert(row, frame)
+            convert(row, frame)
             self.pending.append(None)
         else:
-            self.pending.append(self.pool.submit(self._convert, row, frame))
+            self.pending.append(self.pool.submit(convert, row, frame))
+
+    def _takes_planes(self, frame) -> bool:
+        """Whether ``frame`` goes to ``rgb_device`` as planes (decided in decoding order): not
+        scaled, not rotated, a matrix :func:`engine.yuv.frame_matrix` vouches for, the batch's."""
+        from engine.yuv import frame_matrix
+
+        if self.rgb_device is None or self.rotation or (frame.width, frame.height) != self.size:
+            return False
+        matrix = frame_matrix(frame)
+        if matrix is None or self.matrix not in (None, matrix):
+            return False
+        if self.planes is None:
+            width, height = self.size
+            chroma = (self.capacity, (height + 1) // 2, (width + 1) // 2)
+            self.planes = (np.empty((self.capacity, height, width), dtype=np.uint8),
+                           np.empty(chroma, dtype=np.uint8), np.empty(chroma, dtype=np.uint8))
+        self.matrix = matrix
+        return True
 
     def _convert(self, row: int, frame) -> None:
-        self.images[row] = upright_rgb(frame, self.size, self.rotation)
+        rgb = upright_rgb(frame, self.size, self.rotation)
+        if self.rgb_device is None:
+            self.images[row] = rgb
+        else:
+            self.on_host[row] = rgb
+
+    def _copy_planes(self, row: int, frame) -> None:
+        from engine.yuv import planes
+
+        for rows, plane in zip(self.planes, planes(frame), strict=True):
+            rows[row] = plane
 
     def finish(self) -> tuple[FrameBatch, Exception | None]:
         """The frames converted, in order, up to the first whose conversion failed, and that
@@ -844,8 +893,26 @@ class _Batch:
         return self._batch(ok), None
 
     def _batch(self, n: int) -> FrameBatch:
-        return FrameBatch(images=self.images[:n], index=np.asarray(self.index[:n], dtype=np.int64),
+        images = self.images[:n] if self.rgb_device is None else self._device_rgb(n)
+        return FrameBatch(images=images, index=np.asarray(self.index[:n], dtype=np.int64),
                           timestamps=np.asarray(self.times[:n], dtype=np.float64))
+
+    def _device_rgb(self, n: int):
+        """uint8 (n, H, W, 3) tensor on ``rgb_device``: the planes rows converted there, the rows
+        FFmpeg converted copied in."""
+        import torch
+
+        from engine.yuv import coefficients, to_rgb
+
+        if self.planes is None:
+            images = torch.empty((n, *self.shape, 3), dtype=torch.uint8, device=self.rgb_device)
+        else:
+            y, u, v = (torch.from_numpy(p[:n]).to(self.rgb_device) for p in self.planes)
+            images = to_rgb(y, u, v, coefficients(*self.matrix))
+        for row, rgb in self.on_host.items():
+            if row < n:  # a rotated frame is a view with negative strides: copied first
+                images[row] = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.rgb_device)
+        return images
 
 
 def upright_rgb(frame, size: tuple[int, int], rotation_cw: int | None = None) -> np.ndarray:

@@ -140,3 +140,29 @@ def test_nvdec_is_for_the_fast_path_and_says_what_it_needs():
 
     with pytest.raises(NvdecUnavailable, match="pip install pynvvideocodec"):
         Engine(EngineConfig(mode="fast", decoder="nvdec", device="cpu"))
+
+
+def test_the_exact_path_on_frames_made_rgb_on_a_device_writes_what_it_writes_on_ffmpegs(
+        test_video, tmp_path, recon_checkpoint):
+    """``MediaSource(rgb_device=...)`` (YUV planes to the device, FFmpeg's arithmetic there,
+    engine.yuv) through the exact path with its CUDA stages (batched MTCNN crops, the torch
+    aligner) run on the CPU: every array of the npz equals the run on FFmpeg's host RGB."""
+    from engine.landmarks.mtcnn import MtcnnLandmarker
+
+    clip = make_video(tmp_path / "clip.mp4", first_frames(test_video, FRAMES), size=(512, 512), fps=25)
+    batches = MediaSource(rgb_device="cpu").frames(clip, 16)
+    assert on_device(next(batches).images)  # RGB made "on the device": a tensor
+    batches.close()
+    cfg = EngineConfig(checkpoint=recon_checkpoint, landmarks="mtcnn", device="cpu", batch_size=16,
+                       formats=("npz",), num_threads=2)
+    arrays = {}
+    for name, source in (("host", MediaSource()), ("device", MediaSource(rgb_device="cpu"))):
+        landmarker = MtcnnLandmarker("cpu", batch_frames=True, batched_crops=True)
+        with Engine(cfg, source=source, landmarker=landmarker, aligner=TorchAligner("cpu")) as engine:
+            report = engine.run(clip, tmp_path / name / "clip")
+        with np.load(report.outputs["npz"], allow_pickle=False) as z:
+            arrays[name] = {k: z[k] for k in z.files}
+    host, dev = arrays["host"], arrays["device"]
+    assert host["valid"].sum() > FRAMES // 2 and host.keys() == dev.keys()
+    for key in host:
+        assert np.array_equal(host[key], dev[key], equal_nan=host[key].dtype.kind == "f"), key

@@ -26,6 +26,9 @@ below is off unless its environment variable is set; with none set nothing chang
   five calls, each with the whole per-call cost of the pyramid and the later stages). On CUDA
   the detections can move by ~1e-4 px with the frames per call (cuDNN's kernels differ by batch
   size); each call is still facenet-pytorch's ``detect_face`` bit for bit.
+* ``$STUDIO_BENCH_RGB_ON_GPU=1``: on CUDA, the exact path's frames become RGB on the GPU from
+  their YUV planes (``MediaSource(rgb_device=...)``, :mod:`engine.yuv`: FFmpeg's arithmetic, the
+  same bytes) instead of FFmpeg's conversion on the host. A candidate, not yet the engine's.
 * ``$STUDIO_BENCH_THREAD_CPU=DIR``: a thread of the process reads the CPU time of each of its
   threads from ``/proc/self/task`` once a second and writes ``DIR/<pid>.json``: seconds per
   thread, under the thread's Python name, or ``native:<name>`` for threads Python did not start
@@ -48,6 +51,7 @@ TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
 THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
 MAX_PIXELS_ENV = "STUDIO_BENCH_MTCNN_MAX_PIXELS"
+RGB_ENV = "STUDIO_BENCH_RGB_ON_GPU"
 THREAD_CPU_PERIOD_S = 1.0
 
 
@@ -143,6 +147,21 @@ def _mtcnn_max_pixels(module) -> None:
     module.MtcnnLandmarker.__init__ = with_max_pixels
 
 
+def _rgb_on_gpu(module) -> None:
+    default_source = module.default_source
+
+    def rgb_on_gpu(config, device):
+        from engine.config import Mode
+        from engine.stages.source import MediaSource
+
+        source = default_source(config, device)
+        if isinstance(source, MediaSource) and config.mode == Mode.EXACT and str(device).startswith("cuda"):
+            source.rgb_device = device
+        return source
+
+    module.default_source = rgb_on_gpu
+
+
 def _task_cpu() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) and kernel name of each thread of this process, by thread id."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -216,5 +235,7 @@ if os.environ.get(STREAM_ENV) == "1":
     _after_import("engine.landmarks.mtcnn", _mtcnn_stream)
 if os.environ.get(MAX_PIXELS_ENV):
     _after_import("engine.landmarks.mtcnn", _mtcnn_max_pixels)
+if os.environ.get(RGB_ENV) == "1":
+    _after_import("engine.fast", _rgb_on_gpu)
 if os.environ.get(THREAD_CPU_ENV):
     _start_thread_cpu_sampler(os.environ[THREAD_CPU_ENV])

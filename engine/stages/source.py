@@ -49,24 +49,31 @@ class MediaSource:
     uint8 (B, H, W, 3) tensor there, as from NVDEC (:mod:`engine.frames`); the host then holds
     only the batches being decoded. ``"auto"``: the GPU when torch sees one. ``None``, a CPU
     device, or ``"auto"`` without a GPU: numpy frames on the host. The same pixel values either way.
+
+    ``rgb_device``: a torch device on which a video's frames become RGB (FFmpeg's arithmetic,
+    :mod:`engine.yuv`; see :func:`~engine.sources.iter_frames`): only their YUV planes are copied
+    on the host, and ``images`` is a tensor there. ``"auto"``: the GPU when torch sees one, else
+    as None: FFmpeg converts on the host. The same pixel values either way.
     """
 
     def __init__(self, prefetch_depth: int = 2, convert_threads: int | None = None,
                  device: str | None = None, prefetch_bytes: int | None = PREFETCH_BYTES,
-                 decode_threads: int = 0) -> None:
+                 decode_threads: int = 0, rgb_device: str | None = None) -> None:
         self.prefetch_depth = prefetch_depth
         self.prefetch_bytes = prefetch_bytes
         self.convert_threads = convert_threads
         self.decode_threads = decode_threads
         self.device = device
+        self.rgb_device = rgb_device
 
     def probe(self, path: Path) -> MediaInfo:
         return probe(path)
 
     def frames(self, path: Path, batch_size: int, start: int = 0) -> Iterator[FrameBatch]:
+        rgb_device = self._rgb_device()
         frames = iter_frames(path, batch_size, start=start, convert_threads=self.convert_threads,
-                             decode_threads=self.decode_threads)
-        device = self._upload_device()
+                             decode_threads=self.decode_threads, rgb_device=rgb_device)
+        device = self._upload_device() or rgb_device
         if device is not None:  # the ready batches are on the device: no host bytes to bound
             return prefetch(_uploaded(frames, device), depth=self.prefetch_depth)
         return prefetch(frames, depth=self.prefetch_depth, max_bytes=self.prefetch_bytes)
@@ -80,14 +87,24 @@ class MediaSource:
         device = ("cuda" if torch.cuda.is_available() else None) if self.device == "auto" else self.device
         return device if device is not None and torch.device(device).type == "cuda" else None
 
+    def _rgb_device(self) -> str | None:
+        """The device frames become RGB on (``rgb_device``; ``"auto"``: ``cuda`` when torch sees a
+        GPU), or None: FFmpeg converts on the host."""
+        if self.rgb_device != "auto":
+            return self.rgb_device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+
 
 def _uploaded(frames: Iterator[FrameBatch], device: str) -> Iterator[FrameBatch]:
-    """``frames`` with each batch's images copied to ``device`` (the host array is then freed)."""
-    import torch
+    """``frames`` with each batch's images copied to ``device`` (the host array is then freed);
+    a batch already there as a tensor is passed on."""
+    from engine.frames import to_torch
 
     try:
         for batch in frames:
-            yield dataclasses.replace(batch, images=torch.from_numpy(batch.images).to(device))
+            yield dataclasses.replace(batch, images=to_torch(batch.images, device))
     finally:
         close = getattr(frames, "close", None)
         if close is not None:
