@@ -9,8 +9,8 @@ serves the 2×2 luma samples it covers (no interpolation). The coefficients come
 frame's colour matrix (BT.601 or BT.709) and range (limited or full), as libswscale derives
 them in ``ff_yuv2rgb_c_init_tables``.
 
-:func:`to_rgb` does the same arithmetic in int32 on any torch device. Integer arithmetic has one
-answer on every device, so a GPU gives the same bits as the CPU. Which frames qualify is not
+:func:`to_rgb` does the same arithmetic with torch's integer types on any device. Integer
+arithmetic has one answer on every device, so a GPU gives the same bytes as the CPU. Which frames qualify is not
 assumed: :func:`agrees_with_ffmpeg` converts random planes of each supported matrix and range
 with the installed PyAV and compares every byte (another CPU, e.g. an ARM one with its own
 NEON routine, or another FFmpeg may round differently); :func:`frame_matrix` then says which
