@@ -332,16 +332,22 @@ def test_convert_threads_vfr_rotation_and_distinct_frames(tmp_path):
 
 
 def test_convert_threads_truncated_file_yields_the_same_frames_then_raises(tmp_path):
+    """With FFmpeg's conversion on the decode thread, in a pool, or the RGB made on a device
+    (engine.yuv; the CPU here): the same frames, then the same error."""
     good = media.make_video(tmp_path / "good.mkv", 50)
     cut = media.make_truncated_copy(good, tmp_path / "cut.mkv", 0.5)
-    got = {}
-    for threads in (0, 3):
-        got[threads] = []
+    got, pixels = {}, {}
+    for threads, rgb_device in ((0, None), (3, None), (0, "cpu"), (3, "cpu")):
+        key = (threads, rgb_device)
+        got[key], pixels[key] = [], []
         with pytest.raises(TruncatedVideoError) as info:
-            for batch in iter_frames(cut, 8, convert_threads=threads):
-                got[threads].extend(batch.index.tolist())
-        assert info.value.decoded_frames == len(got[threads])
-    assert got[3] == got[0] == list(range(len(got[0])))
+            for batch in iter_frames(cut, 8, convert_threads=threads, rgb_device=rgb_device):
+                got[key].extend(batch.index.tolist())
+                pixels[key].append(np.asarray(batch.images))
+        assert info.value.decoded_frames == len(got[key])
+    assert len({tuple(v) for v in got.values()}) == 1 and got[(0, None)] == list(range(len(got[(0, None)])))
+    for key in pixels:
+        assert np.array_equal(np.concatenate(pixels[key]), np.concatenate(pixels[(0, None)])), key
 
 
 def test_convert_threads_stop_when_the_consumer_stops(test_video):
