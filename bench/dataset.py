@@ -63,8 +63,7 @@ from bench.throughput import SPY_VIEWS, cpu_jiffies, py_spy
 
 log = logging.getLogger("bench.dataset")
 
-#: Worker-side shim: its patches are switched on by BOX_ENV, LEVELS_ENV, THREADS_ENV, LOAD_ENV, TAIL_ENV
-#: and STREAM_ENV (see its docstring).
+#: Worker-side shim: its patches are switched on by the ``*_ENV`` variables below (see its docstring).
 SHIM_DIR = Path(__file__).resolve().parent / "worker_shim"
 BOX_ENV = "STUDIO_BENCH_FIXED_BOX"
 LEVELS_ENV = "STUDIO_BENCH_FACENET_LEVELS"
@@ -621,7 +620,8 @@ def thread_cpu_table(folder: Path, frames: int) -> str:
         workers += 1
         total += record["total_s"]
         for name, seconds in record["threads"]:
-            roles[thread_role(name)] = roles.get(thread_role(name), 0.0) + seconds
+            role = thread_role(name)
+            roles[role] = roles.get(role, 0.0) + seconds
     if not workers:
         return ""
     roles["(threads that ended between two samples)"] = max(0.0, total - sum(roles.values()))

@@ -280,7 +280,7 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
 def test_the_shim_records_each_threads_cpu_time_when_asked(tmp_path, monkeypatch):
     """``STUDIO_BENCH_THREAD_CPU``: a worker-like child process (``--device`` in its arguments) with a
     named thread that burns CPU; ``thread_cpu_table`` finds that thread's role with most of the time.
-    Without the variable the child writes nothing."""
+    Without the variable the child starts no sampling thread."""
     import subprocess
     import sys
 
@@ -302,8 +302,11 @@ def test_the_shim_records_each_threads_cpu_time_when_asked(tmp_path, monkeypatch
     assert "burner" in rows and "1 workers" in table, table
     burner_s = float(rows["burner"].split("|")[2])
     assert burner_s >= 0.4, table
+    names = "import threading; print(sorted(t.name for t in threading.enumerate()))"
+    sampled = subprocess.run([sys.executable, "-c", names], env=env, capture_output=True, text=True, timeout=300)
+    assert "bench-thread-cpu" in sampled.stdout, sampled.stderr
     monkeypatch.delenv(dataset.THREAD_CPU_ENV)
-    quiet = tmp_path / "quiet"
     env = dataset.child_env(None, tmp_path, None)
-    assert subprocess.run([sys.executable, "-c", "pass", "--device", "cpu"], env=env, timeout=300).returncode == 0
-    assert not quiet.exists() and dataset.thread_cpu_table(quiet, frames=10) == ""
+    quiet = subprocess.run([sys.executable, "-c", names], env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and "bench-thread-cpu" not in quiet.stdout, quiet.stderr
+    assert dataset.thread_cpu_table(tmp_path / "none", frames=10) == ""

@@ -291,8 +291,8 @@ def test_make_720p_from_clip(tmp_path, test_video):
 # --- colour conversion off the decode thread ------------------------------------------------
 
 
-def _decode_with(path, threads, batch_size=7, start=0):
-    batches = list(iter_frames(path, batch_size, start=start, convert_threads=threads))
+def _decode_with(path, threads, batch_size=7, start=0, **kw):
+    batches = list(iter_frames(path, batch_size, start=start, convert_threads=threads, **kw))
     return ([len(b) for b in batches], np.concatenate([b.images for b in batches]),
             np.concatenate([b.index for b in batches]), np.concatenate([b.timestamps for b in batches]))
 
@@ -373,9 +373,8 @@ def test_media_source_passes_convert_threads(test_video, clip_decoded):
 
 
 def _frames_with(path, decode_threads, start=0):
-    batches = list(iter_frames(path, 16, start=start, convert_threads=0, decode_threads=decode_threads))
-    return (np.concatenate([b.images for b in batches]), np.concatenate([b.index for b in batches]),
-            np.concatenate([b.timestamps for b in batches]))
+    """(images, index, timestamps) decoded with ``decode_threads`` FFmpeg threads."""
+    return _decode_with(path, 0, 16, start, decode_threads=decode_threads)[1:]
 
 
 @pytest.mark.parametrize("start", [0, 150])
