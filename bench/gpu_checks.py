@@ -7,9 +7,9 @@ Usage::
 1. ``TorchAligner`` on the device against Pillow (``Deep3DAligner``): crops, ``trans_params`` and
    ``crop_box`` of every frame of the shared clip and of a 1080p copy, with MTCNN's landmarks;
    the crops must be the same bits.
-2. The exact path end to end on the device with the default aligner (GPU crops), with Pillow's,
-   and with the frames made RGB on the device from their YUV planes (``MediaSource(rgb_device=)``,
-   ``engine.yuv``): every npz array the same.
+2. The exact path end to end on the device as the engine composes it (frames made RGB on the
+   device from their YUV planes, ``engine.yuv``; GPU crops), with FFmpeg's RGB on the host
+   (``MediaSource()``), and with Pillow's aligner (host frames): every npz array the same.
 3. ``BatchedFan`` (random 2D-FAN-4 weights of the real architecture) in fp32 and fp16 against
    face_alignment's per-frame FAN on the same boxes: point differences in % of the inter-ocular
    distance (random weights: this shows fp16 and batching numerics only).
@@ -91,19 +91,18 @@ def check_exact_engine(video: Path, device: str, work: Path) -> bool:
     from engine.stages.source import MediaSource
 
     outs = {}
-    variants = {"gpu-crops": {}, "pillow": {"aligner": Deep3DAligner(4)},
-                "rgb-on-device": {"source": MediaSource(rgb_device=device)}}
+    variants = {"default": {}, "host-rgb": {"source": MediaSource()}, "pillow": {"aligner": Deep3DAligner(4)}}
     for label, parts in variants.items():
         with Engine(cfg, **parts) as engine:
             report = engine.run(video, work / label / video.stem)
         with np.load(report.outputs["npz"], allow_pickle=False) as z:
             outs[label] = {k: z[k] for k in z.files}
-    a = outs["gpu-crops"]
+    a = outs["default"]
     ok = True
-    for label, said in (("pillow", "Pillow aligner"), ("rgb-on-device", "frames made RGB on the device")):
+    for label, said in (("host-rgb", "FFmpeg's RGB on the host"), ("pillow", "Pillow aligner")):
         b = outs[label]
         diff = [k for k in a if not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
-        print(f"- exact path on {device}, {video.name}: default (GPU crops) vs {said}: "
+        print(f"- exact path on {device}, {video.name}: default (RGB on the device, GPU crops) vs {said}: "
               f"{'every npz array identical' if not diff else 'DIFFERENT: ' + ', '.join(diff)} "
               f"({len(a['coeff'])} frames)")
         ok &= not diff

@@ -28,6 +28,7 @@ saves the detector's work on every non-keyframe.
 from __future__ import annotations
 
 from engine.config import Decoder, EngineConfig, Mode, cuda_index, name_of
+from engine.landmarks import backend_spec
 
 #: Longest side (pixels) of the frames the fast path's detectors look at.
 DETECT_MAX_SIDE = 640
@@ -62,12 +63,21 @@ def regressor_precision(config: EngineConfig, device: str) -> str:
     return "fp16" if config.mode == Mode.FAST and on_gpu(device) else "fp32"
 
 
-def default_source(config: EngineConfig, device: str):
+def default_source(config: EngineConfig, device: str, *, default_stages: bool = True):
     """The source ``config.decoder`` names: PyAV (:class:`~engine.stages.source.MediaSource`),
     or NVDEC with the frames kept on ``device`` (:class:`~engine.stages.nvdec.NvdecSource`).
-    PyAV's frames stay on the host for the exact path; the fast path has them copied to the
-    GPU in the decode thread (``config.device``, or the GPU when torch sees one): its stages
-    then work on device frames as with NVDEC, and the host holds only the batches being decoded.
+
+    PyAV's frames on the fast path are copied to the GPU in the decode thread (``config.device``,
+    or the GPU when torch sees one): its stages then work on device frames as with NVDEC, and the
+    host holds only the batches being decoded.
+
+    On the exact path on a GPU, when the stages are the engine's own (``default_stages``) and the
+    landmark backend takes device frames (:attr:`~engine.landmarks.BackendSpec.device_frames`:
+    ``mtcnn``, ``file``), a video's frames become RGB on that GPU from their YUV planes
+    (:mod:`engine.yuv`: FFmpeg's arithmetic, the same bytes; FFmpeg converts the frames it cannot
+    vouch for). This takes FFmpeg's RGB conversion off the host, the exact path's largest CPU cost
+    after MTCNN: 805.5 against 736.5 frames/s on two H200s (docs/PERFORMANCE.md). Otherwise the
+    frames stay host arrays, as the reference's.
 
     Raises:
         NvdecUnavailable: ``nvdec`` without PyNvVideoCodec or without a CUDA ``device``.
@@ -80,8 +90,13 @@ def default_source(config: EngineConfig, device: str):
         return NvdecSource(gpu_id=cuda_index(device), on_device=True)
     from engine.stages.source import MediaSource
 
-    return MediaSource(device=(config.device or "auto") if config.mode == Mode.FAST else None,
-                       decode_threads=config.decode_threads)
+    if config.mode == Mode.FAST:
+        return MediaSource(device=config.device or "auto", decode_threads=config.decode_threads)
+    rgb_device = None
+    if default_stages and backend_spec(config.landmarks).device_frames:
+        # no device set: the GPU when torch sees one (as the engine picks), else FFmpeg on the host
+        rgb_device = "auto" if not config.device else config.device if on_gpu(config.device) else None
+    return MediaSource(decode_threads=config.decode_threads, rgb_device=rgb_device)
 
 
 def default_aligner(config: EngineConfig, device: str):

@@ -408,8 +408,11 @@ class Engine:
         return_large_blocks()  # freed frames go back to the OS (engine.hostmem)
         apply_cuda_sync()  # how threads wait for the GPU, before any CUDA context (engine.cudasync)
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
-        # NVDEC decodes on config.device, or on cuda:0 when unset (it needs a GPU either way).
-        self.source: Source = source or default_source(self.config, self.config.device or "cuda")
+        # NVDEC decodes on config.device, or on cuda:0 when unset (it needs a GPU either way). Frames
+        # made RGB on a GPU are for the engine's own face stages only: a stage handed in gets host frames.
+        own_stages = detector is None and landmarker is None and aligner is None
+        self.source: Source = source or default_source(self.config, self.config.device or "cuda",
+                                                       default_stages=own_stages)
         self._detector = detector
         self.tracker: Tracker = tracker or tracker_from_config(self.config)
         self._landmarker = landmarker

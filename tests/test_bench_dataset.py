@@ -234,8 +234,8 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     ``STUDIO_BENCH_NO_LOAD_AHEAD=1``, claims ahead down to the last job with
     ``STUDIO_BENCH_CLAIM_TO_THE_END=1``, the exact MTCNN's own stream with
     ``STUDIO_BENCH_MTCNN_STREAM=1`` (on a CPU it still detects), 64 M pixels a detector call with
-    ``STUDIO_BENCH_MTCNN_MAX_PIXELS=64000000``, the exact path's RGB made on the GPU (its source's
-    ``rgb_device``) with ``STUDIO_BENCH_RGB_ON_GPU=1``; nothing changes without."""
+    ``STUDIO_BENCH_MTCNN_MAX_PIXELS=64000000``, the exact path's RGB made on the host (its source's
+    ``rgb_device`` None) with ``STUDIO_BENCH_RGB_ON_HOST=1``; nothing changes without."""
     import subprocess
     import sys
 
@@ -266,15 +266,15 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
             "print(mtcnn_gpu.pnet_candidates is facenet_first_stage, a is b, Worker._load_ahead.__name__, left,\n"
             "      MtcnnLandmarker.detect.__name__, found.num_frames, len(found), mt.max_pixels)\n"
             "from engine.fast import default_source\n"
-            "print(default_source(EngineConfig(device='cuda:1'), 'cuda:1').rgb_device,\n"
-            "      default_source(EngineConfig(device='cpu'), 'cpu').rgb_device)")
+            "print(default_source(EngineConfig(device='cuda:1', landmarks='mtcnn'), 'cuda:1').rgb_device,\n"
+            "      default_source(EngineConfig(device='cpu', landmarks='mtcnn'), 'cpu').rgb_device)")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == (["True", "False", "<lambda>", "False", "on_own_stream", "1", "0", "64000000",
-                                   "cuda:1", "None"] if switch == "1" else
+                                   "None", "None"] if switch == "1" else
                                   ["False", "True", "_load_ahead", "True", "detect", "1", "0", "16000000",
-                                   "None", "None"])
+                                   "cuda:1", "None"])
 
 
 def test_the_shim_records_each_threads_cpu_time_when_asked(tmp_path, monkeypatch):

@@ -93,6 +93,29 @@ def test_pyav_frames_go_to_the_gpu_on_the_fast_path_only():
         assert MediaSource(device="auto")._upload_device() is None
 
 
+def test_the_exact_path_makes_frames_rgb_on_the_gpu_only_for_its_own_stages_that_take_them():
+    """On a GPU the exact path's video frames become RGB there (engine.yuv) when its landmark
+    backend takes device frames (``mtcnn``, ``file``) and no face stage is handed in; ``fan``
+    (face_alignment reads host arrays), the CPU, and an engine given its own landmarker or
+    aligner keep FFmpeg's RGB on the host. No device set: the GPU when torch sees one."""
+    from engine.fast import default_source
+
+    def rgb(device, landmarks="mtcnn", **kwargs):
+        return default_source(EngineConfig(mode="exact", device=device, landmarks=landmarks),
+                              device or "cuda", **kwargs).rgb_device
+
+    assert rgb("cuda:1") == "cuda:1" and rgb("cuda:0", "file") == "cuda:0"
+    assert rgb(None) == "auto" and rgb("cpu") is None and rgb("cuda:0", "fan") is None
+    assert rgb("cuda:0", default_stages=False) is None
+    assert default_source(EngineConfig(mode="fast", device="cuda:0", landmarks="mtcnn"), "cuda:0").rgb_device is None
+    cfg = EngineConfig(device="cuda:1", landmarks="mtcnn")
+    assert Engine(cfg).source.rgb_device == "cuda:1"
+    assert Engine(cfg, aligner=TorchAligner("cpu")).source.rgb_device is None
+    assert Engine(cfg, landmarker=object()).source.rgb_device is None
+    if not torch.cuda.is_available():
+        assert MediaSource(rgb_device="auto")._rgb_device() is None
+
+
 def test_uploading_keeps_the_frames_and_closes_the_decoder_when_stopped_early(frames):
     closed = []
 

@@ -21,14 +21,14 @@ below is off unless its environment variable is set; with none set nothing chang
   shares, so its waits for the GPU no longer include the regressor's and the crops' queued work.
   Its stream first waits for the caller's (inputs made there are ready), and each call ends
   with its results copied to the host (its own work done). A candidate, not yet the engine's.
-* ``$STUDIO_BENCH_MTCNN_MAX_PIXELS=N``: ``MtcnnLandmarker`` puts up to ``N`` pixels through one
-  detector call instead of its default 16 M (7 frames of 1080p a call; a 32-frame batch makes
-  five calls, each with the whole per-call cost of the pyramid and the later stages). On CUDA
+* ``$STUDIO_BENCH_MTCNN_MAX_PIXELS=N``: ``MtcnnLandmarker`` puts up to ``N`` frame pixels through
+  one detector call instead of its default (``engine.landmarks.mtcnn.default_max_pixels``: a whole
+  32-frame batch of 1080p on a GPU of 40 GiB or more, else 16 M, 7 such frames a call). On CUDA
   the detections can move by ~1e-4 px with the frames per call (cuDNN's kernels differ by batch
   size); each call is still facenet-pytorch's ``detect_face`` bit for bit.
-* ``$STUDIO_BENCH_RGB_ON_GPU=1``: on CUDA, the exact path's frames become RGB on the GPU from
-  their YUV planes (``MediaSource(rgb_device=...)``, :mod:`engine.yuv`: FFmpeg's arithmetic, the
-  same bytes) instead of FFmpeg's conversion on the host. A candidate, not yet the engine's.
+* ``$STUDIO_BENCH_RGB_ON_HOST=1``: the exact path's frames become RGB on the host (FFmpeg's
+  conversion), as before the engine made them RGB on the GPU from their YUV planes
+  (``engine.fast.default_source``, :mod:`engine.yuv`: the same bytes).
 * ``$STUDIO_BENCH_THREAD_CPU=DIR``: a thread of the process reads the CPU time of each of its
   threads from ``/proc/self/task`` once a second and writes ``DIR/<pid>.json``: seconds per
   thread, under the thread's Python name, or ``native:<name>`` for threads Python did not start
@@ -51,7 +51,7 @@ TAIL_ENV = "STUDIO_BENCH_CLAIM_TO_THE_END"
 STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
 THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
 MAX_PIXELS_ENV = "STUDIO_BENCH_MTCNN_MAX_PIXELS"
-RGB_ENV = "STUDIO_BENCH_RGB_ON_GPU"
+RGB_ENV = "STUDIO_BENCH_RGB_ON_HOST"
 THREAD_CPU_PERIOD_S = 1.0
 
 
@@ -147,19 +147,16 @@ def _mtcnn_max_pixels(module) -> None:
     module.MtcnnLandmarker.__init__ = with_max_pixels
 
 
-def _rgb_on_gpu(module) -> None:
+def _rgb_on_host(module) -> None:
     default_source = module.default_source
 
-    def rgb_on_gpu(config, device):
-        from engine.config import Mode
-        from engine.stages.source import MediaSource
-
-        source = default_source(config, device)
-        if isinstance(source, MediaSource) and config.mode == Mode.EXACT and str(device).startswith("cuda"):
-            source.rgb_device = device
+    def rgb_on_host(*args, **kwargs):
+        source = default_source(*args, **kwargs)
+        if getattr(source, "rgb_device", None) is not None:
+            source.rgb_device = None
         return source
 
-    module.default_source = rgb_on_gpu
+    module.default_source = rgb_on_host
 
 
 def _task_cpu() -> dict[int, tuple[str, float]]:
@@ -236,6 +233,6 @@ if os.environ.get(STREAM_ENV) == "1":
 if os.environ.get(MAX_PIXELS_ENV):
     _after_import("engine.landmarks.mtcnn", _mtcnn_max_pixels)
 if os.environ.get(RGB_ENV) == "1":
-    _after_import("engine.fast", _rgb_on_gpu)
+    _after_import("engine.fast", _rgb_on_host)
 if os.environ.get(THREAD_CPU_ENV):
     _start_thread_cpu_sampler(os.environ[THREAD_CPU_ENV])

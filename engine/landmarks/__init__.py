@@ -42,12 +42,16 @@ class BackendSpec:
         label: short name for people (dashboard).
         help: one line on what it is and what it needs (dashboard, CLI help).
         per_input: the backend belongs to one input and is built with ``source``.
+        device_frames: the backend (its exact-path landmarker and detector) takes frames whose
+            ``images`` are a torch tensor on its device (:mod:`engine.frames`), so the exact path
+            on a GPU may make them RGB there (:func:`engine.fast.default_source`).
     """
 
     module: str
     label: str
     help: str
     per_input: bool = False
+    device_frames: bool = False
 
     def factory(self) -> LandmarkerFactory:
         return importlib.import_module(self.module).create
@@ -64,11 +68,12 @@ BACKENDS: dict[str, BackendSpec] = {
         "videos; needs its two weight files (Models / setup)."),
     "mtcnn": BackendSpec(
         "engine.landmarks.mtcnn", "MTCNN (5 points)",
-        "facenet-pytorch's MTCNN, 5 landmarks: Deep3DFaceRecon's test recipe; fast, weights included."),
+        "facenet-pytorch's MTCNN, 5 landmarks: Deep3DFaceRecon's test recipe; fast, weights included.",
+        device_frames=True),
     "file": BackendSpec(
         "engine.landmarks.file", "Precomputed file",
         "Landmarks computed elsewhere: a PIRender keypoint .txt next to each video (or in the folder given below).",
-        per_input=True),
+        per_input=True, device_frames=True),
 }
 
 
