@@ -63,7 +63,7 @@ def regressor_precision(config: EngineConfig, device: str) -> str:
     return "fp16" if config.mode == Mode.FAST and on_gpu(device) else "fp32"
 
 
-def default_source(config: EngineConfig, device: str, *, default_stages: bool = True):
+def default_source(config: EngineConfig, device: str, *, device_frames: bool = True):
     """The source ``config.decoder`` names: PyAV (:class:`~engine.stages.source.MediaSource`),
     or NVDEC with the frames kept on ``device`` (:class:`~engine.stages.nvdec.NvdecSource`).
 
@@ -71,9 +71,10 @@ def default_source(config: EngineConfig, device: str, *, default_stages: bool = 
     or the GPU when torch sees one): its stages then work on device frames as with NVDEC, and the
     host holds only the batches being decoded.
 
-    On the exact path on a GPU, when the stages are the engine's own (``default_stages``) and the
-    landmark backend takes device frames (:attr:`~engine.landmarks.BackendSpec.device_frames`:
-    ``mtcnn``, ``file``), a video's frames become RGB on that GPU from their YUV planes
+    On the exact path on a GPU, when the landmark backend takes device frames
+    (:attr:`~engine.landmarks.BackendSpec.device_frames`: ``mtcnn``, ``file``) and so do the face
+    stages handed to the engine (``device_frames``: :func:`engine.frames.takes_device_frames` of
+    each), a video's frames become RGB on that GPU from their YUV planes
     (:mod:`engine.yuv`: FFmpeg's arithmetic, the same bytes; FFmpeg converts the frames it cannot
     vouch for). This takes FFmpeg's RGB conversion off the host, the exact path's largest CPU cost
     after MTCNN: 805.5 against 736.5 frames/s on two H200s (docs/PERFORMANCE.md). Otherwise the
@@ -93,7 +94,7 @@ def default_source(config: EngineConfig, device: str, *, default_stages: bool = 
     if config.mode == Mode.FAST:
         return MediaSource(device=config.device or "auto", decode_threads=config.decode_threads)
     rgb_device = None
-    if default_stages and backend_spec(config.landmarks).device_frames:
+    if device_frames and backend_spec(config.landmarks).device_frames:
         # no device set: the GPU when torch sees one (as the engine picks), else FFmpeg on the host
         rgb_device = "auto" if not config.device else config.device if on_gpu(config.device) else None
     return MediaSource(decode_threads=config.decode_threads, rgb_device=rgb_device)

@@ -24,6 +24,13 @@ def on_device(images) -> bool:
     return torch is not None and isinstance(images, torch.Tensor)
 
 
+def takes_device_frames(stage) -> bool:
+    """Whether a face stage (detector, landmarker, aligner) takes frames whose ``images`` are a
+    torch tensor: it says so with a true ``device_frames`` attribute. The exact path gives its
+    stages device frames only when every one of them does (:func:`engine.fast.default_source`)."""
+    return bool(getattr(stage, "device_frames", False))
+
+
 def zeros_like_frames(images, shape: tuple[int, ...]):
     """uint8 zeros of ``shape`` where ``images`` live: numpy on the host, a tensor on its device."""
     if on_device(images):
@@ -68,4 +75,4 @@ def shrink_area(images, size: tuple[int, int]):
         return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-__all__ = ["on_device", "shrink_area", "to_numpy", "to_torch", "zeros_like_frames"]
+__all__ = ["on_device", "shrink_area", "takes_device_frames", "to_numpy", "to_torch", "zeros_like_frames"]

@@ -40,6 +40,7 @@ from engine.config import Decoder, EngineConfig, Mode, name_of
 from engine.cudasync import apply_cuda_sync
 from engine.errors import Cancelled, DecodeError, InputError, NoFaceError, storage_error
 from engine.fast import default_source
+from engine.frames import takes_device_frames
 from engine.hostmem import return_large_blocks
 from engine.limits import InputLimits
 from engine.progress import PROGRESS_INTERVAL_S, Progress, ProgressReporter
@@ -408,11 +409,11 @@ class Engine:
         return_large_blocks()  # freed frames go back to the OS (engine.hostmem)
         apply_cuda_sync()  # how threads wait for the GPU, before any CUDA context (engine.cudasync)
         self.limits = limits or InputLimits.from_env()  # bytes, pixels, duration (engine.limits)
-        # NVDEC decodes on config.device, or on cuda:0 when unset (it needs a GPU either way). Frames
-        # made RGB on a GPU are for the engine's own face stages only: a stage handed in gets host frames.
-        own_stages = detector is None and landmarker is None and aligner is None
+        # NVDEC decodes on config.device, or on cuda:0 when unset (it needs a GPU either way). The
+        # exact path's frames become RGB on a GPU only if every face stage handed in takes them there.
+        device_frames = all(takes_device_frames(s) for s in (detector, landmarker, aligner) if s is not None)
         self.source: Source = source or default_source(self.config, self.config.device or "cuda",
-                                                       default_stages=own_stages)
+                                                       device_frames=device_frames)
         self._detector = detector
         self.tracker: Tracker = tracker or tracker_from_config(self.config)
         self._landmarker = landmarker

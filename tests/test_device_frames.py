@@ -95,9 +95,11 @@ def test_pyav_frames_go_to_the_gpu_on_the_fast_path_only():
 
 def test_the_exact_path_makes_frames_rgb_on_the_gpu_only_for_its_own_stages_that_take_them():
     """On a GPU the exact path's video frames become RGB there (engine.yuv) when its landmark
-    backend takes device frames (``mtcnn``, ``file``) and no face stage is handed in; ``fan``
-    (face_alignment reads host arrays), the CPU, and an engine given its own landmarker or
-    aligner keep FFmpeg's RGB on the host. No device set: the GPU when torch sees one."""
+    backend takes device frames (``mtcnn``, ``file``) and so does every face stage handed in;
+    ``fan`` (face_alignment reads host arrays), the CPU, and an engine given a stage that does not
+    say it takes them keep FFmpeg's RGB on the host. An engine built on another's loaded stages
+    (``Engine(cfg, **engine.components)``, as a worker does between jobs) keeps it. No device
+    set: the GPU when torch sees one."""
     from engine.fast import default_source
 
     def rgb(device, landmarks="mtcnn", **kwargs):
@@ -106,11 +108,17 @@ def test_the_exact_path_makes_frames_rgb_on_the_gpu_only_for_its_own_stages_that
 
     assert rgb("cuda:1") == "cuda:1" and rgb("cuda:0", "file") == "cuda:0"
     assert rgb(None) == "auto" and rgb("cpu") is None and rgb("cuda:0", "fan") is None
-    assert rgb("cuda:0", default_stages=False) is None
+    assert rgb("cuda:0", device_frames=False) is None
     assert default_source(EngineConfig(mode="fast", device="cuda:0", landmarks="mtcnn"), "cuda:0").rgb_device is None
+    from engine.landmarks.mtcnn import MtcnnLandmarker
+    from engine.stages.align import Deep3DAligner
+
     cfg = EngineConfig(device="cuda:1", landmarks="mtcnn")
     assert Engine(cfg).source.rgb_device == "cuda:1"
-    assert Engine(cfg, aligner=TorchAligner("cpu")).source.rgb_device is None
+    mtcnn = MtcnnLandmarker("cpu")
+    components = {"landmarker": mtcnn, "detector": mtcnn.detector, "regressor": None}
+    assert Engine(cfg, **components, aligner=TorchAligner("cpu")).source.rgb_device == "cuda:1"
+    assert Engine(cfg, aligner=Deep3DAligner(1)).source.rgb_device is None
     assert Engine(cfg, landmarker=object()).source.rgb_device is None
     if not torch.cuda.is_available():
         assert MediaSource(rgb_device="auto")._rgb_device() is None

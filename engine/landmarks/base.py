@@ -37,10 +37,13 @@ class BoundDetector:
     Attributes:
         name: detector name (``"s3fd"``, ``"mtcnn"``).
         detect: ``detect(frames) -> Detections``.
+        device_frames: ``detect`` takes frames whose ``images`` are a torch tensor
+            (:func:`engine.frames.takes_device_frames`).
     """
 
     name: str
     detect: Callable[[FrameBatch], Detections]
+    device_frames: bool = False
 
     def __call__(self, frames: FrameBatch) -> Detections:
         return self.detect(frames)

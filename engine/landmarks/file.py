@@ -132,6 +132,8 @@ class FileLandmarker:
     name = NAME
     #: Needs no boxes: landmarks are looked up by frame number.
     detector = None
+    #: Reads only the frames' numbers, so their pixels may be anywhere.
+    device_frames = True
 
     def __init__(self, points_img_ydown: np.ndarray, source_file: Path, media: Path | None = None):
         points = np.asarray(points_img_ydown, dtype=np.float32)

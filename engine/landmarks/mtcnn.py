@@ -97,6 +97,8 @@ class MtcnnLandmarker:
 
     name = NAME
     num_points = 5
+    #: Frames may come as a torch tensor (facenet-pytorch's ``detect_face`` takes one).
+    device_frames = True
 
     def __init__(self, device: str = "cpu", batch_frames: bool | None = None, max_pixels: int | None = None,
                  batched_crops: bool | None = None):
@@ -120,7 +122,7 @@ class MtcnnLandmarker:
     @property
     def detector(self) -> BoundDetector:
         """MTCNN's detection, boxes with their 5 points (shares this backend's networks)."""
-        return BoundDetector(NAME, self.detect)
+        return BoundDetector(NAME, self.detect, device_frames=True)
 
     def detect(self, frames: FrameBatch) -> Detections:
         """Every face MTCNN finds in each frame: box, probability and 5 points."""

@@ -74,6 +74,9 @@ class TorchAligner:
             None follows the installed Pillow (what :class:`Deep3DAligner` gives here).
     """
 
+    #: Frames may come as a torch tensor (on this aligner's device or not).
+    device_frames = True
+
     def __init__(self, device: str | torch.device = "cpu", *, keep_on_device: bool = False,
                  max_bytes: int | None = None, pass_order: str | None = None) -> None:
         import torch  # torch only when this aligner is used: importing engine.stages stays light
