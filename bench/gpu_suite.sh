@@ -108,9 +108,10 @@ for step in ${STEPS:-equal throughput memory render}; do
     dataset-fast) python3 bench/dataset.py --device cuda --clips 200 --frames 250 --mode fast --landmarks mtcnn \
                   --out "$OUT/dataset_fast.md" ;;
     dataset-exact) exact_mtcnn --clips "${CLIPS:-200}" --per-gpu "${PER_GPU:-auto}" ${SINGLE:+--single-only} \
-                  ${ALL:+--all-only} --out "$OUT/dataset_exact.md" ;;
-                  # with 200 clips the two runs and the clips' generation do not fit one call: SINGLE=1, then
-                  # ALL=1 in the next (MPS=1 for several workers per GPU); CLIPS=100 fits one call
+                  ${ALL:+--all-only} ${THREADS:+--threads "$THREADS"} ${THREAD_CPU:+--thread-cpu} \
+                  --out "$OUT/dataset_exact.md" ;;
+                  # 200 clips: both runs and the clips' generation fit one call at 8 workers per GPU now
+                  # (~125 + ~80 + ~125 s); else SINGLE=1, then ALL=1 in the next (MPS=1 for several workers per GPU)
     memory) python3 bench/bench_memory.py --device cuda --frames 600 2400 --batch-size 64 ;;
     render) python3 bench/gpu_render_compare.py --index .carry/shared/bfm_index --out "$OUT" ;;
   esac 2>&1 | tee "$OUT/$step.log"
