@@ -74,6 +74,7 @@ STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
 THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
 MAX_PIXELS_ENV = "STUDIO_BENCH_MTCNN_MAX_PIXELS"
 RGB_ENV = "STUDIO_BENCH_RGB_ON_HOST"
+FAST_RGB_ENV = "STUDIO_BENCH_FAST_RGB_ON_GPU"
 #: What each of the shim's on/off switches puts back, as the bench's output says it.
 SHIM_SWITCHES = {
     LEVELS_ENV: "the fast path's keyframe detector runs MTCNN's first stage level by level",
@@ -82,6 +83,7 @@ SHIM_SWITCHES = {
     TAIL_ENV: "workers claim ahead down to the queue's last job, as before",
     STREAM_ENV: "the exact path's MTCNN runs on a CUDA stream of its own (a candidate)",
     RGB_ENV: "the exact path's frames become RGB on the host (FFmpeg's conversion), as before",
+    FAST_RGB_ENV: "the fast path's PyAV frames become RGB on the GPU from their YUV planes (a candidate)",
 }
 SAMPLE_S = 0.5
 #: Bumped when the generated clips change, so cached files of an older recipe are not reused.

@@ -235,7 +235,8 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     ``STUDIO_BENCH_CLAIM_TO_THE_END=1``, the exact MTCNN's own stream with
     ``STUDIO_BENCH_MTCNN_STREAM=1`` (on a CPU it still detects), 64 M pixels a detector call with
     ``STUDIO_BENCH_MTCNN_MAX_PIXELS=64000000``, the exact path's RGB made on the host (its source's
-    ``rgb_device`` None) with ``STUDIO_BENCH_RGB_ON_HOST=1``; nothing changes without."""
+    ``rgb_device`` None) with ``STUDIO_BENCH_RGB_ON_HOST=1``, the fast path's made on the GPU with
+    ``STUDIO_BENCH_FAST_RGB_ON_GPU=1``; nothing changes without."""
     import subprocess
     import sys
 
@@ -246,6 +247,7 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
     monkeypatch.setenv(dataset.STREAM_ENV, switch)
     monkeypatch.setenv(dataset.MAX_PIXELS_ENV, "64000000" if switch else "")
     monkeypatch.setenv(dataset.RGB_ENV, switch)
+    monkeypatch.setenv(dataset.FAST_RGB_ENV, switch)
     env = dataset.child_env(None, tmp_path, None)
     assert env["PYTHONPATH"].split(":")[0] == str(dataset.SHIM_DIR)
     code = ("from engine.landmarks import mtcnn_gpu; from bench.gpu_checks import facenet_first_stage; "
@@ -267,14 +269,15 @@ def test_the_worker_shim_patches_only_when_asked(tmp_path, switch, monkeypatch):
             "      MtcnnLandmarker.detect.__name__, found.num_frames, len(found), mt.max_pixels)\n"
             "from engine.fast import default_source\n"
             "print(default_source(EngineConfig(device='cuda:1', landmarks='mtcnn'), 'cuda:1').rgb_device,\n"
-            "      default_source(EngineConfig(device='cpu', landmarks='mtcnn'), 'cpu').rgb_device)")
+            "      default_source(EngineConfig(device='cpu', landmarks='mtcnn'), 'cpu').rgb_device,\n"
+            "      default_source(EngineConfig(mode='fast', device='cuda:1'), 'cuda:1').rgb_device)")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == (["True", "False", "<lambda>", "False", "on_own_stream", "1", "0", "64000000",
-                                   "None", "None"] if switch == "1" else
+                                   "None", "None", "cuda:1"] if switch == "1" else
                                   ["False", "True", "_load_ahead", "True", "detect", "1", "0", "16000000",
-                                   "cuda:1", "None"])
+                                   "cuda:1", "None", "None"])
 
 
 def test_the_shim_records_each_threads_cpu_time_when_asked(tmp_path, monkeypatch):

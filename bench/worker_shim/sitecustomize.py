@@ -29,6 +29,9 @@ below is off unless its environment variable is set; with none set nothing chang
 * ``$STUDIO_BENCH_RGB_ON_HOST=1``: the exact path's frames become RGB on the host (FFmpeg's
   conversion), as before the engine made them RGB on the GPU from their YUV planes
   (``engine.fast.default_source``, :mod:`engine.yuv`: the same bytes).
+* ``$STUDIO_BENCH_FAST_RGB_ON_GPU=1``: the fast path's PyAV frames become RGB on the GPU from
+  their YUV planes as the exact path's do (``MediaSource(rgb_device=...)``; the same bytes)
+  instead of FFmpeg's RGB being uploaded. A candidate, not yet the engine's.
 * ``$STUDIO_BENCH_THREAD_CPU=DIR``: a thread of the process reads the CPU time of each of its
   threads from ``/proc/self/task`` once a second and writes ``DIR/<pid>.json``: seconds per
   thread, under the thread's Python name, or ``native:<name>`` for threads Python did not start
@@ -52,6 +55,7 @@ STREAM_ENV = "STUDIO_BENCH_MTCNN_STREAM"
 THREAD_CPU_ENV = "STUDIO_BENCH_THREAD_CPU"
 MAX_PIXELS_ENV = "STUDIO_BENCH_MTCNN_MAX_PIXELS"
 RGB_ENV = "STUDIO_BENCH_RGB_ON_HOST"
+FAST_RGB_ENV = "STUDIO_BENCH_FAST_RGB_ON_GPU"
 THREAD_CPU_PERIOD_S = 1.0
 
 
@@ -159,6 +163,18 @@ def _rgb_on_host(module) -> None:
     module.default_source = rgb_on_host
 
 
+def _fast_rgb_on_gpu(module) -> None:
+    default_source = module.default_source
+
+    def fast_rgb_on_gpu(config, *args, **kwargs):
+        source = default_source(config, *args, **kwargs)
+        if module.Mode(config.mode) == module.Mode.FAST and getattr(source, "device", None) is not None:
+            source.rgb_device = source.device  # "auto" there as here: the GPU when torch sees one
+        return source
+
+    module.default_source = fast_rgb_on_gpu
+
+
 def _task_cpu() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) and kernel name of each thread of this process, by thread id."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -234,5 +250,7 @@ if os.environ.get(MAX_PIXELS_ENV):
     _after_import("engine.landmarks.mtcnn", _mtcnn_max_pixels)
 if os.environ.get(RGB_ENV) == "1":
     _after_import("engine.fast", _rgb_on_host)
+if os.environ.get(FAST_RGB_ENV) == "1":
+    _after_import("engine.fast", _fast_rgb_on_gpu)
 if os.environ.get(THREAD_CPU_ENV):
     _start_thread_cpu_sampler(os.environ[THREAD_CPU_ENV])
