@@ -93,7 +93,7 @@ def test_pyav_frames_go_to_the_gpu_on_the_fast_path_only():
         assert MediaSource(device="auto")._upload_device() is None
 
 
-def test_the_exact_path_makes_frames_rgb_on_the_gpu_only_for_its_own_stages_that_take_them():
+def test_the_exact_path_makes_frames_rgb_on_the_gpu_only_for_stages_that_take_them():
     """On a GPU the exact path's video frames become RGB there (engine.yuv) when its landmark
     backend takes device frames (``mtcnn``, ``file``) and so does every face stage handed in;
     ``fan`` (face_alignment reads host arrays), the CPU, and an engine given a stage that does not
