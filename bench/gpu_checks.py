@@ -113,15 +113,13 @@ def check_rgb_on_device(video: Path, device: str, name: str) -> bool:
     """Every frame of ``video`` made RGB on ``device`` (engine.yuv) against FFmpeg's host RGB."""
     import time
 
-    import torch
-
+    from engine.frames import to_numpy
     from engine.sources import iter_frames
 
     got = {}
     for label, where in (("host", None), ("device", device)):
         t = time.process_time()
-        batches = [(b.images.cpu().numpy() if isinstance(b.images, torch.Tensor) else b.images)
-                   for b in iter_frames(video, 32, convert_threads=0, rgb_device=where)]
+        batches = [to_numpy(b.images) for b in iter_frames(video, 32, convert_threads=0, rgb_device=where)]
         got[label] = (np.concatenate(batches), time.process_time() - t)
     (host, host_s), (dev, dev_s) = got["host"], got["device"]
     same = host.shape == dev.shape and np.array_equal(host, dev)

@@ -127,16 +127,36 @@ def frame_matrix(frame) -> tuple[str, bool] | None:
     return matrix, full
 
 
+def _plane_view(plane, rows: int, cols: int) -> np.ndarray:
+    """uint8 (rows, cols) view of a PyAV frame plane, each row's padding (``line_size``) cut off."""
+    return np.frombuffer(plane, dtype=np.uint8)[: rows * plane.line_size].reshape(rows, plane.line_size)[:, :cols]
+
+
 def planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The Y, U and V planes of a ``yuv420p`` PyAV frame as uint8 (H, W) and (ceil(H/2), ceil(W/2))
     views (each row's padding cut off)."""
     w, h = frame.width, frame.height
-    shapes = ((h, w), ((h + 1) // 2, (w + 1) // 2), ((h + 1) // 2, (w + 1) // 2))
-    out = []
-    for plane, (rows, cols) in zip(frame.planes, shapes, strict=True):
-        data = np.frombuffer(plane, dtype=np.uint8)
-        out.append(data[: rows * plane.line_size].reshape(rows, plane.line_size)[:, :cols])
-    return out[0], out[1], out[2]
+    chroma = ((h + 1) // 2, (w + 1) // 2)
+    y, u, v = (_plane_view(p, *shape) for p, shape in zip(frame.planes, ((h, w), chroma, chroma), strict=True))
+    return y, u, v
+
+
+def frame_of(y: np.ndarray, u: np.ndarray, v: np.ndarray, fmt: str = "yuv420p", colorspace: int = 2,
+             color_range: int = 1):
+    """A PyAV frame of format ``fmt`` holding the uint8 planes ``y`` (H, W), ``u`` and ``v``,
+    tagged with FFmpeg's ``colorspace`` and ``color_range`` values (default: BT.601, limited).
+
+    Raises:
+        AttributeError, TypeError, ValueError: a PyAV whose frames cannot be tagged.
+    """
+    import av
+
+    h, w = y.shape
+    frame = av.VideoFrame(w, h, fmt)
+    for plane, values in zip(frame.planes, (y, u, v), strict=True):
+        _plane_view(plane, *values.shape)[:] = values
+    frame.colorspace, frame.color_range = colorspace, color_range
+    return frame
 
 
 @functools.cache
@@ -147,7 +167,6 @@ def agrees_with_ffmpeg() -> frozenset[tuple[str, bool]]:
     with each supported matrix and range through ``engine.avcompat.to_rgb24``, the engine's own
     host conversion, and keeps the pairs that match in every byte. Asked once per process.
     """
-    import av
     import torch
 
     from engine.avcompat import to_rgb24
@@ -162,13 +181,8 @@ def agrees_with_ffmpeg() -> frozenset[tuple[str, bool]]:
     colorspace_of = {"bt601": 2, "bt709": 1}
     for matrix, colorspace in colorspace_of.items():
         for full, color_range in ((False, 1), (True, 2)):
-            frame = av.VideoFrame(w, h, "yuv420p")
-            for plane, values in zip(frame.planes, (y, u, v), strict=True):
-                rows, cols = values.shape
-                buffer = np.frombuffer(plane, dtype=np.uint8)[: rows * plane.line_size].reshape(rows, plane.line_size)
-                buffer[:, :cols] = values
             try:
-                frame.colorspace, frame.color_range = colorspace, color_range
+                frame = frame_of(y, u, v, colorspace=colorspace, color_range=color_range)
             except (AttributeError, TypeError, ValueError):  # a PyAV without these setters: FFmpeg keeps them
                 return frozenset()
             want = to_rgb24(frame)

@@ -17,22 +17,12 @@ av = pytest.importorskip("av")
 
 from engine import yuv  # noqa: E402
 from engine.avcompat import to_rgb24  # noqa: E402
+from engine.frames import to_numpy  # noqa: E402
 from engine.sources import _Batch, iter_frames  # noqa: E402
 from tests import media  # noqa: E402
 
 COLORSPACE = {"bt601": 2, "bt709": 1}
 COLOR_RANGE = {False: 1, True: 2}
-
-
-def _frame(y, u, v, fmt="yuv420p", colorspace=2, color_range=1):
-    """A PyAV frame holding these planes (each row written into FFmpeg's padded rows)."""
-    h, w = y.shape
-    frame = av.VideoFrame(w, h, fmt)
-    for plane, values in zip(frame.planes, (y, u, v), strict=True):
-        rows, cols = values.shape
-        np.frombuffer(plane, np.uint8)[: rows * plane.line_size].reshape(rows, plane.line_size)[:, :cols] = values
-    frame.colorspace, frame.color_range = colorspace, color_range
-    return frame
 
 
 def _random_planes(rng, h, w):
@@ -55,7 +45,7 @@ def test_random_planes_give_ffmpegs_bytes(h, w):
     y, u, v = _random_planes(rng, h, w)
     assert yuv.agrees_with_ffmpeg(), "no matrix agrees on this machine"
     for matrix, full in sorted(yuv.agrees_with_ffmpeg()):
-        frame = _frame(y, u, v, colorspace=COLORSPACE[matrix], color_range=COLOR_RANGE[full])
+        frame = yuv.frame_of(y, u, v, colorspace=COLORSPACE[matrix], color_range=COLOR_RANGE[full])
         assert yuv.frame_matrix(frame) == (matrix, full)
         got = yuv.to_rgb(*(torch.from_numpy(p) for p in yuv.planes(frame)), yuv.coefficients(matrix, full))
         assert got.dtype == torch.uint8 and got.shape == (h, w, 3)
@@ -64,7 +54,7 @@ def test_random_planes_give_ffmpegs_bytes(h, w):
 
 def test_a_batch_of_planes_converts_at_once():
     rng = np.random.default_rng(3)
-    frames = [_frame(*_random_planes(rng, 24, 40)) for _ in range(3)]
+    frames = [yuv.frame_of(*_random_planes(rng, 24, 40)) for _ in range(3)]
     stacked = [torch.from_numpy(np.stack([np.ascontiguousarray(yuv.planes(f)[k]) for f in frames])) for k in range(3)]
     got = yuv.to_rgb(*stacked, yuv.coefficients("bt601", False)).numpy()
     assert np.array_equal(got, np.stack([to_rgb24(f) for f in frames]))
@@ -73,8 +63,8 @@ def test_a_batch_of_planes_converts_at_once():
 def test_frames_it_cannot_vouch_for_are_left_to_ffmpeg():
     rng = np.random.default_rng(4)
     y, u, v = _random_planes(rng, 24, 40)
-    assert yuv.frame_matrix(_frame(y, u, v, colorspace=9)) is None  # BT.2020
-    assert yuv.frame_matrix(_frame(y, u, v, colorspace=4)) is None  # FCC
+    assert yuv.frame_matrix(yuv.frame_of(y, u, v, colorspace=9)) is None  # BT.2020
+    assert yuv.frame_matrix(yuv.frame_of(y, u, v, colorspace=4)) is None  # FCC
     odd = av.VideoFrame(40, 23, "yuv420p")  # odd height: libswscale's general path
     assert yuv.frame_matrix(odd) is None
     full_chroma = av.VideoFrame(40, 24, "yuv444p")
@@ -83,7 +73,7 @@ def test_frames_it_cannot_vouch_for_are_left_to_ffmpeg():
 
 def _decoded(path, **kw):
     batches = list(iter_frames(path, 16, convert_threads=0, **kw))
-    images = [b.images.numpy() if isinstance(b.images, torch.Tensor) else b.images for b in batches]
+    images = [to_numpy(b.images) for b in batches]
     return (np.concatenate(images), np.concatenate([b.index for b in batches]),
             np.concatenate([b.timestamps for b in batches]), [type(b.images) for b in batches])
 
@@ -123,9 +113,9 @@ def test_a_batch_mixing_matrices_and_formats_gives_each_frame_ffmpegs_bytes():
     """Planes go to the device for the frames of the batch's first matrix; a frame of another
     matrix, an unsupported colour space or another pixel format is converted by FFmpeg on the host."""
     rng = np.random.default_rng(6)
-    frames = [_frame(*_random_planes(rng, 24, 40), colorspace=cs) for cs in (2, 1, 2, 9)]
+    frames = [yuv.frame_of(*_random_planes(rng, 24, 40), colorspace=cs) for cs in (2, 1, 2, 9)]
     y444 = rng.integers(0, 256, (24, 40), dtype=np.uint8)
-    frames.append(_frame(y444, y444[::-1].copy(), y444[:, ::-1].copy(), fmt="yuv444p"))
+    frames.append(yuv.frame_of(y444, y444[::-1].copy(), y444[:, ::-1].copy(), fmt="yuv444p"))
     batch = _Batch(8, (40, 24), 0, None, "cpu")
     for k, frame in enumerate(frames):
         batch.add(frame, k, k / 25)

@@ -151,28 +151,22 @@ def _mtcnn_max_pixels(module) -> None:
     module.MtcnnLandmarker.__init__ = with_max_pixels
 
 
-def _rgb_on_host(module) -> None:
-    default_source = module.default_source
+def _rgb_device_on(mode: str, rgb_device_of):
+    """A patch of ``engine.fast``: the ``mode`` path's PyAV source (a ``MediaSource``, which has an
+    ``rgb_device``) makes its frames RGB on ``rgb_device_of(source)`` (None: FFmpeg on the host)."""
 
-    def rgb_on_host(*args, **kwargs):
-        source = default_source(*args, **kwargs)
-        if getattr(source, "rgb_device", None) is not None:
-            source.rgb_device = None
-        return source
+    def patch(module) -> None:
+        default_source = module.default_source
 
-    module.default_source = rgb_on_host
+        def with_rgb_device(config, *args, **kwargs):
+            source = default_source(config, *args, **kwargs)
+            if module.Mode(config.mode) == module.Mode(mode) and hasattr(source, "rgb_device"):
+                source.rgb_device = rgb_device_of(source)
+            return source
 
+        module.default_source = with_rgb_device
 
-def _fast_rgb_on_gpu(module) -> None:
-    default_source = module.default_source
-
-    def fast_rgb_on_gpu(config, *args, **kwargs):
-        source = default_source(config, *args, **kwargs)
-        if module.Mode(config.mode) == module.Mode.FAST and getattr(source, "device", None) is not None:
-            source.rgb_device = source.device  # "auto" there as here: the GPU when torch sees one
-        return source
-
-    module.default_source = fast_rgb_on_gpu
+    return patch
 
 
 def _task_cpu() -> dict[int, tuple[str, float]]:
@@ -234,23 +228,23 @@ def _after_import(name: str, patch) -> None:
     sys.meta_path.insert(0, _PatchAfterImport(name, patch))
 
 
+#: The on/off switches (on: "1"): variable, the module to patch once it is imported, the patch.
+ON_OFF = (
+    (LEVELS_ENV, "engine.landmarks.mtcnn_gpu", _facenet_levels),
+    (THREADS_ENV, "engine.many", _thread_per_input),
+    (LOAD_ENV, "worker.loop", _no_load_ahead),
+    (TAIL_ENV, "db.service", _claim_to_the_end),
+    (STREAM_ENV, "engine.landmarks.mtcnn", _mtcnn_stream),
+    (RGB_ENV, "engine.fast", _rgb_device_on("exact", lambda source: None)),
+    (FAST_RGB_ENV, "engine.fast", _rgb_device_on("fast", lambda source: source.device)),  # "auto" as there
+)
+
 if os.environ.get(BOX_ENV):
     _after_import("engine.pipeline", _fixed_box)
-if os.environ.get(LEVELS_ENV) == "1":
-    _after_import("engine.landmarks.mtcnn_gpu", _facenet_levels)
-if os.environ.get(THREADS_ENV) == "1":
-    _after_import("engine.many", _thread_per_input)
-if os.environ.get(LOAD_ENV) == "1":
-    _after_import("worker.loop", _no_load_ahead)
-if os.environ.get(TAIL_ENV) == "1":
-    _after_import("db.service", _claim_to_the_end)
-if os.environ.get(STREAM_ENV) == "1":
-    _after_import("engine.landmarks.mtcnn", _mtcnn_stream)
 if os.environ.get(MAX_PIXELS_ENV):
     _after_import("engine.landmarks.mtcnn", _mtcnn_max_pixels)
-if os.environ.get(RGB_ENV) == "1":
-    _after_import("engine.fast", _rgb_on_host)
-if os.environ.get(FAST_RGB_ENV) == "1":
-    _after_import("engine.fast", _fast_rgb_on_gpu)
+for variable, module_name, patch in ON_OFF:
+    if os.environ.get(variable) == "1":
+        _after_import(module_name, patch)
 if os.environ.get(THREAD_CPU_ENV):
     _start_thread_cpu_sampler(os.environ[THREAD_CPU_ENV])

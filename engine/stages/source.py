@@ -80,21 +80,26 @@ class MediaSource:
 
     def _upload_device(self) -> str | None:
         """The CUDA device batches go to, or None (resolved per input, when torch is loaded)."""
-        if self.device is None:
+        device = _resolved(self.device)
+        if device is None:
             return None
         import torch
 
-        device = ("cuda" if torch.cuda.is_available() else None) if self.device == "auto" else self.device
-        return device if device is not None and torch.device(device).type == "cuda" else None
+        return device if torch.device(device).type == "cuda" else None
 
     def _rgb_device(self) -> str | None:
         """The device frames become RGB on (``rgb_device``; ``"auto"``: ``cuda`` when torch sees a
         GPU), or None: FFmpeg converts on the host."""
-        if self.rgb_device != "auto":
-            return self.rgb_device
-        import torch
+        return _resolved(self.rgb_device)
 
-        return "cuda" if torch.cuda.is_available() else None
+
+def _resolved(device: str | None) -> str | None:
+    """``device``, with ``"auto"`` made ``"cuda"`` when torch sees a GPU, else None."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def _uploaded(frames: Iterator[FrameBatch], device: str) -> Iterator[FrameBatch]:
