@@ -7,8 +7,10 @@ tests/test_many.py. The child processes of one pool are reused across the tests 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 
 import pytest
 
@@ -82,18 +84,22 @@ def test_closing_early_returns_once_the_open_inputs_have_ended_in_their_children
                                                                                     tmp_path):
     """The consumer stops after the first outcome while the 200-frame video still runs in the other
     child: once the generator is closed, that input has ended there (cancelled, its resume state
-    kept, no outputs), so nothing of it still writes, and the children live on for the next call."""
+    kept, no outputs), so nothing of it still writes, and the children live on for the next call.
+
+    On a busy machine the clip can end before the video's first batch: the test then waits (the
+    pump thread keeps relaying progress meanwhile) for the video's first report before closing,
+    so the close always lands mid-video, whichever child was faster."""
     _, paths = clips
     pids = pool.pids
-    started = []
+    started = threading.Event()
     jobs = [InputJob(test_video, tmp_path / "out" / "long", state_dir=tmp_path / "state", key="long",
-                     progress=started.append),
+                     progress=lambda _p: started.set()),
             InputJob(paths[0], tmp_path / "out" / "clip0", key="clip0")]
     outcomes = pool.run_many(jobs)
-    first = next(outcomes)
-    assert first.job.key == "clip0" and first.error is None, first.error
-    assert started, "the video had not started when the clip ended"
-    outcomes.close()
+    with contextlib.closing(outcomes):  # a failed assertion must not leave the module's pool busy
+        first = next(outcomes)
+        assert first.job.key == "clip0" and first.error is None, first.error
+        assert started.wait(300), "the video never reported progress"
     assert not any(c.held for c in pool._children), "closed while an input still ran in a child"
     assert not (tmp_path / "out" / "long.npz").exists()
     state = {p: p.stat().st_mtime_ns for p in (tmp_path / "state").rglob("*") if p.is_file()}
