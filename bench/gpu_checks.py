@@ -208,8 +208,11 @@ def check_first_stage(frames, device: str) -> bool:
     return ok
 
 
-def check_exact_mtcnn(frames, device: str, name: str, repeats: int = 3) -> bool:
-    """Item 5: ``MtcnnLandmarker`` with ``batched_crops`` against facenet's loop, bit for bit."""
+def check_exact_mtcnn(frames, device: str, name: str, repeats: int = 3, max_pixels: int | None = None) -> bool:
+    """Item 5: ``MtcnnLandmarker`` with ``batched_crops`` against facenet's loop, bit for bit.
+
+    ``max_pixels``: frame pixels per call (``None``: the landmarker's default on ``device``).
+    """
     import time
 
     import torch
@@ -224,7 +227,7 @@ def check_exact_mtcnn(frames, device: str, name: str, repeats: int = 3) -> bool:
     for thresholds in ([0.6, 0.7, 0.7], [0.1, 0.1, 0.1]):
         found, cost = {}, {}
         for batched in (False, True):
-            mt = MtcnnLandmarker(device, batched_crops=batched)
+            mt = MtcnnLandmarker(device, batched_crops=batched, max_pixels=max_pixels)
             mt._net.thresholds = thresholds
             found[batched] = mt.detect(frames)  # warm-up (cuDNN plans, the probe), and the result
             sync()
@@ -232,17 +235,20 @@ def check_exact_mtcnn(frames, device: str, name: str, repeats: int = 3) -> bool:
             for _ in range(repeats):
                 mt.detect(frames)
             sync()
-            n = repeats * len(frames)
+            n = max(1, repeats * len(frames))
             cost[batched] = (1e3 * (time.perf_counter() - wall) / n, 1e3 * (time.process_time() - cpu) / n)
         want, got = found[False], found[True]
         same = got.num_frames == want.num_frames and all(
             np.array_equal(getattr(got, f), getattr(want, f)) and getattr(got, f).dtype == getattr(want, f).dtype
             for f in ("boxes_img_ydown", "scores", "frame_rows", "points_img_ydown"))
         ok &= same
-        print(f"- exact MTCNN, batched crops vs facenet's loop ({name}, {len(frames)} frames, thresholds "
+        per_call = mt.max_pixels // (frames.images.shape[1] * frames.images.shape[2])
+        print(f"- exact MTCNN, batched crops vs facenet's loop ({name}, {len(frames)} frames, "
+              f"{per_call} a call, thresholds "
               f"{thresholds}, {len(want)} faces, rule {mt._area_rule or 'none'}): "
-              f"{'same bits' if same else 'DIFFERENT'}; ms per frame, wall / CPU: facenet's loop "
-              f"{cost[False][0]:.2f} / {cost[False][1]:.2f}, batched {cost[True][0]:.2f} / {cost[True][1]:.2f}")
+              f"{'same bits' if same else 'DIFFERENT'}" + (
+                  f"; ms per frame, wall / CPU: facenet's loop {cost[False][0]:.2f} / {cost[False][1]:.2f}, "
+                  f"batched {cost[True][0]:.2f} / {cost[True][1]:.2f}" if repeats else ""))
     return ok
 
 
@@ -254,6 +260,9 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "studio-gpu-checks")
     ap.add_argument("--only-exact-mtcnn", action="store_true", help="check 5 alone")
     ap.add_argument("--only-rgb", action="store_true", help="check 6 and the exact path end to end")
+    ap.add_argument("--mtcnn-max-pixels", type=int, default=None,
+                    help="check 5's frame pixels per MTCNN call (default: the landmarker's default on --device)")
+    ap.add_argument("--repeats", type=int, default=3, help="check 5's timed repeats (0: the result only)")
     args = ap.parse_args()
     print(f"# GPU checks, {datetime.date.today()}, device {args.device}\n")
     ok = True
@@ -268,8 +277,8 @@ def main() -> int:
         ok &= check_exact_engine(hd, args.device, args.workdir)
         return 0 if ok else 1
     hd_frames = clip_frames(hd, 96)
-    ok &= check_exact_mtcnn(frames, args.device, TEST_CLIP.name)
-    ok &= check_exact_mtcnn(hd_frames, args.device, "1080p copy")
+    for clip, name in ((frames, TEST_CLIP.name), (hd_frames, "1080p copy")):
+        ok &= check_exact_mtcnn(clip, args.device, name, args.repeats, args.mtcnn_max_pixels)
     if args.only_exact_mtcnn:
         return 0 if ok else 1
     faces, landmarks = mtcnn_faces(frames, args.device)

@@ -66,3 +66,26 @@ def studio(tmp_path, monkeypatch):
     ids = populate(reg, tmp_path)
     yield reg, ids, tmp_path
     reg.close()
+
+
+@pytest.fixture
+def in_thread():
+    """``in_thread(worker)`` runs ``worker.work()`` (a :class:`worker.loop.Worker`) on a thread and
+    returns the thread. At teardown each worker started so is asked to stop and joined (a gated
+    scripted engine gives up on its own within a minute), so that a failed assertion cannot leave
+    a worker running into the next test."""
+    import threading
+
+    started = []
+
+    def start(worker) -> threading.Thread:
+        t = threading.Thread(target=worker.work, daemon=True, name=f"worker {worker.worker_id}")
+        t.start()
+        started.append((worker, t))
+        return t
+
+    yield start
+    for worker, _ in started:
+        worker.request_stop()
+    for _, t in started:
+        t.join(300)

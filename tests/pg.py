@@ -76,8 +76,11 @@ class PostgresServer:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         return ["runuser", "-u", self.run_as, "--", *cmd] if self.run_as else cmd
 
-    def _run(self, *args: str, timeout: float = 60) -> None:
-        r = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=timeout)
+    def _run(self, *args: str, timeout: float = 300) -> None:
+        try:
+            r = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise PostgresUnavailable(f"{args[0]} did not end within {timeout:.0f} s") from e
         if r.returncode != 0:
             log = (self.root / "server.log").read_text()[-2000:] if (self.root / "server.log").exists() else ""
             raise PostgresUnavailable(f"{args[0]} failed ({r.returncode}): {(r.stderr or r.stdout).strip()} {log}")
@@ -90,8 +93,8 @@ class PostgresServer:
             opts = " ".join([f"-c port={self.port}", "-c listen_addresses=127.0.0.1",
                              f"-c unix_socket_directories={self.root}", *(f"-c {s}" for s in PG_SETTINGS)])
             try:
-                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
-                          "-o", opts, "start", timeout=90)
+                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "300",
+                          "-o", opts, "start", timeout=330)
                 return self
             except PostgresUnavailable as e:
                 last = e

@@ -70,16 +70,22 @@ def _port_open(port: int) -> bool:
 
 
 def _settle(page, timeout: float = 90) -> None:
-    """Wait until the script run finished (no 'Running…' widget, no spinner)."""
-    deadline = time.monotonic() + timeout
-    time.sleep(1.0)
+    """Wait until the app's script run has finished: Streamlit's own ``data-test-script-state``
+    says ``notRunning`` and no spinner or 'Running…' widget shows, both for a whole second (a rerun
+    that an action asks for can start a moment after it). Raises TimeoutError after ``timeout``."""
+    idle = ('[data-testid="stApp"][data-test-script-state="notRunning"]'
+            '[data-test-connection-state="CONNECTED"]')
+    busy = '[data-testid="stSpinner"], [data-testid="stStatusWidget"]'
+    deadline, quiet_since = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        busy = page.locator('[data-testid="stSpinner"], [data-testid="stStatusWidget"]').count()
-        if busy == 0:
-            time.sleep(1.0)
-            if page.locator('[data-testid="stSpinner"], [data-testid="stStatusWidget"]').count() == 0:
+        if page.locator(idle).count() == 1 and page.locator(busy).count() == 0:
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= 1.0:
                 return
-        time.sleep(0.5)
+        else:
+            quiet_since = None
+        time.sleep(0.1)
+    raise TimeoutError(f"the app was still running after {timeout:.0f} s")
 
 
 _HEIGHT_JS = """() => Math.max(...['[data-testid=stMain]', '[data-testid=stMainBlockContainer]',
@@ -174,6 +180,7 @@ def studio_run(tmp_path):
     assert not _port_open(port), "the dashboard kept running after the launcher stopped"
 
 
+@pytest.mark.timeout(1800)  # its waits add up to more than the suite's 600 s
 def test_upload_to_bundle_in_a_real_browser(studio_run, test_video):
     from playwright.sync_api import expect, sync_playwright
 

@@ -53,7 +53,7 @@ from engine.errors import DiskFullError, InputError, InputTooLarge, InputTooSmal
 from engine.limits import InputLimits
 from tests.conftest import REPO
 from tests.test_dashboard import empty_studio  # noqa: F401 (fixture: the registry the dashboard pages use)
-from tests.test_worker import FAST, ScriptedEngine, WorkerProcess
+from tests.test_worker import FAST, WAIT_S, ScriptedEngine, WorkerProcess
 from worker.loop import Worker, WorkerOptions, wait_for
 
 slow = pytest.mark.slow
@@ -295,12 +295,6 @@ def _options(**kw) -> WorkerOptions:
     return WorkerOptions(**{**base, **kw})
 
 
-def _thread(worker: Worker) -> threading.Thread:
-    t = threading.Thread(target=worker.work, daemon=True)
-    t.start()
-    return t
-
-
 @pytest.fixture
 def reg(tmp_path):
     ScriptedEngine.built, ScriptedEngine.runs = [], []
@@ -324,7 +318,7 @@ class LockingEngine(ScriptedEngine):
         return report
 
 
-def test_a_lock_past_the_timeout_delays_the_registration_and_loses_nothing(reg, tmp_path, monkeypatch):
+def test_a_lock_past_the_timeout_delays_the_registration_and_loses_nothing(reg, tmp_path, monkeypatch, in_thread):
     holders: list[LockHolder] = []
     tries: list[str] = []
     real = service.complete_job
@@ -341,33 +335,33 @@ def test_a_lock_past_the_timeout_delays_the_registration_and_loses_nothing(reg, 
     worker = Worker(reg, _options(), worker_id="w-lock",
                     engine_factory=lambda cfg, **c: LockingEngine(cfg, db_path=tmp_path / "studio.db",
                                                                   holders=holders, **c))
-    thread = _thread(worker)
+    thread = in_thread(worker)
     try:
-        assert wait_for(lambda: len(tries) >= 2, 30), "the registration was not retried"
+        assert wait_for(lambda: len(tries) >= 2, WAIT_S), "the registration was not retried"
         view = service.get_job(reg, job.id)  # reading works while the lock is held
         assert view.status == JobStatus.RUNNING and (reg.result_dir(job.id) / "clip.npz").is_file()
     finally:
         holders[0].release()
-    assert wait_for(lambda: service.get_job(reg, job.id).status == JobStatus.SUCCEEDED, 30)
+    assert wait_for(lambda: service.get_job(reg, job.id).status == JobStatus.SUCCEEDED, WAIT_S)
     worker.request_stop()
-    thread.join(10)
+    thread.join(WAIT_S)
     done = service.get_job(reg, job.id)
     assert done.attempts == 1 and done.error is None
     assert all("database is locked" in t for t in tries), tries
     assert hash_failures(reg) == [] and partial_files(reg.data_dir) == []
 
 
-def test_a_lock_longer_than_the_retries_keeps_the_results_and_the_job_ends_truthfully(reg, tmp_path):
+def test_a_lock_longer_than_the_retries_keeps_the_results_and_the_job_ends_truthfully(reg, tmp_path, in_thread):
     from db.faults import RetryPolicy
 
     holders: list[LockHolder] = []
     job = _submit(reg, _spec(tmp_path, "clip.mp4"))
-    worker = Worker(reg, _options(register_retry=RetryPolicy(0.05, 0.1, 0.5)), worker_id="w-lock",
+    worker = Worker(reg, _options(register_retry=RetryPolicy(0.05, 0.1, 0.5), stale_after_s=1.0), worker_id="w-lock",
                     engine_factory=lambda cfg, **c: LockingEngine(cfg, db_path=tmp_path / "studio.db",
                                                                   holders=holders, **c))
-    thread = _thread(worker)
+    thread = in_thread(worker)
     try:
-        assert wait_for(lambda: worker.jobs_seen == 1, 30), "the registration never gave up"
+        assert wait_for(lambda: worker.jobs_seen == 1, WAIT_S), "the registration never gave up"
         view = service.get_job(reg, job.id)
         assert view.status == JobStatus.RUNNING, "a finished job was failed because of a lock"
         assert (reg.result_dir(job.id) / "clip.npz").is_file(), "finished results were deleted because of a lock"
@@ -376,7 +370,7 @@ def test_a_lock_longer_than_the_retries_keeps_the_results_and_the_job_ends_truth
     # Once the lock is gone the job is requeued (its heartbeat is stale) and runs again.
     assert wait_for(lambda: service.get_job(reg, job.id).status == JobStatus.SUCCEEDED, 60)
     worker.request_stop()
-    thread.join(10)
+    thread.join(WAIT_S)
     assert service.get_job(reg, job.id).attempts == 2
     assert hash_failures(reg) == [] and partial_files(reg.data_dir) == []
 
@@ -425,16 +419,21 @@ def test_a_version_1_registry_is_migrated_and_keeps_its_rows(tmp_path):
 
 
 def test_a_full_disk_pauses_the_worker_requeues_without_penalty_and_leaves_no_partial_file(
-        reg, tmp_path, mounts, monkeypatch, fault_report):
+        reg, tmp_path, mounts, monkeypatch, fault_report, in_thread):
     full = FullFolder(reg.results_dir, mounts, monkeypatch)
     fault_report["full_folder_mechanism"] = full.how
     first = _submit(reg, _spec(tmp_path, "a.mp4"))
     second = _submit(reg, _spec(tmp_path, "b.mp4"))
     full.make_full()
     worker = Worker(reg, _options(), worker_id="w-full", engine_factory=ScriptedEngine)
-    thread = _thread(worker)
+    thread = in_thread(worker)
     try:
-        assert wait_for(lambda: [w.status for w in service.list_workers(reg)] == ["paused"], 20)
+        def paused_with_both_queued() -> bool:  # the worker pauses, then requeues: wait for both
+            return [w.status for w in service.list_workers(reg)] == ["paused"] and all(
+                service.get_job(reg, j.id).status == JobStatus.QUEUED for j in (first, second))
+
+        assert wait_for(paused_with_both_queued, WAIT_S), (
+            service.list_workers(reg), [service.get_job(reg, j.id) for j in (first, second)])
         [w] = service.list_workers(reg)
         assert w.alive and w.message.startswith("paused: ") and "disk is full" in w.message
         queued = service.get_job(reg, first.id)
@@ -445,9 +444,9 @@ def test_a_full_disk_pauses_the_worker_requeues_without_penalty_and_leaves_no_pa
     finally:
         full.free()
     for j in (first, second):
-        assert wait_for(lambda j=j: service.get_job(reg, j.id).status == JobStatus.SUCCEEDED, 30)
+        assert wait_for(lambda j=j: service.get_job(reg, j.id).status == JobStatus.SUCCEEDED, WAIT_S)
     worker.request_stop()
-    thread.join(10)
+    thread.join(WAIT_S)
     assert [service.get_job(reg, j.id).attempts for j in (first, second)] == [1, 1]
     assert service.list_workers(reg)[0].message is None
     assert hash_failures(reg) == [] and partial_files(reg.data_dir) == []
@@ -475,7 +474,8 @@ def test_resume_state_on_a_full_disk_leaves_no_chunk_behind(tmp_path, mounts, mo
     assert partial_files(folder) == [] and not list((folder / "7").glob("chunk-*"))
 
 
-def test_a_read_only_results_folder_pauses_instead_of_draining_the_queue(reg, tmp_path, mounts, fault_report):
+def test_a_read_only_results_folder_pauses_instead_of_draining_the_queue(reg, tmp_path, mounts, fault_report,
+                                                                        in_thread):
     ro = ReadOnlyFolder(reg.results_dir, mounts)
     fault_report["read_only_mechanism"] = ro.how
     done = _submit(reg, _spec(tmp_path, "done.mp4"))
@@ -488,31 +488,49 @@ def test_a_read_only_results_folder_pauses_instead_of_draining_the_queue(reg, tm
             service.delete_job(reg, done.id, actor=LOCAL)
         assert service.get_job(reg, done.id).status == JobStatus.SUCCEEDED, "the row went, the files stayed"
         worker = Worker(reg, _options(), worker_id="w-ro2", engine_factory=ScriptedEngine)
-        thread = _thread(worker)
-        assert wait_for(lambda: any(w.status == "paused" for w in service.list_workers(reg)), 20)
+        thread = in_thread(worker)
+        def paused_with_all_queued() -> bool:  # the worker pauses, then requeues: wait for both
+            return any(w.status == "paused" for w in service.list_workers(reg)) and all(
+                service.get_job(reg, i).status == JobStatus.QUEUED for i in ids)
+
+        assert wait_for(paused_with_all_queued, WAIT_S), (
+            service.list_workers(reg), [service.get_job(reg, i) for i in ids])
         jobs = [service.get_job(reg, i) for i in ids]
         assert all(j.status == JobStatus.QUEUED and j.attempts == 0 for j in jobs), jobs
         assert any(j.error_code == "read_only" and "read-only" in j.error for j in jobs)
     finally:
         ro.set(False)
-    assert wait_for(lambda: all(service.get_job(reg, i).status == JobStatus.SUCCEEDED for i in ids), 30)
+    assert wait_for(lambda: all(service.get_job(reg, i).status == JobStatus.SUCCEEDED for i in ids), WAIT_S)
     worker.request_stop()
-    thread.join(10)
+    thread.join(WAIT_S)
     service.delete_job(reg, done.id, actor=LOCAL)
     assert not reg.result_dir(done.id).exists()
     assert hash_failures(reg) == [] and partial_files(reg.data_dir) == []
 
 
 def test_a_job_requeued_for_a_read_only_disk_is_not_claimed_again_by_a_claim_under_way(
-    reg, tmp_path, mounts, monkeypatch
+    reg, tmp_path, mounts, monkeypatch, in_thread
 ):
     """The claim loop keeps claiming while a job runs (claim-ahead). A claim that had passed
     the fault check when the job failed must not take the requeued job back, or the job's
-    ``read_only`` reason would be overwritten by the pause's "requeued before it started"."""
+    ``read_only`` reason would be overwritten by the pause's "requeued before it started".
+
+    The claim after the job's waits until the job has failed for the read-only folder. The worker
+    requeues it only once that claim has ended (the claim lock), so the claim's wait for the
+    requeue runs out (2 s) and it finds nothing. Without the lock the job would be requeued
+    meanwhile and claimed back: a busy machine can only hide that, never fail a correct worker."""
+    from worker import loop
+
     ro = ReadOnlyFolder(reg.results_dir, mounts)
     job = _submit(reg, _spec(tmp_path, "clip.mp4"))
-    real_claim, real_requeue = service.claim_next, service.requeue_job
-    requeued_for_fault, claimed = threading.Event(), []
+    real_claim, real_requeue, real_fault = service.claim_next, service.requeue_job, loop.environment_fault
+    failing, requeued_for_fault, claimed = threading.Event(), threading.Event(), []
+
+    def fault(*args, **kw):
+        found = real_fault(*args, **kw)
+        if found is not None:
+            failing.set()
+        return found
 
     def requeue(*args, **kw):
         back = real_requeue(*args, **kw)
@@ -521,21 +539,24 @@ def test_a_job_requeued_for_a_read_only_disk_is_not_claimed_again_by_a_claim_und
         return back
 
     def claim(*args, **kw):
-        if claimed:  # the claim after the job's: let the job fail before it reads the queue
-            requeued_for_fault.wait(5)
+        if claimed and not requeued_for_fault.is_set():  # the claim after the job's, past the fault check
+            failing.wait(WAIT_S)
+            requeued_for_fault.wait(2)
         got = real_claim(*args, **kw)
         if got is not None:
             claimed.append(got.id)
         return got
 
+    monkeypatch.setattr(loop, "environment_fault", fault)
     monkeypatch.setattr(service, "claim_next", claim)
     monkeypatch.setattr(service, "requeue_job", requeue)
     ro.set(True)
     try:
         worker = Worker(reg, _options(concurrency=1, prefetch=1), worker_id="w-race", engine_factory=ScriptedEngine)
-        thread = _thread(worker)
-        assert wait_for(lambda: any(w.status == "paused" for w in service.list_workers(reg)), 30)
-        assert wait_for(requeued_for_fault.is_set, 30)
+        thread = in_thread(worker)
+        assert wait_for(lambda: any(w.status == "paused" for w in service.list_workers(reg)), WAIT_S)
+        assert wait_for(requeued_for_fault.is_set, WAIT_S)
+        assert failing.is_set()
         back = service.get_job(reg, job.id)
         assert claimed == [job.id], "the requeued job was claimed again before the pause"
         assert (back.status, back.attempts, back.error_code) == (JobStatus.QUEUED, 0, "read_only"), back
@@ -543,7 +564,7 @@ def test_a_job_requeued_for_a_read_only_disk_is_not_claimed_again_by_a_claim_und
     finally:
         ro.set(False)
     worker.request_stop()
-    thread.join(10)
+    thread.join(WAIT_S)
 
 @pytest.fixture
 def other_fs(tmp_path):
@@ -917,27 +938,31 @@ def test_real_worker_pauses_on_full_and_read_only_disks_on_another_file_system(
         # 1. Read-only results: the job is requeued, the queue stays, the worker pauses visibly.
         Mounts.read_only(results, True)
         ro_ids = submit(3)
-        assert wait_for(lambda: paused_with("read-only"), 120, 0.2), worker.text()[-3000:]
+
+        def all_requeued() -> bool:  # the worker pauses, then requeues: wait for both
+            return paused_with("read-only") and all(service.get_job(reg, i).status == JobStatus.QUEUED for i in ro_ids)
+
+        assert wait_for(all_requeued, 300, 0.2), worker.text()[-3000:]
         jobs = [service.get_job(reg, i) for i in ro_ids]
-        assert all(j.status == JobStatus.QUEUED and j.attempts == 0 for j in jobs), jobs
+        assert all(j.attempts == 0 for j in jobs), jobs
         listed = cli(data, "jobs")
         assert "worker disks is paused: " in listed.stdout and "read-only" in listed.stdout, listed.stdout
         Mounts.read_only(results, False)
-        assert wait_for(lambda: all(service.get_job(reg, i).status == JobStatus.SUCCEEDED for i in ro_ids), 120)
+        assert wait_for(lambda: all(service.get_job(reg, i).status == JobStatus.SUCCEEDED for i in ro_ids), 300)
         # 2. Full work/ (the resume chunks): requeued, paused, resumed once space is freed.
         fill(work)
         [full_id] = submit(1)
-        assert wait_for(lambda: paused_with("disk is full"), 60, 0.2), worker.text()[-3000:]
-        assert service.get_job(reg, full_id).error_code == "disk_full"
+        assert wait_for(lambda: paused_with("disk is full") and service.get_job(reg, full_id).error_code == "disk_full",
+                        300, 0.2), worker.text()[-3000:]
         assert partial_files(work) == [], "a resume chunk was left half-written"
         unfill(work)
-        assert wait_for(lambda: service.get_job(reg, full_id).status == JobStatus.SUCCEEDED, 60)
+        assert wait_for(lambda: service.get_job(reg, full_id).status == JobStatus.SUCCEEDED, 300)
         # 3. Full results/.
         fill(results)
         [res_id] = submit(1)
-        assert wait_for(lambda: service.get_job(reg, res_id).error_code == "disk_full", 60, 0.2)
+        assert wait_for(lambda: service.get_job(reg, res_id).error_code == "disk_full", 300, 0.2)
         unfill(results)
-        assert wait_for(lambda: service.get_job(reg, res_id).status == JobStatus.SUCCEEDED, 60)
+        assert wait_for(lambda: service.get_job(reg, res_id).status == JobStatus.SUCCEEDED, 300)
         # 4. Deleting a job whose files sit on a read-only folder says so and keeps the job.
         Mounts.read_only(results, True)
         with pytest.raises(service.FilesNotRemoved):
@@ -994,6 +1019,7 @@ def _has_files(folder: Path) -> bool:
 
 
 @slow
+@pytest.mark.timeout(1800)  # 20 kills, each replaced by a worker that imports torch: no deadline of its own
 def test_random_kill_9_of_real_workers_loses_nothing(tmp_path, recon_checkpoint, face_clip, fault_report, capsys):
     seed = int(os.environ.get("STUDIO_FAULT_SEED") or secrets.randbits(32))
     with capsys.disabled():
@@ -1019,8 +1045,7 @@ def test_random_kill_9_of_real_workers_loses_nothing(tmp_path, recon_checkpoint,
 
     slots = [spawn(), spawn()]
     try:
-        deadline = time.monotonic() + 600
-        while len(killed) < KILLS and time.monotonic() < deadline:
+        while len(killed) < KILLS:
             i = len(killed) % 2
             victim = slots[i]
             name = victim.log_path.stem
@@ -1042,7 +1067,6 @@ def test_random_kill_9_of_real_workers_loses_nothing(tmp_path, recon_checkpoint,
             open_jobs = service.count_jobs(reg, statuses=["queued", "running"])
             if open_jobs < 4:  # keep work in the queue for the kills to hit
                 ids += [service.submit_file(reg, face_clip, settings).id for _ in range(4)]
-        assert len(killed) >= KILLS, f"only {len(killed)} kills in the time allowed (seed {seed})"
         done = wait_for(lambda: all(service.get_job(reg, i).status.finished for i in ids), 300, 0.5)
         assert done, [(i, service.get_job(reg, i).status) for i in ids] + [slots[0].text()[-2000:]]
         assert all(w.proc.poll() is None for w in slots), "a worker died on its own"

@@ -431,26 +431,30 @@ def local_results(tmp_path_factory, recon_checkpoint, clips) -> dict[str, np.nda
 
 @slow
 def test_gpus_all_runs_one_worker_per_device_and_a_second_start_runs_none(tmp_path, recon_checkpoint, clips):
+    """Two devices, two workers; a second start finds both devices served. The jobs are submitted
+    only after the second start, so that the first start's workers are certainly still there."""
     data = tmp_path / "data"
     reg = Registry(data_dir=data)
-    ids = [service.submit_file(reg, clips["tiny"], _settings(recon_checkpoint)).id for _ in range(6)]
     env = _env(STUDIO_DEVICES="cpu:0,cpu:1")
     base = [sys.executable, "-m", "engine", "worker", "--gpus", "all", "--data-dir", str(data)]
-    first = subprocess.Popen([*base, "--burst", "--poll", "0.2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    first = subprocess.Popen([*base, "--poll", "0.2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for(lambda: len(service.list_workers(reg)) == 2, 120, 0.2)
-        second = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert wait_for(lambda: len(service.list_workers(reg)) == 2, 300, 0.2)
+        second = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr
         assert second.stdout.splitlines() == [
             f"a worker already serves cpu:0 for {data.resolve()}: not starting another",
             f"a worker already serves cpu:1 for {data.resolve()}: not starting another",
             "nothing to start",
         ]
-        out, _ = first.communicate(timeout=300)
+        ids = [service.submit_file(reg, clips["tiny"], _settings(recon_checkpoint)).id for _ in range(6)]
+        assert wait_for(lambda: all(service.get_job(reg, i).status.finished for i in ids), 300, 0.2)
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
-            first.send_signal(signal.SIGTERM)
+            first.kill()
             first.communicate(timeout=60)
     assert first.returncode == 0, out[-3000:]
     jobs = [service.get_job(reg, i) for i in ids]
@@ -461,7 +465,7 @@ def test_gpus_all_runs_one_worker_per_device_and_a_second_start_runs_none(tmp_pa
     assert all(w.status == "stopped" for w in workers)
     assert sum(w.jobs_done for w in workers) == 6
     assert {j.device for j in jobs} <= {"cpu:0", "cpu:1"}
-    assert out.count("finished") >= 2 and "Traceback" not in out
+    assert out.count("stop requested: exiting") == 2 and "Traceback" not in out, out[-3000:]
 
 
 # ---------------------------------------------------------------------------- Ray

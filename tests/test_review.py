@@ -144,19 +144,15 @@ def wreg(tmp_path):
     r.close()
 
 
-def _run_worker(reg, factory, **opts):
-    import threading
-
+def _run_worker(in_thread, reg, factory, **opts):
     from tests.test_worker import FAST
     from worker.loop import Worker, WorkerOptions
 
     worker = Worker(reg, WorkerOptions(**{**FAST.__dict__, **opts}), worker_id="w-review", engine_factory=factory)
-    thread = threading.Thread(target=worker.work, daemon=True)
-    thread.start()
-    return worker, thread
+    return worker, in_thread(worker)
 
 
-def test_model_loading_is_shown_as_a_stage(wreg, tmp_path):
+def test_model_loading_is_shown_as_a_stage(wreg, tmp_path, in_thread):
     """While the engine (its models) is being built for a claimed job, the job says "loading", not 0 frames
     and nothing. The first job's models are loaded before the worker claims anything; the second job
     needs other models (another landmark backend), built once it is claimed."""
@@ -176,7 +172,7 @@ def test_model_loading_is_shown_as_a_stage(wreg, tmp_path):
 
     first = _submit(wreg, _spec(tmp_path, "first.mp4", frames=4))
     job = _submit(wreg, _spec(tmp_path, "clip.mp4", frames=4), landmarks="fan")
-    worker, thread = _run_worker(wreg, slow_to_load, concurrency=1, prefetch=0)
+    worker, thread = _run_worker(in_thread, wreg, slow_to_load, concurrency=1, prefetch=0)
     assert wait_for(lambda: service.get_job(wreg, job.id).stage == "loading", WAIT_S)
     assert service.get_job(wreg, job.id).status == JobStatus.RUNNING
     assert service.get_job(wreg, first.id).status == JobStatus.SUCCEEDED
@@ -188,14 +184,14 @@ def test_model_loading_is_shown_as_a_stage(wreg, tmp_path):
     assert not thread.is_alive()
 
 
-def test_cancel_of_a_running_cpu_job_is_done_within_2_s_by_the_recorded_times(wreg, tmp_path):
+def test_cancel_of_a_running_cpu_job_is_done_within_2_s_by_the_recorded_times(wreg, tmp_path, in_thread):
     """A slow stand-in stage (0.2 s a batch, endless) and the worker's default cancel polling: the
     registry's own timestamps (cancel asked → job finished) are at most 2 s apart."""
     from tests.test_worker import WAIT_S, ScriptedEngine, _spec, _submit
     from worker.loop import WorkerOptions, wait_for
 
     job = _submit(wreg, _spec(tmp_path, "slow.mp4", frames=100_000, delay=0.2), batch_size=1)
-    worker, thread = _run_worker(wreg, ScriptedEngine, cancel_poll_s=WorkerOptions().cancel_poll_s,
+    worker, thread = _run_worker(in_thread, wreg, ScriptedEngine, cancel_poll_s=WorkerOptions().cancel_poll_s,
                                  progress_s=WorkerOptions().progress_s)
     assert wait_for(lambda: service.get_job(wreg, job.id).frames_done >= 2, WAIT_S)
     service.cancel_job(wreg, job.id, actor=LOCAL)

@@ -595,7 +595,7 @@ def test_prefetch_keeps_at_most_depth_items_and_max_bytes_of_frames_ready(max_by
     gen = prefetch(batches(), depth=3, max_bytes=max_bytes)
     assert next(gen).i == 0
     most = 1 + ready + 1  # the one taken, the ready ones, one waiting in the producer
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while len(produced) < most and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)

@@ -315,17 +315,23 @@ def test_threads_options_set_the_jobs_num_threads_decode_threads_and_torchs(tmp_
     reg.close()
 
 
-def test_the_queues_last_jobs_are_left_to_workers_that_have_none(tmp_path):
+def test_the_queues_last_jobs_are_left_to_workers_that_have_none(tmp_path, in_thread, monkeypatch):
     """With another live worker, a worker that holds a job claims more only while more are queued
     than the other could take: of 3 jobs it claims 2 at once and the last only once it holds
-    none. Shown by the registry's claim and finish times, so the speed of the machine does not matter."""
+    none. Shown by the registry's claim and finish times; the first job is held at its gate until
+    the second is claimed, so the speed of the machine does not matter."""
+    monkeypatch.setattr(ScriptedEngine, "gate", threading.Semaphore(0))
+    monkeypatch.setattr(ScriptedEngine, "at_gate", [])
     reg = Registry(data_dir=tmp_path / "data")
-    # the first takes 2 s (two batches of 1 s), far longer than the claim of the second right after it
-    jobs = [_submit(reg, _spec(tmp_path, f"clip{i}.mp4", delay=1.0 if i == 0 else 0)) for i in range(3)]
+    jobs = [_submit(reg, _spec(tmp_path, f"clip{i}.mp4", gated=i == 0)) for i in range(3)]
     service.register_worker(reg, "other", hostname="h", pid=1, device="cpu")  # live, never claims here
-    worker = Worker(reg, dataclasses.replace(FAST, burst=True, stale_after_s=600), worker_id="w",
-                    engine_factory=ScriptedEngine)
-    assert worker.work() == 0
+    thread = in_thread(Worker(reg, dataclasses.replace(FAST, burst=True), worker_id="w",
+                              engine_factory=ScriptedEngine))
+    assert wait_for(lambda: service.get_job(reg, jobs[1].id).status != JobStatus.QUEUED, WAIT_S)
+    for _ in range(2):  # the first job's two batches
+        ScriptedEngine.gate.release()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
     first, second, last = (service.get_job(reg, j.id) for j in jobs)
     assert all(j.status == JobStatus.SUCCEEDED and j.worker_id == "w" for j in (first, second, last))
     assert second.started_at < first.finished_at, "did not claim ahead while 2 were queued for 1 other worker"

@@ -135,13 +135,14 @@ class JobMonitor:
                 continue
             if not ctrl.owned and self._registering.is_set():
                 return  # registered meanwhile (or taken away: the registration says which)
+            # Each flag is set before its line is logged: a reader of the log can rely on the flag.
             if not ctrl.owned and not self.lost.is_set():
-                log.warning("job %d is no longer ours (requeued or deleted elsewhere): stopping", self.job_id)
                 self.lost.set()
+                log.warning("job %d is no longer ours (requeued or deleted elsewhere): stopping", self.job_id)
                 self._wake()
             if ctrl.cancel_requested and not self.cancel_requested.is_set():
-                log.info("job %d: cancel requested", self.job_id)
                 self.cancel_requested.set()
+                log.info("job %d: cancel requested", self.job_id)
                 self._wake()
             if finishing:
                 return
