@@ -489,6 +489,7 @@ def test_a_read_only_results_folder_pauses_instead_of_draining_the_queue(reg, tm
         assert service.get_job(reg, done.id).status == JobStatus.SUCCEEDED, "the row went, the files stayed"
         worker = Worker(reg, _options(), worker_id="w-ro2", engine_factory=ScriptedEngine)
         thread = in_thread(worker)
+
         def paused_with_all_queued() -> bool:  # the worker pauses, then requeues: wait for both
             return any(w.status == "paused" for w in service.list_workers(reg)) and all(
                 service.get_job(reg, i).status == JobStatus.QUEUED for i in ids)
