@@ -288,7 +288,7 @@ def test_the_shim_records_each_threads_cpu_time_when_asked(tmp_path, monkeypatch
     import sys
 
     code = ("import json, os, threading, time\n"
-            "record = os.path.join(os.environ['STUDIO_BENCH_THREAD_CPU'], f'{os.getpid()}.json')\n"
+            f"record = os.path.join(os.environ[{dataset.THREAD_CPU_ENV!r}], f'{{os.getpid()}}.json')\n"
             "def sampled(least):\n"  # the sampler's last record shows the burner with `least` seconds
             "    try:\n"
             "        with open(record) as f: rows = json.load(f)['threads']\n"
