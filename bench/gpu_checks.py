@@ -211,7 +211,8 @@ def check_first_stage(frames, device: str) -> bool:
 def check_exact_mtcnn(frames, device: str, name: str, repeats: int = 3, max_pixels: int | None = None) -> bool:
     """Item 5: ``MtcnnLandmarker`` with ``batched_crops`` against facenet's loop, bit for bit.
 
-    ``max_pixels``: frame pixels per call (``None``: the landmarker's default on ``device``).
+    ``max_pixels``: frame pixels per call, the frames batched on any device (``None``: the
+    landmarker's defaults on ``device``: batched on CUDA, one frame a call on the CPU).
     """
     import time
 
@@ -227,7 +228,8 @@ def check_exact_mtcnn(frames, device: str, name: str, repeats: int = 3, max_pixe
     for thresholds in ([0.6, 0.7, 0.7], [0.1, 0.1, 0.1]):
         found, cost = {}, {}
         for batched in (False, True):
-            mt = MtcnnLandmarker(device, batched_crops=batched, max_pixels=max_pixels)
+            mt = MtcnnLandmarker(device, batched_crops=batched, max_pixels=max_pixels,
+                                 batch_frames=True if max_pixels is not None else None)
             mt._net.thresholds = thresholds
             found[batched] = mt.detect(frames)  # warm-up (cuDNN plans, the probe), and the result
             sync()
@@ -242,7 +244,7 @@ def check_exact_mtcnn(frames, device: str, name: str, repeats: int = 3, max_pixe
             np.array_equal(getattr(got, f), getattr(want, f)) and getattr(got, f).dtype == getattr(want, f).dtype
             for f in ("boxes_img_ydown", "scores", "frame_rows", "points_img_ydown"))
         ok &= same
-        per_call = mt.max_pixels // (frames.images.shape[1] * frames.images.shape[2])
+        per_call = mt.frames_per_call(*frames.images.shape[1:3])
         print(f"- exact MTCNN, batched crops vs facenet's loop ({name}, {len(frames)} frames, "
               f"{per_call} a call, thresholds "
               f"{thresholds}, {len(want)} faces, rule {mt._area_rule or 'none'}): "
@@ -261,7 +263,8 @@ def main() -> int:
     ap.add_argument("--only-exact-mtcnn", action="store_true", help="check 5 alone")
     ap.add_argument("--only-rgb", action="store_true", help="check 6 and the exact path end to end")
     ap.add_argument("--mtcnn-max-pixels", type=int, default=None,
-                    help="check 5's frame pixels per MTCNN call (default: the landmarker's default on --device)")
+                    help="check 5's frame pixels per MTCNN call, frames batched on any device "
+                         "(default: the landmarker's defaults on --device)")
     ap.add_argument("--repeats", type=int, default=3, help="check 5's timed repeats (0: the result only)")
     args = ap.parse_args()
     print(f"# GPU checks, {datetime.date.today()}, device {args.device}\n")

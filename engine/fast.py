@@ -95,8 +95,10 @@ def default_source(config: EngineConfig, device: str, *, device_frames: bool = T
         return MediaSource(device=config.device or "auto", decode_threads=config.decode_threads)
     rgb_device = None
     if device_frames and backend_spec(config.landmarks).device_frames:
-        # no device set: the GPU when torch sees one (as the engine picks), else FFmpeg on the host
-        rgb_device = "auto" if not config.device else config.device if on_gpu(config.device) else None
+        if not config.device:
+            rgb_device = "auto"  # the GPU when torch sees one (as the engine picks), else FFmpeg on the host
+        elif on_gpu(config.device):
+            rgb_device = config.device
     return MediaSource(decode_threads=config.decode_threads, rgb_device=rgb_device)
 
 

@@ -124,17 +124,18 @@ class MtcnnLandmarker:
         """MTCNN's detection, boxes with their 5 points (shares this backend's networks)."""
         return BoundDetector(NAME, self.detect, device_frames=True)
 
+    def frames_per_call(self, height: int, width: int) -> int:
+        """How many frames of ``height`` × ``width`` pixels go through one detector call: as many
+        as :attr:`max_pixels` holds (at least one) when batched, else one."""
+        return max(1, self.max_pixels // max(1, height * width)) if self.batch_frames else 1
+
     def detect(self, frames: FrameBatch) -> Detections:
         """Every face MTCNN finds in each frame: box, probability and 5 points."""
         images = frames.images
         n = len(images)
         if n == 0:
             return Detections.empty(0)
-        if self.batch_frames:
-            h, w = images.shape[1:3]
-            step = max(1, self.max_pixels // max(1, h * w))
-        else:
-            step = 1
+        step = self.frames_per_call(*images.shape[1:3])
         if self._area_rule is not None:
             from engine.landmarks import mtcnn_exact
 
